@@ -1,0 +1,62 @@
+"""``bids_skullstrip-train``: train the U-Net from scratch or fine-tune it on labelled heads."""
+
+import argparse
+import logging
+import sys
+
+from ..training.data import find_labelled_heads
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bids_skullstrip-train", description=__doc__)
+    p.add_argument("data", help="labelled heads: the shared heads/ + splits.json layout, an NFBS-like folder "
+                                "(*_T1w + *_brainmask) or a BIDS dataset with desc-brain_mask files")
+    p.add_argument("out_dir", help="checkpoints, history.csv, train.log and final/ weights go here; "
+                                   "rerunning with the same out_dir resumes")
+    p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--seed", type=int, default=20261125)
+    p.add_argument("--patch-size", type=int, nargs=3, default=(80, 80, 80))
+    p.add_argument("--synth-prob", type=float, default=0.25)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--validate-every", type=int, default=1000)
+    p.add_argument("--fine-tune", action="store_true",
+                   help="start from the bundled weights (use a lower --lr, e.g. 2e-4, and fewer --steps)")
+    p.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    from pathlib import Path
+
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
+                        handlers=[logging.StreamHandler(), logging.FileHandler(out / "train.log")])
+    has_splits = (Path(args.data) / "splits.json").exists()
+    train_heads = find_labelled_heads(args.data, split="train" if has_splits else None)
+    if args.val_data:
+        val_heads = find_labelled_heads(args.val_data)
+    else:
+        val_heads = find_labelled_heads(args.data, split="val") if has_splits else []
+    if not train_heads:
+        print(f"bids_skullstrip-train: error: no image/mask pairs found in {args.data}", file=sys.stderr)
+        return 2
+    init = None
+    if args.fine_tune:
+        from ..model.inference import WEIGHTS_FILE
+        init = WEIGHTS_FILE
+    from ..training.train import train
+
+    final = train(train_heads, val_heads, out, steps=args.steps, seed=args.seed,
+                  patch_size=tuple(args.patch_size), synth_prob=args.synth_prob, peak_lr=args.lr,
+                  checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
+                  init_weights=init, threads=args.threads)
+    print(f"weights written to {final}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""Moving images between their native grid and the model's grid.
+
+The model sees every image on an axis-aligned RAS grid of ``MODEL_VOXEL_MM`` isotropic voxels that
+covers the head. Any native orientation, obliquity or voxel size is handled by one affine resampling
+each way, so outputs land back on exactly the native voxel grid.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage as ndi
+
+MODEL_VOXEL_MM = 2.0
+GRID_MULTIPLE = 8  # the U-Net pools three times
+MAX_GRID_VOXELS = 160  # per axis: 320 mm, more than any head; bounds memory on huge fields of view
+HEAD_MARGIN_MM = 12.0
+
+
+@dataclass(frozen=True)
+class ModelGrid:
+    shape: tuple
+    affine: np.ndarray  # model voxel -> world (mm)
+
+
+def head_bounding_box(data, affine):
+    """World-space (min, max) corners of the head, found by a robust intensity threshold."""
+    step = max(1, int(round(min(data.shape) / 64)))
+    sub = data[::step, ::step, ::step]
+    positive = sub[sub > 0]
+    if positive.size == 0:
+        raise ValueError("image has no positive voxels")
+    threshold = 0.1 * np.percentile(positive, 98)
+    fg = ndi.binary_opening(sub > threshold, iterations=1)
+    if not fg.any():
+        fg = sub > threshold
+    idx = np.argwhere(fg) * step
+    lo, hi = idx.min(0), idx.max(0) + step - 1
+    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    world = (affine @ corners.T).T[:, :3]
+    return world.min(0), world.max(0)
+
+
+def model_grid_for(data, affine, *, voxel_mm=MODEL_VOXEL_MM):
+    """The RAS grid of ``voxel_mm`` voxels covering the head in ``data``."""
+    lo, hi = head_bounding_box(data, affine)
+    lo, hi = lo - HEAD_MARGIN_MM, hi + HEAD_MARGIN_MM
+    n = np.ceil((hi - lo) / voxel_mm).astype(int)
+    n = np.minimum(n, MAX_GRID_VOXELS)
+    n = (np.ceil(n / GRID_MULTIPLE) * GRID_MULTIPLE).astype(int)
+    centre = (lo + hi) / 2
+    grid_affine = np.eye(4)
+    grid_affine[:3, :3] = np.diag([voxel_mm] * 3)
+    grid_affine[:3, 3] = centre - voxel_mm * (n - 1) / 2
+    return ModelGrid(tuple(int(v) for v in n), grid_affine)
+
+
+def antialias(data, affine, voxel_mm):
+    native_mm = np.sqrt((affine[:3, :3] ** 2).sum(0))
+    sigma = np.maximum(voxel_mm / native_mm - 1.0, 0.0) * 0.5
+    if np.all(sigma < 0.25):
+        return data
+    return ndi.gaussian_filter(data, sigma, mode="nearest")
+
+
+def to_model_grid(data, affine, grid=None):
+    """Resample a native 3D volume onto the model grid. Returns (volume float32, grid)."""
+    data = np.asarray(data, dtype=np.float32)
+    if grid is None:
+        grid = model_grid_for(data, affine)
+    smoothed = antialias(data, affine, grid.affine[0, 0])
+    vox = np.linalg.inv(affine) @ grid.affine
+    out = ndi.affine_transform(smoothed, vox[:3, :3], vox[:3, 3], output_shape=grid.shape,
+                               order=1, mode="constant", cval=0.0, prefilter=False)
+    return out.astype(np.float32, copy=False), grid
+
+
+def native_block_of(support, grid, native_affine, native_shape, *, pad=2):
+    """Slices of the native grid that contain the model-grid region ``support`` (boolean)."""
+    if not support.any():
+        return None
+    idx = np.argwhere(support)
+    lo, hi = idx.min(0) - 1, idx.max(0) + 1
+    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+    native = (np.linalg.inv(native_affine) @ grid.affine @ corners.T).T[:, :3]
+    start = np.clip(np.floor(native.min(0)).astype(int) - pad, 0, native_shape)
+    stop = np.clip(np.ceil(native.max(0)).astype(int) + pad + 1, 0, native_shape)
+    if np.any(stop <= start):
+        return None
+    return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
+
+
+def to_native_grid(volume, grid, native_affine, native_shape, *, block=None, order=1):
+    """Resample a model-grid volume back onto the native grid (or a block of it)."""
+    if block is None:
+        block = tuple(slice(0, s) for s in native_shape)
+    offset = np.eye(4)
+    offset[:3, 3] = [s.start for s in block]
+    vox = np.linalg.inv(grid.affine) @ native_affine @ offset
+    out_shape = tuple(s.stop - s.start for s in block)
+    return ndi.affine_transform(np.asarray(volume, dtype=np.float32), vox[:3, :3], vox[:3, 3],
+                                output_shape=out_shape, order=order, mode="constant", cval=0.0,
+                                prefilter=False)

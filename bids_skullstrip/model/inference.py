@@ -1,0 +1,52 @@
+"""Run the bundled network: a model-grid volume in, a brain probability map out."""
+
+import functools
+import json
+from pathlib import Path
+
+import numpy as np
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_FILE = WEIGHTS_DIR / "unet.weights.h5"
+CARD_FILE = WEIGHTS_DIR / "model.json"
+
+
+def normalize(volume, *, hi_scale=1.0):
+    """Map intensities to ~[0, 1]: 0.5th percentile -> 0, 99.5th of the non-background -> 1."""
+    sample = volume[::2, ::2, ::2]
+    lo = np.percentile(sample, 0.5)
+    above = sample[sample > lo]
+    if above.size == 0:
+        return np.zeros_like(volume, dtype=np.float32)
+    hi = np.percentile(above, 99.5) * hi_scale
+    scale = hi - lo if hi > lo else 1.0
+    return np.clip((volume - lo) / scale, 0.0, 2.0).astype(np.float32)
+
+
+def model_card():
+    return json.loads(CARD_FILE.read_text())
+
+
+@functools.lru_cache(maxsize=4)
+def load_model(weights=None):
+    """Build the U-Net and load weights (the bundled ones by default). Cached per process."""
+    from .unet import build_unet
+
+    weights = Path(weights) if weights else WEIGHTS_FILE
+    card_file = weights.with_name("model.json")
+    arch = json.loads(card_file.read_text())["architecture"] if card_file.exists() else {}
+    model = build_unet(**arch)
+    model.load_weights(str(weights))
+    return model
+
+
+def predict_probability(volume, *, model=None, flip_tta=False):
+    """Brain probability (float32, same shape) for a volume already on the model grid."""
+    if model is None:
+        model = load_model()
+    x = normalize(volume)[None, ..., None]
+    prob = np.asarray(model(x, training=False))[0, ..., 0]
+    if flip_tta:
+        flipped = np.asarray(model(x[:, ::-1].copy(), training=False))[0, ::-1, ..., 0]
+        prob = 0.5 * (prob + flipped)
+    return prob.astype(np.float32, copy=False)

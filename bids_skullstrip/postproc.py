@@ -1,0 +1,35 @@
+"""From a probability map to a clean brain mask: threshold, largest component, holes, border."""
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+def largest_component(mask):
+    labels, n = ndi.label(mask)
+    if n <= 1:
+        return mask.astype(bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == sizes.argmax()
+
+
+def apply_border(mask, border_mm, voxel_mm):
+    """Grow (border_mm > 0) or shrink (< 0) the mask by a distance in millimetres."""
+    if border_mm == 0:
+        return mask
+    if border_mm > 0:
+        distance = ndi.distance_transform_edt(~mask, sampling=voxel_mm)
+        return mask | (distance <= border_mm)
+    distance = ndi.distance_transform_edt(mask, sampling=voxel_mm)
+    return distance > -border_mm
+
+
+def clean_mask(prob, *, threshold=0.5, border_mm=0.0, voxel_mm=(1.0, 1.0, 1.0)):
+    """Binary mask (bool) from a probability map."""
+    mask = prob >= threshold
+    if not mask.any():
+        return mask
+    mask = ndi.binary_fill_holes(largest_component(mask))
+    if border_mm:
+        mask = ndi.binary_fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))
+    return mask

@@ -1,0 +1,119 @@
+"""Turning a few real heads into an endless stream of varied training patches.
+
+Every patch is drawn from one seeded generator, so the stream is reproducible and resumable.
+Spatial: rotation, anisotropic scaling, left-right flip, smooth elastic warp, random field of view.
+Acquisition: thick slices, bias field, Rician noise, gamma, intensity scaling. Synthetic contrast:
+the head's tissue classes repainted with random intensities (contrast-agnostic shapes, after SynthStrip).
+"""
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..geometry import MODEL_VOXEL_MM
+from ..model.inference import normalize
+
+
+def _rotation(rng, max_deg):
+    angles = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
+    rot = np.eye(3)
+    for axis, a in enumerate(angles):
+        c, s = np.cos(a), np.sin(a)
+        i, j = [k for k in range(3) if k != axis]
+        r = np.eye(3)
+        r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+        rot = rot @ r
+    return rot
+
+
+def _smooth_field(rng, shape, coarse, amplitude):
+    field = rng.normal(0.0, amplitude, (coarse,) * 3)
+    return ndi.zoom(field, [s / coarse for s in shape], order=3, mode="nearest")[
+        : shape[0], : shape[1], : shape[2]]
+
+
+def _sample_coordinates(head, rng, size):
+    """Native voxel coordinates (3, *size) of a randomly posed patch on the model grid."""
+    max_deg = 45.0 if rng.random() < 0.15 else 20.0
+    world_from_patch = _rotation(rng, max_deg) @ np.diag(rng.uniform(0.85, 1.15, 3)) * MODEL_VOXEL_MM
+    if rng.random() < 0.5:
+        world_from_patch = np.diag([-1.0, 1.0, 1.0]) @ world_from_patch
+    if rng.random() < 0.1:
+        lo, hi = head.brain_extent
+        centre = rng.uniform(lo, hi)
+    else:
+        centre = head.brain_centre + rng.normal(0.0, 12.0, 3)
+    grid = np.indices(size, dtype=np.float32).reshape(3, -1) - ((np.array(size) - 1) / 2)[:, None]
+    world = world_from_patch @ grid + centre[:, None]
+    if rng.random() < 0.5:
+        world = world + np.stack([_smooth_field(rng, size, 5, 2.0).ravel() for _ in range(3)])
+    native_from_world = np.linalg.inv(head.affine)
+    native = native_from_world[:3, :3] @ world + native_from_world[:3, 3:]
+    return native.reshape(3, *size).astype(np.float32)
+
+
+def _crop_field_of_view(rng, coords, native_shape):
+    """Zero a slab along one native axis: cropped tops, no neck, partial coverage."""
+    axis = rng.integers(3)
+    n = native_shape[axis]
+    if rng.random() < 0.5:
+        return coords[axis] > rng.uniform(0.55, 0.95) * n
+    return coords[axis] < rng.uniform(0.05, 0.45) * n
+
+
+def _synthetic_contrast(rng, image, label):
+    """Repaint tissue classes (from intensity quantiles inside and outside the brain) at random."""
+    smooth = ndi.gaussian_filter(image, 1.0)
+    positive = smooth[smooth > 0]
+    if positive.size < 100:
+        return image
+    background = smooth < 0.1 * np.percentile(positive, 98)
+    brain = label > 0.5
+    classes = np.zeros(image.shape, np.int8)
+    for region, offset in ((brain, 1), (~brain & ~background, 4)):
+        values = smooth[region]
+        if values.size == 0:
+            continue
+        edges = np.percentile(values, rng.uniform([20, 50], [45, 80]))
+        classes[region] = offset + np.digitize(values, edges)
+    means = rng.uniform(0.0, 1.0, 7)
+    means[0] = rng.uniform(0.0, 0.1)
+    stds = rng.uniform(0.0, 0.08, 7)
+    out = means[classes] + stds[classes] * rng.standard_normal(image.shape)
+    return ndi.gaussian_filter(out, rng.uniform(0.3, 1.2)).astype(np.float32)
+
+
+def _thick_slices(rng, image):
+    axis = rng.integers(3)
+    factor = rng.uniform(1.25, 3.0)  # slice thickness 2.5-6 mm on the 2 mm grid
+    image = ndi.gaussian_filter1d(image, factor / 2.355, axis=axis)
+    zoom = [1.0] * 3
+    zoom[axis] = 1.0 / factor
+    coarse = ndi.zoom(image, zoom, order=1)
+    back = [s / c for s, c in zip(image.shape, coarse.shape)]
+    return ndi.zoom(coarse, back, order=1)[: image.shape[0], : image.shape[1], : image.shape[2]]
+
+
+def training_patch(head, rng, *, size=(80, 80, 80), synth_prob=0.25):
+    """One (image, label) pair, float32 (size) each: normalised image and soft brain label."""
+    coords = _sample_coordinates(head, rng, size)
+    image = ndi.map_coordinates(head.image, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+    label = ndi.map_coordinates(head.mask, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+    if rng.random() < 0.3:
+        outside = _crop_field_of_view(rng, coords, head.image.shape)
+        image[outside] = 0.0
+        label[outside] = 0.0
+    scale = np.percentile(image, 99.5) or 1.0
+    image = image / scale
+    if rng.random() < synth_prob:
+        image = _synthetic_contrast(rng, image, label)
+    if rng.random() < 0.7:
+        image = image * np.exp(_smooth_field(rng, size, 4, rng.uniform(0.1, 0.4)))
+    if rng.random() < 0.3:
+        image = _thick_slices(rng, image)
+    if rng.random() < 0.6:
+        sigma = rng.uniform(0.005, 0.06)
+        image = np.sqrt((image + rng.normal(0, sigma, size)) ** 2 + rng.normal(0, sigma, size) ** 2)
+    image = normalize(image.astype(np.float32), hi_scale=rng.uniform(0.85, 1.15))
+    if rng.random() < 0.5:
+        image = image ** np.exp(rng.normal(0.0, 0.25))
+    return image.astype(np.float32), np.clip(label, 0.0, 1.0).astype(np.float32)

@@ -1,0 +1,74 @@
+"""Finding and loading labelled heads (image + brain mask) for training and evaluation."""
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..geometry import MODEL_VOXEL_MM, antialias
+
+
+@dataclass
+class LabelledHead:
+    name: str
+    image: Path
+    mask: Path
+
+
+def find_labelled_heads(root, *, split=None):
+    """Image/mask pairs under ``root`` in any of the layouts users have.
+
+    - this project's shared layout: ``heads/<id>/T1w.nii.gz`` + ``mask_silver.nii.gz`` (``splits.json``
+      selects ``split``);
+    - NFBS-like folders: ``*_T1w.nii[.gz]`` beside ``*_brainmask.nii[.gz]`` (or ``*_mask``);
+    - BIDS derivatives: ``*_T1w.nii[.gz]`` with ``*_desc-brain_mask.nii[.gz]`` of the same entities.
+    """
+    root = Path(root)
+    heads_dir = root / "heads"
+    if heads_dir.is_dir():
+        names = sorted(p.name for p in heads_dir.iterdir() if (p / "T1w.nii.gz").exists())
+        if split is not None:
+            names = json.loads((root / "splits.json").read_text())[split]
+        return [LabelledHead(n, heads_dir / n / "T1w.nii.gz", heads_dir / n / "mask_silver.nii.gz")
+                for n in names]
+    pairs = []
+    for image in sorted(root.rglob("*_T1w.nii*")):
+        if "desc-brain_T1w" in image.name or "desc-preproc" in image.name:
+            continue
+        stem = image.name.split("_T1w.nii")[0]
+        suffix = image.name[len(stem) + len("_T1w"):]
+        candidates = [image.with_name(f"{stem}_{label}{suffix}")
+                      for label in ("brainmask", "mask", "desc-brain_mask")]
+        candidates += sorted(root.rglob(f"{stem}_desc-brain_mask.nii*"))
+        mask = next((c for c in candidates if c.exists()), None)
+        if mask is not None:
+            pairs.append(LabelledHead(stem, image, mask))
+    if split is not None:
+        raise ValueError(f"{root}: splits are only defined for the heads/ + splits.json layout")
+    return pairs
+
+
+@dataclass
+class TrainingHead:
+    """A head held in memory, pre-smoothed for sampling onto the model's coarser grid."""
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    brain_centre: np.ndarray  # world mm
+    brain_extent: np.ndarray  # world mm, (min, max) of the brain along each axis
+
+    @classmethod
+    def load(cls, head: LabelledHead):
+        img = nib.load(str(head.image))
+        affine = img.affine
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        if data.ndim == 4:
+            data = data[..., 0]
+        mask = (np.asarray(nib.load(str(head.mask)).dataobj) > 0).astype(np.float32)
+        idx = np.argwhere(mask > 0)
+        world = nib.affines.apply_affine(affine, idx[:: max(1, len(idx) // 20000)])
+        return cls(head.name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
+                   affine, world.mean(0), np.stack([world.min(0), world.max(0)]))
