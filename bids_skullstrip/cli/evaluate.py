@@ -1,0 +1,98 @@
+"""``bids_skullstrip-eval``: Dice, IoU, HD95 and volume difference against reference masks.
+
+Either runs the bundled (or given) model on every labelled head, or scores masks that already exist
+(``--predictions``: a bids_skullstrip output folder or a folder of ``<name>.nii.gz`` masks).
+"""
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..io import InputError, load_t1w
+from ..metrics import compare_masks
+from ..skullstrip import voxel_sizes
+from ..training.data import find_labelled_heads
+
+COLUMNS = ["name", "dice", "iou", "hd95_mm", "volume_ml", "reference_volume_ml", "volume_diff_pct", "seconds"]
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="bids_skullstrip-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("data", help="labelled heads (shared heads/ layout, NFBS-like folder or BIDS dataset)")
+    p.add_argument("--split", help="only this split of a heads/ + splits.json layout (e.g. val)")
+    p.add_argument("--predictions", help="score existing masks from this folder instead of running the model")
+    p.add_argument("--weights", help="model weights (default: the bundled ones)")
+    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--csv", help="write the per-image table here")
+    return p
+
+
+def _find_prediction(folder, name):
+    for pattern in (f"{name}_desc-brain_mask.nii*", f"{name}.nii*", f"{name}/*mask*.nii*"):
+        hits = sorted(Path(folder).rglob(pattern))
+        if hits:
+            return hits[0]
+    raise InputError(f"{folder}: no predicted mask for {name}")
+
+
+def evaluate(heads, *, predictions=None, weights=None, threshold=0.5):
+    from ..skullstrip import skullstrip_array
+
+    model = None
+    if predictions is None:
+        from ..model.inference import load_model
+        model = load_model(weights)
+    rows = []
+    for head in heads:
+        img, data = load_t1w(head.image)
+        reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
+        t = time.perf_counter()
+        if predictions is None:
+            mask = skullstrip_array(data, img.affine, threshold=threshold, model=model).mask
+        else:
+            mask = np.asarray(nib.load(str(_find_prediction(predictions, head.name))).dataobj) > 0
+        seconds = time.perf_counter() - t
+        rows.append({"name": head.name, **compare_masks(mask, reference, voxel_sizes(img.affine)),
+                     "seconds": seconds})
+    return rows
+
+
+def format_table(rows):
+    lines = [f"{'name':<24} {'Dice':>7} {'IoU':>7} {'HD95 mm':>8} {'vol ml':>8} {'ref ml':>8} {'dVol %':>7}"]
+    for r in rows:
+        lines.append(f"{r['name']:<24} {r['dice']:7.4f} {r['iou']:7.4f} {r['hd95_mm']:8.2f} "
+                     f"{r['volume_ml']:8.1f} {r['reference_volume_ml']:8.1f} {r['volume_diff_pct']:7.2f}")
+    dice = np.array([r["dice"] for r in rows])
+    hd = np.array([r["hd95_mm"] for r in rows])
+    lines.append(f"{'median':<24} {np.median(dice):7.4f} {'':>7} {np.median(hd):8.2f}")
+    lines.append(f"{'worst':<24} {dice.min():7.4f} {'':>7} {hd.max():8.2f}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        heads = find_labelled_heads(args.data, split=args.split)
+        if not heads:
+            raise InputError(f"{args.data}: no image/mask pairs found")
+        rows = evaluate(heads, predictions=args.predictions, weights=args.weights, threshold=args.threshold)
+    except (InputError, ValueError, KeyError, FileNotFoundError) as exc:
+        print(f"bids_skullstrip-eval: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(rows))
+    if args.csv:
+        with open(args.csv, "w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer.writeheader()
+            writer.writerows(rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
