@@ -24,6 +24,8 @@ def build_parser():
     p.add_argument("--fine-tune", action="store_true",
                    help="start from the bundled weights (use a lower --lr, e.g. 2e-4, and fewer --steps)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
+    p.add_argument("--export-only", action="store_true",
+                   help="export the latest checkpoint of OUT_DIR to OUT_DIR/export-step<N>/ and stop")
     return p
 
 
@@ -53,7 +55,7 @@ def main(argv=None):
     final = train(train_heads, val_heads, out, steps=args.steps, seed=args.seed,
                   patch_size=tuple(args.patch_size), synth_prob=args.synth_prob, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-                  init_weights=init, threads=args.threads)
+                  init_weights=init, threads=args.threads, export_only=args.export_only)
     print(f"weights written to {final}")
     return 0
 

@@ -95,38 +95,8 @@ def export_weights(model, out_dir, card):
     return weights
 
 
-def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_size=(80, 80, 80),
-          synth_prob=0.25, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
-          validate_every=1000, init_weights=None, threads=None):
-    import tensorflow as tf
-    import keras
-
-    from ..model.unet import build_unet
-
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    architecture = {"base_filters": base_filters, "levels": levels}
-    model = build_unet(**architecture)
-    if init_weights:
-        model.load_weights(str(init_weights))
-        log.info("initialised from %s (fine-tuning)", init_weights)
-    optimizer = keras.optimizers.Adam(peak_lr)
-    model.compile(optimizer=optimizer, loss=dice_bce_loss)
-
-    step_var = tf.Variable(0, dtype=tf.int64, name="step")
-    spent = tf.Variable(0.0, dtype=tf.float64, name="cpu_seconds")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, seconds=spent)
-    manager = tf.train.CheckpointManager(ckpt, str(out_dir / "checkpoints"), max_to_keep=2)
-    # Optimizer slots exist only after a first update, so build them before restoring.
-    optimizer.build(model.trainable_variables)
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).expect_partial()
-        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
-    start = int(step_var.numpy())
-
+def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir, *, start, steps,
+               seed, patch_size, synth_prob, peak_lr, checkpoint_every, validate_every):
     log.info("loading %d training heads", len(train_heads))
     heads = [TrainingHead.load(h) for h in train_heads]
     stream = PatchStream(heads, seed=seed, start=start, patch_size=tuple(patch_size), synth_prob=synth_prob)
@@ -162,6 +132,45 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
                          elapsed / len(losses))
                 losses, t0 = [], time.perf_counter()
 
+
+def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_size=(80, 80, 80),
+          synth_prob=0.25, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
+          validate_every=1000, init_weights=None, threads=None, export_only=False):
+    import tensorflow as tf
+    import keras
+
+    from ..model.unet import build_unet
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(seed)
+    architecture = {"base_filters": base_filters, "levels": levels}
+    model = build_unet(**architecture)
+    if init_weights:
+        model.load_weights(str(init_weights))
+        log.info("initialised from %s (fine-tuning)", init_weights)
+    optimizer = keras.optimizers.Adam(peak_lr)
+    model.compile(optimizer=optimizer, loss=dice_bce_loss)
+
+    step_var = tf.Variable(0, dtype=tf.int64, name="step")
+    spent = tf.Variable(0.0, dtype=tf.float64, name="cpu_seconds")
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, seconds=spent)
+    manager = tf.train.CheckpointManager(ckpt, str(out_dir / "checkpoints"), max_to_keep=2)
+    # Optimizer slots exist only after a first update, so build them before restoring.
+    optimizer.build(model.trainable_variables)
+    if manager.latest_checkpoint:
+        ckpt.restore(manager.latest_checkpoint).expect_partial()
+        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
+    start = int(step_var.numpy())
+    if export_only:
+        steps = start
+    else:
+        _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir,
+                   start=start, steps=steps, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
+                   peak_lr=peak_lr, checkpoint_every=checkpoint_every, validate_every=validate_every)
+
     card = {
         "name": "bids_skullstrip U-Net",
         "software_version": __version__,
@@ -173,8 +182,8 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
             "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
         },
     }
-    if val_heads:
-        rows = validate(model, val_heads)
-        card["validation"] = rows
-    export_weights(model, out_dir / "final", card)
-    return out_dir / "final"
+    if val_heads and not export_only:
+        card["validation"] = validate(model, val_heads)
+    final = out_dir / ("final" if not export_only else f"export-step{start}")
+    export_weights(model, final, card)
+    return final
