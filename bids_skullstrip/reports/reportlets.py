@@ -31,6 +31,7 @@ MARGIN_MM = 12.0
 PX_PER_MM = 1.0  # SVG user units per mm (the SVG scales; raster resolution stays native)
 GRAY_LEVELS = 64  # palette: 0..63 gray, 64..127 the same grays blended with the band colour
 MAX_PIXELS = 360_000  # raster budget of a whole mosaic (panels are downsampled beyond it)
+MAX_SVG_BYTES = 290_000  # an SVG larger than this is redone with a smaller raster budget
 
 # row order and the RAS axis each row cuts: axial (z), coronal (y), sagittal (x)
 ROWS = (("axial", 2), ("coronal", 1), ("sagittal", 0))
@@ -50,7 +51,9 @@ def _window(t1, mask):
     if mask is not None and mask.sum() > 100:
         vals = t1[mask]
         lo, hi = np.percentile(vals, [0.5, 99.5])
-        lo, hi = 0.8 * lo, lo + 1.15 * (hi - lo)  # hide background noise; keep white matter unsaturated
+        # dark end: hide background noise (also when a bad mask includes background); keep WM unsaturated
+        lo = max(0.8 * lo, 0.12 * float(np.median(vals)))
+        hi = lo + 1.15 * (hi - lo)
     else:
         vals = t1[t1 > np.percentile(t1, 50)]
         lo, hi = np.percentile(vals if vals.size else t1, [1, 99.5])
@@ -126,10 +129,15 @@ def _contours(m2d, dx, dy, tol_mm):
     return [_rdp(line, tol_mm) for line in gen.lines(0.5) if len(line) >= 3]
 
 
-def _panels(t1w_path, mask_path, prob_path, n_cuts):
+def _load_all(t1w_path, mask_path, prob_path):
     t1, zooms = _load_ras(t1w_path)
     mask = _load_ras(mask_path)[0] > 0 if mask_path else None
     prob = _load_ras(prob_path)[0] if prob_path else None
+    return t1, zooms, mask, prob
+
+
+def _panels(volumes, n_cuts, max_pixels=MAX_PIXELS):
+    t1, zooms, mask, prob = volumes
     for name, arr in (("mask", mask), ("probability", prob)):
         if arr is not None and arr.shape != t1.shape:
             raise ValueError(f"{name} grid {arr.shape} differs from the T1w grid {t1.shape}")
@@ -138,7 +146,7 @@ def _panels(t1w_path, mask_path, prob_path, n_cuts):
     # Downsample the rasters (not the contours) when the mosaic would exceed the pixel budget.
     sizes = [t1[box].shape[a] for a in range(3)]
     total = n_cuts * (sizes[0] * sizes[1] + sizes[0] * sizes[2] + sizes[1] * sizes[2])
-    factor = min(1.0, float(np.sqrt(MAX_PIXELS / max(total, 1))))
+    factor = min(1.0, float(np.sqrt(max_pixels / max(total, 1))))
     rows = []
     for name, axis in ROWS:
         h_axes = [a for a in range(3) if a != axis]  # (horizontal, vertical) RAS axes of the slice
@@ -301,15 +309,25 @@ def plot_mask_mosaic(t1w_path, mask_path, prob_path, out_file, *, n_cuts=N_CUTS,
     ext = Path(out_file).suffix.lower()
     if ext not in (".svg", ".png"):
         raise ValueError(f"{out_file}: a mosaic must be .svg or .png")
-    rows = _panels(t1w_path, mask_path, prob_path, n_cuts)
-    if ext == ".svg":
-        return _atomic(out_file, lambda tmp: _write_svg(rows, tmp, title))
-    return _atomic(out_file, lambda tmp: _write_png(rows, tmp, title))
+    volumes = _load_all(t1w_path, mask_path, prob_path)
+    if ext == ".png":
+        return _atomic(out_file, lambda tmp: _write_png(_panels(volumes, n_cuts), tmp, title))
+
+    def write(tmp):
+        budget = MAX_PIXELS
+        for _ in range(4):
+            _write_svg(_panels(volumes, n_cuts, budget), tmp, title)
+            size = tmp.stat().st_size
+            if size <= MAX_SVG_BYTES:
+                break
+            budget = int(budget * 0.85 * MAX_SVG_BYTES / size)
+
+    return _atomic(out_file, write)
 
 
 def plot_thumbnail(t1w_path, mask_path, out_file):
     """Small PNG for tables: one mid-brain axial, coronal and sagittal slice with the mask contour."""
-    rows = _panels(t1w_path, mask_path, None, n_cuts=1)
+    rows = _panels(_load_all(t1w_path, mask_path, None), n_cuts=1)
     pal = np.asarray(_palette(), dtype=np.uint8).reshape(-1, 3)
     widths = [r["panels"][0]["w_mm"] for r in rows]
     height = max(r["panels"][0]["h_mm"] for r in rows)

@@ -1,0 +1,173 @@
+"""What the participant and group reports share: finding and reading the per-image metrics JSON files,
+number formatting, the jinja2 environment, atomic HTML writes."""
+
+import json
+import math
+import re
+from pathlib import Path
+from urllib.parse import quote
+
+import jinja2
+
+from .. import __version__
+from .. import qc as qcmod
+from ..io import atomic_write_text
+
+TEMPLATES = Path(__file__).parent / "templates"
+METRICS_SUFFIX = "_desc-brain_metrics.json"
+FIGURE_SUFFIXES = ("_desc-brain_mask.svg", "_desc-brain_mask.png")
+
+# Descriptions shown next to the QC measures (the thresholds come from bids_skullstrip.qc.LIMITS).
+MEASURE_HELP = {
+    "brain_volume_ml": "volume of the brain mask",
+    "fov_edge_fraction": "fraction of mask voxels on the faces of the image (brain cut by the field of view?)",
+    "extra_components_ml": "volume of blobs of p>0.5 outside the main brain component",
+    "n_extra_components": "number of blobs of p>0.5 (>= 1 ml) outside the main brain component",
+    "uncertain_fraction": "voxels with 0.1<p<0.9 relative to the mask size (the model hesitates)",
+    "prob_mask_disagreement": "voxels where p>0.5 and the final mask disagree, relative to the mask size",
+    "boundary_contrast": "(inner rim - outer rim) median intensity / brain median: low when the edge misses the brain",
+    "dark_fraction": "mask voxels darker than 30% of the brain median (CSF, skull, background)",
+    "outside_brainlike_fraction": "voxels within 4 mm outside the mask with brain-like intensity (mask too tight?)",
+    "sphericity": "compactness of the mask (1 = sphere)",
+    "noise_ratio": "noise std / brain median intensity at the brain centre",
+    "extent_major_mm": "longest extent of the mask (principal axis)",
+    "extent_minor_mm": "shortest extent of the mask (principal axis)",
+    "brain_voxels": "number of voxels in the mask",
+}
+
+
+class ReportError(RuntimeError):
+    """A report cannot be written (phrased for the user)."""
+
+
+def strip_sub(label):
+    label = str(label)
+    return label[4:] if label.startswith("sub-") else label
+
+
+def find_metrics(output_dir, participant_label=None):
+    """Sorted metrics JSON paths under <out>/sub-*/[ses-*/]anat/."""
+    output_dir = Path(output_dir)
+    subs = [f"sub-{strip_sub(participant_label)}"] if participant_label is not None else None
+    found = []
+    for sub_dir in sorted(output_dir.glob("sub-*")):
+        if not sub_dir.is_dir() or (subs and sub_dir.name not in subs):
+            continue
+        found += sorted(sub_dir.glob(f"anat/*{METRICS_SUFFIX}"))
+        found += sorted(sub_dir.glob(f"ses-*/anat/*{METRICS_SUFFIX}"))
+    return found
+
+
+def entities(stem):
+    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
+
+
+def runtime_total(runtime):
+    if isinstance(runtime, dict):
+        vals = [float(v) for v in runtime.values() if _is_number(v)]
+        return sum(vals) if vals else None
+    return float(runtime) if _is_number(runtime) else None
+
+
+def _is_number(v):
+    try:
+        return math.isfinite(float(v))
+    except (TypeError, ValueError):
+        return False
+
+
+def load_record(path, output_dir):
+    """One metrics JSON as a dict, with derived fields (prefixed ``_``) for the templates.
+
+    Never raises on content problems: a broken file yields a record with an ``_error``.
+    """
+    path = Path(path)
+    output_dir = Path(output_dir)
+    stem = path.name[: -len(METRICS_SUFFIX)]
+    rec = {}
+    error = None
+    try:
+        rec = json.loads(path.read_text())
+        if not isinstance(rec, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        error = f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]})"
+        rec = {}
+    rec.setdefault("bids_name", stem)
+    ent = entities(rec["bids_name"])
+    rec["_participant"] = ent.get("sub") or path.relative_to(output_dir).parts[0][4:]
+    rec["_session"] = ent.get("ses")
+    rec["_metrics_path"] = path
+    rec["_error"] = error
+    rec["_anat_dir"] = path.parent
+    qc = rec.get("qc") if isinstance(rec.get("qc"), dict) else {}
+    rec["qc"] = {k: (float(v) if _is_number(v) else None) for k, v in qc.items()}
+    rec["flags"] = [str(f) for f in rec.get("flags") or []]
+    rec["warnings"] = [str(w) for w in rec.get("warnings") or []]
+    rec["_runtime_total"] = runtime_total(rec.get("runtime_s"))
+    fig_dir = output_dir / f"sub-{rec['_participant']}" / "figures"
+    rec["_figure"] = next((fig_dir / f"{stem}{suf}" for suf in FIGURE_SUFFIXES
+                           if (fig_dir / f"{stem}{suf}").exists()), None)
+    model = rec.get("model")
+    if isinstance(model, dict):
+        sha = str(model.get("sha256") or "")
+        rec["_model"] = f"{model.get('name', '?')} (sha256 {sha[:12]}…)" if sha else str(model.get("name", "?"))
+    else:
+        rec["_model"] = str(model) if model else "n/a"
+    return rec
+
+
+def rel_url(path, start):
+    """Relative URL (quoted) of ``path`` from directory ``start``, for file:// use."""
+    rel = Path(path).resolve().relative_to(Path(start).resolve())
+    return "/".join(quote(p) for p in rel.parts)
+
+
+def fmt(v, digits=3):
+    """Compact human number; 'n/a' for missing."""
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        a = abs(v)
+        if a >= 100 or v == int(v) and a < 1e6:
+            return f"{v:.0f}" if a >= 100 else f"{v:g}"
+        if a >= 1:
+            return f"{v:.2f}"
+        return f"{v:.{digits}f}"
+    if isinstance(v, (list, tuple)):
+        return " × ".join(fmt(x) for x in v)
+    return str(v)
+
+
+def limit_text(key):
+    lim = qcmod.LIMITS.get(key)
+    if not lim:
+        return ""
+    low, high, unit, _ = lim
+    u = f" {unit}" if unit else ""
+    if low is not None and high is not None:
+        return f"{fmt(low)}–{fmt(high)}{u}"
+    if low is not None:
+        return f"≥ {fmt(low)}{u}"
+    return f"≤ {fmt(high)}{u}"
+
+
+def environment():
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
+                             autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True)
+    env.filters["fmt"] = fmt
+    env.globals.update(version=__version__, measure_help=MEASURE_HELP, limit_text=limit_text)
+    return env
+
+
+def slug(text):
+    return re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-") or "x"
+
+
+def write_html(path, text):
+    return atomic_write_text(path, text)

@@ -1,0 +1,175 @@
+"""Group report: <out>/group_T1w.tsv (one row per image, MRIQC convention) and <out>/group_T1w.html
+(distributions, sortable table with thumbnails and links to the participant reports, flagged images first)."""
+
+import csv
+import datetime
+import io
+import math
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .. import qc as qcmod  # noqa: E402
+from ..io import atomic_write_text  # noqa: E402
+from .common import ReportError, environment, find_metrics, load_record, rel_url, slug, write_html  # noqa: E402
+
+TSV_NAME = "group_T1w.tsv"
+HTML_NAME = "group_T1w.html"
+FIG_DIR = "figures"  # <out>/figures/ (ignored by .bidsignore's "figures/")
+DIST_NAME = "group_T1w_distributions.svg"
+SKIP_COLUMNS = ("brain_voxels",)
+
+
+def _records(output_dir):
+    paths = find_metrics(output_dir)
+    if not paths:
+        raise ReportError(
+            f"{output_dir}: no per-image metrics found (sub-*/[ses-*/]anat/*_desc-brain_metrics.json); "
+            "run the participant level first")
+    records = [load_record(p, output_dir) for p in paths]
+    group_flags = qcmod.flag_group([r["qc"] for r in records])
+    for r, flags in zip(records, group_flags):
+        if not r["qc"] and r["_error"]:
+            flags = [r["_error"]]
+        # recomputed flags (current rules + group outliers) first, then any other stored flag
+        r["flags"] = flags + [f for f in r["flags"] if f not in flags]
+    records.sort(key=lambda r: (-len(r["flags"]), r["bids_name"]))
+    return records
+
+
+def _measure_keys(records):
+    keys = []
+    for r in records:
+        for k in r["qc"]:
+            if k not in keys and k not in SKIP_COLUMNS and k != "brain_volume_ml":
+                keys.append(k)
+    return keys
+
+
+def _tsv_value(v):
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    return str(v)
+
+
+def write_tsv(records, path):
+    keys = _measure_keys(records)
+    header = (["bids_name", "brain_volume_ml", "brain_voxels", "size_x", "size_y", "size_z",
+               "spacing_x", "spacing_y", "spacing_z", "orientation", "runtime_s"] + keys + ["n_flags", "flags"])
+    buf = io.StringIO()
+    w = csv.writer(buf, delimiter="\t", lineterminator="\n")
+    w.writerow(header)
+    for r in records:
+        shape = list(r.get("shape") or [None] * 3)[:3] + [None] * 3
+        vox = list(r.get("voxel_size_mm") or [None] * 3)[:3] + [None] * 3
+        vol = r.get("brain_volume_ml", r["qc"].get("brain_volume_ml"))
+        row = ([r["bids_name"], vol, r.get("brain_voxels", r["qc"].get("brain_voxels"))] + shape[:3] + vox[:3]
+               + [r.get("orientation"), r["_runtime_total"]] + [r["qc"].get(k) for k in keys]
+               + [len(r["flags"]), "; ".join(f.replace("\t", " ") for f in r["flags"])])
+        w.writerow([_tsv_value(v) for v in row])
+    return atomic_write_text(path, buf.getvalue())
+
+
+def plot_distributions(records, out_file):
+    """One strip plot per measure (brain volume first); flagged images red; absolute limits dashed."""
+    keys = ["brain_volume_ml"] + [k for k in _measure_keys(records) if k != "n_extra_components"]
+    ncols = 4
+    nrows = int(math.ceil(len(keys) / ncols))
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 1.25 * nrows + 0.2), squeeze=False)
+    rng = np.random.default_rng(0)
+    flagged = np.array([bool(r["flags"]) for r in records])
+    for ax, key in zip(axes.ravel(), keys):
+        vals = np.array([r["qc"].get(key) if r["qc"].get(key) is not None else np.nan for r in records], float)
+        ok = np.isfinite(vals)
+        jitter = rng.uniform(-0.3, 0.3, len(vals))
+        ax.scatter(vals[ok & ~flagged], jitter[ok & ~flagged], s=12, color="#1f5f99", alpha=0.75, lw=0)
+        ax.scatter(vals[ok & flagged], jitter[ok & flagged], s=16, color="#d62728", alpha=0.9, lw=0)
+        low, high, unit, _ = qcmod.LIMITS.get(key, (None, None, "", ""))
+        for lim in (low, high):
+            if lim is not None:
+                ax.axvline(lim, color="#888", ls="--", lw=0.8)
+        if ok.any():
+            lo, hi = np.nanmin(vals), np.nanmax(vals)
+            for lim in (low, high):
+                if lim is not None:
+                    lo, hi = min(lo, lim), max(hi, lim)
+            pad = 0.08 * (hi - lo) if hi > lo else (abs(hi) * 0.1 or 1)
+            ax.set_xlim(lo - pad, hi + pad)
+            ax.axvline(np.nanmedian(vals), color="#1f5f99", lw=0.8, alpha=0.5)
+        ax.set_ylim(-0.5, 0.5)
+        ax.set_yticks([])
+        ax.set_title(key + (f" ({unit})" if unit else ""), fontsize=8.5, loc="left")
+        ax.tick_params(labelsize=7)
+        for s in ("top", "right", "left"):
+            ax.spines[s].set_visible(False)
+    for ax in axes.ravel()[len(keys):]:
+        ax.axis("off")
+    fig.tight_layout(h_pad=0.6)
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_file.with_name(f".tmp-{os.getpid()}-{out_file.name}")
+    try:
+        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "bids_skullstrip"}):
+            fig.savefig(tmp, format="svg", metadata={"Date": None})
+        os.replace(tmp, out_file)
+    finally:
+        plt.close(fig)
+        if tmp.exists():
+            tmp.unlink()
+    return out_file
+
+
+def _thumbnail(r, fig_dir):
+    """Thumbnail PNG from the preprocessed T1w + mask (cached: redone when the mask is newer)."""
+    from .reportlets import plot_thumbnail
+
+    stem = r["bids_name"]
+    anat = r["_anat_dir"]
+    t1w = anat / f"{stem}_desc-preproc_T1w.nii.gz"
+    mask = anat / f"{stem}_desc-brain_mask.nii.gz"
+    if not (t1w.exists() and mask.exists()):
+        return None
+    out = fig_dir / f"{stem}_thumb.png"
+    try:
+        if not out.exists() or out.stat().st_mtime < max(mask.stat().st_mtime, t1w.stat().st_mtime):
+            plot_thumbnail(t1w, mask, out)
+    except Exception:  # a broken image must not stop the group report; the mosaic is used instead
+        return None
+    return out
+
+
+def write_group_report(output_dir, *, thumbnails=True):
+    """Write ``group_T1w.tsv`` and ``group_T1w.html`` in ``output_dir``; return (tsv_path, html_path).
+
+    Raises ReportError when no per-image metrics JSON exists.
+    """
+    output_dir = Path(output_dir)
+    records = _records(output_dir)
+    fig_dir = output_dir / FIG_DIR
+    tsv_path = write_tsv(records, output_dir / TSV_NAME)
+    dist = plot_distributions(records, fig_dir / DIST_NAME)
+    for r in records:
+        thumb = _thumbnail(r, fig_dir) if thumbnails else None
+        thumb = thumb or r["_figure"]
+        r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
+        r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['bids_name'])}"
+    html = environment().get_template("group.html").render(
+        rows=records,
+        measure_keys=_measure_keys(records),
+        n_flagged=sum(1 for r in records if r["flags"]),
+        n_participants=len({r["_participant"] for r in records}),
+        group_z=len(records) >= qcmod.GROUP_MIN_IMAGES,
+        min_group=qcmod.GROUP_MIN_IMAGES,
+        dist_url=rel_url(dist, output_dir),
+        tsv_name=TSV_NAME,
+        generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    )
+    html_path = write_html(output_dir / HTML_NAME, html)
+    return Path(tsv_path), Path(html_path)

@@ -1,0 +1,73 @@
+"""Participant report: <out>/sub-<label>.html, one section per T1w (summary, mosaic, QC measures + flags)."""
+
+import datetime
+from pathlib import Path
+
+from .. import qc as qcmod
+from .common import (
+    FIGURE_SUFFIXES,
+    entities,
+    environment,
+    find_metrics,
+    load_record,
+    rel_url,
+    slug,
+    strip_sub,
+    write_html,
+)
+
+
+def _out_keys(measures):
+    """Measures outside their absolute limits (highlighted in the table)."""
+    keys = set()
+    for key, (low, high, _, _) in qcmod.LIMITS.items():
+        v = measures.get(key)
+        if v is None:
+            continue
+        if (low is not None and v < low) or (high is not None and v > high):
+            keys.add(key)
+    return keys
+
+
+def participant_records(output_dir, label):
+    output_dir = Path(output_dir)
+    records = []
+    for path in find_metrics(output_dir, label):
+        r = load_record(path, output_dir)
+        r["_anchor"] = slug(r["bids_name"])
+        r["_out_keys"] = _out_keys(r["qc"])
+        r["_figure_url"] = rel_url(r["_figure"], output_dir) if r["_figure"] else None
+        r["_anat_rel"] = rel_url(r["_anat_dir"], output_dir) + "/"
+        records.append(r)
+    return records
+
+
+def write_participant_report(output_dir, participant_label, *, errors=()):
+    """Write ``<output_dir>/sub-<label>.html`` from the metrics JSON files and figures; return its path.
+
+    ``errors`` are participant-level error messages (e.g. a crashed node) shown at the top. Missing or broken
+    metrics files do not stop the report: they are reported in it.
+    """
+    output_dir = Path(output_dir)
+    label = strip_sub(participant_label)
+    records = participant_records(output_dir, label)
+    shown = {r["_figure"].name for r in records if r["_figure"]}
+    fig_dir = output_dir / f"sub-{label}" / "figures"
+    others = []
+    if fig_dir.is_dir():
+        for f in sorted(fig_dir.iterdir()):
+            if f.suffix.lower() in (".svg", ".png") and f.name not in shown and not f.name.startswith("."):
+                if entities(f.stem).get("sub", label) == label:
+                    others.append({"name": f.name, "url": rel_url(f, output_dir)})
+    html = environment().get_template("participant.html").render(
+        label=label,
+        records=records,
+        n_flagged=sum(1 for r in records if r["flags"]),
+        errors=[str(e) for e in errors],
+        other_figures=others,
+        generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
+    )
+    return write_html(output_dir / f"sub-{label}.html", html)
+
+
+__all__ = ["write_participant_report", "participant_records", "FIGURE_SUFFIXES"]

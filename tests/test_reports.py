@@ -1,0 +1,253 @@
+"""Reports as a user sees them: a small output directory built from real heads, participant and group reports
+written, then opened in headless Chromium (screenshot, every image loads, no console errors)."""
+
+import html as htmlmod
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from bids_skullstrip import qc
+from bids_skullstrip.io import atomic_save, atomic_write_text, like
+from bids_skullstrip.reports.common import ReportError
+from bids_skullstrip.reports.group import write_group_report
+from bids_skullstrip.reports.participant import write_participant_report
+from bids_skullstrip.reports.reportlets import plot_mask_mosaic
+
+HEADS = Path(__file__).parents[1].parent / "shared" / "data" / "heads"
+CHROMIUM = shutil.which("chromium")
+needs_heads = pytest.mark.skipif(not (HEADS / "ds000011-sub-13").is_dir(), reason=f"real heads not found in {HEADS}")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None,
+                                    reason="headless browser check needs the Debian package `chromium`")
+
+# (participant, session, head, corruption): small real heads; one broken mask that must be flagged.
+SPECS = [
+    ("01", None, "ds000011-sub-13", None),
+    ("02", "1", "xa30-tfl-2mm", None),
+    ("02", "2", "niivue-t1-2mm", None),
+    ("03", None, "ds000011-sub-14", "shift"),
+]
+
+
+def _make_image(out, sub, ses, head, corruption):
+    img = nib.load(str(HEADS / head / "T1w.nii.gz"))
+    t1 = img.get_fdata(dtype=np.float32)
+    mask = np.asarray(nib.load(str(HEADS / head / "mask_silver.nii.gz")).dataobj) > 0
+    vox = np.sqrt((img.affine[:3, :3] ** 2).sum(0))
+    if corruption == "shift":  # 16 mm along the second voxel axis
+        mask = np.roll(mask, int(round(16 / vox[1])), axis=1)
+    prob = ndi.gaussian_filter(mask.astype(np.float32), sigma=1.5 / vox)
+    stem = f"sub-{sub}" + (f"_ses-{ses}" if ses else "")
+    anat = out / f"sub-{sub}" / (f"ses-{ses}" if ses else "") / "anat"
+    atomic_save(like(img, t1, np.float32), anat / f"{stem}_desc-preproc_T1w.nii.gz")
+    atomic_save(like(img, mask, np.uint8), anat / f"{stem}_desc-brain_mask.nii.gz")
+    atomic_save(like(img, prob, np.float32), anat / f"{stem}_label-brain_probseg.nii.gz")
+    measures = qc.qc_measures(t1, prob, mask.astype(np.uint8), vox)
+    metrics = {
+        "source": f"bids:raw:sub-{sub}/" + (f"ses-{ses}/" if ses else "") + f"anat/{stem}_T1w.nii.gz",
+        "bids_name": stem,
+        "shape": list(t1.shape),
+        "voxel_size_mm": [round(float(v), 4) for v in vox],
+        "orientation": "".join(nib.aff2axcodes(img.affine)),
+        "brain_volume_ml": measures["brain_volume_ml"],
+        "brain_voxels": int(mask.sum()),
+        "runtime_s": {"n4": 3.2, "conform": 0.4, "inference": 11.5, "postprocess": 0.8},
+        "software_version": "0.1.0",
+        "model": {"name": "unet3d-2mm", "sha256": "0" * 64},
+        "warnings": ["qform and sform disagree; the sform was used"] if sub == "02" and ses == "2" else [],
+        "qc": measures,
+        "flags": qc.flag_image(measures),
+    }
+    atomic_write_text(anat / f"{stem}_desc-brain_metrics.json", json.dumps(metrics, indent=1))
+    plot_mask_mosaic(anat / f"{stem}_desc-preproc_T1w.nii.gz", anat / f"{stem}_desc-brain_mask.nii.gz",
+                     anat / f"{stem}_label-brain_probseg.nii.gz",
+                     out / f"sub-{sub}" / "figures" / f"{stem}_desc-brain_mask.svg")
+    return stem, metrics
+
+
+@pytest.fixture(scope="module")
+def outdir(tmp_path_factory):
+    if not (HEADS / "ds000011-sub-13").is_dir():
+        pytest.skip(f"real heads not found in {HEADS}")
+    out = tmp_path_factory.mktemp("derivatives") / "bids_skullstrip"
+    out.mkdir()
+    info = {}
+    for spec in SPECS:
+        stem, metrics = _make_image(out, *spec)
+        info[stem] = metrics
+    for sub in sorted({s[0] for s in SPECS}):
+        errors = ["t1w_wf.n4: ANTs N4 failed: example error"] if sub == "03" else ()
+        write_participant_report(out, sub, errors=errors)
+    write_group_report(out)
+    return out, info
+
+
+# ------------------------------------------------------------------------------------------ content checks
+
+@needs_heads
+def test_figures_are_small_svg(outdir):
+    out, _ = outdir
+    figs = sorted(out.glob("sub-*/figures/*_desc-brain_mask.svg"))
+    assert len(figs) == len(SPECS)
+    for f in figs:
+        text = f.read_text()
+        assert text.startswith("<svg") and text.rstrip().endswith("</svg>")
+        assert f.stat().st_size < 300_000, f"{f.name}: {f.stat().st_size} bytes"
+        assert text.count("<image") == 18 and 'stroke="#ff3b30"' in text
+
+
+@needs_heads
+def test_participant_report_content(outdir):
+    out, info = outdir
+    page = (out / "sub-02.html").read_text()
+    for stem in ("sub-02_ses-1", "sub-02_ses-2"):
+        assert f'src="sub-02/figures/{stem}_desc-brain_mask.svg"' in page
+        assert info[stem]["source"] in page
+    assert "qform and sform disagree" in page
+    assert "unet3d-2mm" in page and "LAS" in page and "RAS" in page
+    assert "https://" not in page and "http://" not in page  # no CDN, nothing remote
+    bad = (out / "sub-03.html").read_text()
+    assert "N4 failed" in bad
+    assert "QC flags" in bad  # the shifted mask is flagged
+
+
+@needs_heads
+def test_group_tsv_one_row_per_image(outdir):
+    out, info = outdir
+    lines = (out / "group_T1w.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:]]
+    assert header[0] == "bids_name" and len(rows) == len(SPECS)
+    assert {r["bids_name"] for r in rows} == set(info)
+    for col in ("brain_volume_ml", "size_x", "spacing_z", "uncertain_fraction", "boundary_contrast", "flags"):
+        assert col in header
+    assert rows[0]["bids_name"] == "sub-03" and int(rows[0]["n_flags"]) > 0  # flagged first
+    assert all(int(r["n_flags"]) == 0 for r in rows[1:])
+    vol = {r["bids_name"]: float(r["brain_volume_ml"]) for r in rows}
+    assert vol["sub-01"] == pytest.approx(info["sub-01"]["brain_volume_ml"], rel=1e-4)
+
+
+def test_group_report_without_metrics_is_a_clear_error(tmp_path):
+    (tmp_path / "sub-01" / "anat").mkdir(parents=True)
+    with pytest.raises(ReportError, match="no per-image metrics"):
+        write_group_report(tmp_path)
+
+
+def test_participant_report_survives_broken_metrics(tmp_path):
+    anat = tmp_path / "sub-09" / "anat"
+    anat.mkdir(parents=True)
+    (anat / "sub-09_desc-brain_metrics.json").write_text("{not json")
+    page = write_participant_report(tmp_path, "sub-09", errors=["crashed"]).read_text()
+    assert "unreadable metrics file" in page and "crashed" in page
+
+
+# ------------------------------------------------------------------------------------------ browser checks
+
+PROBE = """<script>
+window.__errs = [];
+window.addEventListener("error", function (e) {
+  window.__errs.push(e.message ? "js: " + e.message : "resource: " + (e.target && (e.target.src || e.target.href)));
+}, true);
+(function () { var ce = console.error; console.error = function () {
+  window.__errs.push("console: " + Array.prototype.join.call(arguments, " ")); ce.apply(console, arguments); }; })();
+window.addEventListener("load", function () {
+  var imgs = Array.prototype.slice.call(document.images);
+  imgs.forEach(function (i) { i.loading = "eager"; });
+  Promise.all(imgs.map(function (i) {
+    return (i.complete && i.naturalWidth > 0) ? 0 : new Promise(function (r) {
+      i.addEventListener("load", r); i.addEventListener("error", r); setTimeout(r, 4000); });
+  })).then(function () {
+    var res = {n: imgs.length, errors: window.__errs,
+               bad: imgs.filter(function (i) { return !(i.complete && i.naturalWidth > 0); })
+                        .map(function (i) { return i.getAttribute("src"); })};
+    var th = Array.prototype.filter.call(document.querySelectorAll("th"), function (t) {
+      return t.textContent.indexOf("brain volume") === 0; })[0];
+    if (th) { th.click(); var row = document.querySelector("#group-table tbody tr");
+              res.sorted_first = row.cells[1].textContent.trim(); }
+    document.body.setAttribute("data-probe", JSON.stringify(res));
+  });
+});
+</script>"""
+
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--disable-dev-shm-usage"]
+
+
+def _chromium(args, tmp_path):
+    profile = tmp_path / f"chromium-profile-{len(list(tmp_path.glob('chromium-profile-*')))}"
+    cmd = [CHROMIUM, *FLAGS, f"--user-data-dir={profile}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+
+
+def probe(page, tmp_path):
+    """Open a copy of ``page`` (same folder, so relative links hold) with a probe script; return its result."""
+    page = Path(page)
+    probe_page = page.with_name(f".probe-{page.name}")
+    text = page.read_text()
+    probe_page.write_text(text.replace("<head>", "<head>\n" + PROBE, 1))
+    try:
+        res = _chromium(["--enable-logging=stderr", "--v=0", "--virtual-time-budget=15000", "--dump-dom",
+                         probe_page.as_uri()], tmp_path)
+    finally:
+        probe_page.unlink()
+    m = re.search(r'data-probe="([^"]*)"', res.stdout)
+    assert m, f"probe did not finish: {res.stderr[-2000:]}"
+    result = json.loads(htmlmod.unescape(m.group(1)))
+    result["console"] = [line for line in res.stderr.splitlines()
+                         if "CONSOLE" in line or "Uncaught" in line]
+    return result
+
+
+def screenshot(page, png, tmp_path):
+    res = _chromium(["--hide-scrollbars", "--window-size=1400,2000", f"--screenshot={png}", Path(page).as_uri()],
+                    tmp_path)
+    assert Path(png).exists() and Path(png).stat().st_size > 10_000, res.stderr[-2000:]
+
+
+def _shots_dir(tmp_path):
+    # kept for people to look at (pytest keeps the last 3 runs' tmp folders)
+    return tmp_path
+
+
+@needs_heads
+@needs_chromium
+@pytest.mark.parametrize("page", ["sub-01.html", "sub-02.html", "sub-03.html", "group_T1w.html"])
+def test_report_renders_in_chromium(outdir, page, tmp_path):
+    out, _ = outdir
+    result = probe(out / page, tmp_path)
+    assert result["n"] >= 1
+    assert result["bad"] == [], f"images that did not load: {result['bad']}"
+    assert result["errors"] == [], f"page errors: {result['errors']}"
+    assert result["console"] == [], f"console output: {result['console']}"
+    if page == "group_T1w.html":
+        assert result["n"] == len(SPECS) + 1  # thumbnails + distributions
+        # one click on "brain volume" sorts descending: the largest brain first
+        vols = {s: json.loads(p.read_text())["brain_volume_ml"]
+                for p in out.glob("sub-*/**/anat/*_metrics.json") for s in [p.name.split("_desc")[0]]}
+        assert result["sorted_first"] == max(vols, key=vols.get)
+    shot = _shots_dir(tmp_path) / f"{page}.png"
+    screenshot(out / page, shot, tmp_path)
+
+
+@needs_heads
+@needs_chromium
+def test_browser_check_can_fail(outdir, tmp_path):
+    """The probe must notice a missing figure and a script error (otherwise the checks above prove nothing)."""
+    out, _ = outdir
+    page = out / "sub-01.html"
+    broken = out / "broken-sub-01.html"
+    broken.write_text(page.read_text().replace("_desc-brain_mask.svg", "_desc-missing.svg")
+                      .replace("</body>", "<script>undefinedFunction();</script></body>"))
+    try:
+        result = probe(broken, tmp_path)
+    finally:
+        broken.unlink()
+    assert result["bad"], "a missing figure went unnoticed"
+    assert any("undefinedFunction" in e for e in result["errors"]), result
