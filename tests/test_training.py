@@ -1,0 +1,94 @@
+"""The training pipeline: data discovery in users' layouts, reproducible augmentation, resumable runs."""
+
+import csv
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from bids_skullstrip.training.augment import training_patch
+from bids_skullstrip.training.data import TrainingHead, find_labelled_heads
+from bids_skullstrip.training.train import learning_rate
+
+SHARED = Path(__file__).parents[1].parent / "shared" / "data"
+pytestmark = pytest.mark.skipif(not (SHARED / "heads").is_dir(), reason="../shared/data not present")
+
+
+def _small_head(name, tmp_path, layout):
+    """A real head downsampled to ~3 mm, written in an NFBS-like or BIDS layout."""
+    src = nib.load(str(SHARED / "heads" / name / "T1w.nii.gz"))
+    mask = nib.load(str(SHARED / "heads" / name / "mask_silver.nii.gz"))
+    factor = 3.0 / np.array(src.header.get_zooms()[:3])
+    data = ndi.zoom(np.asarray(src.dataobj, np.float32), 1 / factor, order=1)
+    mdata = (ndi.zoom(np.asarray(mask.dataobj, np.float32), 1 / factor, order=1) > 0.5).astype(np.uint8)
+    affine = src.affine @ np.diag([*factor, 1.0])
+    if layout == "nfbs":
+        folder = tmp_path / name
+        image_path, mask_path = folder / f"{name}_T1w.nii.gz", folder / f"{name}_brainmask.nii.gz"
+    else:
+        folder = tmp_path / f"sub-{name.replace('-', '')}" / "anat"
+        stem = f"sub-{name.replace('-', '')}"
+        image_path, mask_path = folder / f"{stem}_T1w.nii.gz", folder / f"{stem}_desc-brain_mask.nii.gz"
+    folder.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(data, affine), str(image_path))
+    nib.save(nib.Nifti1Image(mdata, affine), str(mask_path))
+    return image_path, mask_path
+
+
+def test_shared_layout_uses_splits():
+    train = find_labelled_heads(SHARED, split="train")
+    val = find_labelled_heads(SHARED, split="val")
+    assert len(train) == 25 and len(val) == 4
+    assert not {h.name for h in train} & {h.name for h in val}
+    assert all(h.image.exists() and h.mask.exists() for h in train + val)
+
+
+@pytest.mark.parametrize("layout", ["nfbs", "bids"])
+def test_user_layouts_are_found(tmp_path, layout):
+    image, mask = _small_head("ds000011-sub-01", tmp_path, layout)
+    heads = find_labelled_heads(tmp_path)
+    assert [(h.image, h.mask) for h in heads] == [(image, mask)]
+
+
+def test_patch_stream_is_reproducible_and_varied():
+    head = TrainingHead.load(find_labelled_heads(SHARED, split="train")[-1])
+    a = training_patch(head, np.random.default_rng([1, 7]), size=(48, 48, 48))
+    b = training_patch(head, np.random.default_rng([1, 7]), size=(48, 48, 48))
+    c = training_patch(head, np.random.default_rng([1, 8]), size=(48, 48, 48))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert not np.array_equal(a[0], c[0])
+    for image, label in (a, c):
+        assert image.dtype == np.float32 and image.shape == (48, 48, 48)
+        assert 0.0 <= label.min() and label.max() <= 1.0
+        assert np.isfinite(image).all()
+
+
+def test_learning_rate_schedule():
+    assert learning_rate(0, 1000) < learning_rate(99, 1000)
+    assert learning_rate(100, 1000) == pytest.approx(1e-3, rel=1e-3)
+    assert learning_rate(999, 1000) < 1e-4
+
+
+def test_fine_tune_resume_and_export(tmp_path):
+    """Two steps, stop, resume to three: a user's NFBS-like folder through the real CLI."""
+    from bids_skullstrip.cli.train import main
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    _small_head("ds000011-sub-03", data, "nfbs")
+    out = tmp_path / "run"
+    common = [str(data), str(out), "--fine-tune", "--patch-size", "32", "32", "32", "--checkpoint-every", "1",
+              "--lr", "1e-4"]
+    assert main(common + ["--steps", "2"]) == 0
+    assert main(common + ["--steps", "3"]) == 0
+    rows = list(csv.DictReader((out / "history.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert "resumed from" in (out / "train.log").read_text()
+    card = json.loads((out / "final" / "model.json").read_text())
+    weights = out / "final" / "unet.weights.h5"
+    assert card["training"]["steps"] == 3 and card["training"]["fine_tuned_from"]
+    assert weights.stat().st_size < 10 * 2**20
+    assert card["sha256"] and len(card["sha256"]) == 64
