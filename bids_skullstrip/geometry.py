@@ -89,8 +89,11 @@ def native_block_of(support, grid, native_affine, native_shape, *, pad=2):
     return tuple(slice(int(a), int(b)) for a, b in zip(start, stop))
 
 
-def to_native_grid(volume, grid, native_affine, native_shape, *, block=None, order=1):
-    """Resample a model-grid volume back onto the native grid (or a block of it)."""
+def to_native_grid(volume, grid, native_affine, native_shape, *, block=None, order=1, mode="constant"):
+    """Resample a model-grid volume back onto the native grid (or a block of it).
+
+    ``mode="nearest"`` extends smooth fields (e.g. a bias field) beyond the model grid.
+    """
     if block is None:
         block = tuple(slice(0, s) for s in native_shape)
     offset = np.eye(4)
@@ -98,5 +101,5 @@ def to_native_grid(volume, grid, native_affine, native_shape, *, block=None, ord
     vox = np.linalg.inv(grid.affine) @ native_affine @ offset
     out_shape = tuple(s.stop - s.start for s in block)
     return ndi.affine_transform(np.asarray(volume, dtype=np.float32), vox[:3, :3], vox[:3, 3],
-                                output_shape=out_shape, order=order, mode="constant", cval=0.0,
+                                output_shape=out_shape, order=order, mode=mode, cval=0.0,
                                 prefilter=False)

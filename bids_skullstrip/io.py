@@ -1,113 +1,271 @@
-"""Reading T1w images defensively and writing outputs atomically on the input's exact grid."""
+"""Reading T1w images defensively and writing outputs atomically on the input's exact grid.
 
-import gzip
+``load_t1w`` either returns a usable 3D volume or raises ``InputError`` whose message is one line that
+names the file and the problem; it never lets another exception type escape (this is fuzz-tested in
+``tests/test_fuzz.py``). Doubts that do not stop processing are issued as ``warnings.warn`` messages,
+each naming the file. See ``docs/robustness.md`` for every case and the exact message.
+"""
+
+import contextlib
+import logging
+import math
 import os
+import secrets
 import warnings
-import zlib
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
-MAX_VOXELS = 2**28  # 1 GiB as float32: bounds memory on absurd inputs
+# 2**27 voxels = 512**3 (e.g. a 0.5 mm isotropic 256 mm cube): 512 MiB as float32. Peak memory of the
+# core path is a small multiple of this (see docs/robustness.md), so it stays bounded on absurd inputs.
+MAX_VOXELS = 2**27
+MIN_VOXEL_MM = 1e-3
+MAX_VOXEL_MM = 100.0  # a "T1w" with 10 cm voxels is a broken header, not a scan
+_SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are not T1w intensities
+_TMP_PREFIX = ".tmp-"
 
 
 class InputError(ValueError):
     """A problem with an input file, phrased for the user (one line, names the file)."""
 
 
-def load_t1w(path):
-    """Load a T1w NIfTI as (image, float32 3D data); raise InputError with a one-line reason."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
+def _short(exc):
+    text = " ".join(str(exc).split())
+    return (text or type(exc).__name__)[:200]
+
+
+@contextlib.contextmanager
+def _nibabel_messages():
+    """Collect nibabel's header fix-up messages instead of letting them print to stderr."""
+    logger = nib.imageglobals.logger
+    collected = []
+
+    class _Collect(logging.Handler):
+        def emit(self, record):
+            if record.levelno >= logging.WARNING:
+                collected.append(" ".join(record.getMessage().split()))
+
+    saved_handlers, saved_propagate = list(logger.handlers), logger.propagate
+    handler = _Collect(level=logging.DEBUG)
+    logger.handlers = [handler]
+    logger.propagate = False
     try:
-        img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for non-NIfTI content
-        raise InputError(f"{path}: not a readable NIfTI image ({_short(exc)})") from None
+        yield collected
+    finally:
+        logger.handlers = saved_handlers
+        logger.propagate = saved_propagate
+
+
+def _spatial_shape(shape):
+    """The 3D shape of an image that is 3D up to trailing singleton dimensions, else None."""
+    shape = tuple(int(s) for s in shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape if len(shape) == 3 else None
+
+
+def load_t1w(path):
+    """Load a T1w NIfTI as (image, float32 3D data); raise InputError with a one-line reason.
+
+    - a 4D image with one volume (or trailing singleton dimensions) is treated as 3D;
+    - NaN/infinite voxels are set to 0 with a warning (all of them: error);
+    - the image must have some positive, non-constant intensities.
+    """
+    path = Path(path)
+    try:
+        if not path.exists():
+            raise InputError(f"{path}: file not found")
+        if path.is_dir():
+            raise InputError(f"{path}: is a directory, not a NIfTI file")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"{path}: permission denied (cannot read the file)")
+        if path.stat().st_size == 0:
+            raise InputError(f"{path}: empty file (0 bytes)")
+    except OSError as exc:
+        raise InputError(f"{path}: cannot access the file ({_short(exc)})") from None
+
+    with _nibabel_messages() as fixes:
+        try:
+            img = nib.load(str(path), mmap=False)  # never a view of the input file
+        except Exception as exc:  # nibabel raises many types for non-NIfTI content
+            raise InputError(f"{path}: not a readable NIfTI image ({_short(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
-    shape = img.shape
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) == 4:
-        raise InputError(f"{path}: 4D image with {shape[3]} volumes; a T1w must be a single 3D volume")
-    if len(shape) != 3 or min(shape) < 2:
-        raise InputError(f"{path}: image of shape {img.shape} is not a 3D volume")
-    if int(np.prod(shape)) > MAX_VOXELS:
-        raise InputError(f"{path}: image of shape {tuple(shape)} is too large (> {MAX_VOXELS} voxels)")
-    affine = img.affine
-    zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-6 or np.any(zooms < 1e-3):
-        raise InputError(f"{path}: invalid voxel-to-world affine (zero, infinite or degenerate voxel sizes)")
+    for msg in dict.fromkeys(fixes):
+        warnings.warn(f"{path}: invalid header field fixed on load: {msg}", stacklevel=2)
+
     try:
-        data = img.get_fdata(dtype=np.float32).reshape(shape)
-    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
+        dtype = np.dtype(img.get_data_dtype())
+    except Exception as exc:
+        raise InputError(f"{path}: unreadable data type in the header ({_short(exc)})") from None
+    if dtype.kind not in _SUPPORTED_KINDS:
+        raise InputError(f"{path}: unsupported voxel data type {dtype} (a T1w needs integer or float "
+                         "intensities)")
+
+    shape = _spatial_shape(img.shape)
+    if shape is None and len(img.shape) >= 4:
+        raise InputError(f"{path}: {len(img.shape)}D image of shape {tuple(img.shape)} with "
+                         f"{math.prod(img.shape[3:])} volumes; a T1w must be a single 3D volume")
+    if shape is None or min(shape) < 2:
+        raise InputError(f"{path}: image of shape {tuple(img.shape)} is not a 3D volume")
+    if math.prod(shape) > MAX_VOXELS:
+        raise InputError(f"{path}: image of shape {shape} is too large ({math.prod(shape)} voxels > "
+                         f"{MAX_VOXELS}); crop or downsample it first")
+
+    try:
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        valid = bool(np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-9
+                     and np.all(zooms >= MIN_VOXEL_MM) and np.all(zooms <= MAX_VOXEL_MM))
+    except Exception:
+        valid = False
+    if not valid:
+        raise InputError(f"{path}: invalid voxel-to-world affine (zero, infinite, degenerate or absurd "
+                         f"voxel sizes; they must be within {MIN_VOXEL_MM:g}-{MAX_VOXEL_MM:g} mm)")
+
+    try:
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")  # overflow while scaling shows up as inf, handled below
+            data = np.asarray(img.dataobj, dtype=np.float32).reshape(shape)
+    except MemoryError:
+        raise InputError(f"{path}: not enough memory to read an image of shape {shape}") from None
+    except Exception as exc:  # truncated gzip, short file, bad offset...: nibabel raises many types
         raise InputError(f"{path}: truncated or corrupt image data ({_short(exc)})") from None
+
     finite = np.isfinite(data)
     if not finite.all():
-        if not finite.any():
+        n_bad = int(data.size - np.count_nonzero(finite))
+        if n_bad == data.size:
             raise InputError(f"{path}: every voxel is NaN or infinite")
-        warnings.warn(f"{path}: {int((~finite).sum())} NaN/infinite voxels set to 0", stacklevel=2)
-        data = np.where(finite, data, 0.0).astype(np.float32)
-    if float(data.max()) == float(data.min()):
-        raise InputError(f"{path}: image is constant (every voxel = {float(data.min()):g})")
+        warnings.warn(f"{path}: {n_bad} NaN/infinite voxels set to 0", stacklevel=2)
+        data[~finite] = 0.0
+    del finite
+    lo, hi = float(data.min()), float(data.max())
+    if lo == hi:
+        raise InputError(f"{path}: image is constant (every voxel = {lo:g})")
+    if hi <= 0:
+        raise InputError(f"{path}: image has no positive intensities (max = {hi:g})")
     return img, data
 
 
+_UNIT_NAMES = {"meter": "m", "micron": "µm"}
+
+
 def geometry_warnings(img):
-    """Human-readable doubts about an image's orientation information."""
+    """Human-readable doubts about an image's orientation information (no file name: callers add it)."""
     hdr = img.header
     msgs = []
-    if isinstance(hdr, nib.Nifti1Header):
+    if isinstance(hdr, nib.Nifti1Header):  # Nifti2Header is a subclass
         scode, qcode = int(hdr["sform_code"]), int(hdr["qform_code"])
         if scode == 0 and qcode == 0:
             msgs.append("neither qform nor sform is set: orientation is a guess from the voxel sizes")
-        elif scode > 0 and qcode > 0 and not np.allclose(hdr.get_sform(), hdr.get_qform(), atol=1e-3):
-            msgs.append("qform and sform disagree; the sform was used (as nibabel, FSL and ANTs do)")
+        elif scode > 0 and qcode > 0:
+            try:
+                agree = np.allclose(hdr.get_sform(), hdr.get_qform(), atol=1e-3)
+            except Exception:
+                agree = False
+            if not agree:
+                msgs.append("qform and sform disagree; the sform was used (as nibabel, FSL and ANTs do)")
+        try:
+            unit = hdr.get_xyzt_units()[0]
+        except Exception:
+            unit = "unknown"
+        if unit in _UNIT_NAMES:
+            msgs.append(f"spatial units are {_UNIT_NAMES[unit]} in the header; treated as mm (as most "
+                        "tools do)")
     return msgs
 
 
-def _short(exc):
-    text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:200]
-
-
 def like(reference, data, dtype):
-    """A new image with ``data`` on exactly the grid (shape, affine, qform/sform + codes) of ``reference``."""
+    """A new image with ``data`` on exactly the grid (shape, affine, qform/sform + codes) of ``reference``.
+
+    A 4D single-volume reference gives a 3D output on the same grid.
+    """
     hdr = reference.header.copy()
     hdr.set_data_dtype(dtype)
     hdr.set_slope_inter(None, None)
     hdr["cal_min"], hdr["cal_max"] = 0, 0
-    data = np.asarray(data).astype(dtype, copy=False).reshape(reference.shape[:3])
-    if len(reference.shape) == 4:
-        hdr.set_data_shape(data.shape)
+    shape = _spatial_shape(reference.shape) or tuple(reference.shape[:3])
+    data = np.asarray(data).astype(dtype, copy=False).reshape(shape)
+    if tuple(reference.shape) != shape:
+        hdr.set_data_shape(shape)
     return type(reference)(data, None, header=hdr)
 
 
+def tmp_sibling(path, suffix=""):
+    """A unique hidden sibling of ``path`` (same folder, so the final rename is atomic)."""
+    token = f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+    stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
+    stem = stem[: 200 - len(token) - len(suffix)]  # stay under NAME_MAX
+    return path.with_name(f"{token}{stem}{suffix}")
+
+
+def _fsync(path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def atomic_save(img, path):
-    """Write ``img`` to ``path`` via a temporary file in the same folder and a rename."""
+    """Write ``img`` to ``path`` via a temporary file in the same folder and a rename.
+
+    The final name appears only when the file is complete; a crash leaves at most a hidden
+    ``.tmp-*`` file (removed by ``remove_stale_tmp``).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name[: -len(suffix)]}{suffix}")
+    tmp = tmp_sibling(path, suffix)
     try:
         nib.save(img, str(tmp))
+        _fsync(tmp)
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
     return path
 
 
 def atomic_write_text(path, text):
+    """Write ``text`` to ``path`` via a temporary file and a rename (readers never see half a file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{os.getpid()}-{path.name}")
+    tmp = tmp_sibling(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as fh:
+            fh.write(text)
+            fh.flush()
+            with contextlib.suppress(OSError):
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     finally:
-        if tmp.exists():
+        with contextlib.suppress(OSError):
             tmp.unlink()
     return path
+
+
+def remove_stale_tmp(folder, *, older_than_s=3600.0):
+    """Delete leftover ``.tmp-*`` files of killed runs under ``folder``; returns how many were removed.
+
+    Only files older than ``older_than_s`` are touched, so concurrent runs' in-flight files survive.
+    """
+    import time
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        return 0
+    now, removed = time.time(), 0
+    for tmp in folder.rglob(f"{_TMP_PREFIX}*"):
+        with contextlib.suppress(OSError):
+            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed += 1
+    return removed

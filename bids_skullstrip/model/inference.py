@@ -1,7 +1,10 @@
 """Run the bundled network: a model-grid volume in, a brain probability map out."""
 
+import contextlib
 import functools
 import json
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +26,34 @@ def normalize(volume, *, hi_scale=1.0):
     return np.clip((volume - lo) / scale, 0.0, 2.0).astype(np.float32)
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+    """TensorFlow's C++ start-up notices (absl, oneDNN) bypass Python logging and TF_CPP_MIN_LOG_LEVEL."""
+    sys.stderr.flush()
+    saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
+
+
+def import_tensorflow(threads=None):
+    """Import TensorFlow quietly; ``threads`` caps its intra-op threads (if TF has not run yet)."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    with _native_stderr_silenced():
+        import tensorflow as tf
+
+        tf.constant(0.0) + 1.0  # the second start-up notice comes with the first op
+    if threads:
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(1)
+    return tf
+
+
 def model_card():
     return json.loads(CARD_FILE.read_text())
 
@@ -30,6 +61,7 @@ def model_card():
 @functools.lru_cache(maxsize=4)
 def load_model(weights=None):
     """Build the U-Net and load weights (the bundled ones by default). Cached per process."""
+    import_tensorflow()
     from .unet import build_unet
 
     weights = Path(weights) if weights else WEIGHTS_FILE

@@ -1,0 +1,311 @@
+"""``bids_skullstrip``: the BIDS App. ``participant`` skull-strips T1w images, ``group`` writes the group report."""
+
+import argparse
+import getpass
+import hashlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .. import __version__
+
+log = logging.getLogger("bids_skullstrip")
+
+
+class UsageError(ValueError):
+    """A problem with the command line or the folders it names (one line, for the user)."""
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="bids_skullstrip", description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
+    p.add_argument("output_dir", type=Path, help="where the BIDS-Derivatives go")
+    p.add_argument("analysis_level", choices=["participant", "group"])
+    p.add_argument("--version", action="version", version=f"bids_skullstrip {__version__}")
+    g = p.add_argument_group("selecting images")
+    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                   help="participants to process (with or without sub-); default: all")
+    g.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions (with or without ses-)")
+    g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
+                   help='JSON with pybids filters for the T1w query, e.g. {"t1w": {"acquisition": "mprage"}}')
+    g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                   help="do not run the BIDS validator on the input dataset")
+    g = p.add_argument_group("model")
+    g.add_argument("--threshold", type=float, default=0.5, help="brain probability threshold (0-1)")
+    g.add_argument("--border", type=float, default=0.0, metavar="MM",
+                   help="grow (>0) or shrink (<0) the mask by this distance in mm")
+    g.add_argument("--save-probseg", action="store_true", help="also write the brain probability map")
+    g = p.add_argument_group("execution")
+    g.add_argument("--n-cpus", "--nprocs", "--n_cpus", dest="n_cpus", type=int, default=os.cpu_count() or 1,
+                   help="CPUs the run may use (MultiProc)")
+    g.add_argument("--omp-nthreads", type=int, default=None,
+                   help="threads per image for the network and N4 (default: 1, or --n-cpus when there is one image)")
+    g.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=float, default=None,
+                   help="memory the run may use (MultiProc), GB; default: what the machine has")
+    g.add_argument("-w", "--work-dir", type=Path, default=None,
+                   help="nipype work directory, reused to resume (default: a folder in the temp dir)")
+    g.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
+    g.add_argument("--plugin", default="MultiProc",
+                   help="nipype execution plugin: MultiProc, Linear, SLURM, SLURMGraph, SGE, ...")
+    g.add_argument("--plugin-args", type=json.loads, default=None, metavar="JSON",
+                   help='plugin arguments as JSON, e.g. \'{"sbatch_args": "-p short -t 30"}\'')
+    g.add_argument("--nipype-plugin-file", "--use-plugin", dest="plugin_file", type=Path, metavar="FILE",
+                   help="YAML/JSON file with `plugin:` and `plugin_args:` (as in fMRIPrep)")
+    g.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: nipype's too)")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ checks
+def _is_within(path, folder):
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
+def check_folders(bids_dir, output_dir):
+    bids_dir, output_dir = bids_dir.resolve(), output_dir.resolve()
+    if not bids_dir.is_dir():
+        raise UsageError(f"{bids_dir}: BIDS dataset folder not found")
+    if output_dir == bids_dir:
+        raise UsageError(f"{output_dir}: the output folder must not be the input dataset itself")
+    if _is_within(output_dir, bids_dir) and not _is_within(output_dir, bids_dir / "derivatives"):
+        raise UsageError(f"{output_dir}: the output folder is inside the input dataset; use a folder outside "
+                         f"it or under {bids_dir / 'derivatives'}")
+    if _is_within(bids_dir, output_dir):
+        raise UsageError(f"{output_dir}: the output folder contains the input dataset")
+    return bids_dir, output_dir
+
+
+def check_writable(folder, what):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{folder}: the {what} is not writable ({exc.strerror or exc})") from None
+
+
+def _plugin_settings(opts):
+    if opts.plugin_file:
+        try:
+            text = opts.plugin_file.read_text()
+            try:
+                settings = json.loads(text)
+            except ValueError:
+                import yaml
+
+                settings = yaml.safe_load(text)
+        except Exception as exc:
+            raise UsageError(f"{opts.plugin_file}: cannot read the plugin file ({' '.join(str(exc).split())})") from None
+        if not isinstance(settings, dict) or "plugin" not in settings:
+            raise UsageError(f"{opts.plugin_file}: a plugin file needs a `plugin:` key (and optional `plugin_args:`)")
+        plugin, args = settings["plugin"], dict(settings.get("plugin_args") or {})
+    else:
+        plugin, args = opts.plugin, dict(opts.plugin_args or {})
+    if plugin == "MultiProc":
+        args.setdefault("n_procs", opts.n_cpus)
+        if opts.mem_gb:
+            args.setdefault("memory_gb", opts.mem_gb)
+        args.setdefault("raise_insufficient", False)
+    if plugin in ("SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF"):
+        # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
+        os.environ.setdefault("LOGNAME", getpass.getuser() if _has_user() else f"uid{os.getuid()}")
+    return plugin, args
+
+
+def _has_user():
+    try:
+        getpass.getuser()
+        return True
+    except (KeyError, OSError):
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ logging
+def _setup_logging(verbose, log_file):
+    """nipype's messages go to ``log_file``; on the console only with -vv."""
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
+        nlog = logging.getLogger(name)
+        nlog.setLevel(logging.INFO)
+        nlog.handlers = [handler]
+        nlog.propagate = verbose >= 2
+
+
+def _configure_nipype(work_dir, verbose):
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    os.environ.setdefault("NIPYPE_CONFIG_DIR", str(work_dir / ".nipype"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from nipype import config, logging as nlogging
+
+    config.update_config({
+        "execution": {
+            "crashdump_dir": str(work_dir / "crashes"),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": "false",
+            "remove_unnecessary_outputs": "true",
+            "check_version": "false",
+            "create_report": "false",
+            "poll_sleep_duration": config.get("execution", "poll_sleep_duration", "2"),
+        },
+        "logging": {"log_to_file": "false"},
+        "monitoring": {"enabled": "false"},
+    })
+    nlogging.update_logging(config)
+    _setup_logging(verbose, work_dir / "nipype.log")
+
+
+# ------------------------------------------------------------------------------------------------ levels
+def default_work_dir(output_dir):
+    digest = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"bids_skullstrip_work_{digest}"
+
+
+def _crash_messages(crash_dir, since):
+    """{node full name: last line of its traceback} for crash files written since ``since``."""
+    found = {}
+    if not crash_dir.is_dir():
+        return found
+    for crash in sorted(crash_dir.glob("crash-*.txt")):
+        if crash.stat().st_mtime < since:
+            continue
+        text = crash.read_text(errors="replace")
+        node = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("Node:")), "")
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        tb = [line for line in lines if not line.startswith(("Node", "Working directory", "Node inputs"))]
+        message = tb[-1] if tb else "unknown error"
+        for marker in ("InputError: ", "Error: ", "Exception: "):
+            if marker in message:
+                message = message.split(marker, 1)[1]
+                break
+        found[node] = message
+    return found
+
+
+def _failure_for(t1w, crashes, node_name):
+    key = f"{node_name(t1w.stem)}_wf."
+    for node, message in crashes.items():
+        if key in node:
+            return f"{t1w.relpath}: {message}" if str(t1w.path) not in message else message
+    return f"{t1w.relpath}: processing failed (see the crash files in the work directory)"
+
+
+def run_participant(opts):
+    from ..discovery import DiscoveryError, collect_t1w, load_bids_filters, validate_dataset
+    from .. import outputs
+
+    bids_dir, output_dir = check_folders(opts.bids_dir, opts.output_dir)
+    if not 0.0 < opts.threshold < 1.0:
+        raise UsageError(f"--threshold {opts.threshold}: must be between 0 and 1")
+    if opts.n_cpus < 1:
+        raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
+    filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else None
+    if not opts.skip_bids_validation:
+        errors = validate_dataset(bids_dir)
+        if errors:
+            raise DiscoveryError(f"{bids_dir}: the BIDS validator found {len(errors)} error(s), first: "
+                                 f"{errors[0]} (fix them or pass --skip-bids-validation)")
+    t1ws = collect_t1w(bids_dir, participant_labels=opts.participant_label,
+                       session_labels=opts.session_label, bids_filters=filters)
+    check_writable(output_dir, "output folder")
+    work_dir = (opts.work_dir or default_work_dir(output_dir)).resolve()
+    check_writable(work_dir, "work directory")
+    outputs.init_output_dir(output_dir, bids_dir)
+
+    todo = [t for t in t1ws if opts.overwrite or not outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg)]
+    subjects = sorted({t.subject for t in t1ws})
+    log.info("bids_skullstrip %s: %d T1w image(s) of %d participant(s); %d already finished%s",
+             __version__, len(t1ws), len(subjects), len(t1ws) - len(todo),
+             " (use --overwrite to redo them)" if len(todo) < len(t1ws) else "")
+    failures = []
+    if todo:
+        failures = _run_workflow(opts, todo, output_dir, work_dir)
+
+    from ..reports.participant import write_participant_report
+
+    for subject in subjects:
+        errors = [f for t, f in failures if t.subject == subject]
+        report = write_participant_report(output_dir, subject, errors=errors)
+        log.info("report: %s", report)
+    if failures:
+        log.error("%d of %d image(s) failed:", len(failures), len(t1ws))
+        for _, message in failures:
+            log.error("  %s", message)
+        return 1
+    log.info("done: outputs in %s", output_dir)
+    return 0
+
+
+def _run_workflow(opts, todo, output_dir, work_dir):
+    _configure_nipype(work_dir, opts.verbose)
+    plugin, plugin_args = _plugin_settings(opts)
+    from .. import outputs
+    from ..workflows.base import init_bids_skullstrip_wf, node_name
+
+    n_images = len(todo)
+    omp = opts.omp_nthreads or (opts.n_cpus if n_images == 1 else 1)
+    if plugin == "MultiProc":
+        omp = min(omp, plugin_args["n_procs"])
+    wf = init_bids_skullstrip_wf(t1w_inputs=todo, output_dir=output_dir, work_dir=work_dir,
+                                 threshold=opts.threshold, border_mm=opts.border,
+                                 save_probseg=opts.save_probseg, omp_nthreads=omp)
+    log.info("running %d image(s) with nipype's %s plugin (work directory %s)", n_images, plugin, work_dir)
+    started = time.time()
+    try:
+        wf.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as exc:
+        log.debug("nipype: %s", exc)
+    log.info("workflow finished in %.0f s", time.time() - started)
+    failed = [t for t in todo if not outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg)]
+    crashes = _crash_messages(work_dir / "crashes", started - 1)
+    return [(t, _failure_for(t, crashes, node_name)) for t in failed]
+
+
+def run_group(opts):
+    from ..reports.group import write_group_report
+
+    _, output_dir = check_folders(opts.bids_dir, opts.output_dir)
+    if not output_dir.is_dir():
+        raise UsageError(f"{output_dir}: output folder not found; run the participant level first")
+    paths = write_group_report(output_dir)
+    log.info("group report: %s", paths)
+    return 0
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    from ..discovery import DiscoveryError
+    from ..io import InputError
+    from ..reports.common import ReportError
+
+    try:
+        if opts.analysis_level == "participant":
+            return run_participant(opts)
+        return run_group(opts)
+    except (UsageError, DiscoveryError, InputError, ReportError) as exc:
+        print(f"bids_skullstrip: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, UsageError) else 1
+    except KeyboardInterrupt:
+        print("bids_skullstrip: interrupted; finished images are kept, rerun to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with -v
+        if opts.verbose:
+            raise
+        print(f"bids_skullstrip: error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+              "(rerun with -v for details)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

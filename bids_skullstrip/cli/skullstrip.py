@@ -1,0 +1,104 @@
+"""``skullstrip``: skull-strip one T1w image file (the way mri_synthstrip and deepbet-cli are used).
+
+    skullstrip -i T1w.nii.gz -m mask.nii.gz [-o brain.nii.gz] [-p probseg.nii.gz] [--threshold T] [--border MM]
+"""
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+from .. import __version__
+
+
+def build_parser():
+    p = argparse.ArgumentParser(prog="skullstrip", description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("-i", "--input", required=True, type=Path, help="T1w image (NIfTI, any orientation)")
+    p.add_argument("-m", "--mask", type=Path, help="output brain mask (uint8, same grid as the input)")
+    p.add_argument("-o", "--output", type=Path, help="output skull-stripped image")
+    p.add_argument("-p", "--probseg", type=Path, help="output brain probability map (float32)")
+    p.add_argument("--threshold", type=float, default=0.5, help="brain probability threshold (0-1)")
+    p.add_argument("--border", type=float, default=0.0, metavar="MM",
+                   help="grow (>0) or shrink (<0) the mask by this distance in mm")
+    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
+    p.add_argument("--version", action="version", version=f"skullstrip {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="print stage timings")
+    return p
+
+
+def _check_outputs(opts):
+    outs = [p for p in (opts.mask, opts.output, opts.probseg) if p is not None]
+    if not outs:
+        raise ValueError("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg")
+    resolved = [p.resolve() for p in outs]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError("two outputs have the same file name")
+    for p in resolved:
+        if opts.input.exists() and p == opts.input.resolve():
+            raise ValueError(f"{p}: an output would overwrite the input")
+        if not p.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{p}: output names must end in .nii or .nii.gz")
+        if not p.parent.is_dir():
+            raise ValueError(f"{p.parent}: output folder not found")
+        if not os.access(p.parent, os.W_OK):
+            raise ValueError(f"{p.parent}: output folder is not writable")
+    if not 0.0 < opts.threshold < 1.0:
+        raise ValueError(f"--threshold {opts.threshold}: must be between 0 and 1")
+
+
+def _brain_image(img, data, mask):
+    """The input with the skull removed: the input's integer type when it has no scaling, else float32."""
+    import numpy as np
+
+    from ..io import like
+
+    dtype = np.dtype(img.get_data_dtype())
+    slope, inter = img.header.get_slope_inter()
+    if dtype.kind in "iu" and slope in (None, 1.0) and inter in (None, 0.0):
+        return like(img, np.where(mask > 0, np.rint(data), 0), dtype)
+    return like(img, data * mask, np.float32)
+
+
+def main(argv=None):
+    opts = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    try:
+        _check_outputs(opts)
+        import numpy as np
+
+        from ..io import InputError, atomic_save, like, load_t1w
+
+        try:
+            img, data = load_t1w(opts.input)
+        except InputError as exc:
+            raise ValueError(str(exc)) from None
+        from ..model.inference import import_tensorflow
+        from ..skullstrip import skullstrip_array
+
+        import_tensorflow(max(1, opts.threads))
+
+        t_core = time.perf_counter()
+        result = skullstrip_array(data, img.affine, threshold=opts.threshold, border_mm=opts.border)
+        core_s = time.perf_counter() - t_core
+        if opts.mask:
+            atomic_save(like(img, result.mask, np.uint8), opts.mask)
+        if opts.probseg:
+            atomic_save(like(img, result.probability, np.float32), opts.probseg)
+        if opts.output:
+            atomic_save(_brain_image(img, data, result.mask), opts.output)
+    except (ValueError, OSError) as exc:
+        print(f"skullstrip: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    if opts.verbose:
+        stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
+        print(f"core {core_s:.2f} s ({stages}); total {time.perf_counter() - t_start:.2f} s; "
+              f"brain {int(result.mask.sum())} voxels")
+    if not result.mask.any():
+        print(f"skullstrip: warning: {opts.input}: no brain found (empty mask)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

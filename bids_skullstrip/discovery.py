@@ -1,0 +1,129 @@
+"""Which T1w images to process: pybids queries, label and filter handling, the BIDS validator.
+
+Every problem is a ``DiscoveryError`` with a one-line message naming the dataset and the problem.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+T1W_QUERY = {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]}
+
+
+class DiscoveryError(ValueError):
+    """The dataset or the selection of images is unusable (phrased for the user, one line)."""
+
+
+@dataclass(frozen=True)
+class T1wInput:
+    path: Path  # absolute path of the raw T1w image
+    relpath: str  # path relative to the dataset root, POSIX (for BIDS URIs)
+    subject: str
+    session: str | None
+
+    @property
+    def stem(self):
+        """File name without ``_T1w.nii[.gz]``: all entities, e.g. ``sub-01_ses-1_acq-mp_run-1``."""
+        return self.path.name[: self.path.name.rindex("_T1w.nii")]
+
+    @property
+    def anat_dir(self):
+        """Folder of the outputs, relative to the output root (mirrors the raw dataset)."""
+        return Path(self.relpath).parent
+
+    @property
+    def source_uri(self):
+        return f"bids:raw:{self.relpath}"
+
+
+def strip_prefix(label, prefix):
+    label = str(label).strip()
+    return label[len(prefix):] if label.startswith(prefix) else label
+
+
+def load_bids_filters(path):
+    """fMRIPrep-style filter file: ``{"t1w": {"acquisition": "mprage", ...}}``; returns the t1w dict."""
+    path = Path(path)
+    try:
+        filters = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise DiscoveryError(f"{path}: cannot read the BIDS filter file ({' '.join(str(exc).split())})") from None
+    if not isinstance(filters, dict) or not isinstance(filters.get("t1w", {}), dict):
+        raise DiscoveryError(f'{path}: a BIDS filter file is a JSON object like {{"t1w": {{"session": "1"}}}}')
+    return filters.get("t1w", {})
+
+
+def _layout(bids_dir):
+    from bids import BIDSLayout
+
+    bids_dir = Path(bids_dir)
+    if not bids_dir.is_dir():
+        raise DiscoveryError(f"{bids_dir}: BIDS dataset folder not found")
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise DiscoveryError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
+    try:
+        return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+    except Exception as exc:  # pybids raises many types for broken datasets
+        raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset ({' '.join(str(exc).split())[:200]})") from None
+
+
+def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_filters=None):
+    """The T1w images to process, sorted; raises DiscoveryError for unknown labels or no images."""
+    bids_dir = Path(bids_dir).resolve()
+    layout = _layout(bids_dir)
+    subjects = sorted(layout.get_subjects())
+    if not subjects:
+        raise DiscoveryError(f"{bids_dir}: the dataset has no participants (no sub-* folders)")
+    wanted = sorted({strip_prefix(p, "sub-") for p in participant_labels or []}) or subjects
+    unknown = [s for s in wanted if s not in subjects]
+    if unknown:
+        raise DiscoveryError(f"{bids_dir}: participant label(s) not found: {', '.join(unknown)} "
+                             f"(available: {', '.join(subjects)})")
+    query = dict(T1W_QUERY, **(bids_filters or {}))
+    query["subject"] = wanted
+    if session_labels:
+        sessions = sorted({strip_prefix(s, "ses-") for s in session_labels})
+        known = set(layout.get_sessions(subject=wanted))
+        missing = [s for s in sessions if s not in known]
+        if missing:
+            raise DiscoveryError(f"{bids_dir}: session label(s) not found for the selected participants: "
+                                 f"{', '.join(missing)} (available: {', '.join(sorted(known)) or 'none'})")
+        query["session"] = sessions
+    try:
+        files = layout.get(return_type="file", **query)
+    except Exception as exc:
+        raise DiscoveryError(f"{bids_dir}: invalid BIDS query ({' '.join(str(exc).split())[:200]})") from None
+    found = []
+    for f in sorted(files):
+        path = Path(f)
+        entities = layout.parse_file_entities(f)
+        found.append(T1wInput(path=path, relpath=path.relative_to(bids_dir).as_posix(),
+                              subject=entities["subject"], session=entities.get("session")))
+    if not found:
+        raise DiscoveryError(f"{bids_dir}: no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for "
+                             f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else ""))
+    return found
+
+
+def validate_dataset(bids_dir):
+    """Run the BIDS validator (bids-validator-deno, offline); return its error messages (empty: valid)."""
+    beside_python = Path(sys.executable).with_name("bids-validator-deno")  # venv not on PATH
+    exe = shutil.which("bids-validator-deno") or (str(beside_python) if beside_python.exists() else None)
+    if exe is None:
+        raise DiscoveryError("bids-validator-deno not found: install it (pip install bids-validator-deno) "
+                             "or pass --skip-bids-validation")
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        proc = subprocess.run([exe, "--format", "json", "--outfile", str(report), str(bids_dir)],
+                              capture_output=True, text=True, timeout=1800)
+        try:
+            issues = json.loads(report.read_text())["issues"]["issues"]
+        except (OSError, ValueError, KeyError, TypeError):
+            tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
+            raise DiscoveryError(f"{bids_dir}: the BIDS validator failed to run (exit {proc.returncode}: {tail})") from None
+    errors = [i for i in issues if i.get("severity") == "error"]
+    return [f"{i.get('code')}: {i.get('location') or ''} {i.get('issueMessage') or ''}".strip() for i in errors]

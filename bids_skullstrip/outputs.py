@@ -1,0 +1,121 @@
+"""The one place that knows BIDS-Derivatives names, sidecars and ``dataset_description.json``.
+
+Every file is written atomically (temporary sibling + rename). The per-image metrics JSON is written
+last, so its presence marks an image as finished (``is_finished``).
+"""
+
+import json
+import os
+from pathlib import Path
+
+from . import __version__
+from .io import atomic_write_text, tmp_sibling
+
+CODE_URL = "https://github.com/bids-skullstrip/bids-skullstrip"
+BIDS_VERSION = "1.10.0"
+
+# kind -> file name suffix after the source stem (everything before _T1w)
+SUFFIXES = {
+    "mask": "_desc-brain_mask.nii.gz",
+    "preproc": "_desc-preproc_T1w.nii.gz",
+    "brain": "_desc-brain_T1w.nii.gz",
+    "probseg": "_label-brain_probseg.nii.gz",
+    "metrics": "_desc-brain_metrics.json",
+}
+FIGURE_SUFFIX = "_desc-brain_mask.svg"
+BIDSIGNORE = ["*.html", "figures", "*_metrics.json", "group_T1w.tsv", "logs"]  # "figures/" is not enough for the validator
+
+
+def derivative_path(output_dir, t1w, kind):
+    """``<out>/sub-X/[ses-Y/]anat/<stem><suffix>`` for an output ``kind`` of the T1w input ``t1w``."""
+    return Path(output_dir) / t1w.anat_dir / f"{t1w.stem}{SUFFIXES[kind]}"
+
+
+def figure_path(output_dir, t1w):
+    return Path(output_dir) / f"sub-{t1w.subject}" / "figures" / f"{t1w.stem}{FIGURE_SUFFIX}"
+
+
+def required_kinds(save_probseg):
+    return [k for k in SUFFIXES if k != "probseg" or save_probseg]
+
+
+def is_finished(output_dir, t1w, *, save_probseg=False):
+    return all(derivative_path(output_dir, t1w, k).is_file() for k in required_kinds(save_probseg))
+
+
+def sidecar(kind, t1w, *, threshold=None, border_mm=None):
+    """The JSON sidecar of a NIfTI output."""
+    raw = t1w.source_uri
+    mask_uri = f"bids::{(t1w.anat_dir / (t1w.stem + SUFFIXES['mask'])).as_posix()}"
+    if kind == "mask":
+        return {"Type": "Brain", "Sources": [raw],
+                "Description": "Brain mask from the bundled 3D U-Net: probability >= Threshold, largest "
+                               "component, holes filled, grown/shrunk by BorderMM.",
+                "Threshold": threshold, "BorderMM": border_mm}
+    if kind == "preproc":
+        return {"SkullStripped": False, "Sources": [raw],
+                "Description": "N4 bias-field corrected T1w (ANTs N4, field estimated at low resolution "
+                               "inside the brain mask), on the native grid."}
+    if kind == "brain":
+        preproc_uri = f"bids::{(t1w.anat_dir / (t1w.stem + SUFFIXES['preproc'])).as_posix()}"
+        return {"SkullStripped": True, "Sources": [preproc_uri, mask_uri],
+                "Description": "N4 bias-field corrected T1w multiplied by the brain mask."}
+    if kind == "probseg":
+        return {"Sources": [raw], "Description": "Brain probability from the bundled 3D U-Net, native grid."}
+    raise KeyError(kind)
+
+
+def sidecar_path(nifti_path):
+    name = Path(nifti_path).name
+    return Path(nifti_path).with_name(name[: name.rindex(".nii")] + ".json")
+
+
+def write_sidecar(nifti_path, content):
+    atomic_write_text(sidecar_path(nifti_path), json.dumps(content, indent=2) + "\n")
+
+
+def container_info():
+    kind = os.environ.get("BIDS_SKULLSTRIP_CONTAINER")
+    if not kind:
+        return None
+    return {"Type": kind, "Tag": os.environ.get("BIDS_SKULLSTRIP_IMAGE_TAG", f"bids_skullstrip:{__version__}")}
+
+
+def dataset_description(bids_dir):
+    generated_by = {"Name": "bids_skullstrip", "Version": __version__, "CodeURL": CODE_URL}
+    container = container_info()
+    if container:
+        generated_by["Container"] = container
+    raw_uri = Path(bids_dir).resolve().as_uri()
+    return {
+        "Name": "bids_skullstrip: brain masks and skull-stripped T1w images",
+        "BIDSVersion": BIDS_VERSION,
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+        "SourceDatasets": [{"URL": raw_uri}],
+        "DatasetLinks": {"raw": raw_uri},
+    }
+
+
+def _create_once(path, text):
+    """Create ``path`` with ``text`` unless it exists; atomic and race-free between processes."""
+    if path.exists():
+        return False
+    tmp = tmp_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.link(tmp, path)  # fails if another run created the file first: nobody sees a partial file
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def init_output_dir(output_dir, bids_dir):
+    """``dataset_description.json`` and ``.bidsignore``, written once even with concurrent runs."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _create_once(output_dir / "dataset_description.json",
+                 json.dumps(dataset_description(bids_dir), indent=2) + "\n")
+    _create_once(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
