@@ -1,0 +1,217 @@
+"""The BIDS App end to end, the way a user runs it: the real CLI, real nipype execution, real N4, the bundled
+model, on ``data/sample_bids`` and on real heads from ``../shared/data``.
+
+One participant-level run and one group-level run are shared by the checks of this module.
+"""
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from scipy import ndimage as ndi
+
+from bids_skullstrip.metrics import dice
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample_bids"
+HEADS = REPO.parent / "shared" / "data" / "heads"
+DERIVATIVES = ("desc-brain_mask.nii.gz", "desc-preproc_T1w.nii.gz", "desc-brain_T1w.nii.gz")
+# sample image -> (shared head it was made from, whether make_sample_bids.py re-centred its world origin)
+SAMPLE_SOURCES = {
+    "sub-01_ses-1": ("colin27", False),
+    "sub-01_ses-2_acq-oblique": ("colin27", False),
+    "sub-02": ("itk-kmeans", True),
+    "sub-03_run-1": ("itk-kmeans", True),
+}
+
+
+def app(*args, timeout=1800):
+    exe = Path(sys.executable).with_name("bids_skullstrip")
+    cmd = [str(exe) if exe.exists() else sys.executable, *([] if exe.exists() else ["-m", "bids_skullstrip.cli.run"])]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def t1w_inputs(bids_dir):
+    return sorted(p for p in Path(bids_dir).rglob("sub-*/**/anat/*_T1w.nii*") if p.name.endswith((".nii", ".nii.gz")))
+
+
+def stem_of(path):
+    return path.name[: path.name.rindex("_T1w.nii")]
+
+
+def derivative(out, bids_dir, t1w, suffix):
+    rel = t1w.parent.relative_to(bids_dir)
+    return out / rel / f"{stem_of(t1w)}_{suffix}"
+
+
+def digest(folder):
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def sample_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sample")
+    out, work = root / "out", root / "work"
+    before = digest(SAMPLE)
+    t0 = time.monotonic()
+    part = app(SAMPLE, out, "participant", "-w", work, "--n-cpus", "2", "--save-probseg")
+    took = time.monotonic() - t0
+    assert part.returncode == 0, f"participant level failed:\n{part.stdout[-4000:]}\n{part.stderr[-4000:]}"
+    group = app(SAMPLE, out, "group")
+    assert group.returncode == 0, f"group level failed:\n{group.stdout[-3000:]}\n{group.stderr[-3000:]}"
+    print(f"participant level on {SAMPLE.name}: {took:.0f} s for {len(t1w_inputs(SAMPLE))} images")
+    return {"out": out, "work": work, "stdout": part.stdout, "stderr": part.stderr, "input_digest": before}
+
+
+def test_every_output_exists_and_nothing_half_written(sample_run):
+    out = sample_run["out"]
+    for t1w in t1w_inputs(SAMPLE):
+        for suffix in (*DERIVATIVES, "label-brain_probseg.nii.gz", "desc-brain_metrics.json"):
+            assert derivative(out, SAMPLE, t1w, suffix).is_file(), (t1w.name, suffix)
+        for suffix in (*DERIVATIVES, "label-brain_probseg.nii.gz"):
+            assert derivative(out, SAMPLE, t1w, suffix.replace(".nii.gz", ".json")).is_file()
+        sub = t1w.name.split("_")[0]
+        assert (out / sub / "figures" / f"{stem_of(t1w)}_desc-brain_mask.svg").is_file()
+    assert not [p for p in out.rglob(".tmp-*")], "temporary files left behind"
+    for sub in ("01", "02", "03"):
+        assert (out / f"sub-{sub}.html").is_file()
+    assert not sample_run["stderr"].strip(), sample_run["stderr"][-2000:]
+
+
+def test_input_dataset_untouched(sample_run):
+    assert digest(SAMPLE) == sample_run["input_digest"]
+
+
+def test_geometry_is_exactly_the_inputs(sample_run):
+    out = sample_run["out"]
+    for t1w in t1w_inputs(SAMPLE):
+        src = nib.load(t1w)
+        for suffix in (*DERIVATIVES, "label-brain_probseg.nii.gz"):
+            img = nib.load(derivative(out, SAMPLE, t1w, suffix))
+            assert img.shape == src.shape[:3], (suffix, img.shape, src.shape)
+            assert np.array_equal(img.affine, src.affine), suffix
+            for code in ("qform_code", "sform_code"):
+                assert int(img.header[code]) == int(src.header[code]), (suffix, code)
+            assert np.array_equal(img.header.get_qform(), src.header.get_qform()), suffix
+            assert np.array_equal(img.header.get_sform(), src.header.get_sform()), suffix
+        mask = nib.load(derivative(out, SAMPLE, t1w, "desc-brain_mask.nii.gz"))
+        assert mask.get_data_dtype() == np.uint8
+        values = np.unique(np.asanyarray(mask.dataobj))
+        assert set(values.tolist()) == {0, 1}, values
+
+
+def test_brain_is_preproc_inside_the_mask(sample_run):
+    out = sample_run["out"]
+    for t1w in t1w_inputs(SAMPLE):
+        mask = np.asanyarray(nib.load(derivative(out, SAMPLE, t1w, "desc-brain_mask.nii.gz")).dataobj) > 0
+        preproc = nib.load(derivative(out, SAMPLE, t1w, "desc-preproc_T1w.nii.gz")).get_fdata()
+        brain = nib.load(derivative(out, SAMPLE, t1w, "desc-brain_T1w.nii.gz")).get_fdata()
+        assert np.all(brain[~mask] == 0)
+        assert np.allclose(brain[mask], preproc[mask], rtol=1e-5)
+        # N4 redistributes intensity, it does not rescale it
+        raw = nib.load(t1w).get_fdata()
+        ratio = preproc[mask].mean() / raw[mask].mean()
+        assert 0.8 < ratio < 1.25, ratio
+
+
+def test_sidecars_and_dataset_description(sample_run):
+    out = sample_run["out"]
+    for t1w in t1w_inputs(SAMPLE):
+        raw_uri = f"bids:raw:{t1w.relative_to(SAMPLE).as_posix()}"
+        side = lambda s: json.loads(derivative(out, SAMPLE, t1w, s).read_text())  # noqa: E731
+        mask = side("desc-brain_mask.json")
+        assert mask["Type"] == "Brain" and mask["Sources"] == [raw_uri]
+        assert side("desc-preproc_T1w.json")["SkullStripped"] is False
+        assert side("desc-brain_T1w.json")["SkullStripped"] is True
+        metrics = side("desc-brain_metrics.json")
+        assert metrics["source"] == raw_uri and metrics["bids_name"] == stem_of(t1w)
+        assert metrics["shape"] == list(nib.load(t1w).shape[:3])
+        assert set(metrics["runtime_s"]) >= {"load", "conform", "inference", "postprocess", "n4"}
+        assert len(metrics["model"]["sha256"]) == 64
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    gen = desc["GeneratedBy"][0]
+    assert gen["Name"] == "bids_skullstrip" and gen["Version"] and gen["CodeURL"].startswith("https://")
+    assert desc["DatasetLinks"]["raw"] == SAMPLE.resolve().as_uri()
+
+
+def _mapped_reference(head, recentre, target):
+    ref = nib.load(HEADS / head / "mask_silver.nii.gz")
+    affine = ref.affine.copy()
+    if recentre:  # as data/make_sample_bids.py does for the ITK head
+        affine[:3, 3] -= nib.affines.apply_affine(affine, (np.array(ref.shape) - 1) / 2.0)
+    vox = np.linalg.inv(affine) @ target.affine
+    data = np.asanyarray(ref.dataobj).astype(np.float32)
+    return ndi.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=target.shape[:3], order=1) > 0.5
+
+
+@pytest.mark.skipif(not HEADS.is_dir(), reason=f"{HEADS} not found")
+def test_masks_are_right_on_the_sample_heads(sample_run):
+    """The sample heads come from shared heads with silver masks: map those onto each sample grid."""
+    out = sample_run["out"]
+    scores = {}
+    for t1w in t1w_inputs(SAMPLE):
+        head, recentre = SAMPLE_SOURCES[stem_of(t1w)]
+        mask_img = nib.load(derivative(out, SAMPLE, t1w, "desc-brain_mask.nii.gz"))
+        reference = _mapped_reference(head, recentre, mask_img)
+        scores[stem_of(t1w)] = dice(np.asanyarray(mask_img.dataobj) > 0, reference)
+    print("Dice vs silver masks on data/sample_bids:", {k: round(v, 4) for k, v in scores.items()})
+    assert min(scores.values()) >= 0.90, scores
+
+
+def test_outputs_pass_the_bids_validator(sample_run):
+    from bids_skullstrip.discovery import validate_dataset
+
+    errors = validate_dataset(sample_run["out"])
+    assert errors == [], errors[:10]
+
+
+def test_group_level(sample_run):
+    out = sample_run["out"]
+    rows = (out / "group_T1w.tsv").read_text().strip().splitlines()
+    assert len(rows) == 1 + len(t1w_inputs(SAMPLE))
+    assert "bids_name" in rows[0].split("\t")
+    assert (out / "group_T1w.html").is_file()
+
+
+def test_rerun_skips_finished_images(sample_run):
+    out = sample_run["out"]
+    mask = derivative(out, SAMPLE, t1w_inputs(SAMPLE)[0], "desc-brain_mask.nii.gz")
+    mtime = mask.stat().st_mtime_ns
+    res = app(SAMPLE, out, "participant", "-w", sample_run["work"], "--skip-bids-validation", "--save-probseg")
+    assert res.returncode == 0, res.stderr
+    assert f"{len(t1w_inputs(SAMPLE))} already finished" in res.stdout
+    assert mask.stat().st_mtime_ns == mtime
+
+
+# ------------------------------------------------------------------------------ real heads from ../shared
+@pytest.mark.skipif(not HEADS.is_dir(), reason=f"{HEADS} not found")
+def test_real_heads_dice(tmp_path):
+    """A BIDS dataset of real validation heads (symlinks into ../shared), the app, and Dice vs silver masks."""
+    heads = ["ds000011-sub-13", "niivue-t1-2mm"]
+    bids = tmp_path / "bids"
+    (bids).mkdir()
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "val heads", "BIDSVersion": "1.10.0"}))
+    for i, head in enumerate(heads, 1):
+        anat = bids / f"sub-{i:02d}" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-{i:02d}_T1w.nii.gz").symlink_to(HEADS / head / "T1w.nii.gz")
+    out = tmp_path / "out"
+    res = app(bids, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation", "--n-cpus", "2")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    scores = {}
+    for i, head in enumerate(heads, 1):
+        mask = nib.load(out / f"sub-{i:02d}" / "anat" / f"sub-{i:02d}_desc-brain_mask.nii.gz")
+        ref = nib.load(HEADS / head / "mask_silver.nii.gz")
+        assert mask.shape == ref.shape and np.array_equal(mask.affine, ref.affine)
+        scores[head] = dice(np.asanyarray(mask.dataobj) > 0, np.asanyarray(ref.dataobj) > 0)
+    print("Dice vs silver masks on real val heads through the app:", {k: round(v, 4) for k, v in scores.items()})
+    assert min(scores.values()) >= 0.92, scores
