@@ -1,0 +1,283 @@
+"""Bad input, interrupted and concurrent runs, through the real command-line programs.
+
+Every bad case must give a one-line error naming the file and the problem, a non-zero exit status, no
+traceback, no partial output and an untouched input; one bad image must not stop the others.
+"""
+
+import gzip
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample_bids"
+SMALL_HEAD = SAMPLE / "sub-02" / "anat" / "sub-02_T1w.nii.gz"  # real ITK head, 2x2x3 mm: fast
+
+
+def _exe(name, module):
+    exe = Path(sys.executable).with_name(name)
+    return [str(exe)] if exe.exists() else [sys.executable, "-m", module]
+
+
+def app(*args, timeout=1200, **kw):
+    return subprocess.run([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def skullstrip(*args):
+    return subprocess.run([*_exe("skullstrip", "bids_skullstrip.cli.skullstrip"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600)
+
+
+def make_dataset(root, images):
+    """A BIDS dataset with one T1w per participant: {label: writer(path)}."""
+    root.mkdir(parents=True)
+    (root / "dataset_description.json").write_text(json.dumps({"Name": "robustness", "BIDSVersion": "1.10.0"}))
+    paths = {}
+    for label, write in images.items():
+        path = root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
+        path.parent.mkdir(parents=True)
+        write(path)
+        paths[label] = path
+    return paths
+
+
+def copy_head(path):
+    shutil.copyfile(SMALL_HEAD, path)
+
+
+def nifti(data, affine=None):
+    def write(path):
+        nib.save(nib.Nifti1Image(np.asarray(data), np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), path)
+    return write
+
+
+def truncated(path):
+    raw = SMALL_HEAD.read_bytes()
+    path.write_bytes(raw[: len(raw) // 3])
+
+
+def not_nifti(path):
+    path.write_bytes(gzip.compress(b"this is a text file, not an image\n"))
+
+
+def nan_image(path):
+    nifti(np.full((40, 40, 40), np.nan, np.float32))(path)
+
+
+def snapshot(folder):
+    return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*") if p.is_file()}
+
+
+def assert_one_line_errors(res):
+    text = res.stdout + res.stderr
+    assert "Traceback" not in text, text[-3000:]
+
+
+# ------------------------------------------------------------------------------- one bad image among good ones
+@pytest.fixture(scope="module")
+def mixed_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mixed")
+    rng = np.random.default_rng(0)
+    paths = make_dataset(root / "bids", {
+        "01": copy_head,
+        "02": truncated,
+        "03": not_nifti,
+        "04": nifti(rng.random((64, 64), dtype=np.float32) * 100),  # 2D
+        "05": nifti(np.zeros((40, 40, 40), np.int16)),  # all zero
+        "06": nan_image,
+        "07": nifti(rng.random((30, 30, 30, 3), dtype=np.float32) * 100),  # 4D time series
+    })
+    before = snapshot(root / "bids")
+    out = root / "out"
+    res = app(root / "bids", out, "participant", "-w", root / "work", "--skip-bids-validation", "--n-cpus", "2")
+    return {"res": res, "out": out, "paths": paths, "before": before, "bids": root / "bids"}
+
+
+EXPECTED_PROBLEM = {
+    "02": "truncated or corrupt",
+    "03": "not a readable NIfTI",
+    "04": "not a 3D volume",
+    "05": "constant",
+    "06": "NaN",
+    "07": "volumes",
+}
+
+
+def test_bad_images_fail_alone_with_one_line_each(mixed_run):
+    res = mixed_run["res"]
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_one_line_errors(res)
+    text = res.stdout + res.stderr
+    for label, problem in EXPECTED_PROBLEM.items():
+        lines = [line for line in text.splitlines() if f"sub-{label}_T1w.nii.gz" in line and problem in line]
+        assert lines, f"no one-line error for sub-{label} ({problem!r}) in:\n{text[-3000:]}"
+    assert f"{len(EXPECTED_PROBLEM)} of 7 image(s) failed" in text
+
+
+def test_good_image_finished_bad_ones_left_no_output(mixed_run):
+    out = mixed_run["out"]
+    assert (out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").is_file()
+    assert (out / "sub-01" / "anat" / "sub-01_desc-brain_metrics.json").is_file()
+    for label in EXPECTED_PROBLEM:
+        anat = out / f"sub-{label}" / "anat"
+        assert not anat.exists() or not any(anat.iterdir()), sorted(anat.iterdir())
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_inputs_untouched(mixed_run):
+    assert snapshot(mixed_run["bids"]) == mixed_run["before"]
+
+
+def test_participant_report_lists_the_failure(mixed_run):
+    html = (mixed_run["out"] / "sub-02.html").read_text()
+    assert "truncated or corrupt" in html
+
+
+# ------------------------------------------------------------------------------- usage errors (no workflow)
+@pytest.fixture
+def small_dataset(tmp_path):
+    make_dataset(tmp_path / "bids", {"01": copy_head})
+    return tmp_path / "bids"
+
+
+@pytest.mark.parametrize("case, expected_rc, expected", [
+    ("same_dir", 2, "must not be the input dataset"),
+    ("inside", 2, "inside the input dataset"),
+    ("unknown_label", 1, "participant label(s) not found: 99"),
+    ("not_writable", 2, "not writable"),
+    ("no_description", 1, "not a BIDS dataset"),
+    ("missing_dir", 2, "BIDS dataset folder not found"),
+    ("empty", 1, "no participants"),
+    ("bad_filter", 1, "cannot read the BIDS filter file"),
+    ("filter_matches_nothing", 1, "no T1w images"),
+])
+def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
+    bids, out, extra = small_dataset, tmp_path / "out", ["--skip-bids-validation"]
+    if case == "same_dir":
+        out = bids
+    elif case == "inside":
+        out = bids / "sub-01" / "out"
+    elif case == "unknown_label":
+        extra += ["--participant-label", "sub-99"]
+    elif case == "not_writable":
+        (tmp_path / "a_file").write_text("x")
+        out = tmp_path / "a_file" / "out"
+    elif case == "no_description":
+        (bids / "dataset_description.json").unlink()
+    elif case == "missing_dir":
+        bids = tmp_path / "nowhere"
+    elif case == "empty":
+        shutil.rmtree(bids / "sub-01")
+    elif case == "bad_filter":
+        (tmp_path / "f.json").write_text("{not json")
+        extra += ["--bids-filter-file", tmp_path / "f.json"]
+    elif case == "filter_matches_nothing":
+        (tmp_path / "f.json").write_text(json.dumps({"t1w": {"acquisition": "nosuchacq"}}))
+        extra += ["--bids-filter-file", tmp_path / "f.json"]
+    before = snapshot(small_dataset) if small_dataset.exists() else {}
+    res = app(bids, out, "participant", *extra)
+    assert res.returncode == expected_rc, (res.returncode, res.stdout, res.stderr)
+    assert expected in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert_one_line_errors(res)
+    if case not in ("same_dir", "inside", "no_description", "empty"):
+        assert snapshot(small_dataset) == before
+    if case != "same_dir":
+        assert not (out / "sub-01").exists()
+
+
+def test_invalid_dataset_is_reported_by_the_validator(tmp_path):
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head})
+    (bids / "sub-01" / "anat" / "sub-01_T1w_extra.nii.gz").write_bytes(SMALL_HEAD.read_bytes())
+    res = app(bids, tmp_path / "out", "participant")
+    assert res.returncode == 1
+    assert "BIDS validator found" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# ------------------------------------------------------------------------------- concurrent and interrupted
+def test_concurrent_runs_into_one_output_dir(tmp_path):
+    """Job-array style: one process per participant, all at once, same output folder."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {label: copy_head for label in ("01", "02", "03")})
+    out = tmp_path / "out"
+    cmd = [*_exe("bids_skullstrip", "bids_skullstrip.cli.run")]
+    procs = [subprocess.Popen([*cmd, str(bids), str(out), "participant", "--participant-label", label,
+                               "-w", str(tmp_path / f"work{label}"), "--skip-bids-validation", "--n-cpus", "1"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for label in ("01", "02", "03")]
+    results = [p.communicate(timeout=1200) + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), results
+    desc = json.loads((out / "dataset_description.json").read_text())
+    assert desc["DatasetType"] == "derivative"
+    for label in ("01", "02", "03"):
+        assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
+    bids = tmp_path / "bids"
+    make_dataset(bids, {label: copy_head for label in ("01", "02", "03", "04")})
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [str(bids), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--n-cpus", "2"]
+    proc = subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list(out.rglob("*_desc-brain_mask.nii.gz")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: MultiProc workers too
+    proc.wait()
+    finals = [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".tmp-")]
+    assert finals, "the run was killed before writing anything: the test proves nothing"
+    for nii in finals:  # every file with a final name is complete
+        np.asanyarray(nib.load(nii).dataobj)
+    res = app(*args[:3], "-w", work, "--skip-bids-validation", "--n-cpus", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for label in ("01", "02", "03", "04"):
+        assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
+
+
+# ------------------------------------------------------------------------------- the single-file CLI
+def test_skullstrip_cli_outputs(tmp_path):
+    res = skullstrip("-i", SMALL_HEAD, "-m", tmp_path / "m.nii.gz", "-o", tmp_path / "b.nii.gz",
+                     "-p", tmp_path / "p.nii.gz")
+    assert res.returncode == 0, res.stderr
+    assert not res.stderr.strip(), res.stderr
+    src = nib.load(SMALL_HEAD)
+    mask, brain = nib.load(tmp_path / "m.nii.gz"), nib.load(tmp_path / "b.nii.gz")
+    for img in (mask, brain, nib.load(tmp_path / "p.nii.gz")):
+        assert img.shape == src.shape and np.array_equal(img.affine, src.affine)
+        assert int(img.header["sform_code"]) == int(src.header["sform_code"])
+    assert mask.get_data_dtype() == np.uint8
+    assert brain.get_data_dtype() == src.get_data_dtype()  # int16 in, int16 out
+    m = np.asanyarray(mask.dataobj) > 0
+    assert 900 < m.sum() * 2 * 2 * 3 / 1000 < 2200  # ml
+    assert np.array_equal(np.asanyarray(brain.dataobj)[m], np.asanyarray(src.dataobj)[m])
+
+
+@pytest.mark.parametrize("writer, problem", [(truncated, "truncated or corrupt"), (not_nifti, "not a readable NIfTI")])
+def test_skullstrip_cli_bad_input(writer, problem, tmp_path):
+    bad = tmp_path / "bad_T1w.nii.gz"
+    writer(bad)
+    res = skullstrip("-i", bad, "-m", tmp_path / "m.nii.gz")
+    assert res.returncode == 1
+    assert problem in res.stderr and str(bad) in res.stderr and len(res.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "m.nii.gz").exists()
+
+
+def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
+    src = tmp_path / "T1w.nii.gz"
+    shutil.copyfile(SMALL_HEAD, src)
+    res = skullstrip("-i", src, "-o", src)
+    assert res.returncode == 1 and "overwrite the input" in res.stderr
+    assert src.read_bytes() == SMALL_HEAD.read_bytes()
