@@ -28,46 +28,35 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY docker/requirements.lock /tmp/requirements.lock
 RUN pip install --no-cache-dir -r /tmp/requirements.lock
 
-# Then the package itself (no deps: everything is pinned above), built with the pinned setuptools
-# (.dockerignore lets only the package, setup.cfg, pyproject.toml, README and LICENSE in).
 # Dropped: TensorFlow's C++ headers (for building ops) and the packages' own test suites.
 # Everything is byte-compiled now, since the image is read-only at run time.
-COPY . /src
-RUN pip install --no-cache-dir --no-deps --no-build-isolation /src \
- && rm -rf /src /opt/venv/lib/python3*/site-packages/tensorflow/include \
+RUN rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include \
  && find /opt/venv/lib/python3*/site-packages -depth -type d -name tests -exec rm -rf {} + \
  && python -m compileall -q -j 0 /opt/venv/lib/python3*/site-packages >/dev/null \
- && python -c "import bids_skullstrip, tensorflow, ants, nipype, bids, nibabel, matplotlib, scipy, jinja2, psutil, pandas, sklearn, statsmodels" \
+ && python -c "import tensorflow, ants, nipype, bids, nibabel, matplotlib, scipy, jinja2, psutil, pandas, sklearn" \
  && bids-validator-deno --version >/dev/null
 
 # --------------------------------------------------------------------------------------- runtime
 FROM ${BASE_IMAGE}
-ARG VERSION=0.1.0
-ARG BUILD_DATE=unknown
-ARG VCS_REF=unknown
-LABEL org.opencontainers.image.title="bids_skullstrip" \
-      org.opencontainers.image.description="BIDS App: skull-stripping of T1-weighted MRI with a bundled CPU-friendly 3D U-Net" \
-      org.opencontainers.image.version="${VERSION}" \
-      org.opencontainers.image.created="${BUILD_DATE}" \
-      org.opencontainers.image.revision="${VCS_REF}" \
-      org.opencontainers.image.source="https://github.com/bids-skullstrip/bids-skullstrip" \
-      org.opencontainers.image.url="https://github.com/bids-skullstrip/bids-skullstrip" \
-      org.opencontainers.image.documentation="https://github.com/bids-skullstrip/bids-skullstrip/blob/main/docs/container.md" \
-      org.opencontainers.image.licenses="Apache-2.0" \
-      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
-
 # python3 only (the venv's interpreter); no compilers, no apt lists, no pip cache.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends python3 ca-certificates \
  && apt-get clean \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/* /var/log/apt /var/log/dpkg.log \
  && mkdir -p /bids /out
+# The dependencies (a large layer that stays cached while docker/requirements.lock is unchanged) ...
 COPY --from=builder /opt/venv /opt/venv
+ENV PATH=/opt/venv/bin:$PATH
+# ... then the package itself, without deps (all pinned above), built with the pinned setuptools
+# (.dockerignore lets only the package, setup.cfg, pyproject.toml, README and LICENSE in).
+COPY . /tmp/src
+RUN pip install --no-cache-dir --no-deps --no-build-isolation --disable-pip-version-check /tmp/src \
+ && rm -rf /tmp/src \
+ && python -c "import bids_skullstrip"
 
 # Run-time environment for a read-only image, any uid, no network and no writable $HOME:
 # every cache/config location is explicit and under /tmp (never $HOME).
-ENV PATH=/opt/venv/bin:$PATH \
-    VIRTUAL_ENV=/opt/venv \
+ENV VIRTUAL_ENV=/opt/venv \
     BIDS_SKULLSTRIP_CONTAINER=docker \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -85,6 +74,19 @@ ENV PATH=/opt/venv/bin:$PATH \
     DENO_DIR=/tmp/.cache/deno \
     DENO_NO_UPDATE_CHECK=1 \
     DENO_NO_PROMPT=1
+ARG VERSION=0.1.0
+ARG BUILD_DATE=unknown
+ARG VCS_REF=unknown
+LABEL org.opencontainers.image.title="bids_skullstrip" \
+      org.opencontainers.image.description="BIDS App: skull-stripping of T1-weighted MRI with a bundled CPU-friendly 3D U-Net" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.created="${BUILD_DATE}" \
+      org.opencontainers.image.revision="${VCS_REF}" \
+      org.opencontainers.image.source="https://github.com/bids-skullstrip/bids-skullstrip" \
+      org.opencontainers.image.url="https://github.com/bids-skullstrip/bids-skullstrip" \
+      org.opencontainers.image.documentation="https://github.com/bids-skullstrip/bids-skullstrip/blob/main/docs/container.md" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      org.opencontainers.image.base.name="docker.io/library/debian:bookworm-slim"
 WORKDIR /tmp
 ENTRYPOINT ["/opt/venv/bin/bids_skullstrip"]
 CMD ["--help"]
