@@ -11,20 +11,51 @@ from .model.inference import predict_probability
 from .postproc import clean_mask, largest_component
 
 
+# An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
+# background, e.g. FreeSurfer's T1.mgz, keeps its scalp and skull: well above 2200 ml).
+STRIPPED_ZERO_FRACTION = 0.3
+STRIPPED_VOLUME_ML = (500.0, 2200.0)
+
+
 @dataclass
 class SkullstripResult:
     mask: np.ndarray  # uint8 {0, 1}, native grid
     probability: np.ndarray  # float32 [0, 1], native grid
     timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
 
 
 def voxel_sizes(affine):
     return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
 
 
+def looks_skull_stripped(data, voxel_mm):
+    nonzero = int(np.count_nonzero(data))
+    volume_ml = nonzero * float(np.prod(voxel_mm)) / 1000.0
+    return (1.0 - nonzero / data.size > STRIPPED_ZERO_FRACTION
+            and STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1])
+
+
+def _stripped_input_mask(data, voxel_mm, border_mm):
+    """The brain of an already skull-stripped image: its non-zero region (largest part, holes filled)."""
+    mask = ndi.binary_fill_holes(largest_component(data != 0))
+    if border_mm:
+        from .postproc import apply_border
+
+        mask = ndi.binary_fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))
+    return mask
+
+
 def skullstrip_array(data, affine, *, threshold=0.5, border_mm=0.0, model=None, flip_tta=False):
     """Skull-strip a 3D volume given with its voxel-to-world affine; outputs are on the same grid."""
     timings = {}
+    if looks_skull_stripped(data, voxel_sizes(affine)):
+        t = time.perf_counter()
+        mask = _stripped_input_mask(data, voxel_sizes(affine), border_mm).astype(np.uint8)
+        timings["postprocess"] = time.perf_counter() - t
+        return SkullstripResult(mask=mask, probability=mask.astype(np.float32), timings=timings,
+                                warnings=["the image looks already skull-stripped (zero outside a brain-sized "
+                                          "region): the mask is its non-zero region, the network was not run"])
     t = time.perf_counter()
     volume, grid = geometry.to_model_grid(data, affine)
     timings["conform"] = time.perf_counter() - t

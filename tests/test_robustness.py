@@ -281,3 +281,14 @@ def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     res = skullstrip("-i", src, "-o", src)
     assert res.returncode == 1 and "overwrite the input" in res.stderr
     assert src.read_bytes() == SMALL_HEAD.read_bytes()
+
+
+@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "brains").is_dir(), reason="no shared brains")
+def test_already_skull_stripped_input(tmp_path):
+    """A skull-stripped brain (no head around it) gets its own non-zero region as mask, with a warning."""
+    brain = REPO.parent / "shared" / "data" / "brains" / "ds002748_sub-01_brain.nii.gz"
+    res = skullstrip("-i", brain, "-m", tmp_path / "m.nii.gz")
+    assert res.returncode == 0 and "already skull-stripped" in res.stderr, res.stderr
+    mask = np.asanyarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
+    nonzero = np.asanyarray(nib.load(brain).dataobj) > 0
+    assert (mask & nonzero).sum() / nonzero.sum() > 0.98

@@ -95,6 +95,8 @@ def main(argv=None):
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         print(f"core {core_s:.2f} s ({stages}); total {time.perf_counter() - t_start:.2f} s; "
               f"brain {int(result.mask.sum())} voxels")
+    for warning in result.warnings:
+        print(f"skullstrip: warning: {opts.input}: {warning}", file=sys.stderr)
     if not result.mask.any():
         print(f"skullstrip: warning: {opts.input}: no brain found (empty mask)", file=sys.stderr)
     return 0

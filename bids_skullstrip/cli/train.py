@@ -3,6 +3,7 @@
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from ..training.data import find_labelled_heads
 
@@ -31,12 +32,23 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    from pathlib import Path
-
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(out / "train.log")])
+    handlers = [logging.StreamHandler(), logging.FileHandler(out / "train.log")]
+    log = logging.getLogger("bids_skullstrip")
+    log.setLevel(logging.INFO)
+    for handler in handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
+        log.addHandler(handler)
+    try:
+        return _train(args, out)
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def _train(args, out):
     has_splits = (Path(args.data) / "splits.json").exists()
     train_heads = find_labelled_heads(args.data, split="train" if has_splits else None)
     if args.val_data:

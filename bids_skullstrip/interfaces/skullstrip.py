@@ -54,6 +54,7 @@ class SkullStrip(SimpleInterface):
 
         result = skullstrip_array(data, img.affine, threshold=self.inputs.threshold,
                                   border_mm=self.inputs.border_mm)
+        messages += [f"{self.inputs.in_file}: {w}" for w in result.warnings]
         if not result.mask.any():
             messages.append(f"{self.inputs.in_file}: the model found no brain (empty mask); is this a T1w head?")
 
