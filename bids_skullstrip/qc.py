@@ -46,24 +46,50 @@ GROUP_MIN_IMAGES = 8
 GROUP_Z = 3.5
 
 
-def _nan_measures():
-    keys = list(LIMITS) + ["n_extra_components", "brain_voxels", "extent_major_mm", "extent_minor_mm"]
-    return {k: float("nan") for k in keys}
+MEASURE_KEYS = (
+    "brain_volume_ml", "brain_voxels", "fov_edge_fraction", "uncertain_fraction", "prob_mask_disagreement",
+    "n_extra_components", "extra_components_ml", "boundary_contrast", "dark_fraction",
+    "outside_brainlike_fraction", "noise_ratio", "sphericity", "extent_major_mm", "extent_minor_mm",
+    "extent_ratio",
+)
 
 
 def _strides(voxel_mm):
     return tuple(max(1, int(round(TARGET_MM / float(v)))) for v in voxel_mm)
 
 
+def _box_mean(m, half):
+    """Mean of a boolean array over a (2h+1)-box per axis (separable, fast; outside the array counts 0)."""
+    return ndi.uniform_filter(m.astype(np.float32), size=[2 * int(h) + 1 for h in half], mode="constant")
+
+
+def _bbox(m):
+    out = []
+    for ax in range(3):
+        idx = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))
+        out.append((int(idx[0]), int(idx[-1]) + 1))
+    return out
+
+
+def _axis_medians(m):
+    """Per-axis median coordinate of the True voxels (from the projections: cheap)."""
+    out = []
+    for ax in range(3):
+        counts = m.sum(axis=tuple(a for a in range(3) if a != ax))
+        c = np.cumsum(counts)
+        out.append(int(np.searchsorted(c, c[-1] / 2.0)))
+    return out
+
+
 def qc_measures(t1w, probability, mask, voxel_mm):
     """Reference-free QC measures of one brain mask (dict of floats; NaN where undefined).
 
     ``t1w`` (float), ``probability`` (float [0, 1]) and ``mask`` (uint8/bool) are 3D arrays on the same
-    native grid; ``voxel_mm`` the voxel sizes in millimetres.
+    native grid; ``voxel_mm`` the voxel sizes in millimetres. See docs/qc.md for what each measure means.
     """
     voxel_mm = np.asarray(voxel_mm, dtype=float)[:3]
     mask = np.asarray(mask) > 0
-    out = _nan_measures()
+    out = {k: float("nan") for k in MEASURE_KEYS}
     n_mask = int(np.count_nonzero(mask))
     out["brain_voxels"] = float(n_mask)
     out["brain_volume_ml"] = n_mask * float(np.prod(voxel_mm)) / 1000.0
@@ -71,97 +97,86 @@ def qc_measures(t1w, probability, mask, voxel_mm):
         return out
 
     # Field-of-view edge: mask voxels on the six faces of the image, relative to the mask size.
-    on_faces = (mask[0].sum() + mask[-1].sum() + mask[:, 0].sum() + mask[:, -1].sum()
-                + mask[:, :, 0].sum() + mask[:, :, -1].sum())
-    out["fov_edge_fraction"] = float(on_faces) / n_mask
+    on_faces = sum(int(np.count_nonzero(f)) for f in (mask[0], mask[-1], mask[:, 0], mask[:, -1],
+                                                       mask[:, :, 0], mask[:, :, -1]))
+    out["fov_edge_fraction"] = on_faces / n_mask
 
-    # Crop to the mask bounding box + margin, subsample to ~TARGET_MM.
-    idx = np.nonzero(mask.any(axis=(1, 2))), np.nonzero(mask.any(axis=(0, 2))), np.nonzero(mask.any(axis=(0, 1)))
-    margin = np.ceil(MARGIN_MM / voxel_mm).astype(int)
+    # Analysis grid: mask bounding box + margin, subsampled by integer strides towards TARGET_MM.
     step = _strides(voxel_mm)
-    box = tuple(slice(max(0, int(i[0][0]) - m), min(n, int(i[0][-1]) + m + 1), s)
-                for i, m, n, s in zip(idx, margin, mask.shape, step))
+    vox = voxel_mm * np.asarray(step)
+    margin = np.ceil(MARGIN_MM / voxel_mm).astype(int)
+    box = tuple(slice(max(0, a - mg), min(n, b + mg), s)
+                for (a, b), mg, n, s in zip(_bbox(mask), margin, mask.shape, step))
     m = mask[box]
+    nm = int(np.count_nonzero(m))
+    if nm == 0:  # a mask thinner than the stride
+        return out
     p = np.asarray(probability[box], dtype=np.float32)
     img = np.asarray(t1w[box], dtype=np.float32)
-    vox = voxel_mm * np.asarray(step)
     vox_ml = float(np.prod(vox)) / 1000.0
-    nm = int(m.sum())
-    if nm == 0:
-        return out
 
-    # Probability map: uncertain band, agreement with the mask.
-    uncertain = (p > 0.1) & (p < 0.9)
-    out["uncertain_fraction"] = float(uncertain.sum()) / nm
-    # Components of p > 0.5 beyond the largest: search the whole probability map (coarsely) so that
-    # far-away blobs outside the mask box count too.
-    pfull = np.asarray(probability[tuple(slice(None, None, s) for s in step)]) > 0.5
-    labels, n = ndi.label(pfull)
-    if n > 1:
-        sizes = np.bincount(labels.ravel())[1:] * vox_ml
-        sizes = np.sort(sizes)[::-1][1:]
-        extra = sizes[sizes >= MIN_COMPONENT_ML]
-        out["n_extra_components"] = float(extra.size)
-        out["extra_components_ml"] = float(extra.sum())
-    else:
-        out["n_extra_components"] = 0.0
-        out["extra_components_ml"] = 0.0
+    # Probability map: the uncertain band, agreement with the final mask, blobs outside the brain.
+    out["uncertain_fraction"] = float(np.count_nonzero((p > 0.1) & (p < 0.9))) / nm
     out["prob_mask_disagreement"] = float(np.count_nonzero((p > 0.5) != m)) / nm
+    coarse = np.asarray(probability[tuple(slice(None, None, s) for s in step)]) > 0.5
+    n_extra, extra_ml = 0, 0.0
+    if coarse.any():
+        sub = coarse[tuple(slice(a, b) for a, b in _bbox(coarse))]
+        labels, n = ndi.label(sub)
+        if n > 1:
+            sizes = np.sort(np.bincount(labels.ravel())[1:])[::-1][1:] * vox_ml
+            extra = sizes[sizes >= MIN_COMPONENT_ML]
+            n_extra, extra_ml = int(extra.size), float(extra.sum())
+    out["n_extra_components"] = float(n_extra)
+    out["extra_components_ml"] = extra_ml
 
-    # Boundary rims from distance maps (anisotropic spacing respected).
-    d_in = ndi.distance_transform_edt(m, sampling=vox)
-    d_out = ndi.distance_transform_edt(~m, sampling=vox)
-    inner = m & (d_in <= RIM_MM)
-    outer = (~m) & (d_out <= RIM_MM)
-    core = d_in > 2 * RIM_MM
-    if core.sum() < 50:
+    # Boundary rims (RIM_MM inside / outside the mask edge) and the brain core (> 2 RIM_MM inside).
+    rim_half = np.maximum(1, np.round(RIM_MM / vox)).astype(int)
+    near = _box_mean(m, rim_half)
+    inner = m & (near < 1 - 1e-3)
+    outer = ~m & (near > 1e-3)
+    core = _box_mean(m, 2 * rim_half) > 1 - 1e-3
+    if np.count_nonzero(core) < 50:
         core = m
-    ref = float(np.median(img[core]))
-    lo, hi = np.percentile(img[core], [5, 95])
+    core_vals = img[core]
+    ref = float(np.median(core_vals))
+    lo, hi = np.percentile(core_vals, [5, 95])
     scale = abs(ref) if ref != 0 else (float(np.ptp(img)) or 1.0)
     if inner.any() and outer.any():
-        out["boundary_contrast"] = (float(np.median(img[inner])) - float(np.median(img[outer]))) / scale
-        out["outside_brainlike_fraction"] = float(np.mean((img[outer] >= lo) & (img[outer] <= hi)))
-    # Dark voxels inside the mask: darker than 30 % of the brain-core median (CSF, skull, background).
+        outer_vals = img[outer]
+        out["boundary_contrast"] = (float(np.median(img[inner])) - float(np.median(outer_vals))) / scale
+        out["outside_brainlike_fraction"] = float(np.mean((outer_vals >= lo) & (outer_vals <= hi)))
+    # Dark voxels in the mask: darker than 30 % of the brain-core median (CSF, skull, background).
     out["dark_fraction"] = float(np.mean(img[m] < 0.3 * ref))
 
-    # Noise: robust std of voxel-to-neighbour differences in the core, relative to the core median.
-    if core.sum() > 100:
-        full_core = _core_full_res(mask, d_in > 2 * RIM_MM, box, step)
-        out["noise_ratio"] = _noise_ratio(t1w, full_core, ref)
+    # Noise at full resolution in a small cube at the centre of the brain core.
+    centre = [b.start + c * s for b, c, s in zip(box, _axis_medians(core), step)]
+    out["noise_ratio"] = _noise_ratio(t1w, centre, ref)
 
-    # Shape: sphericity from the voxel-face surface area (corrected for the staircase), PCA extents.
+    # Shape: sphericity (voxel-face area, corrected by 2/3 for the staircase), principal extents.
     area = _surface_area(m, vox) * (2.0 / 3.0)
     volume = nm * float(np.prod(vox))
     out["sphericity"] = float(math.pi ** (1 / 3) * (6 * volume) ** (2 / 3) / area) if area > 0 else float("nan")
-    coords = np.argwhere(m) * vox
+    coords = np.argwhere(m)
+    coords = coords[:: max(1, len(coords) // 20000)] * vox
     if len(coords) > 10:
-        ev = np.sort(np.linalg.eigvalsh(np.cov(coords[:: max(1, len(coords) // 20000)].T)))
+        ev = np.sort(np.linalg.eigvalsh(np.cov(coords.T)))
+        # 4 sigma = full length of a uniform rod of the same variance (x sqrt(12) = 3.46); ~ the brain length
         out["extent_major_mm"] = float(4 * math.sqrt(max(ev[-1], 0)))
         out["extent_minor_mm"] = float(4 * math.sqrt(max(ev[0], 0)))
+        if ev[-1] > 0:
+            out["extent_ratio"] = float(math.sqrt(max(ev[0], 0) / ev[-1]))
     return out
 
 
-def _core_full_res(mask, core_small, box, step):
-    """Bounding slices (full resolution) of a small central cube of the brain core."""
-    pts = np.argwhere(core_small)
-    c = np.median(pts, axis=0)
-    centre = [int(b.start + ci * s) for b, ci, s in zip(box, c, step)]
-    return centre
-
-
-def _noise_ratio(t1w, centre, ref):
-    """Noise estimate in a 24^3-voxel cube at the brain centre: MAD of Laplacian-like differences."""
-    sl = tuple(slice(max(0, c - 12), c + 12) for c in centre)
+def _noise_ratio(t1w, centre, ref, half=12):
+    """Noise in a (2 half)^3-voxel cube: robust std of second differences (anatomy is smooth at that
+    scale), relative to the brain-core median."""
+    sl = tuple(slice(max(0, c - half), c + half) for c in centre)
     cube = np.asarray(t1w[sl], dtype=np.float32)
     if min(cube.shape) < 4 or ref == 0:
         return float("nan")
-    # second differences along each axis remove smooth anatomy and keep white-ish noise
-    d = []
-    for ax in range(3):
-        x = np.moveaxis(cube, ax, 0)
-        d.append((x[2:] - 2 * x[1:-1] + x[:-2]).ravel())
-    d = np.concatenate(d)
+    d = np.concatenate([np.diff(cube, n=2, axis=ax).ravel() for ax in range(3)])
     sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(6.0)
     return sigma / abs(ref)
 
@@ -170,8 +185,7 @@ def _surface_area(m, vox):
     area = 0.0
     for ax in range(3):
         face = float(np.prod(np.delete(vox, ax)))
-        diff = np.diff(m.astype(np.int8), axis=ax, prepend=0, append=0)
-        area += np.count_nonzero(diff) * face
+        area += np.count_nonzero(np.diff(m, axis=ax, prepend=False, append=False)) * face
     return area
 
 

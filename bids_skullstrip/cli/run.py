@@ -117,16 +117,15 @@ def _plugin_settings(opts):
         args.setdefault("raise_insufficient", False)
     if plugin in ("SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF"):
         # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
-        os.environ.setdefault("LOGNAME", getpass.getuser() if _has_user() else f"uid{os.getuid()}")
+        os.environ.setdefault("LOGNAME", _login_name())
     return plugin, args
 
 
-def _has_user():
+def _login_name():
     try:
-        getpass.getuser()
-        return True
-    except (KeyError, OSError):
-        return False
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry, as with `docker run --user 1000`
+        return f"uid{os.getuid()}"
 
 
 # ------------------------------------------------------------------------------------------------ logging
@@ -155,7 +154,6 @@ def _configure_nipype(work_dir, verbose):
             "remove_unnecessary_outputs": "true",
             "check_version": "false",
             "create_report": "false",
-            "poll_sleep_duration": config.get("execution", "poll_sleep_duration", "2"),
         },
         "logging": {"log_to_file": "false"},
         "monitoring": {"enabled": "false"},
@@ -285,6 +283,7 @@ def main(argv=None):
     opts = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
+    logging.getLogger("bidsschematools").setLevel(logging.WARNING)  # "No schema path specified..."
     from ..discovery import DiscoveryError
     from ..io import InputError
     from ..reports.common import ReportError
