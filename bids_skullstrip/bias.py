@@ -9,7 +9,7 @@ import numpy as np
 
 from . import geometry
 
-N4_VOXEL_MM = 4.0
+N4_VOXEL_MM = 6.0
 # Two fitting levels from a 60 mm B-spline mesh end at a 30 mm mesh, about where sMRIPrep's four levels
 # from 200 mm end; each extra level costs more than the whole estimate (measured in docs/benchmarks.md).
 N4_CONVERGENCE = {"iters": [30, 30], "tol": 1e-3}
