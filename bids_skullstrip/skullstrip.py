@@ -7,7 +7,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import geometry
-from .model.inference import predict_probability
+from .model.inference import default_threshold, predict_probability
 from .postproc import clean_mask, largest_component
 
 
@@ -46,8 +46,13 @@ def _stripped_input_mask(data, voxel_mm, border_mm):
     return mask
 
 
-def skullstrip_array(data, affine, *, threshold=0.5, border_mm=0.0, model=None, flip_tta=False):
-    """Skull-strip a 3D volume given with its voxel-to-world affine; outputs are on the same grid."""
+def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None, flip_tta=False):
+    """Skull-strip a 3D volume given with its voxel-to-world affine; outputs are on the same grid.
+
+    ``threshold`` defaults to the one calibrated for the bundled weights (their model card).
+    """
+    if threshold is None:
+        threshold = default_threshold()
     timings = {}
     if looks_skull_stripped(data, voxel_sizes(affine)):
         t = time.perf_counter()

@@ -28,7 +28,8 @@ def build_parser():
     p.add_argument("--split", help="only this split of a heads/ + splits.json layout (e.g. val)")
     p.add_argument("--predictions", help="score existing masks from this folder instead of running the model")
     p.add_argument("--weights", help="model weights (default: the bundled ones)")
-    p.add_argument("--threshold", type=float, default=0.5)
+    p.add_argument("--threshold", type=float, default=None,
+                   help="probability threshold (default: the one in the model card)")
     p.add_argument("--csv", help="write the per-image table here")
     return p
 
@@ -41,7 +42,7 @@ def _find_prediction(folder, name):
     raise InputError(f"{folder}: no predicted mask for {name}")
 
 
-def evaluate(heads, *, predictions=None, weights=None, threshold=0.5):
+def evaluate(heads, *, predictions=None, weights=None, threshold=None):
     from ..skullstrip import skullstrip_array
 
     model = None

@@ -37,7 +37,8 @@ def build_parser():
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run the BIDS validator on the input dataset")
     g = p.add_argument_group("model")
-    g.add_argument("--threshold", type=float, default=0.5, help="brain probability threshold (0-1)")
+    g.add_argument("--threshold", type=float, default=None,
+                   help="brain probability threshold (0-1); default: the one calibrated for the bundled model")
     g.add_argument("--border", type=float, default=0.0, metavar="MM",
                    help="grow (>0) or shrink (<0) the mask by this distance in mm")
     g.add_argument("--save-probseg", action="store_true", help="also write the brain probability map")
@@ -201,7 +202,11 @@ def run_participant(opts):
     from ..discovery import DiscoveryError, collect_t1w, load_bids_filters, validate_dataset
     from .. import outputs
 
+    from ..model.inference import default_threshold
+
     bids_dir, output_dir = check_folders(opts.bids_dir, opts.output_dir)
+    if opts.threshold is None:
+        opts.threshold = default_threshold()
     if not 0.0 < opts.threshold < 1.0:
         raise UsageError(f"--threshold {opts.threshold}: must be between 0 and 1")
     if opts.n_cpus < 1:

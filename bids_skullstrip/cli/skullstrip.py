@@ -19,7 +19,8 @@ def build_parser():
     p.add_argument("-m", "--mask", type=Path, help="output brain mask (uint8, same grid as the input)")
     p.add_argument("-o", "--output", type=Path, help="output skull-stripped image")
     p.add_argument("-p", "--probseg", type=Path, help="output brain probability map (float32)")
-    p.add_argument("--threshold", type=float, default=0.5, help="brain probability threshold (0-1)")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="brain probability threshold (0-1); default: the one calibrated for the bundled model")
     p.add_argument("--border", type=float, default=0.0, metavar="MM",
                    help="grow (>0) or shrink (<0) the mask by this distance in mm")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
@@ -44,7 +45,7 @@ def _check_outputs(opts):
             raise ValueError(f"{p.parent}: output folder not found")
         if not os.access(p.parent, os.W_OK):
             raise ValueError(f"{p.parent}: output folder is not writable")
-    if not 0.0 < opts.threshold < 1.0:
+    if opts.threshold is not None and not 0.0 < opts.threshold < 1.0:
         raise ValueError(f"--threshold {opts.threshold}: must be between 0 and 1")
 
 

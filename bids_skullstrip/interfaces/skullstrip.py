@@ -22,7 +22,7 @@ from ..skullstrip import voxel_sizes
 
 class _SkullStripInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="T1w image, any orientation and voxel size")
-    threshold = traits.Range(low=0.0, high=1.0, value=0.5, usedefault=True)
+    threshold = traits.Range(low=0.0, high=1.0, mandatory=True)
     border_mm = traits.Float(0.0, usedefault=True, desc="grow (>0) or shrink (<0) the mask, mm")
     num_threads = traits.Int(1, usedefault=True)
 

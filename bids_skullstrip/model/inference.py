@@ -58,6 +58,11 @@ def model_card():
     return json.loads(CARD_FILE.read_text())
 
 
+def default_threshold():
+    """The probability threshold calibrated for the bundled weights (in their model card)."""
+    return float(model_card().get("threshold", 0.5))
+
+
 @functools.lru_cache(maxsize=4)
 def load_model(weights=None):
     """Build the U-Net and load weights (the bundled ones by default). Cached per process."""

@@ -48,7 +48,7 @@ def _node(interface, name, n_voxels, n_procs=1):
     return node
 
 
-def init_t1w_wf(*, t1w, output_dir, threshold=0.5, border_mm=0.0, save_probseg=False, omp_nthreads=1,
+def init_t1w_wf(*, t1w, output_dir, threshold, border_mm=0.0, save_probseg=False, omp_nthreads=1,
                 name=None):
     """Skull-strip one T1w image (a ``discovery.T1wInput``) and write its derivatives."""
     wf = pe.Workflow(name=name or f"{node_name(t1w.stem)}_wf")
@@ -82,7 +82,7 @@ def init_t1w_wf(*, t1w, output_dir, threshold=0.5, border_mm=0.0, save_probseg=F
     return wf
 
 
-def init_bids_skullstrip_wf(*, t1w_inputs, output_dir, work_dir, threshold=0.5, border_mm=0.0,
+def init_bids_skullstrip_wf(*, t1w_inputs, output_dir, work_dir, threshold, border_mm=0.0,
                             save_probseg=False, omp_nthreads=1, name="bids_skullstrip_wf"):
     """The participant level: a sub-workflow per participant holding one ``init_t1w_wf`` per T1w."""
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
