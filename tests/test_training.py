@@ -92,3 +92,19 @@ def test_fine_tune_resume_and_export(tmp_path):
     assert card["training"]["steps"] == 3 and card["training"]["fine_tuned_from"]
     assert weights.stat().st_size < 10 * 2**20
     assert card["sha256"] and len(card["sha256"]) == 64
+
+
+def test_until_stops_early_and_a_rerun_finishes(tmp_path):
+    from bids_skullstrip.cli.train import main
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    out = tmp_path / "run"
+    common = [str(data), str(out), "--patch-size", "32", "32", "32", "--checkpoint-every", "5", "--steps", "3"]
+    assert main(common + ["--until", "2"]) == 0
+    early = json.loads((out / "export-step2" / "model.json").read_text())
+    assert early["training"]["steps"] == 2 and early["training"]["schedule_steps"] == 3
+    assert not (out / "final").exists()
+    assert main(common) == 0
+    assert json.loads((out / "final" / "model.json").read_text())["training"]["steps"] == 3
+    assert [r["step"] for r in csv.DictReader((out / "history.csv").open())] == ["2", "3"]

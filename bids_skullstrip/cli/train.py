@@ -22,6 +22,10 @@ def build_parser():
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--validate-every", type=int, default=1000)
+    p.add_argument("--until", type=int, metavar="STEP",
+                   help="stop this run at STEP (the LR schedule still spans --steps; rerun to continue)")
+    p.add_argument("--init-weights", type=Path, metavar="H5",
+                   help="start from these weights (e.g. an export-step<N>/unet.weights.h5) instead of at random")
     p.add_argument("--fine-tune", action="store_true",
                    help="start from the bundled weights (use a lower --lr, e.g. 2e-4, and fewer --steps)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
@@ -58,7 +62,7 @@ def _train(args, out):
     if not train_heads:
         print(f"bids_skullstrip-train: error: no image/mask pairs found in {args.data}", file=sys.stderr)
         return 2
-    init = None
+    init = args.init_weights
     if args.fine_tune:
         from ..model.inference import WEIGHTS_FILE
         init = WEIGHTS_FILE
@@ -67,7 +71,8 @@ def _train(args, out):
     final = train(train_heads, val_heads, out, steps=args.steps, seed=args.seed,
                   patch_size=tuple(args.patch_size), synth_prob=args.synth_prob, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
-                  init_weights=init, threads=args.threads, export_only=args.export_only)
+                  init_weights=init, threads=args.threads, export_only=args.export_only,
+                  until=args.until)
     print(f"weights written to {final}")
     return 0
 

@@ -95,7 +95,7 @@ def export_weights(model, out_dir, card):
     return weights
 
 
-def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir, *, start, steps,
+def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir, *, start, steps, until,
                seed, patch_size, synth_prob, peak_lr, checkpoint_every, validate_every):
     log.info("loading %d training heads", len(train_heads))
     heads = [TrainingHead.load(h) for h in train_heads]
@@ -107,14 +107,14 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_head
         if new_history:
             writer.writerow(["step", "loss", "lr", "seconds_per_step", "val_median_dice", "val_min_dice"])
         losses, t0 = [], time.perf_counter()
-        for step in range(start, steps):
+        for step in range(start, min(steps, until)):
             got_step, x, y = stream.get()
             assert got_step == step
             lr = learning_rate(step, steps, peak=peak_lr)
             optimizer.learning_rate.assign(lr)
             losses.append(float(model.train_on_batch(x, y)))
             done = step + 1
-            if done % checkpoint_every == 0 or done == steps:
+            if done % checkpoint_every == 0 or done in (steps, until):
                 elapsed = time.perf_counter() - t0
                 spent.assign_add(elapsed)
                 step_var.assign(done)
@@ -135,7 +135,9 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_head
 
 def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_size=(80, 80, 80),
           synth_prob=0.25, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
-          validate_every=1000, init_weights=None, threads=None, export_only=False):
+          validate_every=1000, init_weights=None, threads=None, export_only=False, until=None):
+    """Train (or resume) to ``steps`` on a cosine schedule over ``steps``; ``until`` stops this run earlier
+    (the schedule is unchanged, so ``--until`` then a plain rerun equals one uninterrupted run)."""
     import tensorflow as tf
     import keras
 
@@ -164,12 +166,12 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
         ckpt.restore(manager.latest_checkpoint).expect_partial()
         log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
     start = int(step_var.numpy())
-    if export_only:
-        steps = start
-    else:
+    until = steps if until is None else min(until, steps)
+    if not export_only and start < until:
         _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir,
-                   start=start, steps=steps, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
+                   start=start, steps=steps, until=until, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
                    peak_lr=peak_lr, checkpoint_every=checkpoint_every, validate_every=validate_every)
+    done = int(step_var.numpy())
 
     card = {
         "name": "bids_skullstrip U-Net",
@@ -177,13 +179,14 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
         "architecture": architecture,
         "voxel_mm": MODEL_VOXEL_MM,
         "training": {
-            "steps": steps, "seed": seed, "patch_size": list(patch_size), "synth_prob": synth_prob,
-            "peak_lr": peak_lr, "cpu_hours": float(spent.numpy()) / 3600.0,
+            "steps": done, "schedule_steps": steps, "seed": seed, "patch_size": list(patch_size),
+            "synth_prob": synth_prob, "peak_lr": peak_lr, "cpu_hours": float(spent.numpy()) / 3600.0,
             "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
         },
     }
-    if val_heads and not export_only:
+    finished = done >= steps and not export_only
+    if val_heads and finished:
         card["validation"] = validate(model, val_heads)
-    final = out_dir / ("final" if not export_only else f"export-step{start}")
+    final = out_dir / ("final" if finished else f"export-step{done}")
     export_weights(model, final, card)
     return final
