@@ -494,7 +494,8 @@ def random_grids(draw):
     return rot, voxel, margin
 
 
-@settings(max_examples=8 if not FULL else 60, deadline=None, database=None,
+# derandomize: CI sees the same examples every run; BIDS_SKULLSTRIP_FULL_TESTS=1 explores more of them.
+@settings(max_examples=8 if not FULL else 60, deadline=None, database=None, derandomize=not FULL,
           suppress_health_check=[HealthCheck.too_slow])
 @given(random_grids())
 def test_property_arbitrary_reorient_resample(grid):
@@ -511,7 +512,7 @@ def test_property_arbitrary_reorient_resample(grid):
     assert dice(back, ref.mask) >= 0.95, (voxel, margin)
 
 
-@settings(max_examples=4 if not FULL else 30, deadline=None, database=None,
+@settings(max_examples=4 if not FULL else 30, deadline=None, database=None, derandomize=not FULL,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(random_grids())
 def test_property_arbitrary_reorient_resample_real_model(real_model, grid):
@@ -522,7 +523,9 @@ def test_property_arbitrary_reorient_resample_real_model(real_model, grid):
     new_affine, shape = grid_covering(lo, hi, rot, voxel)
     vol = resample_to(data, affine, new_affine, shape)
     result = skullstrip_array(vol, new_affine, model=real_model)
-    assert_same_place(result.mask, new_affine, ref.mask, affine)
+    # A learned network is not exactly rotation-invariant (seen: 1.2 mm at a 59 degree tilt); the bugs this
+    # guards against (lost sform, flipped axis) move the mask by centimetres.
+    assert_same_place(result.mask, new_affine, ref.mask, affine, tol_mm=3.0)
     back = map_back(result.mask, new_affine, affine, data.shape)
     assert dice(back, ref.mask) >= 0.95, (voxel, margin)
     assert dice(back, silver) >= 0.85
