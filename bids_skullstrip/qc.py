@@ -35,12 +35,23 @@ LIMITS = {
     "uncertain_fraction": (None, 0.45, "", "uncertain voxels (0.1<p<0.9) relative to the mask size"),
     "prob_mask_disagreement": (None, 0.10, "", "mask and p>0.5 disagree on a fraction of the mask"),
     "dark_fraction": (None, 0.25, "", "dark (CSF/skull/background-like) fraction of the mask"),
-    "edge_offset_mm": (-6.0, 0.5, "mm", "brain edge vs mask surface (> 0: mask too small, << 0: too large)"),
-    "edge_offset_spread_mm": (None, 15.0, "mm", "brain edge vs mask surface differs between sides by"),
-    "outside_brainlike_max": (None, 0.80, "", "brain-like intensity just outside the mask on one side"),
-    "extent_ratio": (0.64, None, "", "shortest / longest mask extent (part of the brain cut off?)"),
+    "edge_offset_mm": (-6.0, 0.5, "mm", "image's brain edge relative to the mask surface"),
+    "edge_offset_spread_mm": (None, 15.0, "mm", "brain edge vs mask surface differs between sides of the mask by"),
+    "outside_brainlike_max": (None, 0.80, "", "brain-like intensity just outside the mask, worst side"),
+    "extent_ratio": (0.64, None, "", "shortest / longest mask extent"),
     "sphericity": (0.70, None, "", "mask sphericity"),
     "noise_ratio": (None, 0.15, "", "noise relative to brain intensity"),
+}
+
+# A hint added to a flag: (measure, "low" | "high") -> text.
+HINTS = {
+    ("brain_volume_ml", "low"): "mask too small or brain cut?",
+    ("brain_volume_ml", "high"): "mask too large?",
+    ("edge_offset_mm", "low"): "mask too large?",
+    ("edge_offset_mm", "high"): "mask too small?",
+    ("edge_offset_spread_mm", "high"): "mask shifted, flipped or not this head's?",
+    ("outside_brainlike_max", "high"): "brain left outside the mask?",
+    ("extent_ratio", "low"): "part of the brain cut off?",
 }
 
 # What each measure means (shown in the reports next to the value).
@@ -68,21 +79,24 @@ MEASURE_HELP = {
     "extent_ratio": "shortest / longest extent (a brain is about 0.7; a cut-off part makes it flatter)",
 }
 
-GROUP_MEASURES = (
-    "brain_volume_ml",
-    "uncertain_fraction",
-    "boundary_contrast",
-    "dark_fraction",
-    "outside_brainlike_fraction",
-    "outside_brainlike_max",
-    "edge_offset_mm",
-    "edge_offset_spread_mm",
-    "extent_ratio",
-    "sphericity",
-    "noise_ratio",
-)
+# Group rule: robust z-scores of these measures within the images of one run; value = the smallest spread
+# (in the measure's unit) taken as meaningful, so that a group of near-identical values does not turn a tiny
+# difference into a huge z.
+GROUP_MEASURES = {
+    "brain_volume_ml": 25.0,
+    "uncertain_fraction": 0.01,
+    "boundary_contrast": 0.02,
+    "dark_fraction": 0.005,
+    "outside_brainlike_fraction": 0.02,
+    "outside_brainlike_max": 0.02,
+    "edge_offset_mm": 0.25,
+    "edge_offset_spread_mm": 0.5,
+    "extent_ratio": 0.01,
+    "sphericity": 0.005,
+    "noise_ratio": 0.003,
+}
 GROUP_MIN_IMAGES = 8
-GROUP_Z = 3.5
+GROUP_Z = 4.0
 
 MEASURE_KEYS = (
     "brain_volume_ml", "brain_voxels", "fov_edge_fraction", "uncertain_fraction", "prob_mask_disagreement",
@@ -312,7 +326,7 @@ def _fmt(v):
         return f"{v:.0f}"
     if abs(v) >= 1:
         return f"{v:.1f}"
-    return f"{v:.3f}"
+    return f"{v:.3g}"
 
 
 def flag_image(measures):
@@ -325,7 +339,10 @@ def flag_image(measures):
     flags = []
     for key, (low, high, unit, text) in LIMITS.items():
         v = _as_float(measures.get(key))
-        if not np.isfinite(v) or ((low is None or v >= low) and (high is None or v <= high)):
+        if not np.isfinite(v):
+            continue
+        side = "low" if low is not None and v < low else "high" if high is not None and v > high else None
+        if side is None:
             continue
         u = f" {unit}" if unit else ""
         value = f"{v:+.1f}" if key == "edge_offset_mm" else _fmt(v)
@@ -333,40 +350,41 @@ def flag_image(measures):
             accepted = f"{_fmt(low)} to {_fmt(high)}{u}"
         else:
             accepted = f"{'>=' if low is not None else '<='} {_fmt(low if low is not None else high)}{u}"
-        flags.append(f"{text}: {value}{u} (accepted {accepted})")
+        hint = HINTS.get((key, side))
+        flags.append(f"{text}: {value}{u} (accepted {accepted})" + (f" - {hint}" if hint else ""))
     return flags
 
 
-def robust_z(values):
-    """(x - median) / (1.4826 MAD) with NaN kept; zeros where the MAD vanishes."""
+def robust_z(values, min_scale=0.0):
+    """(x - median) / max(1.4826 MAD, min_scale) with NaN kept; zeros where that scale vanishes."""
     x = np.asarray(values, dtype=float)
     ok = np.isfinite(x)
     z = np.full_like(x, np.nan)
     if ok.sum() == 0:
         return z
     med = np.median(x[ok])
-    mad = 1.4826 * np.median(np.abs(x[ok] - med))
-    if mad <= 1e-12:
+    scale = max(1.4826 * float(np.median(np.abs(x[ok] - med))), float(min_scale))
+    if scale <= 1e-12:
         z[ok] = 0.0
         return z
-    z[ok] = (x[ok] - med) / mad
+    z[ok] = (x[ok] - med) / scale
     return z
 
 
 def flag_group(rows):
-    """Flags for a group: each row's absolute flags plus robust z-score outliers (|z| > 3.5).
+    """Flags for a group: each row's absolute flags plus robust z-score outliers (|z| > GROUP_Z).
 
     ``rows`` is a sequence of dicts of measures (e.g. the ``qc`` dicts of the metrics JSON files, or rows that
-    contain those keys). Returns one list of flags per row, in order. z-score flags are added only when there
-    are at least 8 images.
+    contain those keys). Returns one list of flags per row, in order. z-score flags (on GROUP_MEASURES) are
+    added only when there are at least GROUP_MIN_IMAGES images.
     """
     rows = list(rows)
     out = [flag_image(r) for r in rows]
     if len(rows) < GROUP_MIN_IMAGES:
         return out
-    for key in GROUP_MEASURES:
+    for key, min_scale in GROUP_MEASURES.items():
         vals = [_as_float(r.get(key)) for r in rows]
-        z = robust_z(vals)
+        z = robust_z(vals, min_scale)
         for i, zi in enumerate(z):
             if np.isfinite(zi) and abs(zi) > GROUP_Z:
                 out[i].append(f"{key.replace('_', ' ')} {_fmt(vals[i])} is a group outlier (z = {zi:+.1f})")

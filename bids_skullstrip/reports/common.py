@@ -17,23 +17,8 @@ TEMPLATES = Path(__file__).parent / "templates"
 METRICS_SUFFIX = "_desc-brain_metrics.json"
 FIGURE_SUFFIXES = ("_desc-brain_mask.svg", "_desc-brain_mask.png")
 
-# Descriptions shown next to the QC measures (the thresholds come from bids_skullstrip.qc.LIMITS).
-MEASURE_HELP = {
-    "brain_volume_ml": "volume of the brain mask",
-    "fov_edge_fraction": "fraction of mask voxels on the faces of the image (brain cut by the field of view?)",
-    "extra_components_ml": "volume of blobs of p>0.5 outside the main brain component",
-    "n_extra_components": "number of blobs of p>0.5 (>= 1 ml) outside the main brain component",
-    "uncertain_fraction": "voxels with 0.1<p<0.9 relative to the mask size (the model hesitates)",
-    "prob_mask_disagreement": "voxels where p>0.5 and the final mask disagree, relative to the mask size",
-    "boundary_contrast": "(inner rim - outer rim) median intensity / brain median: low when the edge misses the brain",
-    "dark_fraction": "mask voxels darker than 30% of the brain median (CSF, skull, background)",
-    "outside_brainlike_fraction": "voxels within 4 mm outside the mask with brain-like intensity (mask too tight?)",
-    "sphericity": "compactness of the mask (1 = sphere)",
-    "noise_ratio": "noise std / brain median intensity at the brain centre",
-    "extent_major_mm": "longest extent of the mask (principal axis)",
-    "extent_minor_mm": "shortest extent of the mask (principal axis)",
-    "brain_voxels": "number of voxels in the mask",
-}
+# Descriptions shown next to the QC measures (they and the thresholds live in bids_skullstrip.qc).
+MEASURE_HELP = qcmod.MEASURE_HELP
 
 
 class ReportError(RuntimeError):
