@@ -19,7 +19,8 @@ import numpy as np
 
 from .. import __version__
 from ..geometry import MODEL_VOXEL_MM
-from ..metrics import compare_masks
+from ..metrics import compare_masks, dice
+from ..postproc import clean_mask
 from ..skullstrip import skullstrip_array, voxel_sizes
 from .augment import training_patch
 from .data import TrainingHead
@@ -65,15 +66,33 @@ class PatchStream:
         return self.queue.get()
 
 
-def validate(model, val_heads):
+def validate(model, val_heads, *, threshold=None):
     rows = []
     for head in val_heads:
         img = nib.load(str(head.image))
         data = np.asarray(img.dataobj, dtype=np.float32)
         reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
-        result = skullstrip_array(data, img.affine, model=model)
+        result = skullstrip_array(data, img.affine, model=model, threshold=threshold)
         rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(img.affine))})
     return rows
+
+
+THRESHOLD_CANDIDATES = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2))
+
+
+def calibrate_threshold(model, heads):
+    """The probability threshold with the best median Dice on ``heads`` (the training heads: the
+    validation heads choose nothing). Returns (threshold, {threshold: median Dice})."""
+    scores = {t: [] for t in THRESHOLD_CANDIDATES}
+    for head in heads:
+        img = nib.load(str(head.image))
+        data = np.asarray(img.dataobj, dtype=np.float32)
+        reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
+        prob = skullstrip_array(data, img.affine, model=model, threshold=0.5).probability
+        for t in THRESHOLD_CANDIDATES:
+            scores[t].append(dice(clean_mask(prob, threshold=t, voxel_mm=voxel_sizes(img.affine)), reference))
+    medians = {float(t): float(np.median(v)) for t, v in scores.items()}
+    return max(medians, key=medians.get), medians
 
 
 def export_weights(model, out_dir, card):
@@ -184,9 +203,13 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
             "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
         },
     }
+    log.info("calibrating the threshold on the %d training heads", len(train_heads))
+    card["threshold"], card["threshold_calibration"] = calibrate_threshold(model, train_heads)
+    log.info("threshold %.2f (median training Dice by threshold: %s)", card["threshold"],
+             card["threshold_calibration"])
     finished = done >= steps and not export_only
     if val_heads and finished:
-        card["validation"] = validate(model, val_heads)
+        card["validation"] = validate(model, val_heads, threshold=card["threshold"])
     final = out_dir / ("final" if finished else f"export-step{done}")
     export_weights(model, final, card)
     return final
