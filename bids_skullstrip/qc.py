@@ -21,8 +21,7 @@ MIN_COMPONENT_ML = 1.0  # extra components of p > 0.5 smaller than this are igno
 # between the RIM_MM shell inside and the RIM_MM shell outside the displaced surface.
 EDGE_OFFSETS_MM = tuple(float(g) for g in range(-12, 9, 2))
 MARGIN_MM = max(EDGE_OFFSETS_MM) + RIM_MM + 4.0  # bounding-box margin around the mask
-EDGE_SEARCH_MAX_MM = 4.0  # the brain edge is searched at offsets up to this (the scalp/air edge is further)
-SECTORS = ("-x", "+x", "-y", "+y", "-z", "+z")  # directions from the mask centre, along the voxel axes
+EDGE_SEARCH_MAX_MM = 6.0  # the brain edge is searched at offsets up to this (the scalp/air edge is further)
 
 # Absolute rules: measure -> (low, high, unit, text). A measure outside [low, high] raises a flag.
 # Calibrated on the silver masks of the 29 real heads of ../shared/data/heads and on the bundled model's
@@ -37,6 +36,7 @@ LIMITS = {
     "dark_fraction": (None, 0.25, "", "dark (CSF/skull/background-like) fraction of the mask"),
     "edge_offset_mm": (-6.0, 0.5, "mm", "image's brain edge relative to the mask surface"),
     "edge_offset_spread_mm": (None, 15.0, "mm", "brain edge vs mask surface differs between sides of the mask by"),
+    "outside_brainlike_fraction": (None, 0.58, "", "brain-like intensity just outside the mask"),
     "outside_brainlike_max": (None, 0.80, "", "brain-like intensity just outside the mask, worst side"),
     "extent_ratio": (0.64, None, "", "shortest / longest mask extent"),
     "sphericity": (0.70, None, "", "mask sphericity"),
@@ -48,8 +48,8 @@ HINTS = {
     ("brain_volume_ml", "low"): "mask too small or brain cut?",
     ("brain_volume_ml", "high"): "mask too large?",
     ("edge_offset_mm", "low"): "mask too large?",
-    ("edge_offset_mm", "high"): "mask too small?",
     ("edge_offset_spread_mm", "high"): "mask shifted, flipped or not this head's?",
+    ("outside_brainlike_fraction", "high"): "brain left outside the mask?",
     ("outside_brainlike_max", "high"): "brain left outside the mask?",
     ("extent_ratio", "low"): "part of the brain cut off?",
 }
@@ -79,21 +79,21 @@ MEASURE_HELP = {
     "extent_ratio": "shortest / longest extent (a brain is about 0.7; a cut-off part makes it flatter)",
 }
 
-# Group rule: robust z-scores of these measures within the images of one run; value = the smallest spread
-# (in the measure's unit) taken as meaningful, so that a group of near-identical values does not turn a tiny
-# difference into a huge z.
+# Group rule: robust z-scores of these measures within the images of one run. Value: (the smallest spread, in
+# the measure's unit, taken as meaningful, so that near-identical values do not turn a tiny difference into a
+# huge z; which side is suspicious: +1 high only, -1 low only, 0 both).
 GROUP_MEASURES = {
-    "brain_volume_ml": 25.0,
-    "uncertain_fraction": 0.01,
-    "boundary_contrast": 0.02,
-    "dark_fraction": 0.005,
-    "outside_brainlike_fraction": 0.02,
-    "outside_brainlike_max": 0.02,
-    "edge_offset_mm": 0.25,
-    "edge_offset_spread_mm": 0.5,
-    "extent_ratio": 0.01,
-    "sphericity": 0.005,
-    "noise_ratio": 0.003,
+    "brain_volume_ml": (25.0, 0),
+    "uncertain_fraction": (0.01, +1),
+    "boundary_contrast": (0.02, -1),
+    "dark_fraction": (0.005, +1),
+    "outside_brainlike_fraction": (0.02, +1),
+    "outside_brainlike_max": (0.02, +1),
+    "edge_offset_mm": (0.25, 0),
+    "edge_offset_spread_mm": (0.5, +1),
+    "extent_ratio": (0.01, 0),
+    "sphericity": (0.005, 0),
+    "noise_ratio": (0.003, +1),
 }
 GROUP_MIN_IMAGES = 8
 GROUP_Z = 4.0
@@ -226,9 +226,9 @@ def _edge_measures(img, sd, m, vox, lo, hi):
     ``img`` is scaled to the brain-core median; ``sd`` the signed distance to the mask surface (mm).
     Shells of RIM_MM / 2 thickness by signed distance, split into 6 sectors by the direction from the mask
     centre (dominant voxel axis, in mm), give mean intensities; the edge profile at offset g is the mean of
-    the RIM_MM inside minus the RIM_MM outside the surface displaced by g. The brain edge is the innermost
-    strong peak of that profile (cortex -> CSF/skull); its offset says where the brain ends relative to
-    the mask surface.
+    the RIM_MM inside minus the RIM_MM outside the surface displaced by g. Its peak (``_edge_peak``) is the
+    image's brain edge (cortex -> CSF/skull); the peak's offset says where the brain ends relative to the
+    mask surface, overall and per side.
     """
     half = RIM_MM / 2.0
     g_min, g_max = min(EDGE_OFFSETS_MM), max(EDGE_OFFSETS_MM)
@@ -237,7 +237,8 @@ def _edge_measures(img, sd, m, vox, lo, hi):
     band = (sd > j_lo * half) & (sd <= (j_lo + n_sh) * half)
     shell = np.clip(np.ceil(sd[band] / half).astype(np.int64) - 1 - j_lo, 0, n_sh - 1)
     pos = np.argwhere(band).astype(np.float32)
-    centre = np.argwhere(m[::2, ::2, ::2]).mean(axis=0) * 2
+    pts = np.argwhere(m[::2, ::2, ::2])
+    centre = pts.mean(axis=0) * 2 if len(pts) else np.argwhere(m).mean(axis=0)
     d = (pos - centre) * vox
     ax = np.abs(d).argmax(axis=1)
     sector = ax * 2 + (d[np.arange(len(d)), ax] > 0)
@@ -382,11 +383,11 @@ def flag_group(rows):
     out = [flag_image(r) for r in rows]
     if len(rows) < GROUP_MIN_IMAGES:
         return out
-    for key, min_scale in GROUP_MEASURES.items():
+    for key, (min_scale, side) in GROUP_MEASURES.items():
         vals = [_as_float(r.get(key)) for r in rows]
         z = robust_z(vals, min_scale)
         for i, zi in enumerate(z):
-            if np.isfinite(zi) and abs(zi) > GROUP_Z:
+            if np.isfinite(zi) and (abs(zi) if side == 0 else side * zi) > GROUP_Z:
                 out[i].append(f"{key.replace('_', ' ')} {_fmt(vals[i])} is a group outlier (z = {zi:+.1f})")
     return out
 

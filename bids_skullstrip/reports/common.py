@@ -129,16 +129,21 @@ def fmt(v, digits=3):
 
 
 def limit_text(key):
+    """The accepted range of a measure, e.g. "800 to 2300 ml", "≤ 0.15" ("" without a limit)."""
     lim = qcmod.LIMITS.get(key)
     if not lim:
         return ""
     low, high, unit, _ = lim
     u = f" {unit}" if unit else ""
+
+    def num(v):
+        return (str(int(v)) if float(v).is_integer() else f"{v:.3g}").replace("-", "−")
+
     if low is not None and high is not None:
-        return f"{fmt(low)}–{fmt(high)}{u}"
+        return f"{num(low)} to {num(high)}{u}"
     if low is not None:
-        return f"≥ {fmt(low)}{u}"
-    return f"≤ {fmt(high)}{u}"
+        return f"≥ {num(low)}{u}"
+    return f"≤ {num(high)}{u}"
 
 
 def environment():

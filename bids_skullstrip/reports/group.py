@@ -105,7 +105,8 @@ def plot_distributions(records, out_file):
             ax.axvline(np.nanmedian(vals), color="#1f5f99", lw=0.8, alpha=0.5)
         ax.set_ylim(-0.5, 0.5)
         ax.set_yticks([])
-        ax.set_title(key + (f" ({unit})" if unit else ""), fontsize=8.5, loc="left")
+        shown = key[: -len(unit) - 1] if unit and key.endswith("_" + unit) else key
+        ax.set_title(shown.replace("_", " ") + (f" ({unit})" if unit else ""), fontsize=8.5, loc="left")
         ax.tick_params(labelsize=7)
         for s in ("top", "right", "left"):
             ax.spines[s].set_visible(False)
