@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 MODEL_VOXEL_MM = 2.0
 GRID_MULTIPLE = 8  # the U-Net pools three times
 MAX_GRID_VOXELS = 160  # per axis: 320 mm, more than any head; bounds memory on huge fields of view
-HEAD_MARGIN_MM = 12.0
+HEAD_MARGIN_MM = 6.0
 
 
 @dataclass(frozen=True)
