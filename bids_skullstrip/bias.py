@@ -21,8 +21,7 @@ def estimate_log_bias(data, affine, brain_mask):
     """Natural log of the N4 bias field, on a coarse RAS grid; returns (log_field, grid)."""
     import ants
 
-    grid = geometry.model_grid_for(data, affine, voxel_mm=N4_VOXEL_MM)
-    low, _ = geometry.to_model_grid(data, affine, grid)
+    low, grid = geometry.to_model_grid(data, affine, voxel_mm=N4_VOXEL_MM)
     weight, _ = geometry.to_model_grid(np.asarray(brain_mask, np.float32), affine, grid)
     weight = weight > 0.5
     if np.count_nonzero(weight) < 500:  # no usable brain mask: weight the head instead

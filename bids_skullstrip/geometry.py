@@ -71,20 +71,42 @@ def model_grid_for(data, affine, *, voxel_mm=MODEL_VOXEL_MM):
     return ModelGrid(tuple(int(v) for v in n), grid_affine)
 
 
+def _voxel_mm(affine):
+    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
+
+
+def block_reduce(data, affine, voxel_mm):
+    """Means over blocks of k native voxels per axis, with the affine of the coarser grid, down to about
+    half of ``voxel_mm``: the cheap first part of anti-aliasing a fine image (a 0.5 mm head has 8x fewer
+    voxels at 1 mm). It stops at half so that what the model sees from there on is what it saw in
+    training (``antialias`` + linear sampling of a ~1 mm image). Returns (data, affine)."""
+    k = np.clip(np.floor(voxel_mm / (2.0 * _voxel_mm(affine))), 1, data.shape[:3]).astype(int)
+    if np.all(k == 1):
+        return data, affine
+    n = np.array(data.shape[:3]) // k
+    blocks = data[: n[0] * k[0], : n[1] * k[1], : n[2] * k[2]].reshape(n[0], k[0], n[1], k[1], n[2], k[2])
+    scale = np.diag([*k.astype(float), 1.0])
+    scale[:3, 3] = (k - 1) / 2.0
+    return blocks.mean(axis=(1, 3, 5), dtype=np.float32), affine @ scale
+
+
 def antialias(data, affine, voxel_mm):
-    native_mm = np.sqrt((affine[:3, :3] ** 2).sum(0))
-    sigma = np.maximum(voxel_mm / native_mm - 1.0, 0.0) * 0.5
+    """Gaussian smoothing before sampling at ``voxel_mm``: sigma = (zoom - 1) / 2 voxels."""
+    sigma = np.maximum(voxel_mm / _voxel_mm(affine) - 1.0, 0.0) * 0.5
     if np.all(sigma < 0.25):
         return data
     return ndi.gaussian_filter(data, sigma, mode="nearest")
 
 
-def to_model_grid(data, affine, grid=None):
-    """Resample a native 3D volume onto the model grid. Returns (volume float32, grid)."""
-    data = np.asarray(data, dtype=np.float32)
+def to_model_grid(data, affine, grid=None, *, voxel_mm=MODEL_VOXEL_MM):
+    """Resample a native 3D volume onto the model grid (``grid``, or the one covering the head at
+    ``voxel_mm``). Returns (volume float32, grid)."""
+    if grid is not None:
+        voxel_mm = float(grid.affine[0, 0])
+    data, affine = block_reduce(np.asarray(data, dtype=np.float32), affine, voxel_mm)
     if grid is None:
-        grid = model_grid_for(data, affine)
-    smoothed = antialias(data, affine, grid.affine[0, 0])
+        grid = model_grid_for(data, affine, voxel_mm=voxel_mm)
+    smoothed = antialias(data, affine, voxel_mm)
     vox = np.linalg.inv(affine) @ grid.affine
     out = ndi.affine_transform(smoothed, vox[:3, :3], vox[:3, 3], output_shape=grid.shape,
                                order=1, mode="constant", cval=0.0, prefilter=False)
