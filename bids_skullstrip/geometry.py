@@ -13,7 +13,7 @@ from scipy import ndimage as ndi
 MODEL_VOXEL_MM = 2.0
 GRID_MULTIPLE = 8  # the U-Net pools three times
 MAX_GRID_VOXELS = 160  # per axis: 320 mm, more than any head; bounds memory on huge fields of view
-HEAD_MARGIN_MM = 6.0
+HEAD_MARGIN_MM = 12.0
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ def head_bounding_box(data, affine):
     lo, hi = np.array([c[0] for c in corners_idx]), np.array([c[1] for c in corners_idx])
     corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
     world = (affine @ corners.T).T[:, :3]
-    return world.min(0), world.max(0)
+    # micrometre rounding: the same head in another voxel order gives bit-identical corners, so the
+    # lattice snapping in model_grid_for cannot fall on different sides of a rounding boundary
+    return np.round(world.min(0), 3), np.round(world.max(0), 3)
 
 
 def model_grid_for(data, affine, *, voxel_mm=MODEL_VOXEL_MM):
