@@ -145,46 +145,6 @@ def tail(path, n=15):
 # --------------------------------------------------------------------------------------------------
 # The app, stage by stage (runs in a subprocess: ``run_benchmark.py --worker app job.json out.json``)
 # --------------------------------------------------------------------------------------------------
-def staged_skullstrip(data, affine, model, *, threshold=0.5, border_mm=0.0):
-    """``skullstrip.skullstrip_array`` step by step, each step timed (checked equal to it by the worker)."""
-    from scipy import ndimage as ndi
-
-    from bids_skullstrip import geometry
-    from bids_skullstrip.model.inference import predict_probability
-    from bids_skullstrip.postproc import clean_mask, largest_component
-    from bids_skullstrip.skullstrip import voxel_sizes
-
-    rec = {}
-    t = time.perf_counter()
-    volume, grid = geometry.to_model_grid(data, affine)
-    rec["conform"] = time.perf_counter() - t
-    t = time.perf_counter()
-    prob = predict_probability(volume, model=model)
-    rec["inference"] = time.perf_counter() - t
-    t = time.perf_counter()
-    core = largest_component(prob >= threshold)
-    support = ndi.binary_dilation(core, iterations=2) if core.any() else prob >= 0.05
-    prob = np.where(support, prob, 0.0).astype(np.float32)
-    rec["post_model_grid"] = time.perf_counter() - t
-    t = time.perf_counter()
-    shape = tuple(int(s) for s in data.shape[:3])
-    native_mm = voxel_sizes(affine)
-    pad = 2 + int(np.ceil(max(border_mm, 0.0) / native_mm.min()))
-    block = geometry.native_block_of(support, grid, affine, shape, pad=pad)
-    native_prob = np.zeros(shape, np.float32)
-    mask = np.zeros(shape, np.uint8)
-    if block is not None:
-        native_prob[block] = geometry.to_native_grid(prob, grid, affine, shape, block=block)
-    rec["to_native"] = time.perf_counter() - t
-    t = time.perf_counter()
-    if block is not None:
-        mask[block] = clean_mask(native_prob[block], threshold=threshold, border_mm=border_mm, voxel_mm=native_mm)
-    rec["post_native"] = time.perf_counter() - t
-    rec["postprocess"] = rec["post_model_grid"] + rec["post_native"]
-    rec["model_grid_shape"] = list(grid.shape)
-    return mask, rec
-
-
 def app_worker(job_path, result_path):
     """Stages in the app's order (``interfaces/skullstrip.py`` then ``interfaces/...N4``): load, conform,
     inference, post-processing, back to native, N4 (``bias.n4_correct``, weighted by the mask), write."""
@@ -217,15 +177,10 @@ def app_worker(job_path, result_path):
         rec["load"] = time.perf_counter() - t
         affine = img.affine
         rec["already_stripped"] = bool(looks_skull_stripped(data, voxel_sizes(affine)))
-        mask, stages = staged_skullstrip(data, affine, model)
-        rec.update(stages)
-        rec["core_staged"] = stages["conform"] + stages["inference"] + stages["postprocess"] + stages["to_native"]
         t = time.perf_counter()
         res = skullstrip_array(data, affine, model=model)
         rec["core"] = time.perf_counter() - t
-        rec["core_timings"] = res.timings
-        # an already skull-stripped input takes another path in skullstrip_array (no network)
-        rec["staged_matches_core"] = None if rec["already_stripped"] else bool(np.array_equal(res.mask, mask))
+        rec.update(res.timings)  # the core's own stage timings (an already stripped input skips the network)
         if do_n4:
             t = time.perf_counter()
             n4_correct(data, affine, res.mask > 0)
@@ -624,14 +579,13 @@ class Bench:
             per_head.append(rec)
             rows.append([h["name"], rec["shape"]] + [a.get(s) for s in stages] +
                         [a["core"], d.get("core"), ratio(a["core"], d.get("core")),
-                         rec["dice_app_deepbet"], rec["dice_app_silver"], rec["dice_deepbet_silver"],
-                         {True: "ok", False: "DIFFERS", None: "stripped input"}[a["staged_matches_core"]]])
+                         rec["dice_app_deepbet"], rec["dice_app_silver"], rec["dice_deepbet_silver"]])
         self.results["stages"]["per_head"] = per_head
         headers = ["head", "shape"] + stages + ["app core", "deepbet core", "core ratio", "Dice app/deepbet",
-                                                "Dice app/silver", "Dice deepbet/silver", "staged=core"]
+                                                "Dice app/silver", "Dice deepbet/silver"]
         self.say(table(headers, rows))
         self.say("\n`app core` = `skullstrip_array` (conform + inference + post-processing + back to native; load, "
-                 "N4 and write excluded), its own call; the stage columns come from the same steps run one by one "
+                 "N4 and write excluded), the stage columns are the timings that same call records "
                  "(`post_model_grid` + `post_native` = post-processing). `n4` = `bias.n4_correct` with the app's mask; "
                  "`write` = the mask only. "
                  "`deepbet core` = its `run_model` (bbox net, crop, resample to 256^3, net, back to native) + "

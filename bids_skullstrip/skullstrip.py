@@ -74,6 +74,9 @@ def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None,
     core = largest_component(prob >= threshold)
     support = ndi.binary_dilation(core, iterations=2) if core.any() else prob >= 0.05
     prob = np.where(support, prob, 0.0).astype(np.float32)
+    timings["post_model_grid"] = time.perf_counter() - t
+
+    t = time.perf_counter()
     shape = tuple(int(s) for s in data.shape[:3])
     native_mm = voxel_sizes(affine)
     pad = 2 + int(np.ceil(max(border_mm, 0.0) / native_mm.min()))
@@ -82,7 +85,12 @@ def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None,
     mask = np.zeros(shape, np.uint8)
     if block is not None:
         native_prob[block] = geometry.to_native_grid(prob, grid, affine, shape, block=block)
+    timings["to_native"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if block is not None:
         mask[block] = clean_mask(native_prob[block], threshold=threshold, border_mm=border_mm,
                                  voxel_mm=native_mm)
-    timings["postprocess"] = time.perf_counter() - t
+    timings["post_native"] = time.perf_counter() - t
+    timings["postprocess"] = timings["post_model_grid"] + timings["post_native"]
     return SkullstripResult(mask=mask, probability=native_prob, timings=timings)
