@@ -27,19 +27,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import unavailable
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_bids"
 SHARED_SLURM = Path(__file__).resolve().parents[1].parent / "shared" / "slurm"
 JOBCOMP = Path(os.environ.get("SLURM_JOBCOMP_LOG", "/var/log/slurm/jobcomp.log"))
-IN_CI = bool(os.environ.get("CI"))
 SBATCH_ARGS = os.environ.get("BIDS_SKULLSTRIP_TEST_SBATCH_ARGS", "-t 60")
-
-
-def _unavailable(reason: str):
-    if IN_CI:
-        pytest.fail(f"CI is set but the SLURM test cannot run: {reason}")
-    pytest.skip(reason)
 
 
 def _node_up() -> bool:
@@ -60,9 +54,9 @@ def slurm_cluster():
     if not _node_up():
         why = ("no SLURM node answers sinfo and " +
                (f"{script} is missing" if not script.is_file() else "start-slurm.sh needs root"))
-        _unavailable(why)
+        unavailable("SLURM", why)
     if not JOBCOMP.exists():
-        _unavailable(f"SLURM job completion log {JOBCOMP} not found (JobCompType=jobcomp/filetxt expected)")
+        unavailable("SLURM", f"SLURM job completion log {JOBCOMP} not found (JobCompType=jobcomp/filetxt expected)")
     return JOBCOMP
 
 
