@@ -5,7 +5,7 @@ import logging
 import sys
 from pathlib import Path
 
-from ..training.data import find_labelled_heads
+from ..training.data import find_brains, find_labelled_heads
 
 
 def build_parser():
@@ -15,10 +15,12 @@ def build_parser():
     p.add_argument("out_dir", help="checkpoints, history.csv, train.log and final/ weights go here; "
                                    "rerunning with the same out_dir resumes")
     p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--patch-size", type=int, nargs=3, default=(80, 80, 80))
     p.add_argument("--synth-prob", type=float, default=0.25)
+    p.add_argument("--composite-prob", type=float, default=0.2,
+                   help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--validate-every", type=int, default=1000)
@@ -68,8 +70,9 @@ def _train(args, out):
         init = WEIGHTS_FILE
     from ..training.train import train
 
-    final = train(train_heads, val_heads, out, steps=args.steps, seed=args.seed,
-                  patch_size=tuple(args.patch_size), synth_prob=args.synth_prob, peak_lr=args.lr,
+    final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps, seed=args.seed,
+                  patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
+                  composite_prob=args.composite_prob, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                   init_weights=init, threads=args.threads, export_only=args.export_only,
                   until=args.until)

@@ -2,8 +2,9 @@
 
 Every patch is drawn from one seeded generator, so the stream is reproducible and resumable.
 Spatial: rotation, anisotropic scaling, left-right flip, smooth elastic warp, random field of view.
-Acquisition: thick slices, bias field, Rician noise, gamma, intensity scaling. Synthetic contrast:
-the head's tissue classes repainted with random intensities (contrast-agnostic shapes, after SynthStrip).
+Acquisition: thick slices, bias field, Rician noise, gamma, intensity scaling. Synthesis: real
+skull-stripped brains composited into the real head shells (new brain shapes and textures), and the
+head's tissue classes repainted with random intensities (contrast-agnostic shapes, after SynthStrip).
 """
 
 import numpy as np
@@ -31,24 +32,46 @@ def _smooth_field(rng, shape, coarse, amplitude):
         : shape[0], : shape[1], : shape[2]]
 
 
-def _sample_coordinates(head, rng, size):
-    """Native voxel coordinates (3, *size) of a randomly posed patch on the model grid."""
+def _sample_world(head, rng, size):
+    """World coordinates (3, N) of a randomly posed patch on the model grid."""
     max_deg = 45.0 if rng.random() < 0.15 else 20.0
     world_from_patch = _rotation(rng, max_deg) @ np.diag(rng.uniform(0.85, 1.15, 3)) * MODEL_VOXEL_MM
     if rng.random() < 0.5:
         world_from_patch = np.diag([-1.0, 1.0, 1.0]) @ world_from_patch
-    if rng.random() < 0.1:
-        lo, hi = head.brain_extent
-        centre = rng.uniform(lo, hi)
+    where = rng.random()
+    if where < 0.1:
+        centre = rng.uniform(*head.brain_extent)
+    elif where < 0.25:  # neck, shoulders and the edges of wide fields of view
+        centre = rng.uniform(*head.head_extent)
     else:
         centre = head.brain_centre + rng.normal(0.0, 12.0, 3)
     grid = np.indices(size, dtype=np.float32).reshape(3, -1) - ((np.array(size) - 1) / 2)[:, None]
     world = world_from_patch @ grid + centre[:, None]
     if rng.random() < 0.5:
         world = world + np.stack([_smooth_field(rng, size, 5, 2.0).ravel() for _ in range(3)])
-    native_from_world = np.linalg.inv(head.affine)
-    native = native_from_world[:3, :3] @ world + native_from_world[:3, 3:]
-    return native.reshape(3, *size).astype(np.float32)
+    return world
+
+
+def _sample(volume, affine, world, size):
+    native_from_world = np.linalg.inv(affine)
+    native = (native_from_world[:3, :3] @ world + native_from_world[:3, 3:]).reshape(3, *size)
+    coords = native.astype(np.float32)
+    return ndi.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, prefilter=False), coords
+
+
+def _composite_brain(rng, head, brain, world, size, image, label):
+    """Put a real brain where the head's brain is: its extent scaled onto the head's brain extent, its
+    intensities onto the head's brain intensities, and the head's uncovered brain space filled like CSF."""
+    head_size = np.diff(head.brain_extent, axis=0)[0]
+    brain_size = np.diff(brain.brain_extent, axis=0)[0]
+    scale = brain_size / head_size * rng.uniform(0.93, 1.05, 3)
+    brain_world = brain.brain_centre[:, None] + scale[:, None] * (world - head.brain_centre[:, None])
+    new_image, _ = _sample(brain.image, brain.affine, brain_world, size)
+    new_mask, _ = _sample(brain.mask, brain.affine, brain_world, size)
+    new_image *= head.brain_median / brain.brain_median * rng.uniform(0.85, 1.15)
+    csf = head.brain_median * rng.uniform(0.1, 0.4) * (1.0 + 0.1 * rng.standard_normal(size))
+    shell = image * (1.0 - label) + csf * label
+    return (new_image + (1.0 - new_mask) * shell).astype(np.float32), new_mask
 
 
 def _crop_field_of_view(rng, coords, native_shape):
@@ -93,11 +116,13 @@ def _thick_slices(rng, image):
     return ndi.zoom(coarse, back, order=1)[: image.shape[0], : image.shape[1], : image.shape[2]]
 
 
-def training_patch(head, rng, *, size=(80, 80, 80), synth_prob=0.25):
+def training_patch(head, rng, *, size=(80, 80, 80), synth_prob=0.25, brains=(), composite_prob=0.2):
     """One (image, label) pair, float32 (size) each: normalised image and soft brain label."""
-    coords = _sample_coordinates(head, rng, size)
-    image = ndi.map_coordinates(head.image, coords, order=1, mode="constant", cval=0.0, prefilter=False)
-    label = ndi.map_coordinates(head.mask, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+    world = _sample_world(head, rng, size)
+    image, coords = _sample(head.image, head.affine, world, size)
+    label, _ = _sample(head.mask, head.affine, world, size)
+    if brains and rng.random() < composite_prob:
+        image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label)
     if rng.random() < 0.3:
         outside = _crop_field_of_view(rng, coords, head.image.shape)
         image[outside] = 0.0

@@ -50,6 +50,23 @@ def find_labelled_heads(root, *, split=None):
     return pairs
 
 
+def find_brains(root):
+    """Skull-stripped brains (``brains/*.nii[.gz]`` of the shared layout) for compositing into heads."""
+    return sorted(Path(root, "brains").glob("*.nii*"))
+
+
+def _world_extent(mask, affine):
+    idx = np.argwhere(mask > 0)
+    world = nib.affines.apply_affine(affine, idx[:: max(1, len(idx) // 20000)])
+    return world.mean(0), np.stack([world.min(0), world.max(0)])
+
+
+def _load_3d(path):
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return (data[..., 0] if data.ndim == 4 else data), img.affine
+
+
 @dataclass
 class TrainingHead:
     """A head held in memory, pre-smoothed for sampling onto the model's coarser grid."""
@@ -59,16 +76,34 @@ class TrainingHead:
     affine: np.ndarray
     brain_centre: np.ndarray  # world mm
     brain_extent: np.ndarray  # world mm, (min, max) of the brain along each axis
+    head_extent: np.ndarray  # world mm, (min, max) of the non-background voxels
+    brain_median: float  # median intensity inside the brain
 
     @classmethod
     def load(cls, head: LabelledHead):
-        img = nib.load(str(head.image))
-        affine = img.affine
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        if data.ndim == 4:
-            data = data[..., 0]
+        data, affine = _load_3d(head.image)
         mask = (np.asarray(nib.load(str(head.mask)).dataobj) > 0).astype(np.float32)
-        idx = np.argwhere(mask > 0)
-        world = nib.affines.apply_affine(affine, idx[:: max(1, len(idx) // 20000)])
+        centre, extent = _world_extent(mask, affine)
+        _, head_extent = _world_extent(data > 0.1 * np.percentile(data, 99), affine)
         return cls(head.name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
-                   affine, world.mean(0), np.stack([world.min(0), world.max(0)]))
+                   affine, centre, extent, head_extent, float(np.median(data[mask > 0])))
+
+
+@dataclass
+class TrainingBrain:
+    """A real skull-stripped brain (mask = non-zero voxels), pre-smoothed like ``TrainingHead``."""
+    name: str
+    image: np.ndarray
+    mask: np.ndarray
+    affine: np.ndarray
+    brain_centre: np.ndarray
+    brain_extent: np.ndarray
+    brain_median: float
+
+    @classmethod
+    def load(cls, path):
+        data, affine = _load_3d(path)
+        mask = (data > 0).astype(np.float32)
+        centre, extent = _world_extent(mask, affine)
+        return cls(Path(path).name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
+                   affine, centre, extent, float(np.median(data[mask > 0])))

@@ -23,7 +23,7 @@ from ..metrics import compare_masks, dice
 from ..postproc import clean_mask
 from ..skullstrip import skullstrip_array, voxel_sizes
 from .augment import training_patch
-from .data import TrainingHead
+from .data import TrainingBrain, TrainingHead
 
 log = logging.getLogger("bids_skullstrip.train")
 
@@ -48,8 +48,9 @@ def learning_rate(step, total, *, peak=1e-3, floor=2e-5, warmup=100):
 class PatchStream:
     """Background thread producing the training patches of steps start, start+1, ..."""
 
-    def __init__(self, heads, *, seed, start, patch_size, synth_prob, depth=4):
-        self.heads, self.seed, self.patch_size, self.synth_prob = heads, seed, patch_size, synth_prob
+    def __init__(self, heads, brains, *, seed, start, patch_size, synth_prob, composite_prob, depth=4):
+        self.heads, self.brains, self.seed = heads, brains, seed
+        self.patch_options = {"size": patch_size, "synth_prob": synth_prob, "composite_prob": composite_prob}
         self.queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._run, args=(start,), daemon=True)
         self.thread.start()
@@ -58,7 +59,7 @@ class PatchStream:
         while True:
             rng = np.random.default_rng([self.seed, step])
             head = self.heads[rng.integers(len(self.heads))]
-            image, label = training_patch(head, rng, size=self.patch_size, synth_prob=self.synth_prob)
+            image, label = training_patch(head, rng, brains=self.brains, **self.patch_options)
             self.queue.put((step, image[None, ..., None], label[None, ..., None]))
             step += 1
 
@@ -114,11 +115,12 @@ def export_weights(model, out_dir, card):
     return weights
 
 
-def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir, *, start, steps, until,
-               seed, patch_size, synth_prob, peak_lr, checkpoint_every, validate_every):
-    log.info("loading %d training heads", len(train_heads))
+def _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, val_heads, out_dir, *, start, steps,
+               until, seed, patch_size, synth_prob, composite_prob, peak_lr, checkpoint_every, validate_every):
+    log.info("loading %d training heads and %d brains", len(train_heads), len(brains))
     heads = [TrainingHead.load(h) for h in train_heads]
-    stream = PatchStream(heads, seed=seed, start=start, patch_size=tuple(patch_size), synth_prob=synth_prob)
+    stream = PatchStream(heads, [TrainingBrain.load(b) for b in brains], seed=seed, start=start,
+                         patch_size=tuple(patch_size), synth_prob=synth_prob, composite_prob=composite_prob)
     history = out_dir / "history.csv"
     new_history = not history.exists()
     with history.open("a", newline="") as fh:
@@ -152,8 +154,8 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_head
                 losses, t0 = [], time.perf_counter()
 
 
-def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_size=(80, 80, 80),
-          synth_prob=0.25, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
+def train(train_heads, val_heads, out_dir, *, brains=(), steps=2000, seed=20261125, patch_size=(80, 80, 80),
+          synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
           validate_every=1000, init_weights=None, threads=None, export_only=False, until=None):
     """Train (or resume) to ``steps`` on a cosine schedule over ``steps``; ``until`` stops this run earlier
     (the schedule is unchanged, so ``--until`` then a plain rerun equals one uninterrupted run)."""
@@ -187,9 +189,9 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
     start = int(step_var.numpy())
     until = steps if until is None else min(until, steps)
     if not export_only and start < until:
-        _run_steps(model, optimizer, manager, step_var, spent, train_heads, val_heads, out_dir,
+        _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, val_heads, out_dir,
                    start=start, steps=steps, until=until, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
-                   peak_lr=peak_lr, checkpoint_every=checkpoint_every, validate_every=validate_every)
+                   composite_prob=composite_prob, peak_lr=peak_lr, checkpoint_every=checkpoint_every, validate_every=validate_every)
     done = int(step_var.numpy())
 
     card = {
@@ -199,7 +201,8 @@ def train(train_heads, val_heads, out_dir, *, steps=6000, seed=20261125, patch_s
         "voxel_mm": MODEL_VOXEL_MM,
         "training": {
             "steps": done, "schedule_steps": steps, "seed": seed, "patch_size": list(patch_size),
-            "synth_prob": synth_prob, "peak_lr": peak_lr, "cpu_hours": float(spent.numpy()) / 3600.0,
+            "synth_prob": synth_prob, "composite_prob": composite_prob,
+            "composited_brains": [Path(b).name for b in brains], "peak_lr": peak_lr, "cpu_hours": float(spent.numpy()) / 3600.0,
             "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
         },
     }
