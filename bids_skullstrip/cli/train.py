@@ -15,7 +15,7 @@ def build_parser():
     p.add_argument("out_dir", help="checkpoints, history.csv, train.log and final/ weights go here; "
                                    "rerunning with the same out_dir resumes")
     p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
-    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--steps", type=int, default=3000)
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--patch-size", type=int, nargs=3, default=(80, 80, 80))
     p.add_argument("--synth-prob", type=float, default=0.25)

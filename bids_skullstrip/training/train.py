@@ -154,7 +154,7 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, 
                 losses, t0 = [], time.perf_counter()
 
 
-def train(train_heads, val_heads, out_dir, *, brains=(), steps=2000, seed=20261125, patch_size=(80, 80, 80),
+def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=20261125, patch_size=(80, 80, 80),
           synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
           validate_every=1000, init_weights=None, threads=None, export_only=False, until=None):
     """Train (or resume) to ``steps`` on a cosine schedule over ``steps``; ``until`` stops this run earlier
