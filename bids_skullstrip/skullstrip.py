@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 
 from . import geometry
 from .model.inference import default_threshold, predict_probability
-from .postproc import clean_mask, largest_component
+from .postproc import clean_mask, fill_holes, largest_component
 
 
 # An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
@@ -38,11 +38,11 @@ def looks_skull_stripped(data, voxel_mm):
 
 def _stripped_input_mask(data, voxel_mm, border_mm):
     """The brain of an already skull-stripped image: its non-zero region (largest part, holes filled)."""
-    mask = ndi.binary_fill_holes(largest_component(data != 0))
+    mask = fill_holes(largest_component(data != 0))
     if border_mm:
         from .postproc import apply_border
 
-        mask = ndi.binary_fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))
+        mask = fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))
     return mask
 
 

@@ -40,10 +40,30 @@ def _native_stderr_silenced():
         os.close(devnull)
 
 
+# TensorFlow imports Keras, and Keras imports these when they are installed, for plotting, scikit-learn
+# wrappers and DataFrame inputs that the network never uses (each import is guarded by
+# ``except ImportError``): about 1 s of every process start that runs the network.
+UNUSED_BY_KERAS_HERE = ("matplotlib", "sklearn", "pandas")
+
+
+@contextlib.contextmanager
+def _hidden_modules(names):
+    """Make ``import name`` fail inside the block unless ``name`` is already imported."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, "") is None:
+                del sys.modules[name]
+
+
 def import_tensorflow(threads=None):
     """Import TensorFlow quietly; ``threads`` caps its intra-op threads (if TF has not run yet)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    with _native_stderr_silenced():
+    with _native_stderr_silenced(), _hidden_modules(UNUSED_BY_KERAS_HERE):
         import tensorflow as tf
 
         tf.constant(0.0) + 1.0  # the second start-up notice comes with the first op
