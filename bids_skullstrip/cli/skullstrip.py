@@ -4,8 +4,10 @@
 """
 
 import argparse
+import contextlib
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -62,8 +64,36 @@ def _brain_image(img, data, mask):
     return like(img, data * mask, np.float32)
 
 
+def _quietly(function, *args):
+    """Run a warm-up in a thread; a failure shows up again, with its message, when the main thread
+    needs the same thing."""
+    try:
+        function(*args)
+    except Exception:  # noqa: BLE001 - reported by the main thread's own attempt
+        pass
+
+
+@contextlib.contextmanager
+def _stderr_of_our_own():
+    """Python's stderr on a copy of file descriptor 2: the warm-up thread points fd 2 at /dev/null while
+    TensorFlow prints its native start-up notices, and this CLI's messages must not go there too."""
+    sys.stderr.flush()
+    saved = sys.stderr
+    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding=saved.encoding, errors="backslashreplace")
+    try:
+        yield
+    finally:
+        sys.stderr.close()
+        sys.stderr = saved
+
+
 def main(argv=None):
     opts = build_parser().parse_args(argv)
+    with _stderr_of_our_own():
+        return _skullstrip(opts)
+
+
+def _skullstrip(opts):
     t_start = time.perf_counter()
     try:
         _check_outputs(opts)
@@ -71,14 +101,14 @@ def main(argv=None):
 
         from ..io import InputError, atomic_save, like, load_t1w
 
+        from ..model.inference import prepare_network
+        from ..skullstrip import skullstrip_array
+
+        threading.Thread(target=_quietly, args=(prepare_network, max(1, opts.threads)), daemon=True).start()
         try:
             img, data = load_t1w(opts.input)
         except InputError as exc:
             raise ValueError(str(exc)) from None
-        from ..model.inference import import_tensorflow
-        from ..skullstrip import skullstrip_array
-
-        import_tensorflow(max(1, opts.threads))
 
         t_core = time.perf_counter()
         result = skullstrip_array(data, img.affine, threshold=opts.threshold, border_mm=opts.border)
@@ -103,5 +133,14 @@ def main(argv=None):
     return 0
 
 
+def run():
+    """Console entry point. Exits without the interpreter's teardown, which costs about a second once
+    TensorFlow is loaded; every output is already complete (written, closed and renamed)."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()
