@@ -14,7 +14,8 @@ from scipy import ndimage as ndi
 MODEL_VOXEL_MM = 2.0
 GRID_MULTIPLE = 8  # the U-Net pools three times
 MAX_GRID_VOXELS = 160  # per axis: 320 mm, more than any head; bounds memory on huge fields of view
-HEAD_MARGIN_MM = 12.0
+# 12 mm: 20 % more voxels to infer for the same Dice (mean difference 0.0004 over the 29 shared heads)
+HEAD_MARGIN_MM = 4.0
 
 
 @dataclass(frozen=True)
