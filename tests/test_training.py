@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from scipy import ndimage as ndi
 
-from bids_skullstrip.training.augment import training_patch
-from bids_skullstrip.training.data import TrainingHead, find_labelled_heads
+from bids_skullstrip.training.augment import _composite_brain, _sample, _sample_world, training_patch
+from bids_skullstrip.training.data import TrainingBrain, TrainingHead, find_brains, find_labelled_heads
 from bids_skullstrip.training.train import learning_rate
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
@@ -64,6 +64,30 @@ def test_patch_stream_is_reproducible_and_varied():
         assert image.dtype == np.float32 and image.shape == (48, 48, 48)
         assert 0.0 <= label.min() and label.max() <= 1.0
         assert np.isfinite(image).all()
+
+
+def test_real_brain_composited_into_a_real_head():
+    """The label becomes the composited brain's mask; outside both brains the head is untouched; the old
+    brain's uncovered space turns dark like CSF; the new brain's intensities match the head's brain."""
+    head = TrainingHead.load(find_labelled_heads(SHARED, split="train")[0])
+    brains = find_brains(SHARED)
+    assert len(brains) == 36
+    brain = TrainingBrain.load(brains[0])
+    size = (64, 64, 64)
+    rng = np.random.default_rng(3)
+    world = _sample_world(head, rng, size)
+    image, _ = _sample(head.image, head.affine, world, size)
+    label, _ = _sample(head.mask, head.affine, world, size)
+    new_image, new_label = _composite_brain(rng, head, brain, world, size, image, label)
+    old, new = label > 0.99, new_label > 0.99
+    assert new.sum() > 0.1 * new.size and not np.array_equal(old, new)
+    outside = (label == 0) & (new_label == 0)
+    assert outside.sum() > 0.05 * outside.size
+    assert np.allclose(new_image[outside], image[outside], rtol=1e-5, atol=1e-3 * head.brain_median)
+    uncovered = old & (new_label < 0.01)
+    assert uncovered.any() and np.median(new_image[uncovered]) < 0.5 * head.brain_median
+    assert 0.8 < np.median(new_image[new]) / head.brain_median < 1.25
+    assert np.isfinite(new_image).all() and new_image.dtype == np.float32
 
 
 def test_learning_rate_schedule():
