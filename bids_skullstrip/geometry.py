@@ -99,6 +99,22 @@ def _axis_operator(n_in, coords, sigma, mode):
     return ndi.map_coordinates(op, where, order=1, mode=mode, cval=0.0, prefilter=False)
 
 
+def _apply_along(op, volume, axis):
+    """``op`` (n_out, n_in) applied along one axis of ``volume``. Plain linear interpolation (two taps per
+    output) along an outer axis is two gathers; anything else is one matrix product (BLAS)."""
+    nonzero = op != 0
+    taps = int(nonzero.sum(1).max(initial=0))
+    if taps <= 2 and axis < volume.ndim - 1:
+        cols = np.argsort(~nonzero, axis=1, kind="stable")[:, :2]
+        weights = np.take_along_axis(op, cols, 1).astype(np.float32)
+        shape = [1] * volume.ndim
+        shape[axis] = op.shape[0]
+        out = np.take(volume, cols[:, 0], axis=axis) * weights[:, 0].reshape(shape)
+        out += np.take(volume, cols[:, 1], axis=axis) * weights[:, 1].reshape(shape)
+        return out
+    return np.moveaxis(np.tensordot(op.astype(np.float32), volume, axes=([1], [axis])), 0, axis)
+
+
 def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
     """Gaussian smoothing (``sigma`` voxels per axis) then linear sampling at ``vox`` @ output voxels.
 
@@ -112,8 +128,7 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
         out = np.asarray(volume, dtype=np.float32)
         for axis in np.argsort([o / i for o, i in zip(output_shape, volume.shape)]):  # shrink first
             coords = diagonal[axis] * np.arange(output_shape[axis]) + vox[axis, 3]
-            op = _axis_operator(volume.shape[axis], coords, sigma[axis], mode).astype(np.float32)
-            out = np.moveaxis(np.tensordot(op, out, axes=([1], [axis])), 0, axis)
+            out = _apply_along(_axis_operator(volume.shape[axis], coords, sigma[axis], mode), out, axis)
         return np.ascontiguousarray(out)
     if max(sigma) > 0:
         volume = ndi.gaussian_filter(volume, sigma, mode="nearest")
