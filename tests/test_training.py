@@ -90,6 +90,31 @@ def test_real_brain_composited_into_a_real_head():
     assert np.isfinite(new_image).all() and new_image.dtype == np.float32
 
 
+def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns():
+    import keras
+
+    from bids_skullstrip.model.unet import build_unet
+    from bids_skullstrip.training.train import dice_bce_loss, freeze_batch_norm
+
+    model = build_unet(base_filters=4, levels=2)
+    optimizer = keras.optimizers.Adam(1e-2)
+    model.compile(optimizer=optimizer, loss=dice_bce_loss)
+    rng = np.random.default_rng(0)
+    x = rng.random((1, 16, 16, 16, 1)).astype(np.float32)
+    y = (rng.random((1, 16, 16, 16, 1)) > 0.5).astype(np.float32)
+    bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
+    conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv3D))
+    model.train_on_batch(x, y)
+    stats, kernel = [np.array(v) for v in bn.non_trainable_weights], np.array(conv.kernel)
+    model.train_on_batch(x, y)
+    assert not np.array_equal(np.array(bn.non_trainable_weights[0]), stats[0])  # moving before the freeze
+    freeze_batch_norm(model, optimizer)
+    stats, kernel = [np.array(v) for v in bn.non_trainable_weights], np.array(conv.kernel)
+    model.train_on_batch(x, y)
+    assert all(np.array_equal(np.array(v), s) for v, s in zip(bn.non_trainable_weights, stats))
+    assert not np.array_equal(np.array(conv.kernel), kernel)
+
+
 def test_learning_rate_schedule():
     assert learning_rate(0, 1000) < learning_rate(99, 1000)
     assert learning_rate(100, 1000) == pytest.approx(1e-3, rel=1e-3)
@@ -110,7 +135,8 @@ def test_fine_tune_resume_and_export(tmp_path):
     assert main(common + ["--steps", "3"]) == 0
     rows = list(csv.DictReader((out / "history.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
-    assert "resumed from" in (out / "train.log").read_text()
+    log = (out / "train.log").read_text()
+    assert "resumed from" in log and "step 2: BatchNorm statistics frozen" in log
     card = json.loads((out / "final" / "model.json").read_text())
     weights = out / "final" / "unet.weights.h5"
     assert card["training"]["steps"] == 3 and card["training"]["fine_tuned_from"]

@@ -21,6 +21,8 @@ def build_parser():
     p.add_argument("--synth-prob", type=float, default=0.25)
     p.add_argument("--composite-prob", type=float, default=0.2,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
+    p.add_argument("--frozen-bn-fraction", type=float, default=0.2,
+                   help="the last part of the schedule trains with BatchNorm statistics frozen")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--validate-every", type=int, default=1000)
@@ -72,7 +74,7 @@ def _train(args, out):
 
     final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps, seed=args.seed,
                   patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
-                  composite_prob=args.composite_prob, peak_lr=args.lr,
+                  composite_prob=args.composite_prob, frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                   init_weights=init, threads=args.threads, export_only=args.export_only,
                   until=args.until)
