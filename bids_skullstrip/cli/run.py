@@ -280,7 +280,7 @@ def run_group(opts):
     if not output_dir.is_dir():
         raise UsageError(f"{output_dir}: output folder not found; run the participant level first")
     paths = write_group_report(output_dir)
-    log.info("group report: %s", paths)
+    log.info("group report: %s", ", ".join(str(p) for p in paths))
     return 0
 
 
