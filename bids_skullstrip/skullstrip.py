@@ -8,7 +8,7 @@ from scipy import ndimage as ndi
 
 from . import geometry
 from .model.inference import default_threshold, predict_probability
-from .postproc import clean_mask, fill_holes, largest_component
+from .postproc import clean_mask, largest_component
 
 
 # An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
@@ -36,16 +36,6 @@ def looks_skull_stripped(data, voxel_mm):
             and STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1])
 
 
-def _stripped_input_mask(data, voxel_mm, border_mm):
-    """The brain of an already skull-stripped image: its non-zero region (largest part, holes filled)."""
-    mask = fill_holes(largest_component(data != 0))
-    if border_mm:
-        from .postproc import apply_border
-
-        mask = fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))
-    return mask
-
-
 def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None, flip_tta=False):
     """Skull-strip a 3D volume given with its voxel-to-world affine; outputs are on the same grid.
 
@@ -56,7 +46,9 @@ def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None,
     timings = {}
     if looks_skull_stripped(data, voxel_sizes(affine)):
         t = time.perf_counter()
-        mask = _stripped_input_mask(data, voxel_sizes(affine), border_mm).astype(np.uint8)
+        # the brain is the non-zero region (as a 0/1 map: largest part, holes filled, optional border)
+        mask = clean_mask(data != 0, threshold=0.5, border_mm=border_mm, voxel_mm=voxel_sizes(affine))
+        mask = mask.astype(np.uint8)
         timings["postprocess"] = time.perf_counter() - t
         return SkullstripResult(mask=mask, probability=mask.astype(np.float32), timings=timings,
                                 warnings=["the image looks already skull-stripped (zero outside a brain-sized "

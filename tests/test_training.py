@@ -10,7 +10,7 @@ import pytest
 from scipy import ndimage as ndi
 
 from bids_skullstrip.training.augment import _composite_brain, _sample, _sample_world, training_patch
-from bids_skullstrip.training.data import TrainingBrain, TrainingHead, find_brains, find_labelled_heads
+from bids_skullstrip.training.data import TrainingHead, find_brains, find_labelled_heads
 from bids_skullstrip.training.train import learning_rate
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
@@ -72,12 +72,11 @@ def test_real_brain_composited_into_a_real_head():
     head = TrainingHead.load(find_labelled_heads(SHARED, split="train")[0])
     brains = find_brains(SHARED)
     assert len(brains) == 36
-    brain = TrainingBrain.load(brains[0])
+    brain = TrainingHead.load_brain(brains[0])
     size = (64, 64, 64)
     rng = np.random.default_rng(3)
     world = _sample_world(head, rng, size)
-    image, _ = _sample(head.image, head.affine, world, size)
-    label, _ = _sample(head.mask, head.affine, world, size)
+    (image, label), _ = _sample((head.image, head.mask), head.affine, world, size)
     new_image, new_label = _composite_brain(rng, head, brain, world, size, image, label)
     old, new = label > 0.99, new_label > 0.99
     assert new.sum() > 0.1 * new.size and not np.array_equal(old, new)

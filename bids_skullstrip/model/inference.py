@@ -5,7 +5,6 @@ import functools
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -84,17 +83,9 @@ def default_threshold():
     return float(model_card().get("threshold", 0.5))
 
 
-_MODEL_LOCK = threading.RLock()  # a model is built once even when a warm-up thread races the caller
-
-
+@functools.lru_cache(maxsize=4)
 def load_model(weights=None):
     """Build the U-Net and load weights (the bundled ones by default). Cached per process."""
-    with _MODEL_LOCK:
-        return _load_model(weights)
-
-
-@functools.lru_cache(maxsize=4)
-def _load_model(weights):
     import_tensorflow()
     from .unet import build_unet
 
@@ -108,19 +99,14 @@ def _load_model(weights):
 
 def prepare_network(threads=None):
     """Import TensorFlow, build the bundled network and trace its graph: most of a cold start, which a
-    caller can run in a thread while it reads and resamples the image."""
+    caller can run in a thread while it reads the image (and join before it uses the network)."""
     import_tensorflow(threads)
     model = load_model()
     _forward(model).get_concrete_function()
 
 
-def _graph_forward(model):
-    with _MODEL_LOCK:
-        return _traced_forward(model)
-
-
 @functools.lru_cache(maxsize=4)
-def _traced_forward(model):
+def _graph_forward(model):
     """The network as one TensorFlow graph for any volume size (traced once per process).
 
     Eager Keras keeps every intermediate feature map alive until the output exists; a graph lets

@@ -52,11 +52,12 @@ def _sample_world(head, rng, size):
     return world
 
 
-def _sample(volume, affine, world, size):
+def _sample(volumes, affine, world, size):
+    """``volumes`` (on the grid of ``affine``) at the world points, and those points' voxel coordinates."""
     native_from_world = np.linalg.inv(affine)
-    native = (native_from_world[:3, :3] @ world + native_from_world[:3, 3:]).reshape(3, *size)
-    coords = native.astype(np.float32)
-    return ndi.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, prefilter=False), coords
+    coords = (native_from_world[:3, :3] @ world + native_from_world[:3, 3:]).reshape(3, *size).astype(np.float32)
+    return [ndi.map_coordinates(v, coords, order=1, mode="constant", cval=0.0, prefilter=False)
+            for v in volumes], coords
 
 
 def _composite_brain(rng, head, brain, world, size, image, label):
@@ -66,8 +67,7 @@ def _composite_brain(rng, head, brain, world, size, image, label):
     brain_size = np.diff(brain.brain_extent, axis=0)[0]
     scale = brain_size / head_size * rng.uniform(0.93, 1.05, 3)
     brain_world = brain.brain_centre[:, None] + scale[:, None] * (world - head.brain_centre[:, None])
-    new_image, _ = _sample(brain.image, brain.affine, brain_world, size)
-    new_mask, _ = _sample(brain.mask, brain.affine, brain_world, size)
+    (new_image, new_mask), _ = _sample((brain.image, brain.mask), brain.affine, brain_world, size)
     new_image *= head.brain_median / brain.brain_median * rng.uniform(0.85, 1.15)
     csf = head.brain_median * rng.uniform(0.1, 0.4) * (1.0 + 0.1 * rng.standard_normal(size))
     shell = image * (1.0 - label) + csf * label
@@ -119,8 +119,7 @@ def _thick_slices(rng, image):
 def training_patch(head, rng, *, size=(80, 80, 80), synth_prob=0.25, brains=(), composite_prob=0.2):
     """One (image, label) pair, float32 (size) each: normalised image and soft brain label."""
     world = _sample_world(head, rng, size)
-    image, coords = _sample(head.image, head.affine, world, size)
-    label, _ = _sample(head.mask, head.affine, world, size)
+    (image, label), coords = _sample((head.image, head.mask), head.affine, world, size)
     if brains and rng.random() < composite_prob:
         image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label)
     if rng.random() < 0.3:

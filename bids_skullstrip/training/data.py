@@ -69,7 +69,8 @@ def _load_3d(path):
 
 @dataclass
 class TrainingHead:
-    """A head held in memory, pre-smoothed for sampling onto the model's coarser grid."""
+    """A head (or a skull-stripped brain) held in memory, pre-smoothed for sampling onto the model's
+    coarser grid."""
     name: str
     image: np.ndarray
     mask: np.ndarray
@@ -80,30 +81,20 @@ class TrainingHead:
     brain_median: float  # median intensity inside the brain
 
     @classmethod
+    def _from_arrays(cls, name, data, mask, affine):
+        centre, extent = _world_extent(mask, affine)
+        _, head_extent = _world_extent(data > 0.1 * np.percentile(data, 99), affine)
+        return cls(name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
+                   affine, centre, extent, head_extent, float(np.median(data[mask > 0])))
+
+    @classmethod
     def load(cls, head: LabelledHead):
         data, affine = _load_3d(head.image)
         mask = (np.asarray(nib.load(str(head.mask)).dataobj) > 0).astype(np.float32)
-        centre, extent = _world_extent(mask, affine)
-        _, head_extent = _world_extent(data > 0.1 * np.percentile(data, 99), affine)
-        return cls(head.name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
-                   affine, centre, extent, head_extent, float(np.median(data[mask > 0])))
-
-
-@dataclass
-class TrainingBrain:
-    """A real skull-stripped brain (mask = non-zero voxels), pre-smoothed like ``TrainingHead``."""
-    name: str
-    image: np.ndarray
-    mask: np.ndarray
-    affine: np.ndarray
-    brain_centre: np.ndarray
-    brain_extent: np.ndarray
-    brain_median: float
+        return cls._from_arrays(head.name, data, mask, affine)
 
     @classmethod
-    def load(cls, path):
+    def load_brain(cls, path):
+        """A real skull-stripped brain: its mask is its non-zero voxels."""
         data, affine = _load_3d(path)
-        mask = (data > 0).astype(np.float32)
-        centre, extent = _world_extent(mask, affine)
-        return cls(Path(path).name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
-                   affine, centre, extent, float(np.median(data[mask > 0])))
+        return cls._from_arrays(Path(path).name, data, (data > 0).astype(np.float32), affine)

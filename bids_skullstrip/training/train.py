@@ -23,7 +23,7 @@ from ..metrics import compare_masks, dice
 from ..postproc import clean_mask
 from ..skullstrip import skullstrip_array, voxel_sizes
 from .augment import training_patch
-from .data import TrainingBrain, TrainingHead
+from .data import TrainingHead
 
 log = logging.getLogger("bids_skullstrip.train")
 
@@ -134,7 +134,7 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, 
                freeze_bn_from):
     log.info("loading %d training heads and %d brains", len(train_heads), len(brains))
     heads = [TrainingHead.load(h) for h in train_heads]
-    stream = PatchStream(heads, [TrainingBrain.load(b) for b in brains], seed=seed, start=start,
+    stream = PatchStream(heads, [TrainingHead.load_brain(b) for b in brains], seed=seed, start=start,
                          patch_size=tuple(patch_size), synth_prob=synth_prob, composite_prob=composite_prob)
     history = out_dir / "history.csv"
     new_history = not history.exists()
