@@ -114,6 +114,29 @@ def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns():
     assert not np.array_equal(np.array(conv.kernel), kernel)
 
 
+def test_weight_average_is_the_mean_of_the_updates_and_survives_a_checkpoint(tmp_path):
+    import tensorflow as tf
+
+    from bids_skullstrip.model.unet import build_unet
+    from bids_skullstrip.training.train import WeightAverage
+
+    model = build_unet(base_filters=4, levels=2)
+    average = WeightAverage(model)
+    snapshots = []
+    for k in range(3):
+        model.set_weights([np.full(w.shape, float(k), np.float32) + np.asarray(w) for w in model.weights])
+        snapshots.append([np.asarray(w).copy() for w in model.weights])
+        average.update()
+    tf.train.Checkpoint(average=average.trackable()).write(str(tmp_path / "ckpt"))
+    restored = WeightAverage(model)
+    tf.train.Checkpoint(average=restored.trackable()).read(str(tmp_path / "ckpt")).assert_consumed()
+    model.set_weights([np.zeros(w.shape, np.float32) for w in model.weights])
+    assert restored.apply() == 3
+    for weight, *values in zip(model.weights, *snapshots):
+        np.testing.assert_allclose(np.asarray(weight), np.mean(values, axis=0), rtol=1e-5, atol=1e-5)
+    assert WeightAverage(model).apply() == 0
+
+
 def test_learning_rate_schedule():
     assert learning_rate(0, 1000) < learning_rate(99, 1000)
     assert learning_rate(100, 1000) == pytest.approx(1e-3, rel=1e-3)
@@ -139,6 +162,8 @@ def test_fine_tune_resume_and_export(tmp_path):
     card = json.loads((out / "final" / "model.json").read_text())
     weights = out / "final" / "unet.weights.h5"
     assert card["training"]["steps"] == 3 and card["training"]["fine_tuned_from"]
+    # the 2-step schedule froze (and averaged) its step 2, the 3-step one its step 3
+    assert card["training"]["averaged_steps"] == 2
     assert weights.stat().st_size < 10 * 2**20
     assert card["sha256"] and len(card["sha256"]) == 64
 

@@ -21,8 +21,9 @@ def build_parser():
     p.add_argument("--synth-prob", type=float, default=0.25)
     p.add_argument("--composite-prob", type=float, default=0.2,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
-    p.add_argument("--frozen-bn-fraction", type=float, default=0.2,
-                   help="the last part of the schedule trains with BatchNorm statistics frozen")
+    p.add_argument("--frozen-bn-fraction", type=float, default=0.3,
+                   help="the last part of the schedule trains with BatchNorm statistics frozen; the exported "
+                        "weights are the mean of the weights over that part")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--validate-every", type=int, default=1000)

@@ -129,7 +129,40 @@ def freeze_batch_norm(model, optimizer):
     model.compile(optimizer=optimizer, loss=dice_bce_loss)
 
 
-def _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, val_heads, out_dir, *, start, steps,
+class WeightAverage:
+    """Running mean of the weights over the frozen-BatchNorm phase (Polyak/SWA averaging), kept in the
+    checkpoint so a resumed run averages exactly what an uninterrupted one would.
+
+    With one patch per batch the weights of consecutive checkpoints still differ by up to 0.01 validation
+    Dice after the freeze; their mean is steadier and generalises at least as well. The averaging is only
+    sound because BatchNorm statistics are fixed over that phase (they are averaged too, as constants)."""
+
+    def __init__(self, model):
+        import tensorflow as tf
+
+        self.model = model
+        self.mean = [tf.Variable(tf.zeros_like(w.value), trainable=False) for w in model.weights]
+        self.count = tf.Variable(0, dtype=tf.int64, trainable=False)
+
+    def trackable(self):
+        import tensorflow as tf
+
+        return tf.train.Checkpoint(mean=self.mean, count=self.count)
+
+    def update(self):
+        n = float(self.count.assign_add(1).numpy())
+        for mean, weight in zip(self.mean, self.model.weights):
+            mean.assign_add((weight.value - mean) / n)
+
+    def apply(self):
+        """Give the model the averaged weights; returns how many steps they average (0: left unchanged)."""
+        count = int(self.count.numpy())
+        if count:
+            self.model.set_weights([mean.numpy() for mean in self.mean])
+        return count
+
+
+def _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir, *, start, steps,
                until, seed, patch_size, synth_prob, composite_prob, peak_lr, checkpoint_every, validate_every,
                freeze_bn_from):
     log.info("loading %d training heads and %d brains", len(train_heads), len(brains))
@@ -152,6 +185,8 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, 
             lr = learning_rate(step, steps, peak=peak_lr)
             optimizer.learning_rate.assign(lr)
             losses.append(float(model.train_on_batch(x, y)))
+            if step >= freeze_bn_from:
+                average.update()
             done = step + 1
             if done % checkpoint_every == 0 or done in (steps, until):
                 elapsed = time.perf_counter() - t0
@@ -175,7 +210,7 @@ def _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, 
 def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=20261125, patch_size=(80, 80, 80),
           synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
           validate_every=1000, init_weights=None, threads=None, export_only=False, until=None,
-          frozen_bn_fraction=0.2):
+          frozen_bn_fraction=0.3):
     """Train (or resume) to ``steps`` on a cosine schedule over ``steps``; ``until`` stops this run earlier
     (the schedule is unchanged, so ``--until`` then a plain rerun equals one uninterrupted run)."""
     import tensorflow as tf
@@ -198,7 +233,9 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=202611
 
     step_var = tf.Variable(0, dtype=tf.int64, name="step")
     spent = tf.Variable(0.0, dtype=tf.float64, name="cpu_seconds")
-    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, seconds=spent)
+    average = WeightAverage(model)
+    ckpt = tf.train.Checkpoint(model=model, optimizer=optimizer, step=step_var, seconds=spent,
+                               average=average.trackable())
     manager = tf.train.CheckpointManager(ckpt, str(out_dir / "checkpoints"), max_to_keep=2)
     # Optimizer slots exist only after a first update, so build them before restoring.
     optimizer.build(model.trainable_variables)
@@ -208,11 +245,14 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=202611
     start = int(step_var.numpy())
     until = steps if until is None else min(until, steps)
     if not export_only and start < until:
-        _run_steps(model, optimizer, manager, step_var, spent, train_heads, brains, val_heads, out_dir,
+        _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir,
                    start=start, steps=steps, until=until, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
                    composite_prob=composite_prob, peak_lr=peak_lr,
                    freeze_bn_from=int(round(steps * (1.0 - frozen_bn_fraction))), checkpoint_every=checkpoint_every, validate_every=validate_every)
     done = int(step_var.numpy())
+    averaged = average.apply()
+    if averaged:
+        log.info("exporting the mean of the weights of the last %d steps (BatchNorm frozen)", averaged)
 
     card = {
         "name": "bids_skullstrip U-Net",
@@ -222,6 +262,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=202611
         "training": {
             "steps": done, "schedule_steps": steps, "seed": seed, "patch_size": list(patch_size),
             "synth_prob": synth_prob, "composite_prob": composite_prob, "frozen_bn_fraction": frozen_bn_fraction,
+            "averaged_steps": averaged,
             "composited_brains": [Path(b).name for b in brains], "peak_lr": peak_lr, "cpu_hours": float(spent.numpy()) / 3600.0,
             "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
         },
@@ -233,6 +274,8 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=202611
     finished = done >= steps and not export_only
     if val_heads and finished:
         card["validation"] = validate(model, val_heads, threshold=card["threshold"])
+        log.info("exported weights, validation: %s",
+                 ", ".join(f"{r['name']} {r['dice']:.4f}" for r in card["validation"]))
     final = out_dir / ("final" if finished else f"export-step{done}")
     export_weights(model, final, card)
     return final
