@@ -182,3 +182,47 @@ def test_until_stops_early_and_a_rerun_finishes(tmp_path):
     assert main(common) == 0
     assert json.loads((out / "final" / "model.json").read_text())["training"]["steps"] == 3
     assert [r["step"] for r in csv.DictReader((out / "history.csv").open())] == ["2", "3"]
+
+
+def _eval_rows(capsys, argv, csv_path):
+    from bids_skullstrip.cli.evaluate import main
+
+    assert main([*argv, "--csv", str(csv_path)]) == 0
+    table = capsys.readouterr().out
+    assert "median" in table and "worst" in table
+    return {r["name"]: {k: float(v) for k, v in r.items() if k != "name"} for r in csv.DictReader(csv_path.open())}
+
+
+def test_eval_scores_existing_masks(tmp_path, capsys):
+    data = tmp_path / "nfbs"
+    _, mask_path = _small_head("ds000011-sub-02", data, "nfbs")
+    predictions = tmp_path / "pred"
+    predictions.mkdir()
+    mask = nib.load(str(mask_path))
+    eroded = ndi.binary_erosion(np.asarray(mask.dataobj) > 0, iterations=2).astype(np.uint8)
+    nib.save(nib.Nifti1Image(eroded, mask.affine), str(predictions / "ds000011-sub-02.nii.gz"))
+    rows = _eval_rows(capsys, [str(data), "--predictions", str(predictions)], tmp_path / "scores.csv")
+    row = rows["ds000011-sub-02"]
+    assert 0.5 < row["dice"] < 0.95 and row["iou"] < row["dice"]
+    assert row["hd95_mm"] == pytest.approx(6.0, abs=1.5)  # two 3 mm voxels
+    assert row["volume_diff_pct"] < -10
+
+
+def test_eval_uses_the_threshold_calibrated_for_the_given_weights(tmp_path, capsys):
+    import shutil
+
+    from bids_skullstrip.model.inference import CARD_FILE, WEIGHTS_FILE
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    weights = tmp_path / "model" / "unet.weights.h5"
+    weights.parent.mkdir()
+    shutil.copy(WEIGHTS_FILE, weights)
+    card = json.loads(CARD_FILE.read_text())
+    (weights.parent / "model.json").write_text(json.dumps(dict(card, threshold=0.95)))
+    common = [str(data), "--weights", str(weights)]
+    own = _eval_rows(capsys, common, tmp_path / "own.csv")["ds000011-sub-02"]
+    explicit = _eval_rows(capsys, [*common, "--threshold", "0.95"], tmp_path / "explicit.csv")["ds000011-sub-02"]
+    low = _eval_rows(capsys, [*common, "--threshold", "0.3"], tmp_path / "low.csv")["ds000011-sub-02"]
+    assert own["volume_ml"] == explicit["volume_ml"]
+    assert own["volume_ml"] < low["volume_ml"]

@@ -29,7 +29,7 @@ def build_parser():
     p.add_argument("--predictions", help="score existing masks from this folder instead of running the model")
     p.add_argument("--weights", help="model weights (default: the bundled ones)")
     p.add_argument("--threshold", type=float, default=None,
-                   help="probability threshold (default: the one in the model card)")
+                   help="probability threshold (default: the one in the model.json beside the weights)")
     p.add_argument("--csv", help="write the per-image table here")
     return p
 
@@ -47,8 +47,10 @@ def evaluate(heads, *, predictions=None, weights=None, threshold=None):
 
     model = None
     if predictions is None:
-        from ..model.inference import load_model
+        from ..model.inference import default_threshold, load_model
         model = load_model(weights)
+        if threshold is None:
+            threshold = default_threshold(weights)
     rows = []
     for head in heads:
         img, data = load_t1w(head.image)

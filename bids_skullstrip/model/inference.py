@@ -78,9 +78,12 @@ def model_card():
     return json.loads(CARD_FILE.read_text())
 
 
-def default_threshold():
-    """The probability threshold calibrated for the bundled weights (in their model card)."""
-    return float(model_card().get("threshold", 0.5))
+def default_threshold(weights=None):
+    """The probability threshold calibrated for ``weights`` (the bundled ones by default), read from the
+    ``model.json`` beside them (0.5 if there is none)."""
+    card_file = Path(weights).with_name("model.json") if weights else CARD_FILE
+    card = json.loads(card_file.read_text()) if card_file.exists() else {}
+    return float(card.get("threshold", 0.5))
 
 
 @functools.lru_cache(maxsize=4)
