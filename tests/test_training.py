@@ -211,14 +211,14 @@ def test_eval_scores_existing_masks(tmp_path, capsys):
 def test_eval_uses_the_threshold_calibrated_for_the_given_weights(tmp_path, capsys):
     import shutil
 
-    from bids_skullstrip.model.inference import CARD_FILE, WEIGHTS_FILE
+    from bids_skullstrip.model.inference import WEIGHTS_FILE, model_card
 
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
     weights = tmp_path / "model" / "unet.weights.h5"
     weights.parent.mkdir()
     shutil.copy(WEIGHTS_FILE, weights)
-    card = json.loads(CARD_FILE.read_text())
+    card = model_card()
     (weights.parent / "model.json").write_text(json.dumps(dict(card, threshold=0.95)))
     common = [str(data), "--weights", str(weights)]
     own = _eval_rows(capsys, common, tmp_path / "own.csv")["ds000011-sub-02"]

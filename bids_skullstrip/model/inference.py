@@ -74,16 +74,15 @@ def import_tensorflow(threads=None):
     return tf
 
 
-def model_card():
-    return json.loads(CARD_FILE.read_text())
+def model_card(weights=None):
+    """The ``model.json`` beside ``weights`` (the bundled ones by default); {} if there is none."""
+    card_file = Path(weights).with_name("model.json") if weights else CARD_FILE
+    return json.loads(card_file.read_text()) if card_file.exists() else {}
 
 
 def default_threshold(weights=None):
-    """The probability threshold calibrated for ``weights`` (the bundled ones by default), read from the
-    ``model.json`` beside them (0.5 if there is none)."""
-    card_file = Path(weights).with_name("model.json") if weights else CARD_FILE
-    card = json.loads(card_file.read_text()) if card_file.exists() else {}
-    return float(card.get("threshold", 0.5))
+    """The probability threshold calibrated for ``weights`` (the bundled ones by default)."""
+    return float(model_card(weights).get("threshold", 0.5))
 
 
 @functools.lru_cache(maxsize=4)
@@ -92,11 +91,9 @@ def load_model(weights=None):
     import_tensorflow()
     from .unet import build_unet
 
-    weights = Path(weights) if weights else WEIGHTS_FILE
-    card_file = weights.with_name("model.json")
-    arch = json.loads(card_file.read_text())["architecture"] if card_file.exists() else {}
+    arch = model_card(weights).get("architecture", {})
     model = build_unet(**arch)
-    model.load_weights(str(weights))
+    model.load_weights(str(weights or WEIGHTS_FILE))
     return model
 
 

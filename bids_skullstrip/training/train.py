@@ -162,9 +162,9 @@ class WeightAverage:
         return count
 
 
-def _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir, *, start, steps,
-               until, seed, patch_size, synth_prob, composite_prob, peak_lr, checkpoint_every, validate_every,
-               freeze_bn_from):
+def _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir, *,
+               start, steps, until, seed, patch_size, synth_prob, composite_prob, peak_lr, checkpoint_every,
+               validate_every, freeze_bn_from):
     log.info("loading %d training heads and %d brains", len(train_heads), len(brains))
     heads = [TrainingHead.load(h) for h in train_heads]
     stream = PatchStream(heads, [TrainingHead.load_brain(b) for b in brains], seed=seed, start=start,
@@ -247,8 +247,8 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=202611
     if not export_only and start < until:
         _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir,
                    start=start, steps=steps, until=until, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
-                   composite_prob=composite_prob, peak_lr=peak_lr,
-                   freeze_bn_from=int(round(steps * (1.0 - frozen_bn_fraction))), checkpoint_every=checkpoint_every, validate_every=validate_every)
+                   composite_prob=composite_prob, peak_lr=peak_lr, checkpoint_every=checkpoint_every,
+                   validate_every=validate_every, freeze_bn_from=int(round(steps * (1.0 - frozen_bn_fraction))))
     done = int(step_var.numpy())
     averaged = average.apply()
     if averaged:
