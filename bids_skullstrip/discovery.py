@@ -4,6 +4,7 @@ Every problem is a ``DiscoveryError`` with a one-line message naming the dataset
 """
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -107,6 +108,21 @@ def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_
         raise DiscoveryError(f"{bids_dir}: no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for "
                              f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else ""))
     return found
+
+
+def missing_content(t1w):
+    """Why the content of ``t1w`` cannot be read although its name is in the dataset, or None.
+
+    A DataLad dataset after ``datalad clone`` without ``datalad get`` has every file as a symbolic link
+    into ``.git/annex/objects`` that dangles until its content is fetched; the images that are present
+    are processed and each missing one is reported on its own."""
+    path = t1w.path
+    if not path.is_symlink() or path.exists():
+        return None
+    target = os.readlink(path)
+    if ".git/annex/objects" in Path(target).as_posix():
+        return f"{t1w.relpath}: git-annex content not present: run `datalad get {t1w.relpath}` in the dataset"
+    return f"{t1w.relpath}: broken symbolic link (its target {target} does not exist)"
 
 
 def validate_dataset(bids_dir):

@@ -38,6 +38,7 @@ LIMITS = {
     "edge_offset_spread_mm": (None, 15.0, "mm", "brain edge vs mask surface differs between sides of the mask by"),
     "outside_brainlike_fraction": (None, 0.58, "", "brain-like intensity just outside the mask"),
     "outside_brainlike_max": (None, 0.80, "", "brain-like intensity just outside the mask, worst side"),
+    "extent_major_mm": (None, 190.0, "mm", "longest mask extent"),
     "extent_ratio": (0.64, None, "", "shortest / longest mask extent"),
     "sphericity": (0.70, None, "", "mask sphericity"),
     "noise_ratio": (None, 0.15, "", "noise relative to brain intensity"),
@@ -51,8 +52,16 @@ HINTS = {
     ("edge_offset_spread_mm", "high"): "mask shifted, flipped or not this head's?",
     ("outside_brainlike_fraction", "high"): "brain left outside the mask?",
     ("outside_brainlike_max", "high"): "brain left outside the mask?",
+    ("extent_major_mm", "high"): "mask too large?",
     ("extent_ratio", "low"): "part of the brain cut off?",
 }
+# A mask that is too large (by volume or length) also looks elongated, misshapen and surrounded by tissue as
+# bright as brain (the neck, the face): for such a mask these flags get the hint that names the cause.
+TOO_LARGE = (("brain_volume_ml", "high"), ("extent_major_mm", "high"))
+TOO_LARGE_HINT = "mask too large: it runs beyond the brain (into the neck or face?)"
+EXPLAINED_BY_TOO_LARGE = {("extent_ratio", "low"), ("sphericity", "low"), ("outside_brainlike_fraction", "high"),
+                          ("outside_brainlike_max", "high"), ("brain_volume_ml", "high"),
+                          ("extent_major_mm", "high")}
 
 # What each measure means (shown in the reports next to the value).
 MEASURE_HELP = {
@@ -337,21 +346,24 @@ def flag_image(measures):
     vox = measures.get("brain_voxels")
     if vox is not None and vox == 0:
         return ["empty brain mask"]
-    flags = []
-    for key, (low, high, unit, text) in LIMITS.items():
+    outside = {}
+    for key, (low, high, _, _) in LIMITS.items():
         v = _as_float(measures.get(key))
-        if not np.isfinite(v):
-            continue
-        side = "low" if low is not None and v < low else "high" if high is not None and v > high else None
-        if side is None:
-            continue
+        if np.isfinite(v):
+            side = "low" if low is not None and v < low else "high" if high is not None and v > high else None
+            if side:
+                outside[key] = (v, side)
+    too_large = any(outside.get(key, (None, None))[1] == side for key, side in TOO_LARGE)
+    flags = []
+    for key, (v, side) in outside.items():
+        low, high, unit, text = LIMITS[key]
         u = f" {unit}" if unit else ""
         value = f"{v:+.1f}" if key == "edge_offset_mm" else _fmt(v)
         if low is not None and high is not None:
             accepted = f"{_fmt(low)} to {_fmt(high)}{u}"
         else:
             accepted = f"{'>=' if low is not None else '<='} {_fmt(low if low is not None else high)}{u}"
-        hint = HINTS.get((key, side))
+        hint = TOO_LARGE_HINT if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side))
         flags.append(f"{text}: {value}{u} (accepted {accepted})" + (f" - {hint}" if hint else ""))
     return flags
 

@@ -7,7 +7,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from . import geometry
-from .model.inference import default_threshold, predict_probability
+from .model.inference import BrainNetworks, default_threshold, load_model, predict_probability
 from .postproc import clean_mask, largest_component
 
 
@@ -36,10 +36,21 @@ def looks_skull_stripped(data, voxel_mm):
             and STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1])
 
 
-def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None, flip_tta=False):
+LOCATOR_THRESHOLD = 0.5
+
+
+def locate_brain(data, affine, locator):
+    """World (min, max) corners of the brain the locator finds in the whole field of view, or None."""
+    volume, grid = geometry.to_model_grid(data, affine, voxel_mm=geometry.LOCATOR_VOXEL_MM)
+    found = largest_component(predict_probability(volume, locator) >= LOCATOR_THRESHOLD)
+    return geometry.grid_box(found, grid)
+
+
+def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None):
     """Skull-strip a 3D volume given with its voxel-to-world affine; outputs are on the same grid.
 
-    ``threshold`` defaults to the one calibrated for the bundled weights (their model card).
+    ``model``: the two networks (default: the bundled ones); ``threshold`` defaults to the one
+    calibrated for the bundled weights (their model card).
     """
     if threshold is None:
         threshold = default_threshold()
@@ -53,12 +64,22 @@ def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None,
         return SkullstripResult(mask=mask, probability=mask.astype(np.float32), timings=timings,
                                 warnings=["the image looks already skull-stripped (zero outside a brain-sized "
                                           "region): the mask is its non-zero region, the network was not run"])
+    networks = BrainNetworks.of(load_model() if model is None else model)
+    warnings = []
     t = time.perf_counter()
-    volume, grid = geometry.to_model_grid(data, affine)
+    box = locate_brain(data, affine, networks.locator)
+    timings["locate"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if box is None:
+        warnings.append("the locator found no brain in the field of view: the whole head was segmented")
+        volume, grid = geometry.to_model_grid(data, affine)
+    else:
+        volume, grid = geometry.to_model_grid(data, affine, geometry.brain_box_grid(*box))
     timings["conform"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    prob = predict_probability(volume, model=model, flip_tta=flip_tta)
+    prob = predict_probability(volume, networks.segmenter)
     timings["inference"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -85,4 +106,4 @@ def skullstrip_array(data, affine, *, threshold=None, border_mm=0.0, model=None,
                                  voxel_mm=native_mm)
     timings["post_native"] = time.perf_counter() - t
     timings["postprocess"] = timings["post_model_grid"] + timings["post_native"]
-    return SkullstripResult(mask=mask, probability=native_prob, timings=timings)
+    return SkullstripResult(mask=mask, probability=native_prob, timings=timings, warnings=warnings)

@@ -16,6 +16,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import needs
 from scipy import ndimage as ndi
 
 from bids_skullstrip.metrics import dice
@@ -153,7 +154,7 @@ def _mapped_reference(head, recentre, target):
     return ndi.affine_transform(data, vox[:3, :3], vox[:3, 3], output_shape=target.shape[:3], order=1) > 0.5
 
 
-@pytest.mark.skipif(not HEADS.is_dir(), reason=f"{HEADS} not found")
+@needs(HEADS, "the shared heads")
 def test_masks_are_right_on_the_sample_heads(sample_run):
     """The sample heads come from shared heads with silver masks: map those onto each sample grid."""
     out = sample_run["out"]
@@ -193,7 +194,7 @@ def test_rerun_skips_finished_images(sample_run):
 
 
 # ------------------------------------------------------------------------------ real heads from ../shared
-@pytest.mark.skipif(not HEADS.is_dir(), reason=f"{HEADS} not found")
+@needs(HEADS, "the shared heads")
 def test_real_heads_dice(tmp_path):
     """A BIDS dataset of real validation heads (symlinks into ../shared), the app, and Dice vs silver masks."""
     heads = ["ds000011-sub-13", "niivue-t1-2mm"]

@@ -285,18 +285,13 @@ def write_regressions():
 # ---------------------------------------------------------------------------------------------------
 # JSON: BIDS sidecars and --bids-filter-file (the app's JSON readers, when present)
 def _json_readers():
-    """(name, callable(path)) for every JSON-reading entry point the app exposes."""
-    readers = []
-    try:
-        from bids_skullstrip import discovery
-    except Exception:
-        return readers
-    for name in ("load_filter_file", "read_filter_file", "load_bids_filters", "read_sidecar",
-                 "load_sidecar"):
-        fn = getattr(discovery, name, None)
-        if callable(fn):
-            readers.append((f"discovery.{name}", fn))
-    return readers
+    """(name, callable(path)) for every JSON-reading entry point of the app: the BIDS filter file and the
+    metrics JSON the reports read back (which must never raise on content)."""
+    from bids_skullstrip.discovery import load_bids_filters
+    from bids_skullstrip.reports.common import load_record
+
+    return [("discovery.load_bids_filters", load_bids_filters),
+            ("reports.common.load_record", lambda path: load_record(path, path.parent))]
 
 
 _JSON = st.recursive(
@@ -305,7 +300,9 @@ _JSON = st.recursive(
     max_leaves=12,
 )
 _FILTER_KEYS = st.sampled_from(["t1w", "T1w", "anat", "session", "acquisition", "run", "suffix",
-                                "datatype", "extension", "subject", "reconstruction", "invalid"])
+                                "datatype", "extension", "subject", "reconstruction", "invalid",
+                                # the metrics JSON's keys
+                                "bids_name", "flags", "warnings", "qc", "model", "runtime_s"])
 
 
 @settings(FUZZ, max_examples=int(150 * SCALE))
@@ -316,11 +313,8 @@ _FILTER_KEYS = st.sampled_from(["t1w", "T1w", "anat", "session", "acquisition", 
     st.binary(max_size=200).map(lambda b: b.decode("latin-1")),
 ))
 def test_fuzz_json_readers(text):
-    readers = _json_readers()
-    if not readers:
-        pytest.skip("the app exposes no JSON reader yet (discovery.load_filter_file & co.)")
     path = _write(text.encode("utf-8", "surrogatepass"), ".json", "filter")
-    for name, reader in readers:
+    for name, reader in _json_readers():
         try:
             reader(path)
         except (InputError, DiscoveryError) as exc:  # the user-facing errors: one line each

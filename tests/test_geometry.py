@@ -21,6 +21,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import needs
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
@@ -32,8 +33,7 @@ DATA = Path(__file__).parents[1].parent / "shared" / "data"
 HEADS = DATA / "heads"
 FULL = os.environ.get("BIDS_SKULLSTRIP_FULL_TESTS", "") not in ("", "0")
 
-pytestmark = pytest.mark.skipif(not (HEADS / "colin27" / "T1w.nii.gz").exists(),
-                                reason=f"no real heads under {HEADS}")
+pytestmark = needs(HEADS / "colin27" / "T1w.nii.gz", "the shared heads")
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import needs, skip_unless_present
 from scipy import ndimage as ndi
 
 from bids_skullstrip import qc
 
 HEADS = Path(__file__).parents[1].parent / "shared" / "data" / "heads"
-needs_heads = pytest.mark.skipif(not (HEADS / "ds000011-sub-13").is_dir(), reason=f"real heads not found in {HEADS}")
+needs_heads = needs(HEADS / "ds000011-sub-13", "the shared heads")
 
 # raw scanner images (val split), a 2 mm template, an average of 27 scans, a 2x2x3 mm LSA head
 GOOD_HEADS = ["ds000011-sub-13", "ds000011-sub-14", "niivue-t1-2mm", "colin27", "itk-kmeans"]
@@ -57,8 +58,7 @@ def fired(flags, key):
 
 @pytest.fixture(scope="module", params=GOOD_HEADS)
 def head(request):
-    if not (HEADS / request.param).is_dir():
-        pytest.skip(f"{request.param} not found in {HEADS}")
+    skip_unless_present(HEADS / request.param, "a shared head")
     return (request.param, *load(request.param))
 
 
@@ -111,6 +111,41 @@ def test_eroded_and_dilated_masks_are_flagged_as_too_small_and_too_large(head):
 
 
 @needs_heads
+def test_a_mask_run_into_the_neck_is_flagged_as_too_large_never_as_cut_off():
+    """The failure of a model without global context on wide-field heads: the mask follows the brainstem
+    and the spinal canal down into the neck. Every flag it raises must say 'too large'."""
+    skip_unless_present(HEADS / "nichart-trio-mprage", "a wide-field shared head")
+    t1, mask, vox, affine = load("nichart-trio-mprage")
+    ax, sign = axis_of(affine, "S")
+    # the mask's lowest quarter (the brainstem) extended 60 mm further down, and 10 mm wider
+    extent = np.flatnonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))
+    n = int(round(60.0 / vox[ax]))
+    stem = np.zeros_like(mask)
+    sl = [slice(None)] * 3
+    quarter = len(extent) // 4
+    sl[ax] = slice(extent[0], extent[0] + quarter) if sign > 0 else slice(extent[-1] + 1 - quarter, extent[-1] + 1)
+    stem[tuple(sl)] = mask[tuple(sl)]
+    grown = mask.copy()
+    for k in range(1, n + 1):
+        grown |= shifted(stem, ax, -sign * k)
+    grown = ndi.binary_dilation(grown, iterations=int(round(5.0 / vox.min())))
+    flags = qc.flag_image(measures(t1, grown, vox))
+    assert fired(flags, "brain_volume_ml") or fired(flags, "extent_major_mm"), flags
+    assert all("too large" in f for f in flags if " - " in f), flags
+    assert not any("cut off" in f or "left outside" in f for f in flags), flags
+
+
+@pytest.mark.parametrize("measures_, hint", [
+    ({"brain_volume_ml": 1400, "extent_major_mm": 150, "extent_ratio": 0.50}, "cut off"),
+    ({"brain_volume_ml": 2500, "extent_major_mm": 220, "extent_ratio": 0.50}, "too large"),
+    ({"brain_volume_ml": 1900, "extent_major_mm": 215, "extent_ratio": 0.55, "sphericity": 0.6}, "too large"),
+])
+def test_flag_hints_name_the_cause(measures_, hint):
+    flags = qc.flag_image(dict(measures_, brain_voxels=1000))
+    assert flags and all(hint in f for f in flags if " - " in f), flags
+
+
+@needs_heads
 def test_mask_of_a_wrongly_oriented_image_is_flagged(head):
     """The mask flipped along S-I (what a wrong orientation in the header gives) on the image."""
     name, t1, mask, vox, affine = head
@@ -123,8 +158,8 @@ def test_mask_of_a_wrongly_oriented_image_is_flagged(head):
 def group_of_good():
     """Measures of the good masks of 9 heads (the 5 above and 4 more raw scanner images)."""
     names = GOOD_HEADS + [f"ds000011-sub-{i:02d}" for i in (1, 2, 3, 4)]
-    if not all((HEADS / n).is_dir() for n in names):
-        pytest.skip(f"heads not found in {HEADS}")
+    for n in names:
+        skip_unless_present(HEADS / n, "a shared head")
     return {n: measures(*(lambda t1, mask, vox, _: (t1, mask, vox))(*load(n))) for n in names}
 
 
@@ -202,9 +237,7 @@ def test_blurred_probability_is_flagged():
 
 @needs_heads
 def test_speed_on_a_256_cube():
-    head = HEADS / "fstrain-09"
-    if not head.is_dir():
-        pytest.skip("fstrain-09 not found")
+    skip_unless_present(HEADS / "fstrain-09", "a shared head")
     t1, mask, vox, _ = load("fstrain-09")
     prob = proxy_prob(mask, vox)
     best = math.inf

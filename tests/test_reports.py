@@ -11,6 +11,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import needs, skip_unless_present
 from scipy import ndimage as ndi
 
 from bids_skullstrip import qc
@@ -22,7 +23,7 @@ from bids_skullstrip.reports.reportlets import plot_mask_mosaic
 
 HEADS = Path(__file__).parents[1].parent / "shared" / "data" / "heads"
 CHROMIUM = shutil.which("chromium")
-needs_heads = pytest.mark.skipif(not (HEADS / "ds000011-sub-13").is_dir(), reason=f"real heads not found in {HEADS}")
+needs_heads = needs(HEADS / "ds000011-sub-13", "the shared heads")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None,
                                     reason="headless browser check needs the Debian package `chromium`")
 
@@ -73,8 +74,7 @@ def _make_image(out, sub, ses, head, corruption):
 
 @pytest.fixture(scope="module")
 def outdir(tmp_path_factory):
-    if not (HEADS / "ds000011-sub-13").is_dir():
-        pytest.skip(f"real heads not found in {HEADS}")
+    skip_unless_present(HEADS / "ds000011-sub-13", "the shared heads")
     out = tmp_path_factory.mktemp("derivatives") / "bids_skullstrip"
     out.mkdir()
     info = {}

@@ -17,6 +17,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import needs
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_bids"
@@ -153,13 +154,13 @@ def small_dataset(tmp_path):
 @pytest.mark.parametrize("case, expected_rc, expected", [
     ("same_dir", 2, "must not be the input dataset"),
     ("inside", 2, "inside the input dataset"),
-    ("unknown_label", 1, "participant label(s) not found: 99"),
+    ("unknown_label", 2, "participant label(s) not found: 99"),
     ("not_writable", 2, "not writable"),
-    ("no_description", 1, "not a BIDS dataset"),
+    ("no_description", 2, "not a BIDS dataset"),
     ("missing_dir", 2, "BIDS dataset folder not found"),
-    ("empty", 1, "no participants"),
-    ("bad_filter", 1, "cannot read the BIDS filter file"),
-    ("filter_matches_nothing", 1, "no T1w images"),
+    ("empty", 2, "no participants"),
+    ("bad_filter", 2, "cannot read the BIDS filter file"),
+    ("filter_matches_nothing", 2, "no T1w images"),
 ])
 def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     bids, out, extra = small_dataset, tmp_path / "out", ["--skip-bids-validation"]
@@ -201,8 +202,75 @@ def test_invalid_dataset_is_reported_by_the_validator(tmp_path):
     make_dataset(bids, {"01": copy_head})
     (bids / "sub-01" / "anat" / "sub-01_T1w_extra.nii.gz").write_bytes(SMALL_HEAD.read_bytes())
     res = app(bids, tmp_path / "out", "participant")
-    assert res.returncode == 1
+    assert res.returncode == 2
     assert "BIDS validator found" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+# ------------------------------------------------------------------------------- QC flags on the console
+def noisy_head(path):
+    """The small head under heavy Rician noise (sigma = 0.3 x its brain-level intensity): QC flags it."""
+    img = nib.load(SMALL_HEAD)
+    data = np.asarray(img.dataobj, np.float32)
+    sigma = 0.3 * np.percentile(data[data > 0], 75)
+    rng = np.random.default_rng(1)
+    noisy = np.hypot(data + rng.normal(0, sigma, data.shape), rng.normal(0, sigma, data.shape))
+    nib.save(nib.Nifti1Image(noisy.astype(np.float32), img.affine), path)
+
+
+def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head, "02": noisy_head})
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2"]
+    res = app(*args)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    text = res.stdout + res.stderr
+    assert "2 image(s): 2 processed in this run, 0 already finished, 0 failed, 1 flagged by QC" in text, text
+    flagged = [line for line in text.splitlines() if "flagged by QC: " in line]
+    assert len(flagged) == 1 and "sub-02/anat/sub-02_T1w.nii.gz" in flagged[0] and "noise" in flagged[0]
+    assert str(out / "sub-02.html") in flagged[0]
+    again = app(*args, "--fail-on-flag")  # the finished images are not redone; their flags still count
+    assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr
+
+
+# ------------------------------------------------------------------------------- DataLad datasets
+def _annexed(root, label, *, present):
+    """sub-<label>'s T1w as git-annex stores it: a relative symbolic link into .git/annex/objects, whose
+    target exists only once the content was fetched (``datalad get``)."""
+    key = f"MD5E-s{label}--{label * 16}.nii.gz"
+    target = root / ".git" / "annex" / "objects" / label[:2] / label[-2:] / key / key
+    if present:
+        target.parent.mkdir(parents=True)
+        shutil.copyfile(SMALL_HEAD, target)
+        target.chmod(0o444)  # annexed content is read-only, as git-annex leaves it
+    link = root / f"sub-{label}" / "anat" / f"sub-{label}_T1w.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(target, link.parent))
+    return link
+
+
+def test_datalad_dataset_with_missing_content(tmp_path):
+    """After ``datalad clone`` without ``datalad get``: the present images are processed (their outputs are
+    regular files), each absent one gets one line saying how to fetch it, and the run exits 1."""
+    bids = tmp_path / "bids"
+    bids.mkdir()
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "annexed", "BIDSVersion": "1.10.0"}))
+    _annexed(bids, "01", present=True)
+    _annexed(bids, "02", present=False)
+    before = snapshot(bids)
+    out = tmp_path / "out"
+    res = app(bids, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation", "--n-cpus", "2")
+    assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
+    assert_one_line_errors(res)
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if "sub-02_T1w.nii.gz" in line]
+    assert any("git-annex content not present" in line and "datalad get sub-02/anat/sub-02_T1w.nii.gz" in line
+               for line in lines), lines
+    mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
+    assert mask.is_file() and not mask.is_symlink()
+    assert not any(p.is_symlink() for p in out.rglob("*"))
+    assert not (out / "sub-02" / "anat").exists()
+    assert snapshot(bids) == before
 
 
 # ------------------------------------------------------------------------------- concurrent and interrupted
@@ -283,7 +351,7 @@ def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     assert src.read_bytes() == SMALL_HEAD.read_bytes()
 
 
-@pytest.mark.skipif(not (REPO.parent / "shared" / "data" / "brains").is_dir(), reason="no shared brains")
+@needs(REPO.parent / "shared" / "data" / "brains", "the shared brains")
 def test_already_skull_stripped_input(tmp_path):
     """A skull-stripped brain (no head around it) gets its own non-zero region as mask, with a warning."""
     brain = REPO.parent / "shared" / "data" / "brains" / "ds002748_sub-01_brain.nii.gz"

@@ -7,14 +7,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from _ci import needs
 from scipy import ndimage as ndi
 
+from bids_skullstrip.geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from bids_skullstrip.training.augment import _composite_brain, _sample, _sample_world, training_patch
 from bids_skullstrip.training.data import TrainingHead, find_brains, find_labelled_heads
 from bids_skullstrip.training.train import learning_rate
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
-pytestmark = pytest.mark.skipif(not (SHARED / "heads").is_dir(), reason="../shared/data not present")
+pytestmark = needs(SHARED / "heads", "the shared heads")
 
 
 def _small_head(name, tmp_path, layout):
@@ -75,7 +77,7 @@ def test_real_brain_composited_into_a_real_head():
     brain = TrainingHead.load_brain(brains[0])
     size = (64, 64, 64)
     rng = np.random.default_rng(3)
-    world = _sample_world(head, rng, size)
+    world = _sample_world(head, rng, size, MODEL_VOXEL_MM, "segmenter")
     (image, label), _ = _sample((head.image, head.mask), head.affine, world, size)
     new_image, new_label = _composite_brain(rng, head, brain, world, size, image, label)
     old, new = label > 0.99, new_label > 0.99
@@ -152,20 +154,25 @@ def test_fine_tune_resume_and_export(tmp_path):
     _small_head("ds000011-sub-03", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--fine-tune", "--patch-size", "32", "32", "32", "--checkpoint-every", "1",
-              "--lr", "1e-4"]
+              "--lr", "1e-4", "--locator-steps", "2"]
     assert main(common + ["--steps", "2"]) == 0
     assert main(common + ["--steps", "3"]) == 0
-    rows = list(csv.DictReader((out / "history.csv").open()))
+    rows = list(csv.DictReader((out / "segmenter" / "history.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert [r["step"] for r in csv.DictReader((out / "locator" / "history.csv").open())] == ["1", "2"]
     log = (out / "train.log").read_text()
-    assert "resumed from" in log and "step 2: BatchNorm statistics frozen" in log
+    assert "segmenter: resumed from" in log and "segmenter step 2: BatchNorm statistics frozen" in log
     card = json.loads((out / "final" / "model.json").read_text())
     weights = out / "final" / "unet.weights.h5"
-    assert card["training"]["steps"] == 3 and card["training"]["fine_tuned_from"]
+    locator = out / "final" / card["locator"]["file"]
+    assert card["training"]["segmenter"]["steps"] == 3 and card["training"]["fine_tuned_from"]
     # the 2-step schedule froze (and averaged) its step 2, the 3-step one its step 3
-    assert card["training"]["averaged_steps"] == 2
-    assert weights.stat().st_size < 10 * 2**20
-    assert card["sha256"] and len(card["sha256"]) == 64
+    assert card["training"]["segmenter"]["averaged_steps"] == 2
+    assert weights.stat().st_size + locator.stat().st_size < 10 * 2**20
+    assert card["sha256"] and len(card["sha256"]) == 64 and len(card["locator"]["sha256"]) == 64
+    # the export loads as the two networks inference uses
+    from bids_skullstrip.model.inference import BrainNetworks, load_model
+    assert isinstance(load_model(str(weights)), BrainNetworks)
 
 
 def test_until_stops_early_and_a_rerun_finishes(tmp_path):
@@ -174,14 +181,15 @@ def test_until_stops_early_and_a_rerun_finishes(tmp_path):
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
     out = tmp_path / "run"
-    common = [str(data), str(out), "--patch-size", "32", "32", "32", "--checkpoint-every", "5", "--steps", "3"]
+    common = [str(data), str(out), "--patch-size", "32", "32", "32", "--checkpoint-every", "5", "--steps", "3",
+              "--locator-steps", "2"]
     assert main(common + ["--until", "2"]) == 0
-    early = json.loads((out / "export-step2" / "model.json").read_text())
-    assert early["training"]["steps"] == 2 and early["training"]["schedule_steps"] == 3
+    early = json.loads((out / "export-step2" / "model.json").read_text())["training"]["segmenter"]
+    assert early["steps"] == 2 and early["schedule_steps"] == 3
     assert not (out / "final").exists()
     assert main(common) == 0
-    assert json.loads((out / "final" / "model.json").read_text())["training"]["steps"] == 3
-    assert [r["step"] for r in csv.DictReader((out / "history.csv").open())] == ["2", "3"]
+    assert json.loads((out / "final" / "model.json").read_text())["training"]["segmenter"]["steps"] == 3
+    assert [r["step"] for r in csv.DictReader((out / "segmenter" / "history.csv").open())] == ["2", "3"]
 
 
 def _eval_rows(capsys, argv, csv_path):

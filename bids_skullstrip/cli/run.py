@@ -42,6 +42,9 @@ def build_parser():
     g.add_argument("--border", type=float, default=0.0, metavar="MM",
                    help="grow (>0) or shrink (<0) the mask by this distance in mm")
     g.add_argument("--save-probseg", action="store_true", help="also write the brain probability map")
+    g.add_argument("--fail-on-flag", action="store_true",
+                   help="exit with status 3 when QC flags an image (and none failed); by default flagged "
+                        "images are listed and the status is 0")
     g = p.add_argument_group("execution")
     g.add_argument("--n-cpus", "--nprocs", "--n_cpus", dest="n_cpus", type=int, default=os.cpu_count() or 1,
                    help="CPUs the run may use (MultiProc)")
@@ -199,7 +202,7 @@ def _failure_for(t1w, crashes, node_name):
 
 
 def run_participant(opts):
-    from ..discovery import DiscoveryError, collect_t1w, load_bids_filters, validate_dataset
+    from ..discovery import DiscoveryError, collect_t1w, load_bids_filters, missing_content, validate_dataset
     from .. import outputs
 
     from ..model.inference import default_threshold
@@ -224,28 +227,54 @@ def run_participant(opts):
     check_writable(work_dir, "work directory")
     outputs.init_output_dir(output_dir, bids_dir)
 
-    todo = [t for t in t1ws if opts.overwrite or not outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg)]
+    failures = [(t, missing_content(t)) for t in t1ws if missing_content(t)]
+    absent = {t for t, _ in failures}
+    todo = [t for t in t1ws if t not in absent
+            and (opts.overwrite or not outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg))]
     subjects = sorted({t.subject for t in t1ws})
+    finished = len(t1ws) - len(todo) - len(absent)
     log.info("bids_skullstrip %s: %d T1w image(s) of %d participant(s); %d already finished%s",
-             __version__, len(t1ws), len(subjects), len(t1ws) - len(todo),
-             " (use --overwrite to redo them)" if len(todo) < len(t1ws) else "")
-    failures = []
+             __version__, len(t1ws), len(subjects), finished, " (use --overwrite to redo them)" if finished else "")
     if todo:
-        failures = _run_workflow(opts, todo, output_dir, work_dir)
+        failures += _run_workflow(opts, todo, output_dir, work_dir)
 
     from ..reports.participant import write_participant_report
 
+    reports = {}
     for subject in subjects:
         errors = [f for t, f in failures if t.subject == subject]
-        report = write_participant_report(output_dir, subject, errors=errors)
-        log.info("report: %s", report)
+        reports[subject] = write_participant_report(output_dir, subject, errors=errors)
+        log.info("report: %s", reports[subject])
+    flagged = _flagged(output_dir, [t for t in t1ws if t not in {f for f, _ in failures}])
+    log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed, %d flagged by QC",
+             len(t1ws), len(todo) - len(failures) + len(absent), finished, len(failures), len(flagged))
+    for t1w, flags in flagged:
+        log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags), reports[t1w.subject])
     if failures:
         log.error("%d of %d image(s) failed:", len(failures), len(t1ws))
         for _, message in failures:
             log.error("  %s", message)
         return 1
+    if flagged and opts.fail_on_flag:
+        log.error("%d image(s) flagged by QC (--fail-on-flag): exit status 3", len(flagged))
+        return 3
     log.info("done: outputs in %s", output_dir)
     return 0
+
+
+def _flagged(output_dir, t1ws):
+    """(T1w, its QC flags) for the finished images that QC flagged, from their metrics JSON."""
+    from .. import outputs
+
+    found = []
+    for t1w in t1ws:
+        try:
+            flags = json.loads(outputs.derivative_path(output_dir, t1w, "metrics").read_text()).get("flags")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if flags:
+            found.append((t1w, [str(f) for f in flags]))
+    return found
 
 
 def _run_workflow(opts, todo, output_dir, work_dir):
@@ -299,7 +328,8 @@ def main(argv=None):
         return run_group(opts)
     except (UsageError, DiscoveryError, InputError, ReportError) as exc:
         print(f"bids_skullstrip: error: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, UsageError) else 1
+        # 1 means that images failed; a run that could not start processed none
+        return 1 if isinstance(exc, ReportError) else 2
     except KeyboardInterrupt:
         print("bids_skullstrip: interrupted; finished images are kept, rerun to resume", file=sys.stderr)
         return 130

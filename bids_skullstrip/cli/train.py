@@ -1,4 +1,5 @@
-"""``bids_skullstrip-train``: train the U-Net from scratch or fine-tune it on labelled heads."""
+"""``bids_skullstrip-train``: train the two networks (locator, then segmenter) from scratch or fine-tune them on
+labelled heads."""
 
 import argparse
 import logging
@@ -15,9 +16,12 @@ def build_parser():
     p.add_argument("out_dir", help="checkpoints, history.csv, train.log and final/ weights go here; "
                                    "rerunning with the same out_dir resumes")
     p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=3000, help="segmenter steps")
+    p.add_argument("--locator-steps", type=int, default=1500,
+                   help="locator steps (trained first; it sees whole fields of view at 4 mm)")
     p.add_argument("--seed", type=int, default=20261125)
-    p.add_argument("--patch-size", type=int, nargs=3, default=(80, 80, 80))
+    p.add_argument("--patch-size", type=int, nargs=3, default=(80, 96, 80),
+                   help="the segmenter's brain-centred box, in 2 mm voxels")
     p.add_argument("--synth-prob", type=float, default=0.25)
     p.add_argument("--composite-prob", type=float, default=0.2,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
@@ -28,9 +32,10 @@ def build_parser():
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--validate-every", type=int, default=1000)
     p.add_argument("--until", type=int, metavar="STEP",
-                   help="stop this run at STEP (the LR schedule still spans --steps; rerun to continue)")
+                   help="stop the segmenter's run at STEP (the LR schedule still spans --steps; rerun to continue)")
     p.add_argument("--init-weights", type=Path, metavar="H5",
-                   help="start from these weights (e.g. an export-step<N>/unet.weights.h5) instead of at random")
+                   help="start from these weights (e.g. an export-step<N>/unet.weights.h5, with its "
+                        "locator.weights.h5 beside it) instead of at random")
     p.add_argument("--fine-tune", action="store_true",
                    help="start from the bundled weights (use a lower --lr, e.g. 2e-4, and fewer --steps)")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
@@ -46,6 +51,7 @@ def main(argv=None):
     handlers = [logging.StreamHandler(), logging.FileHandler(out / "train.log")]
     log = logging.getLogger("bids_skullstrip")
     log.setLevel(logging.INFO)
+    log.propagate = False  # TensorFlow gives the root logger a handler of its own
     for handler in handlers:
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
@@ -73,7 +79,8 @@ def _train(args, out):
         init = WEIGHTS_FILE
     from ..training.train import train
 
-    final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps, seed=args.seed,
+    final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps, locator_steps=args.locator_steps,
+                  seed=args.seed,
                   patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
                   composite_prob=args.composite_prob, frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,

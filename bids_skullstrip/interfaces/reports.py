@@ -59,7 +59,8 @@ class QCMetrics(SimpleInterface):
             brain_volume_ml=measures["brain_volume_ml"],
             brain_voxels=int(np.count_nonzero(mask)),
             software_version=__version__,
-            model={"name": card.get("name"), "sha256": card.get("sha256"), "voxel_mm": card.get("voxel_mm")},
+            model={"name": card.get("name"), "sha256": card.get("sha256"), "voxel_mm": card.get("voxel_mm"),
+                   "locator_sha256": (card.get("locator") or {}).get("sha256")},
             qc=measures,
             flags=qc.flag_image(measures),
         )

@@ -61,6 +61,13 @@ def _is_number(v):
         return False
 
 
+def _strings(value):
+    """A list of messages from what a metrics JSON holds there (a list, one string, or junk)."""
+    if isinstance(value, str):
+        return [value]
+    return [str(v) for v in value] if isinstance(value, list) else []
+
+
 def load_record(path, output_dir):
     """One metrics JSON as a dict, with derived fields (prefixed ``_``) for the templates.
 
@@ -78,7 +85,8 @@ def load_record(path, output_dir):
     except (OSError, ValueError) as exc:
         error = f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]})"
         rec = {}
-    rec.setdefault("bids_name", stem)
+    if not isinstance(rec.get("bids_name"), str):
+        rec["bids_name"] = stem
     ent = entities(rec["bids_name"])
     rec["_participant"] = ent.get("sub") or path.relative_to(output_dir).parts[0][4:]
     rec["_session"] = ent.get("ses")
@@ -87,8 +95,8 @@ def load_record(path, output_dir):
     rec["_anat_dir"] = path.parent
     qc = rec.get("qc") if isinstance(rec.get("qc"), dict) else {}
     rec["qc"] = {k: (float(v) if _is_number(v) else None) for k, v in qc.items()}
-    rec["flags"] = [str(f) for f in rec.get("flags") or []]
-    rec["warnings"] = [str(w) for w in rec.get("warnings") or []]
+    rec["flags"] = _strings(rec.get("flags"))
+    rec["warnings"] = _strings(rec.get("warnings"))
     rec["_runtime_total"] = runtime_total(rec.get("runtime_s"))
     fig_dir = output_dir / f"sub-{rec['_participant']}" / "figures"
     rec["_figure"] = next((fig_dir / f"{stem}{suf}" for suf in FIGURE_SUFFIXES

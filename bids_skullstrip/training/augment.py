@@ -32,19 +32,23 @@ def _smooth_field(rng, shape, coarse, amplitude):
         : shape[0], : shape[1], : shape[2]]
 
 
-def _sample_world(head, rng, size):
-    """World coordinates (3, N) of a randomly posed patch on the model grid."""
+def _patch_centre(head, rng, stage):
+    """Where the patch is centred (world mm): on the whole head for the locator, which sees the whole field
+    of view at inference; on the brain's box for the segmenter, off by what the locator may miss (a few
+    mm), and for 15 % of patches by much more (a locator fooled by a neck or a cropped top)."""
+    if stage == "locator":
+        return head.head_extent.mean(0) + rng.normal(0.0, 15.0, 3)
+    miss = 15.0 if rng.random() < 0.15 else 4.0
+    return head.brain_extent.mean(0) + rng.normal(0.0, miss, 3)
+
+
+def _sample_world(head, rng, size, voxel_mm, stage):
+    """World coordinates (3, N) of a randomly posed patch of ``voxel_mm`` voxels."""
     max_deg = 45.0 if rng.random() < 0.15 else 20.0
-    world_from_patch = _rotation(rng, max_deg) @ np.diag(rng.uniform(0.85, 1.15, 3)) * MODEL_VOXEL_MM
+    world_from_patch = _rotation(rng, max_deg) @ np.diag(rng.uniform(0.85, 1.15, 3)) * voxel_mm
     if rng.random() < 0.5:
         world_from_patch = np.diag([-1.0, 1.0, 1.0]) @ world_from_patch
-    where = rng.random()
-    if where < 0.1:
-        centre = rng.uniform(*head.brain_extent)
-    elif where < 0.25:  # neck, shoulders and the edges of wide fields of view
-        centre = rng.uniform(*head.head_extent)
-    else:
-        centre = head.brain_centre + rng.normal(0.0, 12.0, 3)
+    centre = _patch_centre(head, rng, stage)
     grid = np.indices(size, dtype=np.float32).reshape(3, -1) - ((np.array(size) - 1) / 2)[:, None]
     world = world_from_patch @ grid + centre[:, None]
     if rng.random() < 0.5:
@@ -107,7 +111,7 @@ def _synthetic_contrast(rng, image, label):
 
 def _thick_slices(rng, image):
     axis = rng.integers(3)
-    factor = rng.uniform(1.25, 3.0)  # slice thickness 2.5-6 mm on the 2 mm grid
+    factor = rng.uniform(1.25, 3.0)  # slice thickness 2.5-6 mm on the 2 mm grid, 5-12 mm on the 4 mm one
     image = ndi.gaussian_filter1d(image, factor / 2.355, axis=axis)
     zoom = [1.0] * 3
     zoom[axis] = 1.0 / factor
@@ -116,9 +120,13 @@ def _thick_slices(rng, image):
     return ndi.zoom(coarse, back, order=1)[: image.shape[0], : image.shape[1], : image.shape[2]]
 
 
-def training_patch(head, rng, *, size=(80, 80, 80), synth_prob=0.25, brains=(), composite_prob=0.2):
-    """One (image, label) pair, float32 (size) each: normalised image and soft brain label."""
-    world = _sample_world(head, rng, size)
+def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=MODEL_VOXEL_MM, synth_prob=0.25,
+                   brains=(), composite_prob=0.2):
+    """One (image, label) pair, float32 (size) each: image and soft brain label.
+
+    The patch is what the network sees at inference: the whole field of view for the ``locator`` stage,
+    the brain-centred box for the ``segmenter``; normalised over the whole patch, as inference does."""
+    world = _sample_world(head, rng, size, voxel_mm, stage)
     (image, label), coords = _sample((head.image, head.mask), head.affine, world, size)
     if brains and rng.random() < composite_prob:
         image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label)

@@ -7,7 +7,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from ..geometry import MODEL_VOXEL_MM, antialias
+from ..geometry import MODEL_VOXEL_MM, antialias, block_reduce
 
 
 @dataclass
@@ -69,8 +69,8 @@ def _load_3d(path):
 
 @dataclass
 class TrainingHead:
-    """A head (or a skull-stripped brain) held in memory, pre-smoothed for sampling onto the model's
-    coarser grid."""
+    """A head (or a skull-stripped brain) held in memory, reduced and smoothed for sampling onto a grid
+    of ``voxel_mm`` the way inference does it (``geometry.to_model_grid``)."""
     name: str
     image: np.ndarray
     mask: np.ndarray
@@ -81,20 +81,23 @@ class TrainingHead:
     brain_median: float  # median intensity inside the brain
 
     @classmethod
-    def _from_arrays(cls, name, data, mask, affine):
+    def _from_arrays(cls, name, data, mask, affine, voxel_mm):
         centre, extent = _world_extent(mask, affine)
         _, head_extent = _world_extent(data > 0.1 * np.percentile(data, 99), affine)
-        return cls(name, antialias(data, affine, MODEL_VOXEL_MM), antialias(mask, affine, MODEL_VOXEL_MM),
-                   affine, centre, extent, head_extent, float(np.median(data[mask > 0])))
+        brain_median = float(np.median(data[mask > 0]))
+        data, reduced = block_reduce(data, affine, voxel_mm)
+        mask, _ = block_reduce(mask, affine, voxel_mm)
+        return cls(name, antialias(data, reduced, voxel_mm), antialias(mask, reduced, voxel_mm), reduced, centre,
+                   extent, head_extent, brain_median)
 
     @classmethod
-    def load(cls, head: LabelledHead):
+    def load(cls, head: LabelledHead, voxel_mm=MODEL_VOXEL_MM):
         data, affine = _load_3d(head.image)
         mask = (np.asarray(nib.load(str(head.mask)).dataobj) > 0).astype(np.float32)
-        return cls._from_arrays(head.name, data, mask, affine)
+        return cls._from_arrays(head.name, data, mask, affine, voxel_mm)
 
     @classmethod
-    def load_brain(cls, path):
+    def load_brain(cls, path, voxel_mm=MODEL_VOXEL_MM):
         """A real skull-stripped brain: its mask is its non-zero voxels."""
         data, affine = _load_3d(path)
-        return cls._from_arrays(Path(path).name, data, (data > 0).astype(np.float32), affine)
+        return cls._from_arrays(Path(path).name, data, (data > 0).astype(np.float32), affine, voxel_mm)

@@ -1,7 +1,9 @@
-"""Patch-based CPU training of the U-Net, resumable from checkpoints at any step.
+"""Patch-based CPU training of the two networks, resumable from checkpoints at any step.
 
-The data stream is a pure function of (seed, step), so a resumed run sees exactly the patches an
-uninterrupted one would have seen.
+The locator is trained first (whole fields of view on the coarse grid), then the segmenter (brain-centred
+boxes on the fine grid), each in a folder of its own under the output folder. The data stream of each is a
+pure function of (seed, stage, step), so a resumed run sees exactly the patches an uninterrupted one would
+have seen.
 """
 
 import csv
@@ -12,20 +14,43 @@ import math
 import queue
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
 from .. import __version__
-from ..geometry import MODEL_VOXEL_MM
+from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
+from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks
 from ..postproc import clean_mask
 from ..skullstrip import skullstrip_array, voxel_sizes
 from .augment import training_patch
 from .data import TrainingHead
 
 log = logging.getLogger("bids_skullstrip.train")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What differs between the two networks' training."""
+    name: str
+    index: int  # part of the data stream's seed
+    voxel_mm: float
+    patch_size: tuple
+    architecture: dict
+    weights_file: str
+
+
+def stages(*, patch_size=(80, 96, 80), base_filters=16, levels=4, locator_patch_size=(64, 64, 64),
+           locator_base_filters=8):
+    # 64³ at 4 mm is 256 mm: a whole field of view, necks and shoulders included; 80x96x80 at 2 mm is
+    # geometry.BRAIN_BOX_MM, the box the segmenter sees at inference.
+    return (Stage("locator", 1, LOCATOR_VOXEL_MM, tuple(locator_patch_size),
+                  {"base_filters": locator_base_filters, "levels": 4}, LOCATOR_FILE_NAME),
+            Stage("segmenter", 2, MODEL_VOXEL_MM, tuple(patch_size),
+                  {"base_filters": base_filters, "levels": levels}, WEIGHTS_FILE.name))
 
 
 def dice_bce_loss(y_true, y_pred):
@@ -48,16 +73,17 @@ def learning_rate(step, total, *, peak=1e-3, floor=2e-5, warmup=100):
 class PatchStream:
     """Background thread producing the training patches of steps start, start+1, ..."""
 
-    def __init__(self, heads, brains, *, seed, start, patch_size, synth_prob, composite_prob, depth=4):
-        self.heads, self.brains, self.seed = heads, brains, seed
-        self.patch_options = {"size": patch_size, "synth_prob": synth_prob, "composite_prob": composite_prob}
+    def __init__(self, heads, brains, stage, *, seed, start, synth_prob, composite_prob, depth=4):
+        self.heads, self.brains, self.seed, self.stage = heads, brains, seed, stage
+        self.patch_options = {"size": stage.patch_size, "stage": stage.name, "voxel_mm": stage.voxel_mm,
+                              "synth_prob": synth_prob, "composite_prob": composite_prob}
         self.queue = queue.Queue(maxsize=depth)
         self.thread = threading.Thread(target=self._run, args=(start,), daemon=True)
         self.thread.start()
 
     def _run(self, step):
         while True:
-            rng = np.random.default_rng([self.seed, step])
+            rng = np.random.default_rng([self.seed, self.stage.index, step])
             head = self.heads[rng.integers(len(self.heads))]
             image, label = training_patch(head, rng, brains=self.brains, **self.patch_options)
             self.queue.put((step, image[None, ..., None], label[None, ..., None]))
@@ -67,52 +93,64 @@ class PatchStream:
         return self.queue.get()
 
 
-def validate(model, val_heads, *, threshold=None):
+def _load_labelled(head):
+    img = nib.load(str(head.image))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    return data, img.affine, np.asarray(nib.load(str(head.mask)).dataobj) > 0
+
+
+def validate(networks, heads, *, threshold):
     rows = []
-    for head in val_heads:
-        img = nib.load(str(head.image))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
-        result = skullstrip_array(data, img.affine, model=model, threshold=threshold)
-        rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(img.affine))})
+    for head in heads:
+        data, affine, reference = _load_labelled(head)
+        result = skullstrip_array(data, affine, model=networks, threshold=threshold)
+        rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(affine))})
     return rows
 
 
 THRESHOLD_CANDIDATES = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2))
 
 
-def calibrate_threshold(model, heads):
+def calibrate_threshold(networks, heads):
     """The probability threshold with the best median Dice on ``heads`` (the training heads: the
     validation heads choose nothing). Returns (threshold, {threshold: median Dice})."""
     scores = {t: [] for t in THRESHOLD_CANDIDATES}
     for head in heads:
-        img = nib.load(str(head.image))
-        data = np.asarray(img.dataobj, dtype=np.float32)
-        reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
-        prob = skullstrip_array(data, img.affine, model=model, threshold=0.5).probability
+        data, affine, reference = _load_labelled(head)
+        prob = skullstrip_array(data, affine, model=networks, threshold=0.5).probability
         for t in THRESHOLD_CANDIDATES:
-            scores[t].append(dice(clean_mask(prob, threshold=t, voxel_mm=voxel_sizes(img.affine)), reference))
+            scores[t].append(dice(clean_mask(prob, threshold=t, voxel_mm=voxel_sizes(affine)), reference))
     medians = {float(t): float(np.median(v)) for t, v in scores.items()}
     return max(medians, key=medians.get), medians
 
 
-def export_weights(model, out_dir, card):
-    """Write ``unet.weights.h5`` + ``model.json`` (the model card's machine-readable half)."""
+def _save_atomically(model, architecture, path):
     from ..model.unet import build_unet
 
-    inference_model = build_unet(**card["architecture"])  # uncompiled: no optimizer state in the file
+    inference_model = build_unet(**architecture)  # uncompiled: no optimizer state in the file
     inference_model.set_weights(model.get_weights())
-    model = inference_model
+    tmp = path.with_name(path.name.replace(".weights.h5", ".tmp.weights.h5"))
+    inference_model.save_weights(str(tmp))
+    tmp.replace(path)
+    return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size_bytes": path.stat().st_size}
+
+
+def export_weights(models, out_dir, card, stage_list):
+    """Write both networks' weights + ``model.json`` (the model card's machine-readable half); returns the
+    segmenter's weights file (``load_model`` finds the rest beside it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    weights = out_dir / "unet.weights.h5"
-    tmp = out_dir / "unet.tmp.weights.h5"
-    model.save_weights(str(tmp))
-    tmp.replace(weights)
-    card = dict(card, sha256=hashlib.sha256(weights.read_bytes()).hexdigest(),
-                size_bytes=weights.stat().st_size)
-    (out_dir / "model.json").write_text(json.dumps(card, indent=2) + "\n")
-    return weights
+    card = dict(card)
+    for stage in stage_list:
+        record = _save_atomically(models[stage.name], stage.architecture, out_dir / stage.weights_file)
+        if stage.name == "segmenter":
+            card.update(record)
+        else:
+            card[stage.name] = dict(card[stage.name], **record)
+    tmp = out_dir / "model.tmp.json"
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(out_dir / "model.json")
+    return out_dir / WEIGHTS_FILE.name
 
 
 def freeze_batch_norm(model, optimizer):
@@ -162,13 +200,23 @@ class WeightAverage:
         return count
 
 
-def _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir, *,
-               start, steps, until, seed, patch_size, synth_prob, composite_prob, peak_lr, checkpoint_every,
+@dataclass
+class StageRun:
+    """A stage's network after training (its averaged weights) and what its checkpoints recorded."""
+    model: object
+    steps: int
+    cpu_hours: float
+    averaged_steps: int
+
+
+def _run_steps(stage, model, optimizer, average, manager, step_var, spent, train_heads, brains, validation,
+               out_dir, *, start, steps, until, seed, synth_prob, composite_prob, peak_lr, checkpoint_every,
                validate_every, freeze_bn_from):
-    log.info("loading %d training heads and %d brains", len(train_heads), len(brains))
-    heads = [TrainingHead.load(h) for h in train_heads]
-    stream = PatchStream(heads, [TrainingHead.load_brain(b) for b in brains], seed=seed, start=start,
-                         patch_size=tuple(patch_size), synth_prob=synth_prob, composite_prob=composite_prob)
+    log.info("%s: loading %d training heads and %d brains at %.0f mm", stage.name, len(train_heads), len(brains),
+             stage.voxel_mm)
+    heads = [TrainingHead.load(h, stage.voxel_mm) for h in train_heads]
+    stream = PatchStream(heads, [TrainingHead.load_brain(b, stage.voxel_mm) for b in brains], stage, seed=seed,
+                         start=start, synth_prob=synth_prob, composite_prob=composite_prob)
     history = out_dir / "history.csv"
     new_history = not history.exists()
     with history.open("a", newline="") as fh:
@@ -179,7 +227,7 @@ def _run_steps(model, optimizer, average, manager, step_var, spent, train_heads,
         for step in range(start, min(steps, until)):
             if step == max(start, freeze_bn_from):
                 freeze_batch_norm(model, optimizer)
-                log.info("step %d: BatchNorm statistics frozen for the rest of the schedule", step)
+                log.info("%s step %d: BatchNorm statistics frozen for the rest of the schedule", stage.name, step)
             got_step, x, y = stream.get()
             assert got_step == step
             lr = learning_rate(step, steps, peak=peak_lr)
@@ -194,40 +242,36 @@ def _run_steps(model, optimizer, average, manager, step_var, spent, train_heads,
                 step_var.assign(done)
                 manager.save(checkpoint_number=done)
                 val_median = val_min = ""
-                if val_heads and (done % validate_every == 0 or done == steps):
-                    rows = validate(model, val_heads)
+                if validation and (done % validate_every == 0 or done == steps):
+                    rows = validation(model)
                     dices = [r["dice"] for r in rows]
                     val_median, val_min = float(np.median(dices)), float(np.min(dices))
-                    log.info("step %d validation: %s", done,
+                    log.info("%s step %d validation (threshold 0.5): %s", stage.name, done,
                              ", ".join(f"{r['name']} {r['dice']:.4f}" for r in rows))
                 writer.writerow([done, np.mean(losses), lr, elapsed / len(losses), val_median, val_min])
                 fh.flush()
-                log.info("step %d/%d loss %.4f lr %.2e %.2f s/step", done, steps, np.mean(losses), lr,
-                         elapsed / len(losses))
+                log.info("%s step %d/%d loss %.4f lr %.2e %.2f s/step", stage.name, done, steps, np.mean(losses),
+                         lr, elapsed / len(losses))
                 losses, t0 = [], time.perf_counter()
 
 
-def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=20261125, patch_size=(80, 80, 80),
-          synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3, checkpoint_every=200,
-          validate_every=1000, init_weights=None, threads=None, export_only=False, until=None,
-          frozen_bn_fraction=0.3):
-    """Train (or resume) to ``steps`` on a cosine schedule over ``steps``; ``until`` stops this run earlier
-    (the schedule is unchanged, so ``--until`` then a plain rerun equals one uninterrupted run)."""
+def train_stage(stage, train_heads, out_dir, *, brains=(), steps, until=None, seed, synth_prob, composite_prob,
+                peak_lr, checkpoint_every, validate_every, frozen_bn_fraction, init_weights=None, validation=None,
+                export_only=False):
+    """Train (or resume) one network to ``steps`` on a cosine schedule; ``until`` stops this run earlier
+    (the schedule is unchanged, so ``until`` then a plain rerun equals one uninterrupted run)."""
     import tensorflow as tf
     import keras
 
     from ..model.unet import build_unet
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    keras.utils.set_random_seed(seed)
-    architecture = {"base_filters": base_filters, "levels": levels}
-    model = build_unet(**architecture)
+    keras.utils.set_random_seed(seed + stage.index)
+    model = build_unet(**stage.architecture)
     if init_weights:
         model.load_weights(str(init_weights))
-        log.info("initialised from %s (fine-tuning)", init_weights)
+        log.info("%s: initialised from %s (fine-tuning)", stage.name, init_weights)
     optimizer = keras.optimizers.Adam(peak_lr)
     model.compile(optimizer=optimizer, loss=dice_bce_loss)
 
@@ -241,41 +285,78 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, seed=202611
     optimizer.build(model.trainable_variables)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).expect_partial()
-        log.info("resumed from %s at step %d", manager.latest_checkpoint, int(step_var.numpy()))
+        log.info("%s: resumed from %s at step %d", stage.name, manager.latest_checkpoint, int(step_var.numpy()))
     start = int(step_var.numpy())
     until = steps if until is None else min(until, steps)
     if not export_only and start < until:
-        _run_steps(model, optimizer, average, manager, step_var, spent, train_heads, brains, val_heads, out_dir,
-                   start=start, steps=steps, until=until, seed=seed, patch_size=patch_size, synth_prob=synth_prob,
+        _run_steps(stage, model, optimizer, average, manager, step_var, spent, train_heads, brains, validation,
+                   out_dir, start=start, steps=steps, until=until, seed=seed, synth_prob=synth_prob,
                    composite_prob=composite_prob, peak_lr=peak_lr, checkpoint_every=checkpoint_every,
                    validate_every=validate_every, freeze_bn_from=int(round(steps * (1.0 - frozen_bn_fraction))))
-    done = int(step_var.numpy())
     averaged = average.apply()
     if averaged:
-        log.info("exporting the mean of the weights of the last %d steps (BatchNorm frozen)", averaged)
+        log.info("%s: the mean of the weights of the last %d steps (BatchNorm frozen)", stage.name, averaged)
+    return StageRun(model, int(step_var.numpy()), float(spent.numpy()) / 3600.0, averaged)
+
+
+def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, locator_steps=1500, seed=20261125,
+          patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3,
+          checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
+          until=None, frozen_bn_fraction=0.3):
+    """Train (or resume) the locator to ``locator_steps``, then the segmenter to ``steps`` (``until`` stops
+    the segmenter's run earlier), calibrate the threshold on the training heads and export both networks.
+    ``init_weights`` (a segmenter weights file with its locator beside it) fine-tunes both."""
+    import tensorflow as tf
+
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+    out_dir = Path(out_dir)
+    locator_stage, segmenter_stage = stage_list = stages(patch_size=patch_size, base_filters=base_filters,
+                                                         levels=levels)
+    common = {"brains": brains, "seed": seed, "synth_prob": synth_prob, "composite_prob": composite_prob,
+              "peak_lr": peak_lr, "checkpoint_every": checkpoint_every, "validate_every": validate_every,
+              "frozen_bn_fraction": frozen_bn_fraction, "export_only": export_only}
+    init = Path(init_weights) if init_weights else None
+    locator = train_stage(locator_stage, train_heads, out_dir / locator_stage.name, steps=locator_steps,
+                          init_weights=init and init.with_name(LOCATOR_FILE_NAME), **common)
+
+    def validation(segmenter):
+        return validate(BrainNetworks(locator.model, segmenter), val_heads, threshold=0.5)
+
+    segmenter = train_stage(segmenter_stage, train_heads, out_dir / segmenter_stage.name, steps=steps, until=until,
+                            init_weights=init, validation=validation if val_heads else None, **common)
+    networks = BrainNetworks(locator.model, segmenter.model)
+
+    def record(stage, run, schedule):
+        return {"steps": run.steps, "schedule_steps": schedule, "patch_size": list(stage.patch_size),
+                "averaged_steps": run.averaged_steps, "cpu_hours": run.cpu_hours}
 
     card = {
-        "name": "bids_skullstrip U-Net",
+        "name": "bids_skullstrip two-stage U-Net",
         "software_version": __version__,
-        "architecture": architecture,
-        "voxel_mm": MODEL_VOXEL_MM,
+        "architecture": segmenter_stage.architecture,
+        "voxel_mm": segmenter_stage.voxel_mm,
+        "locator": {"architecture": locator_stage.architecture, "voxel_mm": locator_stage.voxel_mm,
+                    "file": locator_stage.weights_file},
         "training": {
-            "steps": done, "schedule_steps": steps, "seed": seed, "patch_size": list(patch_size),
-            "synth_prob": synth_prob, "composite_prob": composite_prob, "frozen_bn_fraction": frozen_bn_fraction,
-            "averaged_steps": averaged,
-            "composited_brains": [Path(b).name for b in brains], "peak_lr": peak_lr, "cpu_hours": float(spent.numpy()) / 3600.0,
+            "seed": seed, "synth_prob": synth_prob, "composite_prob": composite_prob,
+            "frozen_bn_fraction": frozen_bn_fraction, "peak_lr": peak_lr,
+            "locator": record(locator_stage, locator, locator_steps),
+            "segmenter": record(segmenter_stage, segmenter, steps),
+            "cpu_hours": locator.cpu_hours + segmenter.cpu_hours,
+            "composited_brains": [Path(b).name for b in brains],
             "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
         },
     }
     log.info("calibrating the threshold on the %d training heads", len(train_heads))
-    card["threshold"], card["threshold_calibration"] = calibrate_threshold(model, train_heads)
+    card["threshold"], card["threshold_calibration"] = calibrate_threshold(networks, train_heads)
     log.info("threshold %.2f (median training Dice by threshold: %s)", card["threshold"],
              card["threshold_calibration"])
-    finished = done >= steps and not export_only
+    finished = segmenter.steps >= steps and locator.steps >= locator_steps and not export_only
     if val_heads and finished:
-        card["validation"] = validate(model, val_heads, threshold=card["threshold"])
+        card["validation"] = validate(networks, val_heads, threshold=card["threshold"])
         log.info("exported weights, validation: %s",
                  ", ".join(f"{r['name']} {r['dice']:.4f}" for r in card["validation"]))
-    final = out_dir / ("final" if finished else f"export-step{done}")
-    export_weights(model, final, card)
+    final = out_dir / ("final" if finished else f"export-step{segmenter.steps}")
+    export_weights({"locator": locator.model, "segmenter": segmenter.model}, final, card, stage_list)
     return final

@@ -1,0 +1,134 @@
+"""The model card's evaluation: every split of ../shared/data, per source, worst case first, with QC flags and
+the stability checks of a rotated and a reoriented copy. A script that prints numbers, not a test.
+
+    python bench/model_eval.py                                  # the bundled weights, ~5 min on 2 cores
+    python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
+    python bench/model_eval.py --compare-to OLD_WEIGHTS_DIR     # two models side by side in one run
+
+Per head: Dice, HD95 and volume difference against the silver mask, and the QC flags of the mask
+(``qc.flag_image``). Stability: a wide-field head (``--stability-heads``) with its affine rotated 12 degrees
+about the left-right axis, and the same head reoriented to LPI in its voxels; Dice of each copy's mask to
+the original's, voxel for voxel (for the rotated copy the data and the grid are unchanged, only the world
+moved; for LPI the mask is reoriented back).
+"""
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from bids_skullstrip.metrics import compare_masks, dice  # noqa: E402
+from bids_skullstrip.model.inference import default_threshold, load_model  # noqa: E402
+from bids_skullstrip.qc import flag_image, qc_measures  # noqa: E402
+from bids_skullstrip.skullstrip import skullstrip_array, voxel_sizes  # noqa: E402
+from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
+
+SPLITS = ("train", "val", "wild")
+
+
+def source_of(name):
+    """The source a head comes from: its id without the subject part."""
+    for prefix in ("fstrain", "ds000011", "nichart-demo"):
+        if name.startswith(prefix):
+            return prefix
+    return name
+
+
+def evaluate_head(head, model, threshold):
+    img = nib.load(str(head.image))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
+    t = time.perf_counter()
+    result = skullstrip_array(data, img.affine, threshold=threshold, model=model)
+    seconds = time.perf_counter() - t
+    vox = voxel_sizes(img.affine)
+    measures = qc_measures(data, result.probability, result.mask, vox)
+    return {"name": head.name, "source": source_of(head.name), **compare_masks(result.mask, reference, vox),
+            "seconds": seconds, "flags": flag_image(measures), "warnings": result.warnings, "qc": measures}
+
+
+def _rotated(affine, degrees):
+    a = np.deg2rad(degrees)
+    rot = np.eye(4)
+    rot[1:3, 1:3] = [[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]
+    return rot @ affine
+
+
+def stability(head, model, threshold):
+    img = nib.load(str(head.image))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    original = skullstrip_array(data, img.affine, threshold=threshold, model=model).mask
+    rotated = skullstrip_array(data, _rotated(img.affine, 12.0), threshold=threshold, model=model).mask
+    orientation = nib.orientations
+    native, lpi_codes = orientation.io_orientation(img.affine), orientation.axcodes2ornt("LPI")
+    lpi = img.as_reoriented(orientation.ornt_transform(native, lpi_codes))
+    lpi_mask = skullstrip_array(np.asarray(lpi.dataobj, dtype=np.float32), lpi.affine, threshold=threshold,
+                                model=model).mask
+    back = orientation.apply_orientation(lpi_mask, orientation.ornt_transform(lpi_codes, native))
+    return {"name": head.name, "rotated_12deg_dice": float(dice(rotated, original)),
+            "lpi_dice": float(dice(back, original))}
+
+
+def summary(rows):
+    d = np.array([r["dice"] for r in rows])
+    worst = rows[int(np.argmin(d))]
+    return {"n": len(rows), "median_dice": float(np.median(d)), "worst_dice": float(d.min()),
+            "worst_head": worst["name"], "max_hd95_mm": float(max(r["hd95_mm"] for r in rows)),
+            "max_volume_diff_pct": float(max(r["volume_diff_pct"] for r in rows)),
+            "flagged": sum(bool(r["flags"]) for r in rows)}
+
+
+def print_report(results):
+    for split, rows in results["splits"].items():
+        print(f"\n## {split}: worst first")
+        print(f"| head | Dice | HD95 mm | vol diff % | QC flags |\n|---|---|---|---|---|")
+        for r in sorted(rows, key=lambda r: r["dice"]):
+            print(f"| {r['name']} | {r['dice']:.4f} | {r['hd95_mm']:.2f} | {r['volume_diff_pct']:+.1f} | "
+                  f"{'; '.join(r['flags']) or '-'} |")
+        s = summary(rows)
+        print(f"\n{split}: n {s['n']}, median {s['median_dice']:.4f}, worst {s['worst_dice']:.4f} "
+              f"({s['worst_head']}), max HD95 {s['max_hd95_mm']:.2f} mm, max vol diff "
+              f"{s['max_volume_diff_pct']:+.1f} %, flagged {s['flagged']}")
+    print("\n## per source (median / worst Dice)")
+    print("| source | split | n | median | worst |\n|---|---|---|---|---|")
+    for split, rows in results["splits"].items():
+        for source in sorted({r["source"] for r in rows}):
+            d = [r["dice"] for r in rows if r["source"] == source]
+            print(f"| {source} | {split} | {len(d)} | {np.median(d):.4f} | {min(d):.4f} |")
+    if results.get("stability"):
+        print("\n## stability (Dice to the original's mask)")
+        for r in results["stability"]:
+            print(f"{r['name']}: rotated 12 deg {r['rotated_12deg_dice']:.4f}, LPI copy {r['lpi_dice']:.4f}")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
+    p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them)")
+    p.add_argument("--splits", nargs="+", default=list(SPLITS))
+    p.add_argument("--stability-heads", nargs="*", default=["nichart-trio-mprage", "xa30-tfl-2mm"])
+    p.add_argument("--json", help="write every number here")
+    args = p.parse_args(argv)
+    model, threshold = load_model(args.weights), default_threshold(args.weights)
+    results = {"weights": args.weights or "bundled", "threshold": threshold, "splits": {}}
+    for split in args.splits:
+        results["splits"][split] = [evaluate_head(h, model, threshold)
+                                    for h in find_labelled_heads(args.data, split=split)]
+    heads = {h.name: h for h in find_labelled_heads(args.data)}
+    results["stability"] = [stability(heads[n], model, threshold) for n in args.stability_heads]
+    results["summary"] = {split: summary(rows) for split, rows in results["splits"].items()}
+    print_report(results)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
