@@ -39,8 +39,47 @@ def required_kinds(save_probseg):
     return [k for k in SUFFIXES if k != "probseg" or save_probseg]
 
 
+FAILURES_DIR = "logs/failed"  # <out>/logs/failed/<stem>.json: images whose last run failed (for the group level)
+
+
+def failure_path(output_dir, t1w):
+    return Path(output_dir) / FAILURES_DIR / f"{t1w.stem}.json"
+
+
+def record_failure(output_dir, t1w, message):
+    """Keep a failed image's error where the group level finds it (until the image succeeds)."""
+    path = failure_path(output_dir, t1w)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps({"bids_name": t1w.stem, "source": t1w.source_uri, "error": message},
+                                       indent=1) + "\n")
+
+
+def clear_failure(output_dir, t1w):
+    failure_path(output_dir, t1w).unlink(missing_ok=True)
+
+
 def is_finished(output_dir, t1w, *, save_probseg=False):
     return all(derivative_path(output_dir, t1w, k).is_file() for k in required_kinds(save_probseg))
+
+
+def run_settings(*, threshold, border_mm):
+    """Everything that shapes an image's outputs; recorded in its metrics JSON, compared on a rerun."""
+    from .model.inference import model_card
+
+    card = model_card()
+    return {"threshold": float(threshold), "border_mm": float(border_mm), "model_sha256": card.get("sha256"),
+            "locator_sha256": (card.get("locator") or {}).get("sha256"), "software_version": __version__}
+
+
+def changed_settings(output_dir, t1w, settings):
+    """The settings the finished outputs of ``t1w`` were made with that differ from ``settings``, as
+    ``{name: (recorded, now)}`` (outputs of a version that recorded nothing count as all different)."""
+    try:
+        recorded = json.loads(derivative_path(output_dir, t1w, "metrics").read_text()).get("settings")
+    except (OSError, ValueError, AttributeError):
+        recorded = None
+    recorded = recorded if isinstance(recorded, dict) else {}
+    return {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
 
 
 def sidecar(kind, t1w, *, threshold=None, border_mm=None):

@@ -144,6 +144,21 @@ def test_participant_report_lists_the_failure(mixed_run):
     assert "truncated or corrupt" in html
 
 
+def test_group_report_keeps_the_failed_images_and_joins_participants_tsv(mixed_run):
+    import csv
+
+    res = app(mixed_run["bids"], mixed_run["out"], "group")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    with (mixed_run["out"] / "group_T1w.tsv").open() as fh:
+        rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    assert set(rows) == {f"sub-0{i}" for i in range(1, 8)}
+    assert rows["sub-01"]["status"] == "processed" and rows["sub-01"]["session_id"] == "n/a"
+    for label, problem in EXPECTED_PROBLEM.items():
+        assert rows[f"sub-{label}"]["status"] == "failed" and problem in rows[f"sub-{label}"]["flags"]
+    html = (mixed_run["out"] / "group_T1w.html").read_text()
+    assert all(f"sub-{label}_T1w" in html or f"sub-{label}" in html for label in EXPECTED_PROBLEM)
+
+
 # ------------------------------------------------------------------------------- usage errors (no workflow)
 @pytest.fixture
 def small_dataset(tmp_path):
@@ -234,6 +249,29 @@ def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
     assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr
 
 
+def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_it(tmp_path):
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head})
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2"]
+    assert app(*args).returncode == 0
+    anat = out / "sub-01" / "anat"
+    mask, metrics = anat / "sub-01_desc-brain_mask.nii.gz", anat / "sub-01_desc-brain_metrics.json"
+    recorded = json.loads(metrics.read_text())["settings"]
+    assert recorded["border_mm"] == 0.0 and len(recorded["model_sha256"]) == 64 and recorded["software_version"]
+    volume = int((np.asanyarray(nib.load(mask).dataobj) > 0).sum())
+    res = app(*args, "--threshold", "0.3", "--border", "3")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "redoing sub-01/anat/sub-01_T1w.nii.gz" in res.stdout and "border_mm 0.0 -> 3.0" in res.stdout, res.stdout
+    assert json.loads((anat / "sub-01_desc-brain_mask.json").read_text())["Threshold"] == 0.3
+    assert json.loads(metrics.read_text())["settings"]["border_mm"] == 3.0
+    assert int((np.asanyarray(nib.load(mask).dataobj) > 0).sum()) > volume
+    mtime = mask.stat().st_mtime_ns
+    again = app(*args, "--threshold", "0.3", "--border", "3")
+    assert again.returncode == 0 and "1 already finished" in again.stdout and "redoing" not in again.stdout
+    assert mask.stat().st_mtime_ns == mtime
+
+
 # ------------------------------------------------------------------------------- DataLad datasets
 def _annexed(root, label, *, present):
     """sub-<label>'s T1w as git-annex stores it: a relative symbolic link into .git/annex/objects, whose
@@ -310,6 +348,34 @@ def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
     for nii in finals:  # every file with a final name is complete
         np.asanyarray(nib.load(nii).dataobj)
     res = app(*args[:3], "-w", work, "--skip-bids-validation", "--n-cpus", "2")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    for label in ("01", "02", "03", "04"):
+        assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
+
+
+def test_sigterm_stops_promptly_says_how_to_resume_and_a_rerun_finishes(tmp_path):
+    """What SLURM does at a job's time limit: SIGTERM to every process of the job (its process group)."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {label: copy_head for label in ("01", "02", "03", "04")})
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [str(bids), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--n-cpus", "2"]
+    proc = subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not list(out.rglob("*_desc-brain_mask.nii.gz")):
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGTERM)
+    sent = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert time.monotonic() - sent < 30, "the run did not stop promptly after SIGTERM"
+    assert proc.returncode == 143, stderr
+    assert "interrupted (SIGTERM)" in stderr and "rerun the same command to resume" in stderr, stderr
+    assert "Traceback" not in stderr, stderr[-3000:]
+    finals = [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".tmp-")]
+    assert finals, "SIGTERM came before anything was written: the test proves nothing"
+    for nii in finals:
+        np.asanyarray(nib.load(nii).dataobj)
+    res = app(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     for label in ("01", "02", "03", "04"):
         assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()

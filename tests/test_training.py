@@ -219,13 +219,14 @@ def test_eval_scores_existing_masks(tmp_path, capsys):
 def test_eval_uses_the_threshold_calibrated_for_the_given_weights(tmp_path, capsys):
     import shutil
 
-    from bids_skullstrip.model.inference import WEIGHTS_FILE, model_card
+    from bids_skullstrip.model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, model_card
 
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
     weights = tmp_path / "model" / "unet.weights.h5"
     weights.parent.mkdir()
     shutil.copy(WEIGHTS_FILE, weights)
+    shutil.copy(WEIGHTS_FILE.with_name(LOCATOR_FILE_NAME), weights.with_name(LOCATOR_FILE_NAME))
     card = model_card()
     (weights.parent / "model.json").write_text(json.dumps(dict(card, threshold=0.95)))
     common = [str(data), "--weights", str(weights)]

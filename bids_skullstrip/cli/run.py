@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -229,14 +230,28 @@ def run_participant(opts):
 
     failures = [(t, missing_content(t)) for t in t1ws if missing_content(t)]
     absent = {t for t, _ in failures}
-    todo = [t for t in t1ws if t not in absent
-            and (opts.overwrite or not outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg))]
+    settings = outputs.run_settings(threshold=opts.threshold, border_mm=opts.border)
+    done = [t for t in t1ws if t not in absent and not opts.overwrite
+            and outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg)]
+    stale = {t: outputs.changed_settings(output_dir, t, settings) for t in done}
+    stale = {t: changed for t, changed in stale.items() if changed}
+    todo = [t for t in t1ws if t not in absent and (t not in done or t in stale)]
     subjects = sorted({t.subject for t in t1ws})
     finished = len(t1ws) - len(todo) - len(absent)
     log.info("bids_skullstrip %s: %d T1w image(s) of %d participant(s); %d already finished%s",
              __version__, len(t1ws), len(subjects), finished, " (use --overwrite to redo them)" if finished else "")
+    for t1w, changed in stale.items():
+        log.info("  redoing %s: its outputs were made with other settings (%s)", t1w.relpath,
+                 ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
     if todo:
         failures += _run_workflow(opts, todo, output_dir, work_dir)
+
+    failed = {t for t, _ in failures}
+    for t1w, message in failures:
+        outputs.record_failure(output_dir, t1w, message)
+    for t1w in t1ws:
+        if t1w not in failed:
+            outputs.clear_failure(output_dir, t1w)
 
     from ..reports.participant import write_participant_report
 
@@ -245,7 +260,7 @@ def run_participant(opts):
         errors = [f for t, f in failures if t.subject == subject]
         reports[subject] = write_participant_report(output_dir, subject, errors=errors)
         log.info("report: %s", reports[subject])
-    flagged = _flagged(output_dir, [t for t in t1ws if t not in {f for f, _ in failures}])
+    flagged = _flagged(output_dir, [t for t in t1ws if t not in failed])
     log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed, %d flagged by QC",
              len(t1ws), len(todo) - len(failures) + len(absent), finished, len(failures), len(flagged))
     for t1w, flags in flagged:
@@ -313,8 +328,23 @@ def run_group(opts):
     return 0
 
 
+class Interrupted(BaseException):
+    """SIGTERM (what SLURM sends at a job's time limit or on preemption), raised in the main thread.
+
+    A BaseException, so that no ``except Exception`` of nipype's or ours swallows it on its way out."""
+
+
+def _interrupt_in(main_pid):
+    def interrupt(signum, frame):
+        if os.getpid() != main_pid:  # a nipype worker forked from the main process: stop, quietly
+            os._exit(128 + signum)
+        raise Interrupted(signal.Signals(signum).name)
+    return interrupt
+
+
 def main(argv=None):
     opts = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt_in(os.getpid()))
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     logging.getLogger("bidsschematools").setLevel(logging.WARNING)  # "No schema path specified..."
@@ -330,9 +360,14 @@ def main(argv=None):
         print(f"bids_skullstrip: error: {exc}", file=sys.stderr)
         # 1 means that images failed; a run that could not start processed none
         return 1 if isinstance(exc, ReportError) else 2
-    except KeyboardInterrupt:
-        print("bids_skullstrip: interrupted; finished images are kept, rerun to resume", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Interrupted) as exc:
+        what = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+        print(f"bids_skullstrip: interrupted ({what}): the images finished so far are kept and no output was left "
+              "half-written; rerun the same command to resume", file=sys.stderr)
+        sys.stderr.flush()
+        # Leave at once: a clean interpreter exit would wait for nipype's worker processes, which the same
+        # signal is stopping (SLURM signals every process of the job) or which end when their parent is gone.
+        os._exit(130 if what == "SIGINT" else 143)
     except Exception as exc:  # noqa: BLE001 - one line for users, the traceback with -v
         if opts.verbose:
             raise

@@ -82,6 +82,7 @@ class DerivativesSink(SimpleInterface):
 
         metrics = json.loads(Path(self.inputs.in_metrics).read_text())
         metrics["outputs"] = [Path(p).relative_to(out_dir).as_posix() for p in written]
+        metrics["settings"] = outputs.run_settings(threshold=self.inputs.threshold, border_mm=self.inputs.border_mm)
         dest = outputs.derivative_path(out_dir, t1w, "metrics")
         atomic_write_text(dest, json.dumps(metrics, indent=1) + "\n")
         written.append(str(dest))

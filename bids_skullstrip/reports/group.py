@@ -4,6 +4,7 @@
 import csv
 import datetime
 import io
+import json
 import math
 import os
 from pathlib import Path
@@ -16,7 +17,9 @@ import numpy as np  # noqa: E402
 
 from .. import qc as qcmod  # noqa: E402
 from ..io import atomic_write_text  # noqa: E402
-from .common import ReportError, environment, find_metrics, load_record, rel_url, slug, write_html  # noqa: E402
+from ..outputs import FAILURES_DIR  # noqa: E402
+from .common import (  # noqa: E402
+    ReportError, entities, environment, find_metrics, load_record, rel_url, slug, write_html)
 
 TSV_NAME = "group_T1w.tsv"
 HTML_NAME = "group_T1w.html"
@@ -25,21 +28,47 @@ DIST_NAME = "group_T1w_distributions.svg"
 SKIP_COLUMNS = ("brain_voxels",)
 
 
+def _failed_records(output_dir, processed):
+    """Rows for the images whose last participant run failed (``outputs.record_failure``)."""
+    rows = []
+    for path in sorted((Path(output_dir) / FAILURES_DIR).glob("*.json")):
+        try:
+            content = json.loads(path.read_text())
+            error = str(content["error"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        stem = path.name[: -len(".json")]
+        if stem in processed:
+            continue
+        ent = entities(stem)
+        rows.append({"bids_name": stem, "_participant": ent.get("sub", "n/a"), "_session": ent.get("ses"),
+                     "_status": "failed", "_error": error, "qc": {}, "flags": [f"failed: {error}"],
+                     "_runtime_total": None, "_figure": None})
+    return rows
+
+
 def _records(output_dir):
     paths = find_metrics(output_dir)
-    if not paths:
+    records = [load_record(p, output_dir) for p in paths]
+    for r in records:
+        r["_status"] = "processed"
+    failed = _failed_records(output_dir, {r["bids_name"] for r in records})
+    if not records and not failed:
         raise ReportError(
             f"{output_dir}: no per-image metrics found (sub-*/[ses-*/]anat/*_desc-brain_metrics.json); "
             "run the participant level first")
-    records = [load_record(p, output_dir) for p in paths]
     group_flags = qcmod.flag_group([r["qc"] for r in records])
     for r, flags in zip(records, group_flags):
         if not r["qc"] and r["_error"]:
             flags = [r["_error"]]
         # recomputed flags (current rules + group outliers) first, then any other stored flag
         r["flags"] = flags + [f for f in r["flags"] if f not in flags]
-    records.sort(key=lambda r: (-len(r["flags"]), r["bids_name"]))
+    records += failed
+    records.sort(key=lambda r: (r["_status"] != "failed", -len(r["flags"]), r["bids_name"]))
     return records
+
+
+ENTITY_COLUMNS = (("acq", "acq_id"), ("ce", "ce_id"), ("rec", "rec_id"), ("run", "run_id"))
 
 
 def _measure_keys(records):
@@ -61,8 +90,10 @@ def _tsv_value(v):
 
 def write_tsv(records, path):
     keys = _measure_keys(records)
-    header = (["bids_name", "brain_volume_ml", "brain_voxels", "size_x", "size_y", "size_z",
-               "spacing_x", "spacing_y", "spacing_z", "orientation", "runtime_s"] + keys + ["n_flags", "flags"])
+    # participant_id / session_id (and the other entities) join participants.tsv and sessions.tsv
+    header = (["bids_name", "participant_id", "session_id"] + [c for _, c in ENTITY_COLUMNS]
+              + ["status", "brain_volume_ml", "brain_voxels", "size_x", "size_y", "size_z",
+                 "spacing_x", "spacing_y", "spacing_z", "orientation", "runtime_s"] + keys + ["n_flags", "flags"])
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(header)
@@ -70,7 +101,10 @@ def write_tsv(records, path):
         shape = list(r.get("shape") or [None] * 3)[:3] + [None] * 3
         vox = list(r.get("voxel_size_mm") or [None] * 3)[:3] + [None] * 3
         vol = r.get("brain_volume_ml", r["qc"].get("brain_volume_ml"))
-        row = ([r["bids_name"], vol, r.get("brain_voxels", r["qc"].get("brain_voxels"))] + shape[:3] + vox[:3]
+        ent = entities(r["bids_name"])
+        row = ([r["bids_name"], f"sub-{r['_participant']}", f"ses-{r['_session']}" if r["_session"] else None]
+               + [ent.get(e) for e, _ in ENTITY_COLUMNS] + [r["_status"]]
+               + [vol, r.get("brain_voxels", r["qc"].get("brain_voxels"))] + shape[:3] + vox[:3]
                + [r.get("orientation"), r["_runtime_total"]] + [r["qc"].get(k) for k in keys]
                + [len(r["flags"]), "; ".join(f.replace("\t", " ") for f in r["flags"])])
         w.writerow([_tsv_value(v) for v in row])
@@ -84,6 +118,7 @@ def plot_distributions(records, out_file):
     nrows = int(math.ceil(len(keys) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 1.25 * nrows + 0.2), squeeze=False)
     rng = np.random.default_rng(0)
+    records = [r for r in records if r["_status"] == "processed"]
     flagged = np.array([bool(r["flags"]) for r in records])
     for ax, key in zip(axes.ravel(), keys):
         vals = np.array([r["qc"].get(key) if r["qc"].get(key) is not None else np.nan for r in records], float)
@@ -157,7 +192,7 @@ def write_group_report(output_dir, *, thumbnails=True):
     tsv_path = write_tsv(records, output_dir / TSV_NAME)
     dist = plot_distributions(records, fig_dir / DIST_NAME)
     for r in records:
-        thumb = _thumbnail(r, fig_dir) if thumbnails else None
+        thumb = _thumbnail(r, fig_dir) if thumbnails and r["_status"] == "processed" else None
         thumb = thumb or r["_figure"]
         r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
         r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['bids_name'])}"
