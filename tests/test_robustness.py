@@ -257,6 +257,12 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     assert app(*args).returncode == 0
     anat = out / "sub-01" / "anat"
     mask, metrics = anat / "sub-01_desc-brain_mask.nii.gz", anat / "sub-01_desc-brain_metrics.json"
+    methods = (out / "logs" / "CITATION.md").read_text()
+    from bids_skullstrip.model.inference import default_threshold
+
+    assert f"thresholded at {default_threshold():g}" in methods
+    assert "N4" in methods and "doi:10.1109/TMI.2010.2046908" in methods and "nipype" in methods.lower()
+    assert "<h1>" in (out / "logs" / "CITATION.html").read_text()
     recorded = json.loads(metrics.read_text())["settings"]
     assert recorded["border_mm"] == 0.0 and len(recorded["model_sha256"]) == 64 and recorded["software_version"]
     volume = int((np.asanyarray(nib.load(mask).dataobj) > 0).sum())
@@ -265,6 +271,7 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     assert "redoing sub-01/anat/sub-01_T1w.nii.gz" in res.stdout and "border_mm 0.0 -> 3.0" in res.stdout, res.stdout
     assert json.loads((anat / "sub-01_desc-brain_mask.json").read_text())["Threshold"] == 0.3
     assert json.loads(metrics.read_text())["settings"]["border_mm"] == 3.0
+    assert "grown by 3 mm" in (out / "logs" / "CITATION.md").read_text()
     assert int((np.asanyarray(nib.load(mask).dataobj) > 0).sum()) > volume
     mtime = mask.stat().st_mtime_ns
     again = app(*args, "--threshold", "0.3", "--border", "3")

@@ -227,6 +227,9 @@ def run_participant(opts):
     work_dir = (opts.work_dir or default_work_dir(output_dir)).resolve()
     check_writable(work_dir, "work directory")
     outputs.init_output_dir(output_dir, bids_dir)
+    from ..reports.boilerplate import write_boilerplate
+
+    write_boilerplate(output_dir, threshold=opts.threshold, border_mm=opts.border)
 
     failures = [(t, missing_content(t)) for t in t1ws if missing_content(t)]
     absent = {t for t, _ in failures}
