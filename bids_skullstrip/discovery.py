@@ -67,6 +67,15 @@ def _layout(bids_dir):
     if not (bids_dir / "dataset_description.json").is_file():
         raise DiscoveryError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
     try:
+        description = json.loads((bids_dir / "dataset_description.json").read_text())
+    except (OSError, ValueError):
+        description = {}
+    if isinstance(description, dict) and str(description.get("DatasetType", "raw")).lower() == "derivative":
+        # Its T1w images carry desc-/space- entities (fMRIPrep's desc-preproc, space-MNI...): the outputs'
+        # names would not be valid BIDS, and their masks exist already.
+        raise DiscoveryError(f"{bids_dir}: a BIDS-Derivatives dataset (DatasetType \"derivative\"); "
+                             "bids_skullstrip processes the raw T1w images: give it the raw dataset")
+    try:
         return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
     except Exception as exc:  # pybids raises many types for broken datasets
         raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset ({' '.join(str(exc).split())[:200]})") from None
@@ -105,8 +114,11 @@ def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_
         found.append(T1wInput(path=path, relpath=path.relative_to(bids_dir).as_posix(),
                               subject=entities["subject"], session=entities.get("session")))
     if not found:
+        others = layout.get(return_type="file", **dict(query, suffix=["UNIT1", "MP2RAGE", "T1map"]))
+        seen = f" (it has {len(others)} UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w)" if others else ""
         raise DiscoveryError(f"{bids_dir}: no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for "
-                             f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else ""))
+                             f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
+                             + seen)
     return found
 
 

@@ -176,6 +176,8 @@ def small_dataset(tmp_path):
     ("empty", 2, "no participants"),
     ("bad_filter", 2, "cannot read the BIDS filter file"),
     ("filter_matches_nothing", 2, "no T1w images"),
+    ("derivative_dataset", 2, "a BIDS-Derivatives dataset"),
+    ("unit1_only", 2, "UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w"),
 ])
 def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     bids, out, extra = small_dataset, tmp_path / "out", ["--skip-bids-validation"]
@@ -200,13 +202,19 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     elif case == "filter_matches_nothing":
         (tmp_path / "f.json").write_text(json.dumps({"t1w": {"acquisition": "nosuchacq"}}))
         extra += ["--bids-filter-file", tmp_path / "f.json"]
+    elif case == "derivative_dataset":
+        (bids / "dataset_description.json").write_text(json.dumps(
+            {"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    elif case == "unit1_only":
+        t1w = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+        t1w.rename(t1w.with_name("sub-01_UNIT1.nii.gz"))
     before = snapshot(small_dataset) if small_dataset.exists() else {}
     res = app(bids, out, "participant", *extra)
     assert res.returncode == expected_rc, (res.returncode, res.stdout, res.stderr)
     assert expected in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert_one_line_errors(res)
-    if case not in ("same_dir", "inside", "no_description", "empty"):
+    if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only"):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
