@@ -58,7 +58,7 @@ def load_bids_filters(path):
     return filters.get("t1w", {})
 
 
-def _layout(bids_dir):
+def _layout(bids_dir, database_dir=None):
     from bids import BIDSLayout
 
     bids_dir = Path(bids_dir)
@@ -76,15 +76,17 @@ def _layout(bids_dir):
         raise DiscoveryError(f"{bids_dir}: a BIDS-Derivatives dataset (DatasetType \"derivative\"); "
                              "bids_skullstrip processes the raw T1w images: give it the raw dataset")
     try:
+        if database_dir is not None:  # pybids indexes once into it, later runs read it back
+            return BIDSLayout(str(bids_dir), validate=False, derivatives=False, database_path=str(database_dir))
         return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
     except Exception as exc:  # pybids raises many types for broken datasets
         raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset ({' '.join(str(exc).split())[:200]})") from None
 
 
-def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_filters=None):
+def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_filters=None, database_dir=None):
     """The T1w images to process, sorted; raises DiscoveryError for unknown labels or no images."""
     bids_dir = Path(bids_dir).resolve()
-    layout = _layout(bids_dir)
+    layout = _layout(bids_dir, database_dir)
     subjects = sorted(layout.get_subjects())
     if not subjects:
         raise DiscoveryError(f"{bids_dir}: the dataset has no participants (no sub-* folders)")

@@ -441,3 +441,26 @@ def test_already_skull_stripped_input(tmp_path):
     mask = np.asanyarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
     nonzero = np.asanyarray(nib.load(brain).dataobj) > 0
     assert (mask & nonzero).sum() / nonzero.sum() > 0.98
+
+
+# ------------------------------------------------------------------------------- fMRIPrep's option names
+def test_fmriprep_spellings_of_the_options():
+    from bids_skullstrip.cli.run import _plugin_settings, build_parser
+
+    opts = build_parser().parse_args(["in", "out", "participant", "--nthreads", "3", "--omp_nthreads", "1",
+                                      "--mem", "3072", "--session_label", "1", "--stop-on-first-crash"])
+    assert (opts.n_cpus, opts.omp_nthreads, opts.session_label, opts.stop_on_first_crash) == (3, 1, ["1"], True)
+    plugin, args = _plugin_settings(opts)
+    assert plugin == "MultiProc" and args["n_procs"] == 3 and args["memory_gb"] == 3.0
+    assert "(default: None)" not in build_parser().format_help()
+
+
+def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    res = app(small_dataset, out, "participant", "--boilerplate-only", "--skip-bids-validation")
+    assert res.returncode == 0, res.stderr
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "logs/CITATION.html", "logs/CITATION.md"]
+    res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
+    assert res.returncode == 0, res.stderr
+    assert (out / "sub-01.html").is_file() and not (out / "sub-01" / "anat").exists()

@@ -21,10 +21,17 @@ class UsageError(ValueError):
     """A problem with the command line or the folders it names (one line, for the user)."""
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one to show and the help text does not already say it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser():
-    p = argparse.ArgumentParser(
-        prog="bids_skullstrip", description=__doc__,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(prog="bids_skullstrip", description=__doc__, formatter_class=_HelpFormatter)
     p.add_argument("bids_dir", type=Path, help="the input BIDS dataset")
     p.add_argument("output_dir", type=Path, help="where the BIDS-Derivatives go")
     p.add_argument("analysis_level", choices=["participant", "group"])
@@ -32,11 +39,14 @@ def build_parser():
     g = p.add_argument_group("selecting images")
     g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
                    help="participants to process (with or without sub-); default: all")
-    g.add_argument("--session-label", nargs="+", metavar="LABEL", help="sessions (with or without ses-)")
+    g.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
+                   help="sessions (with or without ses-); default: all")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
                    help='JSON with pybids filters for the T1w query, e.g. {"t1w": {"acquisition": "mprage"}}')
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run the BIDS validator on the input dataset")
+    g.add_argument("--bids-database-dir", type=Path, metavar="DIR",
+                   help="pybids database of the input, built on the first run and reused (large datasets)")
     g = p.add_argument_group("model")
     g.add_argument("--threshold", type=float, default=None,
                    help="brain probability threshold (0-1); default: the one calibrated for the bundled model")
@@ -47,12 +57,20 @@ def build_parser():
                    help="exit with status 3 when QC flags an image (and none failed); by default flagged "
                         "images are listed and the status is 0")
     g = p.add_argument_group("execution")
-    g.add_argument("--n-cpus", "--nprocs", "--n_cpus", dest="n_cpus", type=int, default=os.cpu_count() or 1,
-                   help="CPUs the run may use (MultiProc)")
-    g.add_argument("--omp-nthreads", type=int, default=None,
+    g.add_argument("--n-cpus", "--nprocs", "--n_cpus", "--nthreads", dest="n_cpus", type=int,
+                   default=os.cpu_count() or 1, help="CPUs the run may use (MultiProc)")
+    g.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=int, default=None,
                    help="threads per image for the network and N4 (default: 1, or --n-cpus when there is one image)")
     g.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=float, default=None,
                    help="memory the run may use (MultiProc), GB; default: what the machine has")
+    g.add_argument("--mem", "--mem-mb", "--mem_mb", dest="mem_mb", type=float, default=None, metavar="MB",
+                   help="the same in MB, as fMRIPrep spells it")
+    g.add_argument("--stop-on-first-crash", action="store_true",
+                   help="stop at the first image that fails instead of finishing the others")
+    g.add_argument("--boilerplate-only", action="store_true",
+                   help="write the methods text (logs/CITATION.md, .html) and exit")
+    g.add_argument("--reports-only", action="store_true",
+                   help="rewrite the participant reports from the outputs already there and exit")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
                    help="nipype work directory, reused to resume (default: a folder in the temp dir)")
     g.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
@@ -117,8 +135,9 @@ def _plugin_settings(opts):
         plugin, args = opts.plugin, dict(opts.plugin_args or {})
     if plugin == "MultiProc":
         args.setdefault("n_procs", opts.n_cpus)
-        if opts.mem_gb:
-            args.setdefault("memory_gb", opts.mem_gb)
+        mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
+        if mem_gb:
+            args.setdefault("memory_gb", mem_gb)
         args.setdefault("raise_insufficient", False)
     if plugin in ("SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF"):
         # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
@@ -145,7 +164,7 @@ def _setup_logging(verbose, log_file):
         nlog.propagate = verbose >= 2
 
 
-def _configure_nipype(work_dir, verbose):
+def _configure_nipype(work_dir, verbose, stop_on_first_crash=False):
     os.environ.setdefault("NIPYPE_NO_ET", "1")
     os.environ.setdefault("NIPYPE_CONFIG_DIR", str(work_dir / ".nipype"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -155,7 +174,7 @@ def _configure_nipype(work_dir, verbose):
         "execution": {
             "crashdump_dir": str(work_dir / "crashes"),
             "crashfile_format": "txt",
-            "stop_on_first_crash": "false",
+            "stop_on_first_crash": str(bool(stop_on_first_crash)).lower(),
             "remove_unnecessary_outputs": "true",
             "check_version": "false",
             "create_report": "false",
@@ -215,14 +234,27 @@ def run_participant(opts):
         raise UsageError(f"--threshold {opts.threshold}: must be between 0 and 1")
     if opts.n_cpus < 1:
         raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
+    if opts.boilerplate_only:
+        from ..reports.boilerplate import write_boilerplate
+
+        check_writable(output_dir, "output folder")
+        log.info("methods text: %s", ", ".join(map(str, write_boilerplate(output_dir, threshold=opts.threshold,
+                                                                             border_mm=opts.border))))
+        return 0
     filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else None
     if not opts.skip_bids_validation:
         errors = validate_dataset(bids_dir)
         if errors:
             raise DiscoveryError(f"{bids_dir}: the BIDS validator found {len(errors)} error(s), first: "
                                  f"{errors[0]} (fix them or pass --skip-bids-validation)")
-    t1ws = collect_t1w(bids_dir, participant_labels=opts.participant_label,
-                       session_labels=opts.session_label, bids_filters=filters)
+    t1ws = collect_t1w(bids_dir, participant_labels=opts.participant_label, session_labels=opts.session_label,
+                       bids_filters=filters, database_dir=opts.bids_database_dir)
+    if opts.reports_only:
+        from ..reports.participant import write_participant_report
+
+        for subject in sorted({t.subject for t in t1ws}):
+            log.info("report: %s", write_participant_report(output_dir, subject))
+        return 0
     check_writable(output_dir, "output folder")
     work_dir = (opts.work_dir or default_work_dir(output_dir)).resolve()
     check_writable(work_dir, "work directory")
@@ -296,7 +328,7 @@ def _flagged(output_dir, t1ws):
 
 
 def _run_workflow(opts, todo, output_dir, work_dir):
-    _configure_nipype(work_dir, opts.verbose)
+    _configure_nipype(work_dir, opts.verbose, opts.stop_on_first_crash)
     plugin, plugin_args = _plugin_settings(opts)
     from .. import outputs
     from ..workflows.base import init_bids_skullstrip_wf, node_name
