@@ -252,6 +252,7 @@ def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
     flagged = [line for line in text.splitlines() if "flagged by QC: " in line]
     assert len(flagged) == 1 and "sub-02/anat/sub-02_T1w.nii.gz" in flagged[0] and "noise" in flagged[0]
     assert str(out / "sub-02.html") in flagged[0]
+    assert "progress: 2 of 2 image(s) finished" in text, text
     again = app(*args, "--fail-on-flag")  # the finished images are not redone; their flags still count
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr

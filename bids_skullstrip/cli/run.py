@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -342,14 +343,35 @@ def _run_workflow(opts, todo, output_dir, work_dir):
                                  save_probseg=opts.save_probseg, omp_nthreads=omp)
     log.info("running %d image(s) with nipype's %s plugin (work directory %s)", n_images, plugin, work_dir)
     started = time.time()
+    stop = threading.Event()
+    progress = threading.Thread(target=_report_progress, args=(stop, output_dir, todo, opts.save_probseg, started),
+                                daemon=True)
+    progress.start()
     try:
         wf.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as exc:
         log.debug("nipype: %s", exc)
+    finally:
+        stop.set()
+        progress.join()
     log.info("workflow finished in %.0f s", time.time() - started)
     failed = [t for t in todo if not outputs.is_finished(output_dir, t, save_probseg=opts.save_probseg)]
     crashes = _crash_messages(work_dir / "crashes", started - 1)
     return [(t, _failure_for(t, crashes, node_name)) for t in failed]
+
+
+def _report_progress(stop, output_dir, todo, save_probseg, started, every_s=5.0):
+    """One console line each time more images are finished: done of total, elapsed time."""
+    from .. import outputs
+
+    shown, stopped = 0, False
+    while not stopped:
+        stopped = stop.wait(every_s)
+        done = sum(outputs.is_finished(output_dir, t, save_probseg=save_probseg) for t in todo)
+        if done > shown:
+            shown = done
+            log.info("progress: %d of %d image(s) finished, %s elapsed", done, len(todo),
+                     time.strftime("%H:%M:%S", time.gmtime(time.time() - started)))
 
 
 def run_group(opts):
