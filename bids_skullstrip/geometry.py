@@ -8,6 +8,7 @@ each way, so outputs land back on exactly the native voxel grid.
 from dataclasses import dataclass
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from nibabel.orientations import inv_ornt_aff, io_orientation
 from scipy import ndimage as ndi
 
@@ -41,7 +42,7 @@ def head_bounding_box(data, affine):
     the same box: the model grid depends on the world, not on the voxel order. The profiles are taken
     on a subsample of about the model's voxel size, which is all the box needs.
     """
-    step = np.maximum(1, np.floor(MODEL_VOXEL_MM / _voxel_mm(affine))).astype(int)
+    step = np.maximum(1, np.floor(MODEL_VOXEL_MM / voxel_sizes(affine))).astype(int)
     sample = data[:: step[0], :: step[1], :: step[2]]
     positive = sample[sample > 0]
     if positive.size == 0:
@@ -162,16 +163,12 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
                                 cval=0.0, prefilter=False)
 
 
-def _voxel_mm(affine):
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
-
-
 def block_reduce(data, affine, voxel_mm):
     """Means over blocks of k native voxels per axis, with the affine of the coarser grid, down to about
     half of ``voxel_mm``: the cheap first part of anti-aliasing a fine image (a 0.5 mm head has 8x fewer
     voxels at 1 mm). It stops at half so that what the model sees from there on is what it saw in
     training (``antialias`` + linear sampling of a ~1 mm image). Returns (data, affine)."""
-    k = np.clip(np.floor(voxel_mm / (2.0 * _voxel_mm(affine))), 1, data.shape[:3]).astype(int)
+    k = np.clip(np.floor(voxel_mm / (2.0 * voxel_sizes(affine))), 1, data.shape[:3]).astype(int)
     if np.all(k == 1):
         return data, affine
     n = np.array(data.shape[:3]) // k
@@ -183,7 +180,7 @@ def block_reduce(data, affine, voxel_mm):
 
 def antialias_sigma(affine, voxel_mm):
     """Gaussian sigma (voxels per axis) before sampling at ``voxel_mm``: (zoom - 1) / 2, none if small."""
-    sigma = np.maximum(voxel_mm / _voxel_mm(affine) - 1.0, 0.0) * 0.5
+    sigma = np.maximum(voxel_mm / voxel_sizes(affine) - 1.0, 0.0) * 0.5
     return (0.0, 0.0, 0.0) if np.all(sigma < 0.25) else tuple(float(v) for v in sigma)
 
 

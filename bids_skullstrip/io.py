@@ -115,7 +115,7 @@ def load_t1w(path):
 
     try:
         affine = np.asarray(img.affine, dtype=np.float64)
-        zooms = np.sqrt((affine[:3, :3] ** 2).sum(0))
+        zooms = nib.affines.voxel_sizes(affine)
         valid = bool(np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-9
                      and np.all(zooms >= MIN_VOXEL_MM) and np.all(zooms <= MAX_VOXEL_MM))
     except Exception:
@@ -218,7 +218,7 @@ def atomic_save(img, path):
     """Write ``img`` to ``path`` via a temporary file in the same folder and a rename.
 
     The final name appears only when the file is complete; a crash leaves at most a hidden
-    ``.tmp-*`` file (removed by ``remove_stale_tmp``).
+    ``.tmp-*`` file.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -250,22 +250,3 @@ def atomic_write_text(path, text):
         with contextlib.suppress(OSError):
             tmp.unlink()
     return path
-
-
-def remove_stale_tmp(folder, *, older_than_s=3600.0):
-    """Delete leftover ``.tmp-*`` files of killed runs under ``folder``; returns how many were removed.
-
-    Only files older than ``older_than_s`` are touched, so concurrent runs' in-flight files survive.
-    """
-    import time
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        return 0
-    now, removed = time.time(), 0
-    for tmp in folder.rglob(f"{_TMP_PREFIX}*"):
-        with contextlib.suppress(OSError):
-            if tmp.is_file() and now - tmp.stat().st_mtime > older_than_s:
-                tmp.unlink()
-                removed += 1
-    return removed

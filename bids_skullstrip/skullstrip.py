@@ -4,6 +4,7 @@ import time
 from dataclasses import dataclass, field
 
 import numpy as np
+from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from . import geometry
@@ -23,10 +24,6 @@ class SkullstripResult:
     probability: np.ndarray  # float32 [0, 1], native grid
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
-
-
-def voxel_sizes(affine):
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
 
 
 def looks_skull_stripped(data, voxel_mm):

@@ -11,6 +11,7 @@ import jinja2
 
 from .. import __version__
 from .. import qc as qcmod
+from ..discovery import strip_prefix
 from ..io import atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
@@ -25,15 +26,10 @@ class ReportError(RuntimeError):
     """A report cannot be written (phrased for the user)."""
 
 
-def strip_sub(label):
-    label = str(label)
-    return label[4:] if label.startswith("sub-") else label
-
-
 def find_metrics(output_dir, participant_label=None):
     """Sorted metrics JSON paths under <out>/sub-*/[ses-*/]anat/."""
     output_dir = Path(output_dir)
-    subs = [f"sub-{strip_sub(participant_label)}"] if participant_label is not None else None
+    subs = [f"sub-{strip_prefix(participant_label, 'sub-')}"] if participant_label is not None else None
     found = []
     for sub_dir in sorted(output_dir.glob("sub-*")):
         if not sub_dir.is_dir() or (subs and sub_dir.name not in subs):

@@ -4,6 +4,7 @@ import datetime
 from pathlib import Path
 
 from .. import qc as qcmod
+from ..discovery import strip_prefix
 from .common import (
     FIGURE_SUFFIXES,
     entities,
@@ -12,7 +13,6 @@ from .common import (
     load_record,
     rel_url,
     slug,
-    strip_sub,
     write_html,
 )
 
@@ -49,7 +49,7 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
     metrics files do not stop the report: they are reported in it.
     """
     output_dir = Path(output_dir)
-    label = strip_sub(participant_label)
+    label = strip_prefix(participant_label, "sub-")
     records = participant_records(output_dir, label)
     shown = {r["_figure"].name for r in records if r["_figure"]}
     fig_dir = output_dir / f"sub-{label}" / "figures"
