@@ -465,3 +465,28 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
     assert res.returncode == 0, res.stderr
     assert (out / "sub-01.html").is_file() and not (out / "sub-01" / "anat").exists()
+
+
+# ------------------------------------------------------------------------------- memory limits
+def test_a_memory_limit_below_what_an_image_needs_is_one_line_before_anything_runs(small_dataset, tmp_path):
+    out = tmp_path / "out"
+    res = app(small_dataset, out, "participant", "--mem-gb", "0.5", "--skip-bids-validation", "-w", tmp_path / "w")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "sub-01/anat/sub-01_T1w.nii.gz: needs about" in res.stderr and "may use 0.5 GB" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert not (out / "sub-01" / "anat").exists()
+
+
+def test_cgroup_memory_limit_is_read_for_both_cgroup_versions(tmp_path):
+    from bids_skullstrip.cli.run import cgroup_memory_limit_gb
+
+    (tmp_path / "memory.max").write_text("3221225472\n")  # a container started with --memory 3g (v2)
+    assert cgroup_memory_limit_gb(tmp_path) == 3.0
+    (tmp_path / "memory.max").write_text("max\n")
+    assert cgroup_memory_limit_gb(tmp_path) is None
+    (tmp_path / "memory.max").unlink()
+    (tmp_path / "memory").mkdir()
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**31))  # v1
+    assert cgroup_memory_limit_gb(tmp_path) == 2.0
+    (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1 without a limit
+    assert cgroup_memory_limit_gb(tmp_path) is None

@@ -137,13 +137,49 @@ def _plugin_settings(opts):
     if plugin == "MultiProc":
         args.setdefault("n_procs", opts.n_cpus)
         mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
-        if mem_gb:
-            args.setdefault("memory_gb", mem_gb)
+        # nipype's own default is 90 % of the machine's memory, which in a container started with
+        # `--memory 3g` (or a SLURM job's cgroup) is far more than the process may use: an OOM kill.
+        args.setdefault("memory_gb", mem_gb or 0.9 * available_memory_gb())
         args.setdefault("raise_insufficient", False)
     if plugin in ("SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF"):
         # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
         os.environ.setdefault("LOGNAME", _login_name())
     return plugin, args
+
+
+def cgroup_memory_limit_gb(root=Path("/sys/fs/cgroup")):
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``), GB;
+    None where there is none."""
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (Path(root) / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
+            return int(text) / 2**30
+    return None
+
+
+def available_memory_gb():
+    import psutil
+
+    total = psutil.virtual_memory().total / 2**30
+    limit = cgroup_memory_limit_gb()
+    return min(total, limit) if limit else total
+
+
+def check_memory(todo, plugin, plugin_args):
+    """One clear line before anything runs when an image needs more memory than the run may use (MultiProc
+    would start it anyway, alone, and the kernel would kill it without a word)."""
+    if plugin != "MultiProc":
+        return
+    from ..workflows.base import image_memory_gb
+
+    limit = float(plugin_args["memory_gb"])
+    need, t1w = max(((image_memory_gb(t), t) for t in todo), key=lambda pair: pair[0])
+    if need > limit:
+        raise UsageError(f"{t1w.relpath}: needs about {need:.1f} GB of memory and the run may use {limit:.1f} GB "
+                         "(--mem-gb, --mem or the container's memory limit); give the run more memory")
 
 
 def _login_name():
@@ -341,6 +377,7 @@ def _run_workflow(opts, todo, output_dir, work_dir):
     wf = init_bids_skullstrip_wf(t1w_inputs=todo, output_dir=output_dir, work_dir=work_dir,
                                  threshold=opts.threshold, border_mm=opts.border,
                                  save_probseg=opts.save_probseg, omp_nthreads=omp)
+    check_memory(todo, plugin, plugin_args)
     log.info("running %d image(s) with nipype's %s plugin (work directory %s)", n_images, plugin, work_dir)
     started = time.time()
     stop = threading.Event()

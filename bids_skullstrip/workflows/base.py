@@ -38,11 +38,21 @@ def _voxels(path):
     return math.prod(int(s) for s in shape[:3])
 
 
+def node_memory_gb(name, n_voxels):
+    fixed, per_voxel = NODE_MEMORY[name]
+    return round(fixed + per_voxel * n_voxels / 1e9, 2)
+
+
+def image_memory_gb(t1w):
+    """The most memory one node of ``t1w``'s branch declares: what the run must be allowed at least."""
+    n_voxels = _voxels(t1w.path)
+    return max(node_memory_gb(name, n_voxels) for name in NODE_MEMORY)
+
+
 def _node(interface, name, n_voxels, n_procs=1):
     """A node that declares what it uses: to MultiProc's scheduler (``n_procs``, ``mem_gb``) and, as
     ``sbatch`` arguments, to the SLURM plugins (added to the user's ``--plugin-args``)."""
-    fixed, per_voxel = NODE_MEMORY[name]
-    mem_gb = round(fixed + per_voxel * n_voxels / 1e9, 2)
+    mem_gb = node_memory_gb(name, n_voxels)
     node = pe.Node(interface, name=name, n_procs=n_procs, mem_gb=mem_gb)
     node.plugin_args = {"sbatch_args": f"--mem={math.ceil(mem_gb * 1024)}M --cpus-per-task={n_procs}"}
     return node
