@@ -59,7 +59,7 @@ def load_bids_filters(path):
 
 
 def _layout(bids_dir, database_dir=None):
-    from bids import BIDSLayout
+    from bids import BIDSLayout, BIDSLayoutIndexer
 
     bids_dir = Path(bids_dir)
     if not bids_dir.is_dir():
@@ -76,9 +76,12 @@ def _layout(bids_dir, database_dir=None):
         raise DiscoveryError(f"{bids_dir}: a BIDS-Derivatives dataset (DatasetType \"derivative\"); "
                              "bids_skullstrip processes the raw T1w images: give it the raw dataset")
     try:
+        # The query needs file names only: without the sidecars' metadata, indexing is faster and a broken
+        # sidecar of an image that is not selected cannot stop the run (the validator judges the selected).
+        options = {"derivatives": False, "indexer": BIDSLayoutIndexer(validate=False, index_metadata=False)}
         if database_dir is not None:  # pybids indexes once into it, later runs read it back
-            return BIDSLayout(str(bids_dir), validate=False, derivatives=False, database_path=str(database_dir))
-        return BIDSLayout(str(bids_dir), validate=False, derivatives=False)
+            options["database_path"] = str(database_dir)
+        return BIDSLayout(str(bids_dir), **options)
     except Exception as exc:  # pybids raises many types for broken datasets
         raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset ({' '.join(str(exc).split())[:200]})") from None
 
@@ -139,8 +142,20 @@ def missing_content(t1w):
     return f"{t1w.relpath}: broken symbolic link (its target {target} does not exist)"
 
 
-def validate_dataset(bids_dir):
-    """Run the BIDS validator (bids-validator-deno, offline); return its error messages (empty: valid)."""
+def _read_by_run(location, reads):
+    """Does an issue at ``location`` (the validator's ``/sub-01/anat/...``) concern what the run reads: the
+    dataset-level files, the selected T1w images and their sidecars?"""
+    location = (location or "").lstrip("/")
+    if not location.startswith("sub-"):
+        return True
+    stems = {r[: r.rindex("_T1w.nii")] + "_T1w" for r in reads}
+    return location.split(".", 1)[0] in stems
+
+
+def validate_dataset(bids_dir, *, reads=None):
+    """Run the BIDS validator (bids-validator-deno, offline) as fMRIPrep does, scoped to what the run reads
+    (``reads``: the selected T1w relpaths; None: everything). Returns (error messages, number of errors
+    ignored because they concern files the run does not read: other participants, other modalities)."""
     beside_python = Path(sys.executable).with_name("bids-validator-deno")  # venv not on PATH
     exe = shutil.which("bids-validator-deno") or (str(beside_python) if beside_python.exists() else None)
     if exe is None:
@@ -156,4 +171,6 @@ def validate_dataset(bids_dir):
             tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
             raise DiscoveryError(f"{bids_dir}: the BIDS validator failed to run (exit {proc.returncode}: {tail})") from None
     errors = [i for i in issues if i.get("severity") == "error"]
-    return [f"{i.get('code')}: {i.get('location') or ''} {i.get('issueMessage') or ''}".strip() for i in errors]
+    kept = [i for i in errors if reads is None or _read_by_run(i.get("location"), reads)]
+    return ([f"{i.get('code')}: {i.get('location') or ''} {i.get('issueMessage') or ''}".strip() for i in kept],
+            len(errors) - len(kept))

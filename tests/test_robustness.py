@@ -220,13 +220,21 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         assert not (out / "sub-01").exists()
 
 
-def test_invalid_dataset_is_reported_by_the_validator(tmp_path):
+def test_the_validator_gate_is_scoped_to_what_the_run_reads(tmp_path):
+    """As fMRIPrep: an error in a selected T1w (here its sidecar) stops the run with one line; errors in
+    another participant's files do not stop a run that selects only the first."""
     bids = tmp_path / "bids"
-    make_dataset(bids, {"01": copy_head})
-    (bids / "sub-01" / "anat" / "sub-01_T1w_extra.nii.gz").write_bytes(SMALL_HEAD.read_bytes())
+    make_dataset(bids, {"01": copy_head, "02": copy_head})
+    (bids / "sub-02" / "anat" / "sub-02_T1w.json").write_text("{not json")
+    (bids / "sub-02" / "anat" / "sub-02_T1w_extra.nii.gz").write_bytes(SMALL_HEAD.read_bytes())
     res = app(bids, tmp_path / "out", "participant")
     assert res.returncode == 2
-    assert "BIDS validator found" in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "BIDS validator found" in res.stderr and "sub-02_T1w.json" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+    only_01 = app(bids, tmp_path / "out", "participant", "--participant-label", "01", "-w", tmp_path / "w")
+    assert only_01.returncode == 0, only_01.stdout[-2000:] + only_01.stderr[-2000:]
+    assert "error(s) in files this run does not read were ignored" in only_01.stdout
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").is_file()
 
 
 # ------------------------------------------------------------------------------- QC flags on the console

@@ -279,13 +279,15 @@ def run_participant(opts):
                                                                              border_mm=opts.border))))
         return 0
     filters = load_bids_filters(opts.bids_filter_file) if opts.bids_filter_file else None
-    if not opts.skip_bids_validation:
-        errors = validate_dataset(bids_dir)
-        if errors:
-            raise DiscoveryError(f"{bids_dir}: the BIDS validator found {len(errors)} error(s), first: "
-                                 f"{errors[0]} (fix them or pass --skip-bids-validation)")
     t1ws = collect_t1w(bids_dir, participant_labels=opts.participant_label, session_labels=opts.session_label,
                        bids_filters=filters, database_dir=opts.bids_database_dir)
+    if not opts.skip_bids_validation:
+        errors, ignored = validate_dataset(bids_dir, reads=[t.relpath for t in t1ws])
+        if ignored:
+            log.info("BIDS validator: %d error(s) in files this run does not read were ignored", ignored)
+        if errors:
+            raise DiscoveryError(f"{bids_dir}: the BIDS validator found {len(errors)} error(s) in what this run "
+                                 f"reads, first: {errors[0]} (fix them or pass --skip-bids-validation)")
     if opts.reports_only:
         from ..reports.participant import write_participant_report
 

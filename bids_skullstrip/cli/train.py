@@ -16,8 +16,8 @@ def build_parser():
     p.add_argument("out_dir", help="checkpoints, history.csv, train.log and final/ weights go here; "
                                    "rerunning with the same out_dir resumes")
     p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
-    p.add_argument("--steps", type=int, default=3000, help="segmenter steps")
-    p.add_argument("--locator-steps", type=int, default=1500,
+    p.add_argument("--steps", type=int, default=4000, help="segmenter steps")
+    p.add_argument("--locator-steps", type=int, default=2000,
                    help="locator steps (trained first; it sees whole fields of view at 4 mm)")
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--patch-size", type=int, nargs=3, default=(80, 96, 80),

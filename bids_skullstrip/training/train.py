@@ -299,7 +299,7 @@ def train_stage(stage, train_heads, out_dir, *, brains=(), steps, until=None, se
     return StageRun(model, int(step_var.numpy()), float(spent.numpy()) / 3600.0, averaged)
 
 
-def train(train_heads, val_heads, out_dir, *, brains=(), steps=3000, locator_steps=1500, seed=20261125,
+def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_steps=2000, seed=20261125,
           patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3,
           checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
           until=None, frozen_bn_fraction=0.3):
