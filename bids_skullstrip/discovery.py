@@ -152,10 +152,8 @@ def _read_by_run(location, reads):
     return location.split(".", 1)[0] in stems
 
 
-def validate_dataset(bids_dir, *, reads=None):
-    """Run the BIDS validator (bids-validator-deno, offline) as fMRIPrep does, scoped to what the run reads
-    (``reads``: the selected T1w relpaths; None: everything). Returns (error messages, number of errors
-    ignored because they concern files the run does not read: other participants, other modalities)."""
+def validator_issues(bids_dir):
+    """Every issue (errors and warnings, as dicts) the BIDS validator (bids-validator-deno, offline) reports."""
     beside_python = Path(sys.executable).with_name("bids-validator-deno")  # venv not on PATH
     exe = shutil.which("bids-validator-deno") or (str(beside_python) if beside_python.exists() else None)
     if exe is None:
@@ -166,11 +164,17 @@ def validate_dataset(bids_dir, *, reads=None):
         proc = subprocess.run([exe, "--format", "json", "--outfile", str(report), str(bids_dir)],
                               capture_output=True, text=True, timeout=1800)
         try:
-            issues = json.loads(report.read_text())["issues"]["issues"]
+            return json.loads(report.read_text())["issues"]["issues"]
         except (OSError, ValueError, KeyError, TypeError):
             tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
             raise DiscoveryError(f"{bids_dir}: the BIDS validator failed to run (exit {proc.returncode}: {tail})") from None
-    errors = [i for i in issues if i.get("severity") == "error"]
+
+
+def validate_dataset(bids_dir, *, reads=None):
+    """Run the BIDS validator as fMRIPrep does, scoped to what the run reads (``reads``: the selected T1w
+    relpaths; None: everything). Returns (error messages, number of errors ignored because they concern
+    files the run does not read: other participants, other modalities)."""
+    errors = [i for i in validator_issues(bids_dir) if i.get("severity") == "error"]
     kept = [i for i in errors if reads is None or _read_by_run(i.get("location"), reads)]
     return ([f"{i.get('code')}: {i.get('location') or ''} {i.get('issueMessage') or ''}".strip() for i in kept],
             len(errors) - len(kept))

@@ -87,7 +87,7 @@ def sidecar(kind, t1w, *, threshold=None, border_mm=None):
     raw = t1w.source_uri
     mask_uri = f"bids::{(t1w.anat_dir / (t1w.stem + SUFFIXES['mask'])).as_posix()}"
     if kind == "mask":
-        return {"Type": "Brain", "Sources": [raw],
+        return {"Type": "Brain", "Sources": [raw], "SpatialReference": raw,
                 "Description": "Brain mask from the bundled 3D U-Net: probability >= Threshold, largest "
                                "component, holes filled, grown/shrunk by BorderMM.",
                 "Threshold": threshold, "BorderMM": border_mm}
@@ -120,13 +120,23 @@ def container_info():
     return {"Type": kind, "Tag": os.environ.get("BIDS_SKULLSTRIP_IMAGE_TAG", f"bids_skullstrip:{__version__}")}
 
 
+def _raw_authors(bids_dir):
+    """The raw dataset's Authors: derivatives of their data keep their names (and the validator's
+    TOO_FEW_AUTHORS warning away where they list two or more)."""
+    try:
+        authors = json.loads((Path(bids_dir) / "dataset_description.json").read_text()).get("Authors")
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(a) for a in authors] if isinstance(authors, list) else []
+
+
 def dataset_description(bids_dir):
     generated_by = {"Name": "bids_skullstrip", "Version": __version__, "CodeURL": CODE_URL}
     container = container_info()
     if container:
         generated_by["Container"] = container
     raw_uri = Path(bids_dir).resolve().as_uri()
-    return {
+    description = {
         "Name": "bids_skullstrip: brain masks and skull-stripped T1w images",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
@@ -134,6 +144,20 @@ def dataset_description(bids_dir):
         "SourceDatasets": [{"URL": raw_uri}],
         "DatasetLinks": {"raw": raw_uri},
     }
+    authors = _raw_authors(bids_dir)
+    if authors:
+        description["Authors"] = authors
+    return description
+
+
+README_TEXT = """# bids_skullstrip derivatives
+
+Brain masks (`*_desc-brain_mask.nii.gz`), skull-stripped (`*_desc-brain_T1w.nii.gz`) and N4 bias-corrected
+(`*_desc-preproc_T1w.nii.gz`) T1-weighted images of the raw dataset named in `dataset_description.json`
+(`DatasetLinks.raw`), on the exact voxel grid of each raw image, with QC measures (`*_desc-brain_metrics.json`)
+and reports (`sub-<label>.html`, `group_T1w.html`). `logs/CITATION.md` describes the methods, with software
+versions and references.
+"""
 
 
 def _create_once(path, text):
@@ -158,3 +182,4 @@ def init_output_dir(output_dir, bids_dir):
     _create_once(output_dir / "dataset_description.json",
                  json.dumps(dataset_description(bids_dir), indent=2) + "\n")
     _create_once(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    _create_once(output_dir / "README.md", README_TEXT)
