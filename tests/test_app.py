@@ -85,6 +85,9 @@ def test_every_output_exists_and_nothing_half_written(sample_run):
     for sub in ("01", "02", "03"):
         assert (out / f"sub-{sub}.html").is_file()
     assert not sample_run["stderr"].strip(), sample_run["stderr"][-2000:]
+    assert (out / "README.md").is_file() and (out / "logs" / "CITATION.html").is_file()
+    report = (out / "sub-01.html").read_text()
+    assert "About this run" in report and f"bids_skullstrip {SAMPLE}" in report and "logs/CITATION.html" in report
 
 
 def test_input_dataset_untouched(sample_run):

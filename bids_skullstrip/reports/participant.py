@@ -1,10 +1,15 @@
 """Participant report: <out>/sub-<label>.html, one section per T1w (summary, mosaic, QC measures + flags)."""
 
 import datetime
+import os
+import platform
+import shlex
+import sys
 from pathlib import Path
 
 from .. import qc as qcmod
 from ..discovery import strip_prefix
+from ..model.inference import model_card
 from .common import (
     FIGURE_SUFFIXES,
     entities,
@@ -42,6 +47,17 @@ def participant_records(output_dir, label):
     return records
 
 
+def run_about():
+    """The command line, the model and the environment, for the report's "About this run"."""
+    card = model_card()
+    container = os.environ.get("BIDS_SKULLSTRIP_CONTAINER")
+    return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+            "model": f"{card.get('name', '?')} (sha256 {str(card.get('sha256', ''))[:12]}, "
+                     f"threshold {card.get('threshold', '?')})",
+            "environment": f"Python {platform.python_version()} on {platform.platform()}"
+                           + (f", container {container}" if container else "")}
+
+
 def write_participant_report(output_dir, participant_label, *, errors=()):
     """Write ``<output_dir>/sub-<label>.html`` from the metrics JSON files and figures; return its path.
 
@@ -60,6 +76,7 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
                 if entities(f.stem).get("sub", label) == label:
                     others.append({"name": f.name, "url": rel_url(f, output_dir)})
     html = environment().get_template("participant.html").render(
+        about=run_about(),
         label=label,
         records=records,
         n_flagged=sum(1 for r in records if r["flags"]),
