@@ -88,7 +88,8 @@ def sidecar(kind, t1w, *, threshold=None, border_mm=None):
     mask_uri = f"bids::{(t1w.anat_dir / (t1w.stem + SUFFIXES['mask'])).as_posix()}"
     if kind == "mask":
         return {"Type": "Brain", "Sources": [raw], "SpatialReference": raw,
-                "Description": "Brain mask from the bundled 3D U-Net: probability >= Threshold, largest "
+                "Description": "Brain mask from the bundled networks (locator + segmenter U-Nets): "
+                               "probability >= Threshold, largest "
                                "component, holes filled, grown/shrunk by BorderMM.",
                 "Threshold": threshold, "BorderMM": border_mm}
     if kind == "preproc":
@@ -100,7 +101,9 @@ def sidecar(kind, t1w, *, threshold=None, border_mm=None):
         return {"SkullStripped": True, "Sources": [preproc_uri, mask_uri],
                 "Description": "N4 bias-field corrected T1w multiplied by the brain mask."}
     if kind == "probseg":
-        return {"Sources": [raw], "Description": "Brain probability from the bundled 3D U-Net, native grid."}
+        return {"Sources": [raw], "SpatialReference": raw,
+                "Description": "Brain probability from the bundled networks (locator + segmenter U-Nets), "
+                               "native grid."}
     raise KeyError(kind)
 
 
