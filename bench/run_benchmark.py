@@ -561,9 +561,11 @@ class Bench:
                      f"{fmt(db['import_s'])} s, model load {fmt(db['model_load_s'])} s; cold first core call "
                      f"{fmt(db.get('cold', {}).get('core'))} s (excluded below)")
         self.say("")
-        # the app's order: load, conform, inference, post-processing (model grid), back to native grid,
+        # the app's order: load, locate (the locator on the whole field of view at 4 mm), conform (the brain
+        # box at 2 mm), inference (the segmenter), post-processing (model grid), back to native grid,
         # post-processing (native grid), N4 (weighted by the mask), write
-        stages = ["load", "conform", "inference", "post_model_grid", "to_native", "post_native", "n4", "write"]
+        stages = ["load", "locate", "conform", "inference", "post_model_grid", "to_native", "post_native", "n4",
+                  "write"]
         rows = []
         per_head = []
         for h, a, item in zip(heads, app["items"], items):
@@ -584,7 +586,7 @@ class Bench:
         headers = ["head", "shape"] + stages + ["app core", "deepbet core", "core ratio", "Dice app/deepbet",
                                                 "Dice app/silver", "Dice deepbet/silver"]
         self.say(table(headers, rows))
-        self.say("\n`app core` = `skullstrip_array` (conform + inference + post-processing + back to native; load, "
+        self.say("\n`app core` = `skullstrip_array` (locate + conform + inference + post-processing + back to native; load, "
                  "N4 and write excluded), the stage columns are the timings that same call records "
                  "(`post_model_grid` + `post_native` = post-processing). `n4` = `bias.n4_correct` with the app's mask; "
                  "`write` = the mask only. "
@@ -768,7 +770,13 @@ class Bench:
                 weights = WEIGHTS_FILE
             except ImportError:
                 weights = None
-        model_mb = weights.stat().st_size / 2**20 if weights and weights.exists() else None
+        if weights and weights.exists():  # both networks: the segmenter's file and the locator's beside it
+            from bids_skullstrip.model.inference import LOCATOR_FILE_NAME
+
+            files = [weights, weights.with_name(LOCATOR_FILE_NAME)]
+            model_mb = sum(f.stat().st_size for f in files if f.exists()) / 2**20
+        else:
+            model_mb = None
         db_model_mb = None
         if self.cpy:
             try:
