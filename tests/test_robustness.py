@@ -350,6 +350,8 @@ def test_concurrent_runs_into_one_output_dir(tmp_path):
     assert all(rc == 0 for _, _, rc in results), results
     desc = json.loads((out / "dataset_description.json").read_text())
     assert desc["DatasetType"] == "derivative"
+    assert (out / "logs" / "CITATION.md").read_text().rstrip().endswith("doi:10.1016/j.neuroimage.2010.09.025")
+    assert (out / "README.md").read_text().startswith("# bids_skullstrip derivatives")
     for label in ("01", "02", "03"):
         assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
     assert not list(out.rglob(".tmp-*"))
