@@ -500,3 +500,59 @@ def test_cgroup_memory_limit_is_read_for_both_cgroup_versions(tmp_path):
     assert cgroup_memory_limit_gb(tmp_path) == 2.0
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1 without a limit
     assert cgroup_memory_limit_gb(tmp_path) is None
+
+
+# ------------------------------------------------------------------------------- full disk, read-only mount, odd paths
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount a small tmpfs (root only, where the machine allows mounting): ``mount(size_kb, read_only)``."""
+    mounted = []
+
+    def mount(size_kb, read_only=False):
+        point = tmp_path / f"mnt{len(mounted)}"
+        point.mkdir()
+        res = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)],
+                             capture_output=True, text=True)
+        if res.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({res.stderr.strip() or res.returncode})")
+        mounted.append(point)
+        if read_only:
+            subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_full_disk_fails_the_image_with_one_line_and_leaves_nothing_half_written(small_dataset, tmpfs, tmp_path):
+    out = tmpfs(1024) / "out"  # 1 MB: room for the folder and the small files, not for the images
+    res = app(small_dataset, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert_one_line_errors(res)
+    lines = [line for line in (res.stdout + res.stderr).splitlines() if "sub-01_T1w.nii.gz" in line
+             and "No space left on device" in line]
+    assert lines, res.stdout[-3000:] + res.stderr[-3000:]
+    for nii in out.rglob("*.nii.gz"):
+        if not nii.name.startswith(".tmp-"):
+            np.asanyarray(nib.load(nii).dataobj)  # whatever has a final name is complete
+    assert not (out / "sub-01" / "anat" / "sub-01_desc-brain_metrics.json").exists()
+
+
+def test_read_only_output_mount_is_one_line_before_anything_runs(small_dataset, tmpfs, tmp_path):
+    out = tmpfs(1024, read_only=True)
+    res = app(small_dataset, out / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "not writable" in res.stderr and "Read-only file system" in res.stderr, res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_paths_with_spaces_and_non_ascii_letters(tmp_path):
+    root = tmp_path / "Études IRM" / "données brutes"
+    make_dataset(root, {"01": copy_head})
+    out = tmp_path / "dérivés à vérifier" / "out put"
+    res = app(root, out, "participant", "-w", tmp_path / "trav ail", "--skip-bids-validation")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
+    assert (np.asanyarray(nib.load(mask).dataobj) > 0).sum() > 1000
+    assert (out / "sub-01.html").is_file()
