@@ -1,9 +1,11 @@
 """The model card's evaluation: every split of ../shared/data, per source, worst case first, with QC flags and
 the stability checks of a rotated and a reoriented copy. A script that prints numbers, not a test.
 
-    python bench/model_eval.py                                  # the bundled weights, ~5 min on 2 cores
+    python bench/model_eval.py                                  # the bundled weights, ~6 min on 2 cores
     python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
-    python bench/model_eval.py --compare-to OLD_WEIGHTS_DIR     # two models side by side in one run
+    python bench/model_eval.py --splits val wild --stability-heads   # fewer splits, no stability copies
+
+The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
 
 Per head: Dice, HD95 and volume difference against the silver mask, and the QC flags of the mask
 (``qc.flag_image``). Stability: a wide-field head (``--stability-heads``) with its affine rotated 12 degrees
