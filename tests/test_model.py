@@ -103,3 +103,24 @@ def test_bundled_networks_keep_out_of_the_neck(name):
     # nothing of the mask lies more than 10 mm below the silver mask's lowest point
     lowest = nib.affines.apply_affine(img.affine, np.argwhere(silver))[:, 2].min()
     assert nib.affines.apply_affine(img.affine, np.argwhere(result.mask))[:, 2].min() > lowest - 10.0
+
+
+def test_single_stage_weights_of_earlier_versions_are_refused_with_one_line(tmp_path, capsys):
+    import shutil
+
+    from bids_skullstrip.cli.evaluate import main
+    from bids_skullstrip.model.inference import WEIGHTS_FILE
+
+    weights = tmp_path / "old" / "unet.weights.h5"
+    weights.parent.mkdir()
+    shutil.copy(WEIGHTS_FILE, weights)  # without its locator, as earlier versions exported
+    (weights.parent / "model.json").write_text('{"architecture": {"base_filters": 16, "levels": 4}}')
+    head = Path(__file__).resolve().parents[1] / "data" / "sample_bids" / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    data = tmp_path / "nfbs"
+    data.mkdir()
+    shutil.copy(head, data / "a_T1w.nii.gz")
+    img = nib.load(str(head))
+    nib.save(nib.Nifti1Image((np.asarray(img.dataobj) > 0).astype(np.uint8), img.affine), str(data / "a_brainmask.nii.gz"))
+    assert main([str(data), "--weights", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "no locator beside these weights" in err and len(err.strip().splitlines()) == 1, err

@@ -122,8 +122,13 @@ def load_model(weights=None):
     import_tensorflow()
     weights = Path(weights or WEIGHTS_FILE)
     card = model_card(weights)
-    return BrainNetworks(locator=_build(card["locator"]["architecture"], weights.with_name(LOCATOR_FILE_NAME)),
-                         segmenter=_build(card["architecture"], weights))
+    locator = weights.with_name(LOCATOR_FILE_NAME)
+    if "locator" not in card or not locator.is_file():
+        raise FileNotFoundError(f"{weights}: no locator beside these weights ({locator.name} and the 'locator' entry "
+                                "of model.json): single-stage weights of earlier versions do not load; export "
+                                "both networks with bids_skullstrip-train")
+    return BrainNetworks(locator=_build(card["locator"]["architecture"], locator),
+                         segmenter=_build(card.get("architecture", {}), weights))
 
 
 def prepare_network(threads=None):
