@@ -71,13 +71,19 @@ def run_settings(*, threshold, border_mm):
             "locator_sha256": (card.get("locator") or {}).get("sha256"), "software_version": __version__}
 
 
+def read_metrics(output_dir, t1w):
+    """The metrics JSON of ``t1w``'s outputs as a dict; {} where it is missing or unreadable."""
+    try:
+        metrics = json.loads(derivative_path(output_dir, t1w, "metrics").read_text())
+    except (OSError, ValueError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
+
+
 def changed_settings(output_dir, t1w, settings):
     """The settings the finished outputs of ``t1w`` were made with that differ from ``settings``, as
     ``{name: (recorded, now)}`` (outputs of a version that recorded nothing count as all different)."""
-    try:
-        recorded = json.loads(derivative_path(output_dir, t1w, "metrics").read_text()).get("settings")
-    except (OSError, ValueError, AttributeError):
-        recorded = None
+    recorded = read_metrics(output_dir, t1w).get("settings")
     recorded = recorded if isinstance(recorded, dict) else {}
     return {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
 

@@ -302,7 +302,7 @@ def run_participant(opts):
 
     write_boilerplate(output_dir, threshold=opts.threshold, border_mm=opts.border)
 
-    failures = [(t, missing_content(t)) for t in t1ws if missing_content(t)]
+    failures = [(t, problem) for t in t1ws if (problem := missing_content(t))]
     absent = {t for t, _ in failures}
     settings = outputs.run_settings(threshold=opts.threshold, border_mm=opts.border)
     done = [t for t in t1ws if t not in absent and not opts.overwrite
@@ -336,7 +336,7 @@ def run_participant(opts):
         log.info("report: %s", reports[subject])
     flagged = _flagged(output_dir, [t for t in t1ws if t not in failed])
     log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed, %d flagged by QC",
-             len(t1ws), len(todo) - len(failures) + len(absent), finished, len(failures), len(flagged))
+             len(t1ws), sum(t not in failed for t in todo), finished, len(failures), len(flagged))
     for t1w, flags in flagged:
         log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags), reports[t1w.subject])
     if failures:
@@ -355,15 +355,8 @@ def _flagged(output_dir, t1ws):
     """(T1w, its QC flags) for the finished images that QC flagged, from their metrics JSON."""
     from .. import outputs
 
-    found = []
-    for t1w in t1ws:
-        try:
-            flags = json.loads(outputs.derivative_path(output_dir, t1w, "metrics").read_text()).get("flags")
-        except (OSError, ValueError, AttributeError):
-            continue
-        if flags:
-            found.append((t1w, [str(f) for f in flags]))
-    return found
+    found = [(t1w, outputs.read_metrics(output_dir, t1w).get("flags")) for t1w in t1ws]
+    return [(t1w, [str(f) for f in flags]) for t1w, flags in found if isinstance(flags, list) and flags]
 
 
 def _run_workflow(opts, todo, output_dir, work_dir):
@@ -376,10 +369,10 @@ def _run_workflow(opts, todo, output_dir, work_dir):
     omp = opts.omp_nthreads or (opts.n_cpus if n_images == 1 else 1)
     if plugin == "MultiProc":
         omp = min(omp, plugin_args["n_procs"])
+    check_memory(todo, plugin, plugin_args)
     wf = init_bids_skullstrip_wf(t1w_inputs=todo, output_dir=output_dir, work_dir=work_dir,
                                  threshold=opts.threshold, border_mm=opts.border,
                                  save_probseg=opts.save_probseg, omp_nthreads=omp)
-    check_memory(todo, plugin, plugin_args)
     log.info("running %d image(s) with nipype's %s plugin (work directory %s)", n_images, plugin, work_dir)
     started = time.time()
     stop = threading.Event()

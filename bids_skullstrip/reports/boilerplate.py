@@ -1,9 +1,7 @@
 """The methods text users paste into a paper (fMRIPrep's CITATION files): what was done, with which versions
 and references; written to ``<out>/logs/CITATION.md`` and ``.html`` by every participant run."""
 
-import html
 import importlib.metadata
-import re
 from pathlib import Path
 
 from .. import __version__
@@ -55,26 +53,11 @@ skull-stripped image. Masks and images keep the exact voxel grid of the input.
 """ + "\n".join(f"- [{key}] {text}" for key, text in REFERENCES.items()) + "\n"
 
 
-def _markdown_to_html(text):
-    """The few Markdown constructs of ``methods_markdown``: headings, paragraphs, a list, *em*, `code`."""
-    def inline(line):
-        line = html.escape(line)
-        line = re.sub(r"`([^`]+)`", r"<code>\1</code>", line)
-        return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", line)
+def _html_page(markdown_text):
+    from markdown_it import MarkdownIt
 
-    parts = []
-    for block in text.strip().split("\n\n"):
-        lines = block.splitlines()
-        if lines[0].startswith("#"):
-            level = len(lines[0]) - len(lines[0].lstrip("#"))
-            parts.append(f"<h{level}>{inline(lines[0].lstrip('# '))}</h{level}>")
-            lines = lines[1:]
-        if lines and all(line.startswith("- ") for line in lines):
-            parts.append("<ul>" + "".join(f"<li>{inline(line[2:])}</li>" for line in lines) + "</ul>")
-        elif lines:
-            parts.append(f"<p>{inline(' '.join(lines))}</p>")
-    return "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Methods</title></head><body>\n" + \
-        "\n".join(parts) + "\n</body></html>\n"
+    body = MarkdownIt("commonmark").render(markdown_text)
+    return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Methods</title></head><body>\n{body}</body></html>\n'
 
 
 def write_boilerplate(output_dir, *, threshold, border_mm):
@@ -83,4 +66,4 @@ def write_boilerplate(output_dir, *, threshold, border_mm):
     logs.mkdir(parents=True, exist_ok=True)
     text = methods_markdown(threshold=threshold, border_mm=border_mm)
     return (atomic_write_text(logs / "CITATION.md", text),
-            atomic_write_text(logs / "CITATION.html", _markdown_to_html(text)))
+            atomic_write_text(logs / "CITATION.html", _html_page(text)))
