@@ -16,6 +16,7 @@ from .postproc import clean_mask, largest_component
 # background, e.g. FreeSurfer's T1.mgz, keeps its scalp and skull: well above 2200 ml).
 STRIPPED_ZERO_FRACTION = 0.3
 STRIPPED_VOLUME_ML = (500.0, 2200.0)
+LOCATOR_THRESHOLD = 0.5  # the locator's brain: p >= this, largest component (its box is all that is used)
 
 
 @dataclass
@@ -31,9 +32,6 @@ def looks_skull_stripped(data, voxel_mm):
     volume_ml = nonzero * float(np.prod(voxel_mm)) / 1000.0
     return (1.0 - nonzero / data.size > STRIPPED_ZERO_FRACTION
             and STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1])
-
-
-LOCATOR_THRESHOLD = 0.5
 
 
 def locate_brain(data, affine, locator):

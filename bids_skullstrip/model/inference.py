@@ -13,7 +13,7 @@ import numpy as np
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 WEIGHTS_FILE = WEIGHTS_DIR / "unet.weights.h5"
 CARD_FILE = WEIGHTS_DIR / "model.json"
-# The locator's weights lie beside the segmenter's, under this name.
+# The locator's weights lie beside the segmenter's, under this name (the ``file`` of model.json's ``locator``).
 LOCATOR_FILE_NAME = "locator.weights.h5"
 
 
@@ -122,7 +122,7 @@ def load_model(weights=None):
     import_tensorflow()
     weights = Path(weights or WEIGHTS_FILE)
     card = model_card(weights)
-    locator = weights.with_name(LOCATOR_FILE_NAME)
+    locator = weights.with_name((card.get("locator") or {}).get("file", LOCATOR_FILE_NAME))
     if "locator" not in card or not locator.is_file():
         raise FileNotFoundError(f"{weights}: no locator beside these weights ({locator.name} and the 'locator' entry "
                                 "of model.json): single-stage weights of earlier versions do not load; export "
