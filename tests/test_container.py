@@ -195,9 +195,10 @@ def test_participant_then_group_read_only(engine, image, tmp_path):
 
     # Nothing but derivatives and reports lands in /out when the app runs with its default work directory
     # (the work dir must not be inside the read-only image nor litter the output dataset).
-    # figures/ holds the group report's pictures (bids_skullstrip.reports.group.FIG_DIR, in .bidsignore).
+    # figures/ holds the group report's pictures (bids_skullstrip.reports.group.FIG_DIR, in .bidsignore);
+    # README.md is the derivative dataset's own (the validator warns without one).
     stray = [p.name for p in out.iterdir()
              if not (p.name.startswith("sub-")
-                     or p.name in {"dataset_description.json", ".bidsignore", "logs", "figures"}
+                     or p.name in {"dataset_description.json", ".bidsignore", "README.md", "logs", "figures"}
                      or p.name.startswith("group_"))]
     assert not stray, f"unexpected entries in the output directory: {stray}"
