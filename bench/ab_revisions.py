@@ -4,7 +4,7 @@
 
 Each revision is checked out into a temporary git worktree and run with ``PYTHONPATH`` pointing at it, in
 this venv (same TensorFlow, numpy, scipy). Measurements alternate between the two revisions so that
-machine load hits both alike. Printed: per head, the warm core time (``skullstrip_array``, best of N in
+machine load hits both alike. Printed: per head, the warm core time (``Skullstripper.mask``, best of N in
 one process per revision) and the ``skullstrip -i HEAD -m MASK`` process wall time (median of N), with
 the after/before ratios.
 """
@@ -27,8 +27,12 @@ DEFAULT_HEADS = ["ds000011-sub-13", "ds000011-sub-14", "fstrain-09", "colin27"]
 CORE_PROBE = r"""
 import json, sys, time
 import nibabel as nib, numpy as np
+try:
+    from bids_skullstrip.model.predictor import Skullstripper
+    skullstrip_array = Skullstripper().mask
+except ImportError:  # revisions before the predictor object
+    from bids_skullstrip.skullstrip import skullstrip_array
 from bids_skullstrip.model.inference import load_model
-from bids_skullstrip.skullstrip import skullstrip_array
 load_model()
 out = {}
 for path in sys.argv[2:]:
@@ -55,7 +59,8 @@ def run_core(tree, heads, repeats):
 def run_cli(tree, head, out):
     env = dict(os.environ, PYTHONPATH=str(tree), TF_CPP_MIN_LOG_LEVEL="3")
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "bids_skullstrip.cli.skullstrip", "-i", head, "-m", str(out)],
+    cli = "single_file" if (Path(tree) / "bids_skullstrip" / "cli" / "single_file.py").exists() else "skullstrip"
+    subprocess.run([sys.executable, "-m", f"bids_skullstrip.cli.{cli}", "-i", head, "-m", str(out)],
                    env=env, cwd=tree, capture_output=True, check=True)
     return time.perf_counter() - t
 

@@ -4,6 +4,7 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
     python bench/model_eval.py                                  # the bundled weights, ~6 min on 2 cores
     python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
     python bench/model_eval.py --splits val wild --stability-heads   # fewer splits, no stability copies
+    python bench/model_eval.py --masks work/masks/HEAD            # also save every mask (bit-for-bit diffs)
 
 The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
 
@@ -27,9 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bids_skullstrip.metrics import compare_masks, dice  # noqa: E402
-from bids_skullstrip.model.inference import default_threshold, load_model  # noqa: E402
 from bids_skullstrip.qc import flag_image, qc_measures  # noqa: E402
-from bids_skullstrip.skullstrip import skullstrip_array, voxel_sizes  # noqa: E402
+from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
+from nibabel.affines import voxel_sizes  # noqa: E402
 from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
 
 SPLITS = ("train", "val", "wild")
@@ -43,13 +44,15 @@ def source_of(name):
     return name
 
 
-def evaluate_head(head, model, threshold):
+def evaluate_head(head, stripper, masks_dir=None):
     img = nib.load(str(head.image))
     data = np.asarray(img.dataobj, dtype=np.float32)
     reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
     t = time.perf_counter()
-    result = skullstrip_array(data, img.affine, threshold=threshold, model=model)
+    result = stripper.mask(data, img.affine)
     seconds = time.perf_counter() - t
+    if masks_dir:
+        nib.save(nib.Nifti1Image(result.mask, img.affine, img.header), str(Path(masks_dir) / f"{head.name}.nii.gz"))
     vox = voxel_sizes(img.affine)
     measures = qc_measures(data, result.probability, result.mask, vox)
     return {"name": head.name, "source": source_of(head.name), **compare_masks(result.mask, reference, vox),
@@ -63,16 +66,15 @@ def _rotated(affine, degrees):
     return rot @ affine
 
 
-def stability(head, model, threshold):
+def stability(head, stripper):
     img = nib.load(str(head.image))
     data = np.asarray(img.dataobj, dtype=np.float32)
-    original = skullstrip_array(data, img.affine, threshold=threshold, model=model).mask
-    rotated = skullstrip_array(data, _rotated(img.affine, 12.0), threshold=threshold, model=model).mask
+    original = stripper.mask(data, img.affine).mask
+    rotated = stripper.mask(data, _rotated(img.affine, 12.0)).mask
     orientation = nib.orientations
     native, lpi_codes = orientation.io_orientation(img.affine), orientation.axcodes2ornt("LPI")
     lpi = img.as_reoriented(orientation.ornt_transform(native, lpi_codes))
-    lpi_mask = skullstrip_array(np.asarray(lpi.dataobj, dtype=np.float32), lpi.affine, threshold=threshold,
-                                model=model).mask
+    lpi_mask = stripper.mask(np.asarray(lpi.dataobj, dtype=np.float32), lpi.affine).mask
     back = orientation.apply_orientation(lpi_mask, orientation.ornt_transform(lpi_codes, native))
     return {"name": head.name, "rotated_12deg_dice": float(dice(rotated, original)),
             "lpi_dice": float(dice(back, original))}
@@ -117,14 +119,18 @@ def main(argv=None):
     p.add_argument("--splits", nargs="+", default=list(SPLITS))
     p.add_argument("--stability-heads", nargs="*", default=["nichart-trio-mprage", "xa30-tfl-2mm"])
     p.add_argument("--json", help="write every number here")
+    p.add_argument("--masks", metavar="DIR", help="save every mask here as <head>.nii.gz (to compare revisions "
+                                                   "voxel for voxel)")
     args = p.parse_args(argv)
-    model, threshold = load_model(args.weights), default_threshold(args.weights)
-    results = {"weights": args.weights or "bundled", "threshold": threshold, "splits": {}}
+    if args.masks:
+        Path(args.masks).mkdir(parents=True, exist_ok=True)
+    stripper = Skullstripper(args.weights)
+    results = {"weights": args.weights or "bundled", "threshold": stripper.threshold, "splits": {}}
     for split in args.splits:
-        results["splits"][split] = [evaluate_head(h, model, threshold)
+        results["splits"][split] = [evaluate_head(h, stripper, args.masks)
                                     for h in find_labelled_heads(args.data, split=split)]
     heads = {h.name: h for h in find_labelled_heads(args.data)}
-    results["stability"] = [stability(heads[n], model, threshold) for n in args.stability_heads]
+    results["stability"] = [stability(heads[n], stripper) for n in args.stability_heads]
     results["summary"] = {split: summary(rows) for split, rows in results["splits"].items()}
     print_report(results)
     if args.json:

@@ -11,7 +11,7 @@ the QC measures (``bids_skullstrip.qc.qc_measures``) of
 * the good mask on the image with heavy Rician noise (sigma = 0.3 x brain median);
 * probability-map failures a model can produce (synthetic): a 30 ml blob of p > 0.5 outside the brain, a
   blurred, hesitant probability map (6 mm Gaussian);
-* with ``--model``: the bundled network (``skullstrip_array``) on the clean image, on the noisy image and on
+* with ``--model``: the bundled networks (``Skullstripper``) on the clean image, on the noisy image and on
   the image with its S-I axis flipped in the data (a header that lies about the orientation); a model mask
   counts as a failure when its Dice against the right answer is < 0.90.
 
@@ -220,7 +220,7 @@ def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None):
     orientation): the right mask is the silver mask flipped the same way, and the model's mask is a failure
     only if it misses that one (QC cannot know, and should not care, that the header is wrong)."""
     from bids_skullstrip.model.inference import WEIGHTS_FILE, default_threshold
-    from bids_skullstrip.skullstrip import skullstrip_array
+    from bids_skullstrip.model.predictor import Skullstripper
 
     weights_tag = hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest()[:12] + f"-t{default_threshold():g}"
     out = []
@@ -233,7 +233,7 @@ def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None):
             with np.load(saved) as z:
                 prob, m = z["probability"].astype(np.float32), z["mask"]
         else:
-            res = skullstrip_array(data, affine)
+            res = Skullstripper().mask(data, affine)
             prob, m = res.probability, res.mask
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)

@@ -146,7 +146,7 @@ def tail(path, n=15):
 # The app, stage by stage (runs in a subprocess: ``run_benchmark.py --worker app job.json out.json``)
 # --------------------------------------------------------------------------------------------------
 def app_worker(job_path, result_path):
-    """Stages in the app's order (``interfaces/skullstrip.py`` then ``interfaces/...N4``): load, conform,
+    """Stages in the app's order (``interfaces/brainmask.py`` then ``interfaces/...N4``): load, conform,
     inference, post-processing, back to native, N4 (``bias.n4_correct``, weighted by the mask), write."""
     t_start = time.perf_counter()
     job = json.loads(Path(job_path).read_text())
@@ -155,10 +155,12 @@ def app_worker(job_path, result_path):
     t = time.perf_counter()
     import nibabel as nib  # noqa: F401
 
-    from bids_skullstrip import io
+    from nibabel.affines import voxel_sizes
+
+    from bids_skullstrip import nifti
     from bids_skullstrip.bias import n4_correct
-    from bids_skullstrip.model.inference import import_tensorflow, load_model
-    from bids_skullstrip.skullstrip import looks_skull_stripped, skullstrip_array, voxel_sizes
+    from bids_skullstrip.model.predictor import Skullstripper, looks_skull_stripped
+    from bids_skullstrip.model.tf_runtime import import_tensorflow
 
     tf = import_tensorflow(threads)
     import ants  # noqa: F401  (paid here, not inside the first N4)
@@ -166,19 +168,20 @@ def app_worker(job_path, result_path):
     out = {"import_s": time.perf_counter() - t, "tf_version": tf.__version__, "threads": threads,
            "tf_intra_threads": tf.config.threading.get_intra_op_parallelism_threads()}
     t = time.perf_counter()
-    model = load_model(job.get("weights"))
+    stripper = Skullstripper(job.get("weights"))
+    stripper.networks  # loaded here, not inside the first image
     out["model_load_s"] = time.perf_counter() - t
     out["n4"] = "bids_skullstrip.bias.n4_correct (inside the app's mask)"
 
     def one(item, do_n4):
         rec = {}
         t = time.perf_counter()
-        img, data = io.load_t1w(item["input"])
+        img, data = nifti.load_t1w(item["input"])
         rec["load"] = time.perf_counter() - t
         affine = img.affine
         rec["already_stripped"] = bool(looks_skull_stripped(data, voxel_sizes(affine)))
         t = time.perf_counter()
-        res = skullstrip_array(data, affine, model=model)
+        res = stripper.mask(data, affine)
         rec["core"] = time.perf_counter() - t
         rec.update(res.timings)  # the core's own stage timings (an already stripped input skips the network)
         if do_n4:
@@ -186,7 +189,7 @@ def app_worker(job_path, result_path):
             n4_correct(data, affine, res.mask > 0)
             rec["n4"] = time.perf_counter() - t
         t = time.perf_counter()
-        io.atomic_save(io.like(img, res.mask, np.uint8), item["mask"])
+        nifti.atomic_save(nifti.like(img, res.mask, np.uint8), item["mask"])
         rec["write"] = time.perf_counter() - t
         rec["brain_ml"] = float(res.mask.sum() * np.prod(voxel_sizes(affine)) / 1000.0)
         rec["shape"] = list(data.shape)
@@ -586,7 +589,7 @@ class Bench:
         headers = ["head", "shape"] + stages + ["app core", "deepbet core", "core ratio", "Dice app/deepbet",
                                                 "Dice app/silver", "Dice deepbet/silver"]
         self.say(table(headers, rows))
-        self.say("\n`app core` = `skullstrip_array` (locate + conform + inference + post-processing + back to native; load, "
+        self.say("\n`app core` = `Skullstripper.mask` (locate + conform + inference + post-processing + back to native; load, "
                  "N4 and write excluded), the stage columns are the timings that same call records "
                  "(`post_model_grid` + `post_native` = post-processing). `n4` = `bias.n4_correct` with the app's mask; "
                  "`write` = the mask only. "

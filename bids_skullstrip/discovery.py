@@ -26,6 +26,21 @@ class T1wInput:
     subject: str
     session: str | None
 
+    @classmethod
+    def from_path(cls, path, bids_dir=None):
+        """The input a raw T1w file of the dataset ``bids_dir`` is (without ``bids_dir``: where its BIDS name
+        says it lies)."""
+        from bids.layout import parse_file_entities
+
+        path = Path(path)
+        entities = parse_file_entities(f"/{path.name}")  # the patterns anchor sub- at a folder boundary
+        session = entities.get("session")
+        if bids_dir is None:
+            relpath = Path(f"sub-{entities['subject']}", *([f"ses-{session}"] if session else []), "anat", path.name)
+        else:
+            relpath = path.relative_to(bids_dir)
+        return cls(path=path, relpath=relpath.as_posix(), subject=entities["subject"], session=session)
+
     @property
     def stem(self):
         """File name without ``_T1w.nii[.gz]``: all entities, e.g. ``sub-01_ses-1_acq-mp_run-1``."""
@@ -112,12 +127,7 @@ def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_
         files = layout.get(return_type="file", **query)
     except Exception as exc:
         raise DiscoveryError(f"{bids_dir}: invalid BIDS query ({' '.join(str(exc).split())[:200]})") from None
-    found = []
-    for f in sorted(files):
-        path = Path(f)
-        entities = layout.parse_file_entities(f)
-        found.append(T1wInput(path=path, relpath=path.relative_to(bids_dir).as_posix(),
-                              subject=entities["subject"], session=entities.get("session")))
+    found = [T1wInput.from_path(f, bids_dir) for f in sorted(files)]
     if not found:
         others = layout.get(return_type="file", **dict(query, suffix=["UNIT1", "MP2RAGE", "T1map"]))
         seen = f" (it has {len(others)} UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w)" if others else ""

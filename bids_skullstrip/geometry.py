@@ -55,9 +55,21 @@ def head_bounding_box(data, affine):
         corners_idx.append(_extent(profile, max(1, 0.002 * profile.max())))
     lo = np.array([c[0] for c in corners_idx]) * step
     hi = np.array([c[1] for c in corners_idx]) * step
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    world = (affine @ corners.T).T[:, :3]
+    world = (affine @ _corners(lo, hi).T).T[:, :3]
     return world.min(0), world.max(0)
+
+
+def _corners(lo, hi):
+    """The eight corners of the voxel box ``lo``..``hi`` (inclusive), homogeneous coordinates (8 x 4)."""
+    return np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
+
+
+def voxel_box(mask):
+    """(first, last) voxel index along each axis of the True voxels of ``mask``, or None if it has none."""
+    where = ndi.find_objects(np.asarray(mask, dtype=np.int8))
+    if not where:
+        return None
+    return np.array([s.start for s in where[0]]), np.array([s.stop - 1 for s in where[0]])
 
 
 def model_grid_for(data, affine, *, voxel_mm=MODEL_VOXEL_MM):
@@ -88,11 +100,10 @@ def brain_box_grid(lo, hi, *, voxel_mm=MODEL_VOXEL_MM, box_mm=BRAIN_BOX_MM, marg
 
 def grid_box(mask, grid):
     """World (min, max) corners of the voxels of ``mask`` on ``grid``, or None if it is empty."""
-    where = ndi.find_objects(mask.astype(np.int8))
-    if not where:
+    box = voxel_box(mask)
+    if box is None:
         return None
-    lo = np.array([s.start for s in where[0]], float)
-    hi = np.array([s.stop - 1 for s in where[0]], float)
+    lo, hi = (np.asarray(corner, float) for corner in box)
     return (grid.affine[:3, :3] @ lo + grid.affine[:3, 3], grid.affine[:3, :3] @ hi + grid.affine[:3, 3])
 
 
@@ -207,12 +218,10 @@ def to_model_grid(data, affine, grid=None, *, voxel_mm=MODEL_VOXEL_MM):
 
 def native_block_of(support, grid, native_affine, native_shape, *, pad=2):
     """Slices of the native grid that contain the model-grid region ``support`` (boolean)."""
-    if not support.any():
+    box = voxel_box(support)
+    if box is None:
         return None
-    idx = np.argwhere(support)
-    lo, hi = idx.min(0) - 1, idx.max(0) + 1
-    corners = np.array([[a, b, c, 1.0] for a in (lo[0], hi[0]) for b in (lo[1], hi[1]) for c in (lo[2], hi[2])])
-    native = (np.linalg.inv(native_affine) @ grid.affine @ corners.T).T[:, :3]
+    native = (np.linalg.inv(native_affine) @ grid.affine @ _corners(box[0] - 1, box[1] + 1).T).T[:, :3]
     start = np.clip(np.floor(native.min(0)).astype(int) - pad, 0, native_shape)
     stop = np.clip(np.ceil(native.max(0)).astype(int) + pad + 1, 0, native_shape)
     if np.any(stop <= start):

@@ -1,4 +1,6 @@
-"""The one place that knows BIDS-Derivatives names, sidecars and ``dataset_description.json``.
+"""The one place that knows BIDS-Derivatives names, sidecars and ``dataset_description.json``: the paths
+of the outputs of a raw T1w (``derivative_path``), and back, the raw T1w of an output (``source_of``) and the
+outputs in a folder (``find_outputs``, pybids on the output dataset).
 
 Every file is written atomically (temporary sibling + rename). The per-image metrics JSON is written
 last, so its presence marks an image as finished (``is_finished``).
@@ -9,7 +11,7 @@ import os
 from pathlib import Path
 
 from . import __version__
-from .io import atomic_write_text, tmp_sibling
+from .nifti import atomic_write_text, tmp_sibling
 
 CODE_URL = "https://github.com/bids-skullstrip/bids-skullstrip"
 BIDS_VERSION = "1.10.0"
@@ -35,6 +37,40 @@ def figure_path(output_dir, t1w):
     return Path(output_dir) / f"sub-{t1w.subject}" / "figures" / f"{t1w.stem}{FIGURE_SUFFIX}"
 
 
+def parse_name(name):
+    """The BIDS entities of a file name, pybids' keys (subject, session, acquisition, run...)."""
+    from bids.layout import parse_file_entities
+
+    return parse_file_entities(f"/{Path(name).name}")  # the patterns anchor sub- at a folder boundary
+
+
+def source_of(output_file):
+    """The raw T1w input (``discovery.T1wInput``, located by its name) that an output file was made from."""
+    from .discovery import T1wInput
+
+    name = Path(output_file).name
+    suffix = next((s for s in (*SUFFIXES.values(), FIGURE_SUFFIX, ".json") if name.endswith(s)), None)
+    if suffix is None or "sub-" not in name:
+        raise ValueError(f"{output_file}: not a bids_skullstrip output name")
+    return T1wInput.from_path(name[: -len(suffix)] + "_T1w.nii.gz")
+
+
+def find_outputs(output_dir, kind, participant=None):
+    """The output files of ``kind`` (a key of ``SUFFIXES``) in ``output_dir``, sorted: pybids' query of the
+    output dataset by the entities of the name ``derivative_path`` gives them."""
+    from bids import BIDSLayout, BIDSLayoutIndexer
+
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    query = {k: v for k, v in parse_name(f"sub-x{SUFFIXES[kind]}").items() if k != "subject"}
+    if participant is not None:
+        query["subject"] = str(participant)
+    layout = BIDSLayout(output_dir, validate=False, config=["bids", "derivatives"], is_derivative=True,
+                        indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+    return sorted(Path(f) for f in layout.get(return_type="file", datatype="anat", **query))
+
+
 def required_kinds(save_probseg):
     return [k for k in SUFFIXES if k != "probseg" or save_probseg]
 
@@ -52,6 +88,17 @@ def record_failure(output_dir, t1w, message):
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps({"bids_name": t1w.stem, "source": t1w.source_uri, "error": message},
                                        indent=1) + "\n")
+
+
+def recorded_failures(output_dir):
+    """{bids_name: error} of the images whose last run failed."""
+    found = {}
+    for path in sorted((Path(output_dir) / FAILURES_DIR).glob("*.json")):
+        try:
+            found[path.name[: -len(".json")]] = str(json.loads(path.read_text())["error"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return found
 
 
 def clear_failure(output_dir, t1w):
@@ -78,6 +125,12 @@ def read_metrics(output_dir, t1w):
     except (OSError, ValueError):
         return {}
     return metrics if isinstance(metrics, dict) else {}
+
+
+def qc_flags(output_dir, t1w):
+    """The QC flags recorded in the metrics JSON of ``t1w``'s outputs ([] where there are none)."""
+    flags = read_metrics(output_dir, t1w).get("flags")
+    return [str(f) for f in flags] if isinstance(flags, list) else []
 
 
 def changed_settings(output_dir, t1w, settings):

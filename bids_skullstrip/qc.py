@@ -13,6 +13,9 @@ import math
 
 import numpy as np
 from scipy import ndimage as ndi
+from scipy.stats import median_abs_deviation
+
+from .geometry import voxel_box
 
 TARGET_MM = 2.0  # analysis grid spacing (integer-stride subsampling towards this)
 RIM_MM = 4.0  # width of the inner / outer boundary rims and of the shells of the edge profile
@@ -120,11 +123,9 @@ def _strides(voxel_mm):
 
 
 def _bbox(m):
-    out = []
-    for ax in range(3):
-        idx = np.flatnonzero(m.any(axis=tuple(a for a in range(3) if a != ax)))
-        out.append((int(idx[0]), int(idx[-1]) + 1))
-    return out
+    """[(start, stop)] per axis of the True voxels of ``m`` (which has some)."""
+    lo, hi = voxel_box(m)
+    return [(int(a), int(b) + 1) for a, b in zip(lo, hi)]
 
 
 def _axis_medians(m):
@@ -319,7 +320,7 @@ def _noise_ratio(t1w, centre, ref, half=12):
     if min(cube.shape) < 4 or ref == 0:
         return float("nan")
     d = np.concatenate([np.diff(cube, n=2, axis=ax).ravel() for ax in range(3)])
-    sigma = 1.4826 * float(np.median(np.abs(d - np.median(d)))) / math.sqrt(6.0)
+    sigma = float(median_abs_deviation(d, scale="normal")) / math.sqrt(6.0)
     return sigma / abs(ref)
 
 
@@ -339,6 +340,17 @@ def _fmt(v):
     return f"{v:.3g}"
 
 
+def accepted_range(key):
+    """The accepted range of a measure, e.g. "800 to 2300 ml", ">= 0.58" ("" for a measure without limits)."""
+    if key not in LIMITS:
+        return ""
+    low, high, unit, _ = LIMITS[key]
+    u = f" {unit}" if unit else ""
+    if low is not None and high is not None:
+        return f"{_fmt(low)} to {_fmt(high)}{u}"
+    return f"{'>=' if low is not None else '<='} {_fmt(low if low is not None else high)}{u}"
+
+
 def flag_image(measures):
     """Absolute rules on one image's measures -> list of short readable flags (empty = no doubt)."""
     if not measures:
@@ -356,27 +368,25 @@ def flag_image(measures):
     too_large = any(outside.get(key, (None, None))[1] == side for key, side in TOO_LARGE)
     flags = []
     for key, (v, side) in outside.items():
-        low, high, unit, text = LIMITS[key]
+        unit, text = LIMITS[key][2:]
         u = f" {unit}" if unit else ""
         value = f"{v:+.1f}" if key == "edge_offset_mm" else _fmt(v)
-        if low is not None and high is not None:
-            accepted = f"{_fmt(low)} to {_fmt(high)}{u}"
-        else:
-            accepted = f"{'>=' if low is not None else '<='} {_fmt(low if low is not None else high)}{u}"
+        accepted = accepted_range(key)
         hint = TOO_LARGE_HINT if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side))
         flags.append(f"{text}: {value}{u} (accepted {accepted})" + (f" - {hint}" if hint else ""))
     return flags
 
 
 def robust_z(values, min_scale=0.0):
-    """(x - median) / max(1.4826 MAD, min_scale) with NaN kept; zeros where that scale vanishes."""
+    """(x - median) / max(MAD scaled to a normal's sigma, min_scale) with NaN kept; zeros where that scale
+    vanishes."""
     x = np.asarray(values, dtype=float)
     ok = np.isfinite(x)
     z = np.full_like(x, np.nan)
     if ok.sum() == 0:
         return z
     med = np.median(x[ok])
-    scale = max(1.4826 * float(np.median(np.abs(x[ok] - med))), float(min_scale))
+    scale = max(float(median_abs_deviation(x[ok], scale="normal")), float(min_scale))
     if scale <= 1e-12:
         z[ok] = 0.0
         return z

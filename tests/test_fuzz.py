@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from bids_skullstrip.discovery import DiscoveryError
-from bids_skullstrip.io import MAX_VOXELS, InputError, load_t1w
+from bids_skullstrip.nifti import MAX_VOXELS, InputError, load_t1w
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 REGRESSIONS = Path(__file__).parent / "regressions"
@@ -290,8 +290,13 @@ def _json_readers():
     from bids_skullstrip.discovery import load_bids_filters
     from bids_skullstrip.reports.common import load_record
 
-    return [("discovery.load_bids_filters", load_bids_filters),
-            ("reports.common.load_record", lambda path: load_record(path, path.parent))]
+    def as_metrics_file(path):
+        """The text as a metrics JSON (its name says which image it is, as the reports find them)."""
+        metrics = path.with_name("sub-01_desc-brain_metrics.json")
+        metrics.write_bytes(path.read_bytes())
+        return load_record(metrics, path.parent)
+
+    return [("discovery.load_bids_filters", load_bids_filters), ("reports.common.load_record", as_metrics_file)]
 
 
 _JSON = st.recursive(

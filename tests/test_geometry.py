@@ -1,4 +1,4 @@
-"""Geometry guarantees of the core path (``skullstrip_array`` + ``io.like``/``atomic_save``), no nipype.
+"""Geometry guarantees of the core path (``Skullstripper`` + ``nifti.like``/``atomic_save``), no nipype.
 
 1. Outputs keep the input's shape, affine, qform/sform and their codes exactly (bitwise header fields),
    for all 48 axis-aligned orientations, oblique affines, anisotropic voxels, tiny and huge fields of
@@ -26,8 +26,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scipy import ndimage as ndi
 
-from bids_skullstrip import io
-from bids_skullstrip.skullstrip import skullstrip_array
+from bids_skullstrip import nifti as io
+from bids_skullstrip.model.predictor import Skullstripper
 
 DATA = Path(__file__).parents[1].parent / "shared" / "data"
 HEADS = DATA / "heads"
@@ -191,7 +191,7 @@ def real_model():
 def reference_run(name="colin27", model_kind="blob", target_mm=2.0):
     data, affine, _ = head(name, target_mm)
     model = BlobModel() if model_kind == "blob" else _bundled_model()
-    return skullstrip_array(data, affine, model=model)
+    return Skullstripper(networks=model).mask(data, affine)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -215,7 +215,7 @@ def test_48_orientations_same_mask_and_exact_grid(perm, flips, tmp_path):
     vol, new_affine = reorient(data, affine, perm, flips)
     img = nifti(vol, new_affine, dtype=np.float32, qcode=1, scode=2)
     loaded, loaded_data = io.load_t1w(_save(img, tmp_path / "in.nii"))
-    result = skullstrip_array(loaded_data, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(loaded_data, loaded.affine)
     check_result(result, vol.shape)
     # every orientation is computed on the same RAS-ordered voxels: bit-identical results
     assert np.array_equal(undo_reorient(result.mask, perm, flips), ref.mask)
@@ -272,11 +272,11 @@ def test_48_orientations_real_model(real_model):
     from bids_skullstrip.model.inference import BrainNetworks
 
     memo = BrainNetworks(MemoModel(real_model.locator), MemoModel(real_model.segmenter))
-    ref = skullstrip_array(data, affine, model=memo)
+    ref = Skullstripper(networks=memo).mask(data, affine)
     assert dice(ref.mask, silver) >= 0.85, "the bundled model should find the brain of colin27"
     for perm, flips in ORIENTATIONS:
         vol, new_affine = reorient(data, affine, perm, flips)
-        result = skullstrip_array(vol, new_affine, model=memo)
+        result = Skullstripper(networks=memo).mask(vol, new_affine)
         check_result(result, vol.shape)
         d = dice(undo_reorient(result.mask, perm, flips), ref.mask)
         assert d >= 0.98, (perm, flips, d)
@@ -312,7 +312,7 @@ def test_header_codes_and_oblique_kept_exactly(case, oblique, tmp_path):
     aff = _oblique(affine) if oblique else affine
     img = nifti(data, aff, dtype=np.int16, **HEADER_CASES[case])
     loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
-    result = skullstrip_array(vol, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, vol.shape)
     assert result.mask.sum() > 1000
     for out in roundtrip_outputs(loaded, result, tmp_path):
@@ -329,7 +329,7 @@ def test_contradictory_qform_sform_uses_sform(tmp_path):
     loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
     assert np.allclose(loaded.affine, affine)
     assert any("sform was used" in m for m in io.geometry_warnings(loaded))
-    result = skullstrip_array(vol, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     assert dice(result.mask, reference_run().mask) >= 0.999
     for out in roundtrip_outputs(loaded, result, tmp_path):
         assert_same_grid(out, loaded)  # both forms (the "wrong" qform too) are kept as they were
@@ -340,7 +340,7 @@ def test_4d_single_volume_gives_3d_outputs_on_same_grid(tmp_path):
     img = nifti(data[..., None], affine, dtype=np.int16, qcode=1, scode=1)
     loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
     assert vol.shape == data.shape
-    result = skullstrip_array(vol, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     for out in roundtrip_outputs(loaded, result, tmp_path):
         assert_same_grid(out, loaded, ndim=3)
         assert out.ndim == 3
@@ -375,7 +375,7 @@ def test_dtypes(name, tmp_path):
     if scaling:
         assert np.allclose(vol, stored * scaling[0] + scaling[1], rtol=1e-5, atol=1e-3)
         assert np.isclose(loaded.dataobj.slope, scaling[0]) and np.isclose(loaded.dataobj.inter, scaling[1])
-    result = skullstrip_array(vol, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, vol.shape)
     assert dice(result.mask, reference_run().mask) >= 0.97, name
     mask_img, prob_img = roundtrip_outputs(loaded, result, tmp_path)
@@ -448,7 +448,7 @@ def test_anisotropic_voxels(voxel_mm, rotation_deg, tmp_path):
     vol = resample_to(data, affine, new_affine, shape)
     img = nifti(vol, new_affine, dtype=np.float32, qcode=1, scode=1)
     loaded, v = io.load_t1w(_save(img, tmp_path / "in.nii"))
-    result = skullstrip_array(v, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(v, loaded.affine)
     check_result(result, shape)
     for out in roundtrip_outputs(loaded, result, tmp_path):
         assert_same_grid(out, loaded)
@@ -468,7 +468,7 @@ def test_tiny_fields_of_view(shape, tmp_path):
     shift[:3, 3] = start
     img = nifti(block, affine @ shift, dtype=np.float32, qcode=1, scode=1)
     loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
-    result = skullstrip_array(vol, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, block.shape)
     for out in roundtrip_outputs(loaded, result, tmp_path):
         assert_same_grid(out, loaded)
@@ -486,7 +486,7 @@ def test_large_field_of_view_zero_padded(tmp_path):
     big_affine = affine @ shift
     img = nifti(big, big_affine, dtype=np.float32, qcode=1, scode=1)
     loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii"))
-    result = skullstrip_array(vol, loaded.affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, big.shape)
     inner = result.mask[off[0] : off[0] + data.shape[0], off[1] : off[1] + data.shape[1],
                         off[2] : off[2] + data.shape[2]]
@@ -505,7 +505,7 @@ def test_fine_voxels_large_image():
     lo, hi = world_box(data > 0.1 * data.max(), affine, margin_mm=2)
     new_affine, shape = grid_covering(lo, hi, np.eye(3), np.array([0.8, 0.8, 0.8]))
     vol = resample_to(data, affine, new_affine, shape)
-    result = skullstrip_array(vol, new_affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, new_affine)
     check_result(result, shape)
     assert_same_place(result.mask, new_affine, ref.mask, affine)
     back = map_back(result.mask, new_affine, affine, data.shape)
@@ -541,7 +541,7 @@ def test_property_arbitrary_reorient_resample(grid):
     lo, hi = world_box(data > 0.1 * data.max(), affine, margin_mm=margin)
     new_affine, shape = grid_covering(lo, hi, rot, voxel)
     vol = resample_to(data, affine, new_affine, shape)
-    result = skullstrip_array(vol, new_affine, model=BlobModel())
+    result = Skullstripper(networks=BlobModel()).mask(vol, new_affine)
     check_result(result, shape)
     assert_same_place(result.mask, new_affine, ref.mask, affine)
     back = map_back(result.mask, new_affine, affine, data.shape)
@@ -558,7 +558,7 @@ def test_property_arbitrary_reorient_resample_real_model(real_model, grid):
     lo, hi = world_box(data > 0.1 * data.max(), affine, margin_mm=margin)
     new_affine, shape = grid_covering(lo, hi, rot, voxel)
     vol = resample_to(data, affine, new_affine, shape)
-    result = skullstrip_array(vol, new_affine, model=real_model)
+    result = Skullstripper(networks=real_model).mask(vol, new_affine)
     # A learned network is not exactly rotation-invariant (seen: 1.2 mm at a 59 degree tilt); the bugs this
     # guards against (lost sform, flipped axis) move the mask by centimetres.
     assert_same_place(result.mask, new_affine, ref.mask, affine, tol_mm=3.0)

@@ -13,7 +13,8 @@ from _ci import needs
 from bids_skullstrip import geometry
 from bids_skullstrip.metrics import compare_masks
 from bids_skullstrip.model.inference import BrainNetworks
-from bids_skullstrip.skullstrip import locate_brain, skullstrip_array, voxel_sizes
+from bids_skullstrip.model.predictor import Skullstripper, locate_brain
+from nibabel.affines import voxel_sizes
 
 HEADS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heads"
 
@@ -56,7 +57,7 @@ def test_locator_box_is_the_bright_ball():
 def test_segmenter_sees_a_brain_centred_box_of_at_least_the_brain_box_size():
     data, affine = _ball()
     locator, segmenter = Threshold(0.5), Threshold(0.5)
-    result = skullstrip_array(data, affine, model=BrainNetworks(locator, segmenter), threshold=0.5)
+    result = Skullstripper(networks=BrainNetworks(locator, segmenter)).mask(data, affine, threshold=0.5)
     assert not result.warnings
     (locator_shape,), (segmenter_shape,) = locator.shapes, segmenter.shapes
     head_mm = 2 * (28 + 10) * 2.0  # the whole head (ball and shell), not only the brain
@@ -69,7 +70,7 @@ def test_segmenter_sees_a_brain_centred_box_of_at_least_the_brain_box_size():
 def test_a_locator_that_finds_nothing_falls_back_to_the_whole_head_with_a_warning():
     data, affine = _ball()
     segmenter = Threshold(0.5)
-    result = skullstrip_array(data, affine, model=BrainNetworks(Nothing(0.5), segmenter), threshold=0.5)
+    result = Skullstripper(networks=BrainNetworks(Nothing(0.5), segmenter)).mask(data, affine, threshold=0.5)
     assert any("locator found no brain" in w for w in result.warnings)
     assert segmenter.shapes[0] == geometry.model_grid_for(data, affine).shape
     assert result.mask.any()
@@ -78,9 +79,35 @@ def test_a_locator_that_finds_nothing_falls_back_to_the_whole_head_with_a_warnin
 def test_a_brain_larger_than_the_box_grows_the_box():
     data, affine = _ball(shape=(120, 120, 120), centre=(60, 60, 60), radius=52)  # 208 mm across
     segmenter = Threshold(0.5)
-    skullstrip_array(data, affine, model=BrainNetworks(Threshold(0.5), segmenter), threshold=0.5)
+    Skullstripper(networks=BrainNetworks(Threshold(0.5), segmenter)).mask(data, affine, threshold=0.5)
     assert all(n * geometry.MODEL_VOXEL_MM >= 208 + 2 * geometry.BRAIN_BOX_MARGIN_MM - 4
                for n in segmenter.shapes[0])
+
+
+class Soft:
+    """Stand-in network: a smooth probability that falls from 1 to 0 across the ball's edge, so that each
+    threshold gives another mask."""
+
+    def __call__(self, x, training=False):
+        v = np.asarray(x, np.float32)
+        return np.clip(v, 0.0, 1.0) ** 2
+
+
+def test_the_probability_does_not_depend_on_the_threshold_and_the_masks_do():
+    data, affine = _ball()
+    data = data + np.random.default_rng(0).normal(0, 8, data.shape).astype(np.float32)  # a soft edge
+    stripper = Skullstripper(networks=BrainNetworks(Threshold(0.5), Soft()))
+    low, high = (stripper.mask(data, affine, threshold=t) for t in (0.3, 0.8))
+    assert np.array_equal(low.probability, high.probability)
+    assert high.mask.sum() < low.mask.sum()
+    prediction = stripper.probability(data, affine)
+    assert np.array_equal(prediction.probability, low.probability)
+    # a prediction given back to mask() is the same as computing it again
+    again = stripper.mask(data, affine, threshold=0.8, prediction=prediction)
+    assert np.array_equal(again.mask, high.mask) and again.mask.dtype == np.uint8
+    # the calibrated threshold is the default
+    assert np.array_equal(stripper.mask(data, affine).mask,
+                          stripper.mask(data, affine, threshold=stripper.threshold).mask)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -96,7 +123,7 @@ def test_bundled_networks_keep_out_of_the_neck(name):
     against its tighter two-tool silver mask), hence the 0.94 floor."""
     img = nib.load(str(HEADS / name / "T1w.nii.gz"))
     silver = np.asarray(nib.load(str(HEADS / name / "mask_silver.nii.gz")).dataobj) > 0
-    result = skullstrip_array(np.asarray(img.dataobj, np.float32), img.affine)
+    result = Skullstripper().mask(np.asarray(img.dataobj, np.float32), img.affine)
     scores = compare_masks(result.mask, silver, voxel_sizes(img.affine))
     assert scores["dice"] >= 0.94, scores
     assert scores["volume_diff_pct"] <= 15.0, scores

@@ -15,7 +15,7 @@ from _ci import needs, skip_unless_present
 from scipy import ndimage as ndi
 
 from bids_skullstrip import qc
-from bids_skullstrip.io import atomic_save, atomic_write_text, like
+from bids_skullstrip.nifti import atomic_save, atomic_write_text, like
 from bids_skullstrip.reports.common import ReportError
 from bids_skullstrip.reports.group import write_group_report
 from bids_skullstrip.reports.participant import write_participant_report

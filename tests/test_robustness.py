@@ -35,7 +35,7 @@ def app(*args, timeout=1200, **kw):
 
 
 def skullstrip(*args):
-    return subprocess.run([*_exe("skullstrip", "bids_skullstrip.cli.skullstrip"), *map(str, args)],
+    return subprocess.run([*_exe("skullstrip", "bids_skullstrip.cli.single_file"), *map(str, args)],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -455,13 +455,21 @@ def test_already_skull_stripped_input(tmp_path):
 
 
 # ------------------------------------------------------------------------------- fMRIPrep's option names
-def test_fmriprep_spellings_of_the_options():
-    from bids_skullstrip.cli.run import _plugin_settings, build_parser
+def test_fmriprep_spellings_of_the_options(tmp_path):
+    from bids_skullstrip.cli.parser import build_parser
+    from bids_skullstrip.config import RunConfig
+    from bids_skullstrip.execution import plugin_settings
 
-    opts = build_parser().parse_args(["in", "out", "participant", "--nthreads", "3", "--omp_nthreads", "1",
-                                      "--mem", "3072", "--session_label", "1", "--stop-on-first-crash"])
-    assert (opts.n_cpus, opts.omp_nthreads, opts.session_label, opts.stop_on_first_crash) == (3, 1, ["1"], True)
-    plugin, args = _plugin_settings(opts)
+    (tmp_path / "in").mkdir()
+    opts = build_parser().parse_args([str(tmp_path / "in"), str(tmp_path / "out"), "participant", "--nthreads", "3",
+                                      "--omp_nthreads", "1", "--mem", "3072", "--session_label", "1",
+                                      "--stop-on-first-crash"])
+    config = RunConfig.from_args(opts)
+    assert (config.n_cpus, config.omp_nthreads, config.session_label, config.stop_on_first_crash) == (3, 1, ("1",), True)
+    from bids_skullstrip.model.inference import default_threshold
+
+    assert config.mem_gb == 3.0 and config.threshold == default_threshold() and config.work_dir.is_absolute()
+    plugin, args = plugin_settings(config)
     assert plugin == "MultiProc" and args["n_procs"] == 3 and args["memory_gb"] == 3.0
     assert "(default: None)" not in build_parser().format_help()
 
@@ -488,7 +496,7 @@ def test_a_memory_limit_below_what_an_image_needs_is_one_line_before_anything_ru
 
 
 def test_cgroup_memory_limit_is_read_for_both_cgroup_versions(tmp_path):
-    from bids_skullstrip.cli.run import cgroup_memory_limit_gb
+    from bids_skullstrip.execution import cgroup_memory_limit_gb
 
     (tmp_path / "memory.max").write_text("3221225472\n")  # a container started with --memory 3g (v2)
     assert cgroup_memory_limit_gb(tmp_path) == 3.0

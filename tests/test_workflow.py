@@ -3,7 +3,15 @@
 from pathlib import Path
 
 from bids_skullstrip.discovery import collect_t1w
-from bids_skullstrip.workflows.base import NODE_MEMORY, init_bids_skullstrip_wf, node_name
+from bids_skullstrip.workflows.base import (
+    NODE_MEMORY,
+    T1W_OUTPUTS,
+    crash_dir,
+    init_bids_skullstrip_wf,
+    init_ds_t1w_wf,
+    init_t1w_wf,
+    node_name,
+)
 
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_bids"
 
@@ -14,22 +22,46 @@ def _edges(wf):
     return {(u.fullname, v.fullname): data["connect"] for u, v, data in graph.edges(data=True)}
 
 
+def test_t1w_workflow_is_embeddable_through_its_input_and_output_nodes():
+    wf = init_t1w_wf(threshold=0.4, border_mm=2.0, omp_nthreads=3, name="anat_wf")
+    inputs, outputs = wf.get_node("inputnode"), wf.get_node("outputnode")
+    assert inputs.inputs.copyable_trait_names() == ["t1w"]
+    assert sorted(outputs.inputs.copyable_trait_names()) == sorted(T1W_OUTPUTS)
+    strip = wf.get_node("skullstrip")
+    assert (strip.inputs.threshold, strip.inputs.border_mm, strip.n_procs) == (0.4, 2.0, 3)
+    edges = {(u.name, v.name): data["connect"] for u, v, data in wf._graph.edges(data=True)}
+    assert edges[("inputnode", "skullstrip")] == [("t1w", "in_file")]
+    fed = {field for (_, node), pairs in edges.items() if node == "outputnode" for _, field in pairs}
+    assert fed == set(T1W_OUTPUTS)  # every output is connected
+
+    ds_wf = init_ds_t1w_wf(output_dir="/out", bids_dir="/bids", threshold=0.4)
+    assert sorted(ds_wf.get_node("inputnode").inputs.copyable_trait_names()) == sorted(["source_file", *T1W_OUTPUTS])
+
+
 def test_graph_has_one_branch_per_t1w_wired_to_one_sink(tmp_path):
     t1ws = collect_t1w(SAMPLE)
-    wf = init_bids_skullstrip_wf(t1w_inputs=t1ws, output_dir=tmp_path / "out", work_dir=tmp_path / "work",
-                                 threshold=0.5, border_mm=1.0, save_probseg=True, omp_nthreads=2)
+    wf = init_bids_skullstrip_wf(t1w_inputs=t1ws, output_dir=tmp_path / "out", bids_dir=SAMPLE,
+                                 work_dir=tmp_path / "work", threshold=0.5, border_mm=1.0, save_probseg=True,
+                                 omp_nthreads=2)
     edges = _edges(wf)
     nodes = {n.fullname: n for n in wf._create_flat_graph().nodes()}
-    assert len(nodes) == len(t1ws) * (len(NODE_MEMORY) + 1)  # the five declared nodes and the report merge
+    # per image: the five declared nodes, the input and output nodes of both workflows
+    assert len(nodes) == len(t1ws) * (len(NODE_MEMORY) + 4)
     for t1w in t1ws:
-        prefix = f"bids_skullstrip_wf.sub_{node_name(t1w.subject)}_wf.{node_name(t1w.stem)}_wf."
-        strip, n4, ds = nodes[prefix + "skullstrip"], nodes[prefix + "n4"], nodes[prefix + "ds"]
-        assert strip.inputs.in_file == str(t1w.path) and strip.inputs.threshold == 0.5
+        sub = f"bids_skullstrip_wf.sub_{node_name(t1w.subject)}_wf."
+        prefix, ds_prefix = f"{sub}{node_name(t1w.stem)}_wf.", f"{sub}ds_{node_name(t1w.stem)}_wf."
+        inputnode, strip, n4 = nodes[prefix + "inputnode"], nodes[prefix + "skullstrip"], nodes[prefix + "n4"]
+        ds = nodes[ds_prefix + "ds"]
+        assert inputnode.inputs.t1w == str(t1w.path) and strip.inputs.threshold == 0.5
         assert strip.inputs.border_mm == 1.0 and strip.n_procs == 2 and strip.mem_gb >= NODE_MEMORY["skullstrip"][0]
-        assert ds.inputs.bids_relpath == t1w.relpath and ds.inputs.save_probseg
+        assert ds.inputs.save_probseg and ds.inputs.bids_dir == str(SAMPLE) and ds.inputs.threshold == 0.5
         assert set(edges[(strip.fullname, n4.fullname)]) == {("out_t1w", "in_file"), ("out_mask", "mask_file")}
-        sink_inputs = {i for (src, dst), pairs in edges.items() if dst == ds.fullname for _, i in pairs}
-        assert sink_inputs == {"in_mask", "in_probseg", "in_preproc", "in_brain", "in_metrics", "in_figure"}
+        sink_inputs = {i for (src, dst), pairs in edges.items() if dst == ds_prefix + "inputnode" for _, i in pairs}
+        assert sink_inputs == {"source_file", *T1W_OUTPUTS}
         # every image's branch stays its own: nothing crosses between branches
-        assert all(src.startswith(prefix) == dst.startswith(prefix) for src, dst in edges)
+        mine = (prefix, ds_prefix)
+        assert all(src.startswith(mine) == dst.startswith(mine) for src, dst in edges)
         assert "--mem=" in strip.plugin_args["sbatch_args"]
+        # each image's crash files go to a folder of its own, under its participant's
+        assert {nodes[n].config["execution"]["crashdump_dir"] for n in nodes if n.startswith(mine)} == {
+            str(crash_dir(tmp_path / "work", t1w))}

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 
-from ..io import InputError, load_t1w
+from ..nifti import InputError, load_t1w
 from ..metrics import compare_masks
-from ..skullstrip import voxel_sizes
 from ..training.data import find_labelled_heads
 
 COLUMNS = ["name", "dice", "iou", "hd95_mm", "volume_ml", "reference_volume_ml", "volume_diff_pct", "seconds"]
@@ -43,21 +43,16 @@ def _find_prediction(folder, name):
 
 
 def evaluate(heads, *, predictions=None, weights=None, threshold=None):
-    from ..skullstrip import skullstrip_array
+    from ..model.predictor import Skullstripper
 
-    model = None
-    if predictions is None:
-        from ..model.inference import default_threshold, load_model
-        model = load_model(weights)
-        if threshold is None:
-            threshold = default_threshold(weights)
+    stripper = Skullstripper(weights, threshold=threshold) if predictions is None else None
     rows = []
     for head in heads:
         img, data = load_t1w(head.image)
         reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
         t = time.perf_counter()
         if predictions is None:
-            mask = skullstrip_array(data, img.affine, threshold=threshold, model=model).mask
+            mask = stripper.mask(data, img.affine).mask
         else:
             mask = np.asarray(nib.load(str(_find_prediction(predictions, head.name))).dataobj) > 0
         seconds = time.perf_counter() - t

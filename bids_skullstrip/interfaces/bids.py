@@ -12,30 +12,31 @@ from nipype.interfaces.base import (
     File,
     OutputMultiObject,
     SimpleInterface,
-    Str,
     TraitedSpec,
     traits,
 )
 
 from .. import outputs
 from ..discovery import T1wInput
-from ..io import atomic_save, atomic_write_text, like, tmp_sibling
+from ..nifti import atomic_file, atomic_save, atomic_write_text, like
 
 _DTYPES = {"mask": np.uint8, "preproc": np.float32, "brain": np.float32, "probseg": np.float32}
 
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True)
+    bids_dir = Directory(mandatory=True, desc="the raw dataset (the outputs mirror where the source lies in it)")
     source_file = File(exists=True, mandatory=True, desc="raw T1w: names and exact grid of the outputs")
-    bids_relpath = Str(mandatory=True, desc="source path relative to the BIDS root")
-    subject = Str(mandatory=True)
-    session = Str("", usedefault=True)
-    in_mask = File(exists=True, mandatory=True)
-    in_preproc = File(exists=True, mandatory=True)
-    in_brain = File(exists=True, mandatory=True)
-    in_probseg = File(exists=True, mandatory=True)
-    in_metrics = File(exists=True, mandatory=True)
-    in_figure = File(exists=True, mandatory=True)
+    mask = File(exists=True, mandatory=True)
+    preproc = File(exists=True, mandatory=True)
+    brain = File(exists=True, mandatory=True)
+    probseg = File(exists=True, mandatory=True)
+    figure = File(exists=True, mandatory=True)
+    geometry = traits.Dict(mandatory=True)
+    warnings = traits.List(traits.Str, mandatory=True)
+    runtime_s = traits.Dict(mandatory=True, desc="seconds per stage of the skull-strip")
+    n4_runtime_s = traits.Dict(mandatory=True, desc="seconds per stage of N4")
+    qc = traits.Dict(mandatory=True, desc="QC measures, flags, brain volume, model")
     save_probseg = traits.Bool(False, usedefault=True)
     threshold = traits.Float(mandatory=True)
     border_mm = traits.Float(mandatory=True)
@@ -56,17 +57,14 @@ class DerivativesSink(SimpleInterface):
     output_spec = _DerivativesSinkOutputSpec
 
     def _run_interface(self, runtime):
-        t1w = T1wInput(path=Path(self.inputs.source_file), relpath=self.inputs.bids_relpath,
-                       subject=self.inputs.subject, session=self.inputs.session or None)
+        t1w = T1wInput.from_path(self.inputs.source_file, self.inputs.bids_dir)
         out_dir = Path(self.inputs.output_dir)
         reference = nib.load(self.inputs.source_file)
         written = []
-        sources = {"mask": self.inputs.in_mask, "preproc": self.inputs.in_preproc,
-                   "brain": self.inputs.in_brain, "probseg": self.inputs.in_probseg}
         for kind in outputs.required_kinds(self.inputs.save_probseg):
             if kind == "metrics":
                 continue
-            data = np.asarray(nib.load(sources[kind]).dataobj)
+            data = np.asarray(nib.load(getattr(self.inputs, kind)).dataobj)
             dest = outputs.derivative_path(out_dir, t1w, kind)
             atomic_save(like(reference, data, _DTYPES[kind]), dest)
             outputs.write_sidecar(dest, outputs.sidecar(kind, t1w, threshold=self.inputs.threshold,
@@ -74,16 +72,17 @@ class DerivativesSink(SimpleInterface):
             written.append(str(dest))
 
         figure = outputs.figure_path(out_dir, t1w)
-        figure.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_sibling(figure, figure.suffix)
-        shutil.copyfile(self.inputs.in_figure, tmp)
-        tmp.replace(figure)
+        with atomic_file(figure) as tmp:
+            shutil.copyfile(self.inputs.figure, tmp)
         written.append(str(figure))
 
-        metrics = json.loads(Path(self.inputs.in_metrics).read_text())
-        metrics["outputs"] = [Path(p).relative_to(out_dir).as_posix() for p in written]
-        metrics["settings"] = outputs.run_settings(threshold=self.inputs.threshold, border_mm=self.inputs.border_mm)
         dest = outputs.derivative_path(out_dir, t1w, "metrics")
+        metrics = {"source": t1w.source_uri, "bids_name": t1w.stem, **self.inputs.geometry,
+                   "warnings": list(self.inputs.warnings),
+                   "runtime_s": {**self.inputs.runtime_s, **self.inputs.n4_runtime_s}, **self.inputs.qc,
+                   "outputs": [Path(p).relative_to(out_dir).as_posix() for p in written],
+                   "settings": outputs.run_settings(threshold=self.inputs.threshold,
+                                                    border_mm=self.inputs.border_mm)}
         atomic_write_text(dest, json.dumps(metrics, indent=1) + "\n")
         written.append(str(dest))
         self._results["out_files"] = written

@@ -5,7 +5,7 @@ import importlib.metadata
 from pathlib import Path
 
 from .. import __version__
-from ..io import atomic_write_text
+from ..nifti import atomic_write_text
 from ..model.inference import model_card
 
 REFERENCES = {

@@ -1,5 +1,5 @@
-"""What the participant and group reports share: finding and reading the per-image metrics JSON files,
-number formatting, the jinja2 environment, atomic HTML writes."""
+"""What the participant and group reports share: reading the per-image metrics JSON files,
+number formatting, the jinja2 environment."""
 
 import json
 import math
@@ -10,13 +10,10 @@ from urllib.parse import quote
 import jinja2
 
 from .. import __version__
+from .. import outputs
 from .. import qc as qcmod
-from ..discovery import strip_prefix
-from ..io import atomic_write_text
 
 TEMPLATES = Path(__file__).parent / "templates"
-METRICS_SUFFIX = "_desc-brain_metrics.json"
-FIGURE_SUFFIXES = ("_desc-brain_mask.svg", "_desc-brain_mask.png")
 
 # Descriptions shown next to the QC measures (they and the thresholds live in bids_skullstrip.qc).
 MEASURE_HELP = qcmod.MEASURE_HELP
@@ -24,23 +21,6 @@ MEASURE_HELP = qcmod.MEASURE_HELP
 
 class ReportError(RuntimeError):
     """A report cannot be written (phrased for the user)."""
-
-
-def find_metrics(output_dir, participant_label=None):
-    """Sorted metrics JSON paths under <out>/sub-*/[ses-*/]anat/."""
-    output_dir = Path(output_dir)
-    subs = [f"sub-{strip_prefix(participant_label, 'sub-')}"] if participant_label is not None else None
-    found = []
-    for sub_dir in sorted(output_dir.glob("sub-*")):
-        if not sub_dir.is_dir() or (subs and sub_dir.name not in subs):
-            continue
-        found += sorted(sub_dir.glob(f"anat/*{METRICS_SUFFIX}"))
-        found += sorted(sub_dir.glob(f"ses-*/anat/*{METRICS_SUFFIX}"))
-    return found
-
-
-def entities(stem):
-    return dict(part.split("-", 1) for part in stem.split("_") if "-" in part)
 
 
 def runtime_total(runtime):
@@ -71,7 +51,7 @@ def load_record(path, output_dir):
     """
     path = Path(path)
     output_dir = Path(output_dir)
-    stem = path.name[: -len(METRICS_SUFFIX)]
+    t1w = outputs.source_of(path)
     rec = {}
     error = None
     try:
@@ -81,11 +61,8 @@ def load_record(path, output_dir):
     except (OSError, ValueError) as exc:
         error = f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]})"
         rec = {}
-    if not isinstance(rec.get("bids_name"), str):
-        rec["bids_name"] = stem
-    ent = entities(rec["bids_name"])
-    rec["_participant"] = ent.get("sub") or path.relative_to(output_dir).parts[0][4:]
-    rec["_session"] = ent.get("ses")
+    rec["bids_name"] = t1w.stem  # the file's name says which image it is, whatever its content says
+    rec["_participant"], rec["_session"] = t1w.subject, t1w.session
     rec["_metrics_path"] = path
     rec["_error"] = error
     rec["_anat_dir"] = path.parent
@@ -94,9 +71,9 @@ def load_record(path, output_dir):
     rec["flags"] = _strings(rec.get("flags"))
     rec["warnings"] = _strings(rec.get("warnings"))
     rec["_runtime_total"] = runtime_total(rec.get("runtime_s"))
-    fig_dir = output_dir / f"sub-{rec['_participant']}" / "figures"
-    rec["_figure"] = next((fig_dir / f"{stem}{suf}" for suf in FIGURE_SUFFIXES
-                           if (fig_dir / f"{stem}{suf}").exists()), None)
+    figure = outputs.figure_path(output_dir, t1w)
+    rec["_figure"] = figure if figure.exists() else None
+    rec["_t1w"] = t1w
     model = rec.get("model")
     if isinstance(model, dict):
         sha = str(model.get("sha256") or "")
@@ -132,30 +109,12 @@ def fmt(v, digits=3):
     return str(v)
 
 
-def limit_text(key):
-    """The accepted range of a measure, e.g. "800 to 2300 ml", "≤ 0.15" ("" without a limit)."""
-    lim = qcmod.LIMITS.get(key)
-    if not lim:
-        return ""
-    low, high, unit, _ = lim
-    u = f" {unit}" if unit else ""
-
-    def num(v):
-        return (str(int(v)) if float(v).is_integer() else f"{v:.3g}").replace("-", "−")
-
-    if low is not None and high is not None:
-        return f"{num(low)} to {num(high)}{u}"
-    if low is not None:
-        return f"≥ {num(low)}{u}"
-    return f"≤ {num(high)}{u}"
-
-
 def environment():
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(str(TEMPLATES)),
                              autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True)
     env.filters["fmt"] = fmt
-    env.globals.update(version=__version__, measure_help=MEASURE_HELP, limit_text=limit_text)
+    env.globals.update(version=__version__, measure_help=MEASURE_HELP, limit_text=qcmod.accepted_range)
     return env
 
 
@@ -163,5 +122,3 @@ def slug(text):
     return re.sub(r"[^A-Za-z0-9_-]+", "-", str(text)).strip("-") or "x"
 
 
-def write_html(path, text):
-    return atomic_write_text(path, text)

@@ -4,9 +4,7 @@
 import csv
 import datetime
 import io
-import json
 import math
-import os
 from pathlib import Path
 
 import matplotlib
@@ -16,10 +14,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from .. import qc as qcmod  # noqa: E402
-from ..io import atomic_write_text  # noqa: E402
-from ..outputs import FAILURES_DIR  # noqa: E402
+from ..nifti import atomic_file, atomic_write_text  # noqa: E402
+from .. import outputs  # noqa: E402
 from .common import (  # noqa: E402
-    ReportError, entities, environment, find_metrics, load_record, rel_url, slug, write_html)
+    ReportError, environment, load_record, rel_url, slug)
 
 TSV_NAME = "group_T1w.tsv"
 HTML_NAME = "group_T1w.html"
@@ -31,24 +29,18 @@ SKIP_COLUMNS = ("brain_voxels",)
 def _failed_records(output_dir, processed):
     """Rows for the images whose last participant run failed (``outputs.record_failure``)."""
     rows = []
-    for path in sorted((Path(output_dir) / FAILURES_DIR).glob("*.json")):
-        try:
-            content = json.loads(path.read_text())
-            error = str(content["error"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        stem = path.name[: -len(".json")]
+    for stem, error in outputs.recorded_failures(output_dir).items():
         if stem in processed:
             continue
-        ent = entities(stem)
-        rows.append({"bids_name": stem, "_participant": ent.get("sub", "n/a"), "_session": ent.get("ses"),
+        ent = outputs.parse_name(f"{stem}_T1w.nii.gz")
+        rows.append({"bids_name": stem, "_participant": ent.get("subject", "n/a"), "_session": ent.get("session"),
                      "_status": "failed", "_error": error, "qc": {}, "flags": [f"failed: {error}"],
                      "_runtime_total": None, "_figure": None})
     return rows
 
 
 def _records(output_dir):
-    paths = find_metrics(output_dir)
+    paths = outputs.find_outputs(output_dir, "metrics")
     records = [load_record(p, output_dir) for p in paths]
     for r in records:
         r["_status"] = "processed"
@@ -68,7 +60,7 @@ def _records(output_dir):
     return records
 
 
-ENTITY_COLUMNS = (("acq", "acq_id"), ("ce", "ce_id"), ("rec", "rec_id"), ("run", "run_id"))
+ENTITY_COLUMNS = (("acquisition", "acq_id"), ("ceagent", "ce_id"), ("reconstruction", "rec_id"), ("run", "run_id"))
 
 
 def _measure_keys(records):
@@ -101,7 +93,7 @@ def write_tsv(records, path):
         shape = list(r.get("shape") or [None] * 3)[:3] + [None] * 3
         vox = list(r.get("voxel_size_mm") or [None] * 3)[:3] + [None] * 3
         vol = r.get("brain_volume_ml", r["qc"].get("brain_volume_ml"))
-        ent = entities(r["bids_name"])
+        ent = outputs.parse_name(f"{r['bids_name']}_T1w.nii.gz")
         row = ([r["bids_name"], f"sub-{r['_participant']}", f"ses-{r['_session']}" if r["_session"] else None]
                + [ent.get(e) for e, _ in ENTITY_COLUMNS] + [r["_status"]]
                + [vol, r.get("brain_voxels", r["qc"].get("brain_voxels"))] + shape[:3] + vox[:3]
@@ -149,27 +141,21 @@ def plot_distributions(records, out_file):
         ax.axis("off")
     fig.tight_layout(h_pad=0.6)
     out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".tmp-{os.getpid()}-{out_file.name}")
     try:
-        with matplotlib.rc_context({"svg.fonttype": "none", "svg.hashsalt": "bids_skullstrip"}):
+        with atomic_file(out_file) as tmp, matplotlib.rc_context({"svg.fonttype": "none",
+                                                                   "svg.hashsalt": "bids_skullstrip"}):
             fig.savefig(tmp, format="svg", metadata={"Date": None})
-        os.replace(tmp, out_file)
     finally:
         plt.close(fig)
-        if tmp.exists():
-            tmp.unlink()
     return out_file
 
 
-def _thumbnail(r, fig_dir):
+def _thumbnail(r, output_dir, fig_dir):
     """Thumbnail PNG from the preprocessed T1w + mask (cached: redone when the mask is newer)."""
     from .reportlets import plot_thumbnail
 
     stem = r["bids_name"]
-    anat = r["_anat_dir"]
-    t1w = anat / f"{stem}_desc-preproc_T1w.nii.gz"
-    mask = anat / f"{stem}_desc-brain_mask.nii.gz"
+    t1w, mask = (outputs.derivative_path(output_dir, r["_t1w"], kind) for kind in ("preproc", "mask"))
     if not (t1w.exists() and mask.exists()):
         return None
     out = fig_dir / f"{stem}_thumb.png"
@@ -192,7 +178,7 @@ def write_group_report(output_dir, *, thumbnails=True):
     tsv_path = write_tsv(records, output_dir / TSV_NAME)
     dist = plot_distributions(records, fig_dir / DIST_NAME)
     for r in records:
-        thumb = _thumbnail(r, fig_dir) if thumbnails and r["_status"] == "processed" else None
+        thumb = _thumbnail(r, output_dir, fig_dir) if thumbnails and r["_status"] == "processed" else None
         thumb = thumb or r["_figure"]
         r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
         r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['bids_name'])}"
@@ -207,5 +193,5 @@ def write_group_report(output_dir, *, thumbnails=True):
         tsv_name=TSV_NAME,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )
-    html_path = write_html(output_dir / HTML_NAME, html)
+    html_path = atomic_write_text(output_dir / HTML_NAME, html)
     return Path(tsv_path), Path(html_path)

@@ -7,18 +7,16 @@ import shlex
 import sys
 from pathlib import Path
 
+from .. import outputs
 from .. import qc as qcmod
 from ..discovery import strip_prefix
 from ..model.inference import model_card
+from ..nifti import atomic_write_text
 from .common import (
-    FIGURE_SUFFIXES,
-    entities,
     environment,
-    find_metrics,
     load_record,
     rel_url,
     slug,
-    write_html,
 )
 
 
@@ -37,7 +35,7 @@ def _out_keys(measures):
 def participant_records(output_dir, label):
     output_dir = Path(output_dir)
     records = []
-    for path in find_metrics(output_dir, label):
+    for path in outputs.find_outputs(output_dir, "metrics", participant=label):
         r = load_record(path, output_dir)
         r["_anchor"] = slug(r["bids_name"])
         r["_out_keys"] = _out_keys(r["qc"])
@@ -73,7 +71,7 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
     if fig_dir.is_dir():
         for f in sorted(fig_dir.iterdir()):
             if f.suffix.lower() in (".svg", ".png") and f.name not in shown and not f.name.startswith("."):
-                if entities(f.stem).get("sub", label) == label:
+                if str(outputs.parse_name(f.name).get("subject", label)) == label:
                     others.append({"name": f.name, "url": rel_url(f, output_dir)})
     html = environment().get_template("participant.html").render(
         about=run_about(),
@@ -84,7 +82,6 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
         other_figures=others,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )
-    return write_html(output_dir / f"sub-{label}.html", html)
+    return atomic_write_text(output_dir / f"sub-{label}.html", html)
 
 
-__all__ = ["write_participant_report", "participant_records", "FIGURE_SUFFIXES"]

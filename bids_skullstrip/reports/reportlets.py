@@ -5,12 +5,11 @@ the input: neurological convention (subject's left on the left of axial and coro
 views, superior up in coronal and sagittal views, anterior to the right in sagittal views), labelled L/R, P/A.
 
 SVG figures are written directly (one small 8-bit palette PNG per panel + simplified vector contours) to keep
-them small (typically 100-250 kB for 18 panels); PNG figures are drawn with matplotlib (Agg).
+them small (typically 100-250 kB for 18 panels); the group thumbnails are PNGs drawn with matplotlib (Agg).
 """
 
 import base64
 import io
-import os
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -22,6 +21,8 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402 (a matplotlib dependency)
 from scipy import ndimage as ndi  # noqa: E402
+
+from ..nifti import atomic_file  # noqa: E402
 
 MASK_COLOR = "#ff3b30"
 BAND_RGB = (255, 204, 0)
@@ -252,50 +253,9 @@ def _write_svg(rows, out, title):
     out.write_text("\n".join(parts))
 
 
-def _write_png(rows, out, title, dpi=100):
-    pal = np.asarray(_palette(), dtype=np.uint8).reshape(-1, 3)
-    n = max(len(r["panels"]) for r in rows)
-    panel_w = 1.5
-    heights = [panel_w * max(p["h_mm"] / p["w_mm"] for p in r["panels"]) for r in rows]
-    fig = plt.figure(figsize=(panel_w * n, sum(heights) + (0.3 if title else 0.05)), dpi=dpi)
-    fig.patch.set_facecolor("black")
-    gs = fig.add_gridspec(3, n, height_ratios=heights, wspace=0.02, hspace=0.03, left=0.003, right=0.997,
-                          bottom=0.003, top=(0.955 if title else 0.997))
-    for ri, r in enumerate(rows):
-        for ci, p in enumerate(r["panels"]):
-            ax = fig.add_subplot(gs[ri, ci])
-            ext = [0, p["w_mm"], 0, p["h_mm"]]
-            ax.imshow(pal[p["index"]], origin="lower", extent=ext, interpolation="nearest")
-            for line in p["lines"]:
-                ax.plot(line[:, 0], line[:, 1], color=MASK_COLOR, lw=0.8)
-            ax.set_xlim(0, p["w_mm"])
-            ax.set_ylim(0, p["h_mm"])
-            ax.axis("off")
-            if ci == 0:
-                left, right = SIDE_LABELS[r["axis"]]
-                ax.text(2, p["h_mm"] - 2, left, color="white", fontsize=7, va="top")
-                ax.text(p["w_mm"] - 2, p["h_mm"] - 2, right, color="white", fontsize=7, va="top", ha="right")
-                ax.text(p["w_mm"] / 2, 2, r["name"], color="white", fontsize=6, ha="center")
-    if title:
-        fig.suptitle(title, color="white", fontsize=9, y=0.997, va="top")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", facecolor="black", dpi=dpi)
-    plt.close(fig)
-    buf.seek(0)
-    im = Image.open(buf).convert("RGB").quantize(colors=256, method=Image.Quantize.MEDIANCUT)
-    im.save(out, format="PNG", optimize=True)
-
-
 def _atomic(out_file, writer):
-    out_file = Path(out_file)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_file.with_name(f".tmp-{os.getpid()}-{out_file.name}")
-    try:
+    with atomic_file(out_file) as tmp:
         writer(tmp)
-        os.replace(tmp, out_file)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return str(out_file)
 
 
@@ -303,15 +263,11 @@ def plot_mask_mosaic(t1w_path, mask_path, prob_path, out_file, *, n_cuts=N_CUTS,
     """Mosaic (rows: axial, coronal, sagittal; ``n_cuts`` slices each) of the (N4-corrected) T1w with the
     brain-mask contour (red) and the uncertain band of the probability map, 0.1 < p < 0.9 (yellow).
 
-    ``prob_path`` may be None (no band). The format follows ``out_file``'s extension: .svg or .png.
-    Written atomically; returns ``out_file``.
+    ``prob_path`` may be None (no band). An SVG, written atomically; returns ``out_file``.
     """
-    ext = Path(out_file).suffix.lower()
-    if ext not in (".svg", ".png"):
-        raise ValueError(f"{out_file}: a mosaic must be .svg or .png")
+    if Path(out_file).suffix.lower() != ".svg":
+        raise ValueError(f"{out_file}: a mosaic is an .svg file")
     volumes = _load_all(t1w_path, mask_path, prob_path)
-    if ext == ".png":
-        return _atomic(out_file, lambda tmp: _write_png(_panels(volumes, n_cuts), tmp, title))
 
     def write(tmp):
         budget = MAX_PIXELS

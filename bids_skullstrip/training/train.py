@@ -19,13 +19,14 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 
 from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
 from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks
-from ..postproc import clean_mask
-from ..skullstrip import skullstrip_array, voxel_sizes
+from ..model.predictor import Skullstripper
+from ..nifti import atomic_file, atomic_write_text
 from .augment import training_patch
 from .data import TrainingHead
 
@@ -103,7 +104,7 @@ def validate(networks, heads, *, threshold):
     rows = []
     for head in heads:
         data, affine, reference = _load_labelled(head)
-        result = skullstrip_array(data, affine, model=networks, threshold=threshold)
+        result = Skullstripper(networks=networks).mask(data, affine, threshold=threshold)
         rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(affine))})
     return rows
 
@@ -117,9 +118,10 @@ def calibrate_threshold(networks, heads):
     scores = {t: [] for t in THRESHOLD_CANDIDATES}
     for head in heads:
         data, affine, reference = _load_labelled(head)
-        prob = skullstrip_array(data, affine, model=networks, threshold=0.5).probability
+        stripper = Skullstripper(networks=networks)
+        prediction = stripper.probability(data, affine)
         for t in THRESHOLD_CANDIDATES:
-            scores[t].append(dice(clean_mask(prob, threshold=t, voxel_mm=voxel_sizes(affine)), reference))
+            scores[t].append(dice(stripper.mask(data, affine, threshold=t, prediction=prediction).mask, reference))
     medians = {float(t): float(np.median(v)) for t, v in scores.items()}
     return max(medians, key=medians.get), medians
 
@@ -129,9 +131,8 @@ def _save_atomically(model, architecture, path):
 
     inference_model = build_unet(**architecture)  # uncompiled: no optimizer state in the file
     inference_model.set_weights(model.get_weights())
-    tmp = path.with_name(path.name.replace(".weights.h5", ".tmp.weights.h5"))
-    inference_model.save_weights(str(tmp))
-    tmp.replace(path)
+    with atomic_file(path) as tmp:  # a *.weights.h5 name still, which Keras asks for
+        inference_model.save_weights(str(tmp))
     return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size_bytes": path.stat().st_size}
 
 
@@ -147,9 +148,7 @@ def export_weights(models, out_dir, card, stage_list):
             card.update(record)
         else:
             card[stage.name] = dict(card[stage.name], **record)
-    tmp = out_dir / "model.tmp.json"
-    tmp.write_text(json.dumps(card, indent=2) + "\n")
-    tmp.replace(out_dir / "model.json")
+    atomic_write_text(out_dir / "model.json", json.dumps(card, indent=2) + "\n")
     return out_dir / WEIGHTS_FILE.name
 
 

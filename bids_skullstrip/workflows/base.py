@@ -1,11 +1,13 @@
 """The nipype graph: one branch per T1w image, grouped by participant.
 
-    skullstrip (validate + U-Net) -> n4 (bias field inside the mask, skull-stripped image) -> qc, mosaic -> ds
+    init_t1w_wf:    skullstrip (validate + networks) -> n4 (bias field inside the mask) -> qc, mosaic
+    init_ds_t1w_wf: ds (BIDS-Derivatives names, sidecars, the metrics JSON last)
 """
 
 import math
 import re
 from itertools import groupby
+from pathlib import Path
 
 import nibabel as nib
 from nipype.interfaces import utility as niu
@@ -13,7 +15,8 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces.bids import DerivativesSink
 from ..interfaces.reports import MaskMosaic, QCMetrics
-from ..interfaces.skullstrip import N4BiasFieldCorrection, SkullStrip
+from ..interfaces.brainmask import SkullStrip
+from ..interfaces.n4 import N4BiasFieldCorrection
 
 # Memory of each node: a fixed part (interpreter, libraries, the model) + bytes per native voxel.
 NODE_MEMORY = {  # name: (GB, bytes per voxel)
@@ -58,51 +61,88 @@ def _node(interface, name, n_voxels, n_procs=1):
     return node
 
 
-def init_t1w_wf(*, t1w, output_dir, threshold, border_mm=0.0, save_probseg=False, omp_nthreads=1,
-                name=None):
-    """Skull-strip one T1w image (a ``discovery.T1wInput``) and write its derivatives."""
-    wf = pe.Workflow(name=name or f"{node_name(t1w.stem)}_wf")
-    n_voxels = _voxels(t1w.path)
+def init_t1w_wf(*, threshold, border_mm=0.0, omp_nthreads=1, n_voxels=256**3, name="t1w_wf"):
+    """Skull-strip one T1w image: brain mask, probability, N4-corrected and skull-stripped images, QC, mosaic.
 
-    skullstrip = _node(SkullStrip(in_file=str(t1w.path), threshold=threshold, border_mm=border_mm,
-                                  num_threads=omp_nthreads), "skullstrip", n_voxels, omp_nthreads)
+    Inputs: ``t1w`` (the raw image). Outputs: the files ``mask``, ``probseg``, ``preproc``, ``brain``,
+    ``figure`` and the metadata ``geometry``, ``warnings``, ``runtime_s``, ``n4_runtime_s``, ``qc``.
+    ``n_voxels`` (of the image) sizes the memory each node declares.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=T1W_OUTPUTS), name="outputnode")
+    skullstrip = _node(SkullStrip(threshold=threshold, border_mm=border_mm, num_threads=omp_nthreads), "skullstrip",
+                       n_voxels, omp_nthreads)
     n4 = _node(N4BiasFieldCorrection(num_threads=omp_nthreads), "n4", n_voxels, omp_nthreads)
-    reports = pe.Node(niu.Merge(2), name="reports", run_without_submitting=True)
-    qc = _node(QCMetrics(bids_name=t1w.stem, source_uri=t1w.source_uri), "qc", n_voxels)
-    mosaic = _node(MaskMosaic(title=t1w.stem), "mosaic", n_voxels)
-    ds = _node(DerivativesSink(output_dir=str(output_dir), source_file=str(t1w.path),
-                               bids_relpath=t1w.relpath, subject=t1w.subject, session=t1w.session or "",
-                               save_probseg=save_probseg, threshold=threshold, border_mm=border_mm),
-               "ds", n_voxels)
-
+    qc = _node(QCMetrics(), "qc", n_voxels)
+    mosaic = _node(MaskMosaic(), "mosaic", n_voxels)
     wf.connect([
+        (inputnode, skullstrip, [("t1w", "in_file")]),
+        (inputnode, mosaic, [("t1w", "source_file")]),
         (skullstrip, n4, [("out_t1w", "in_file"), ("out_mask", "mask_file")]),
-        (skullstrip, reports, [("out_report", "in1")]),
-        (n4, reports, [("out_report", "in2")]),
-        (reports, qc, [("out", "in_reports")]),
         (n4, qc, [("out_file", "in_t1w")]),
         (skullstrip, qc, [("out_probseg", "in_probseg"), ("out_mask", "in_mask")]),
         (n4, mosaic, [("out_file", "in_t1w")]),
         (skullstrip, mosaic, [("out_mask", "in_mask"), ("out_probseg", "in_probseg")]),
-        (skullstrip, ds, [("out_mask", "in_mask"), ("out_probseg", "in_probseg")]),
-        (n4, ds, [("out_file", "in_preproc"), ("out_brain", "in_brain")]),
-        (qc, ds, [("out_metrics", "in_metrics")]),
-        (mosaic, ds, [("out_figure", "in_figure")]),
+        (skullstrip, outputnode, [("out_mask", "mask"), ("out_probseg", "probseg"), ("geometry", "geometry"),
+                                  ("warnings", "warnings"), ("runtime_s", "runtime_s")]),
+        (n4, outputnode, [("out_file", "preproc"), ("out_brain", "brain"), ("runtime_s", "n4_runtime_s")]),
+        (qc, outputnode, [("qc", "qc")]),
+        (mosaic, outputnode, [("out_figure", "figure")]),
     ])
     return wf
 
 
-def init_bids_skullstrip_wf(*, t1w_inputs, output_dir, work_dir, threshold, border_mm=0.0,
+T1W_OUTPUTS = ["mask", "probseg", "preproc", "brain", "figure", "geometry", "warnings", "runtime_s", "n4_runtime_s",
+               "qc"]
+
+
+def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probseg=False, n_voxels=256**3,
+                   name="ds_t1w_wf"):
+    """Write what ``init_t1w_wf`` made of ``source_file`` as BIDS-Derivatives under ``output_dir``.
+
+    Inputs: ``source_file`` and every output of ``init_t1w_wf``. Outputs: ``out_files`` (all written).
+    ``threshold`` and ``border_mm`` go into the sidecars and the recorded settings.
+    """
+    wf = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", *T1W_OUTPUTS]), name="inputnode")
+    outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
+    ds = _node(DerivativesSink(output_dir=str(output_dir), bids_dir=str(bids_dir), save_probseg=save_probseg,
+                               threshold=threshold, border_mm=border_mm), "ds", n_voxels)
+    wf.connect([
+        (inputnode, ds, [(field, field) for field in ["source_file", *T1W_OUTPUTS]]),
+        (ds, outputnode, [("out_files", "out_files")]),
+    ])
+    return wf
+
+
+def crash_dir(work_dir, t1w):
+    """Where the crash files of ``t1w``'s nodes go: one folder per image, under one per participant."""
+    return Path(work_dir) / "crashes" / f"sub-{t1w.subject}" / t1w.stem
+
+
+def init_bids_skullstrip_wf(*, t1w_inputs, output_dir, bids_dir, work_dir, threshold, border_mm=0.0,
                             save_probseg=False, omp_nthreads=1, name="bids_skullstrip_wf"):
-    """The participant level: a sub-workflow per participant holding one ``init_t1w_wf`` per T1w."""
+    """The participant level: a sub-workflow per participant holding, per T1w (``discovery.T1wInput``), an
+    ``init_t1w_wf`` and its ``init_ds_t1w_wf``; each image's crash files go to ``crash_dir``."""
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
     for subject, items in groupby(sorted(t1w_inputs, key=lambda t: (t.subject, t.relpath)),
                                   key=lambda t: t.subject):
         sub_wf = pe.Workflow(name=f"sub_{node_name(subject)}_wf")
-        sub_wf.add_nodes([
-            init_t1w_wf(t1w=t1w, output_dir=output_dir, threshold=threshold, border_mm=border_mm,
-                        save_probseg=save_probseg, omp_nthreads=omp_nthreads)
-            for t1w in items
-        ])
+        for t1w in items:
+            n_voxels = _voxels(t1w.path)
+            image_wf = init_t1w_wf(threshold=threshold, border_mm=border_mm, omp_nthreads=omp_nthreads,
+                                   n_voxels=n_voxels, name=f"{node_name(t1w.stem)}_wf")
+            image_wf.inputs.inputnode.t1w = str(t1w.path)
+            ds_wf = init_ds_t1w_wf(output_dir=output_dir, bids_dir=bids_dir, threshold=threshold,
+                                   border_mm=border_mm, save_probseg=save_probseg, n_voxels=n_voxels,
+                                   name=f"ds_{node_name(t1w.stem)}_wf")
+            sub_wf.connect([
+                (image_wf, ds_wf, [("inputnode.t1w", "inputnode.source_file")]
+                 + [(f"outputnode.{field}", f"inputnode.{field}") for field in T1W_OUTPUTS]),
+            ])
+            # nipype takes a node's crash folder from the node's own config, not from its workflow's
+            for node in (*image_wf._graph.nodes(), *ds_wf._graph.nodes()):
+                node.config = {"execution": {"crashdump_dir": str(crash_dir(work_dir, t1w))}}
         wf.add_nodes([sub_wf])
     return wf

@@ -31,7 +31,8 @@ def build_parser():
     return p
 
 
-def _check_outputs(opts):
+def _check_options(opts):
+    """Every option checked; returns the threshold to use."""
     outs = [p for p in (opts.mask, opts.output, opts.probseg) if p is not None]
     if not outs:
         raise ValueError("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg")
@@ -47,15 +48,16 @@ def _check_outputs(opts):
             raise ValueError(f"{p.parent}: output folder not found")
         if not os.access(p.parent, os.W_OK):
             raise ValueError(f"{p.parent}: output folder is not writable")
-    if opts.threshold is not None and not 0.0 < opts.threshold < 1.0:
-        raise ValueError(f"--threshold {opts.threshold}: must be between 0 and 1")
+    from ..config import resolve_threshold
+
+    return resolve_threshold(opts.threshold)
 
 
 def _brain_image(img, data, mask):
     """The input with the skull removed: the input's integer type when it has no scaling, else float32."""
     import numpy as np
 
-    from ..io import like
+    from ..nifti import like
 
     dtype = np.dtype(img.get_data_dtype())
     slope, inter = img.header.get_slope_inter()
@@ -96,13 +98,13 @@ def main(argv=None):
 def _skullstrip(opts):
     t_start = time.perf_counter()
     try:
-        _check_outputs(opts)
+        threshold = _check_options(opts)
         import numpy as np
 
-        from ..io import InputError, atomic_save, like, load_t1w
+        from ..nifti import InputError, atomic_save, like, load_t1w
 
         from ..model.inference import prepare_network
-        from ..skullstrip import skullstrip_array
+        from ..model.predictor import Skullstripper
 
         warm_up = threading.Thread(target=_quietly, args=(prepare_network, max(1, opts.threads)), daemon=True)
         warm_up.start()
@@ -113,7 +115,7 @@ def _skullstrip(opts):
         warm_up.join()  # so that "core" below is the skull-strip itself, as in the benchmark
 
         t_core = time.perf_counter()
-        result = skullstrip_array(data, img.affine, threshold=opts.threshold, border_mm=opts.border)
+        result = Skullstripper().mask(data, img.affine, threshold=threshold, border_mm=opts.border)
         core_s = time.perf_counter() - t_core
         if opts.mask:
             atomic_save(like(img, result.mask, np.uint8), opts.mask)

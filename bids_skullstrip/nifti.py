@@ -214,39 +214,35 @@ def _fsync(path):
         os.close(fd)
 
 
-def atomic_save(img, path):
-    """Write ``img`` to ``path`` via a temporary file in the same folder and a rename.
+@contextlib.contextmanager
+def atomic_file(path):
+    """A temporary sibling of ``path`` to write, renamed to ``path`` when the block ends without an error.
 
-    The final name appears only when the file is complete; a crash leaves at most a hidden
-    ``.tmp-*`` file.
+    The final name appears only when the file is complete; a crash leaves at most a hidden ``.tmp-*``
+    file. The temporary name keeps the extension (.nii.gz, .svg...), which some writers go by.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
     tmp = tmp_sibling(path, suffix)
     try:
-        nib.save(img, str(tmp))
+        yield tmp
         _fsync(tmp)
         os.replace(tmp, path)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    return path
+
+
+def atomic_save(img, path):
+    """Write the image ``img`` to ``path`` atomically (``atomic_file``)."""
+    with atomic_file(path) as tmp:
+        nib.save(img, str(tmp))
+    return Path(path)
 
 
 def atomic_write_text(path, text):
-    """Write ``text`` to ``path`` via a temporary file and a rename (readers never see half a file)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_sibling(path)
-    try:
-        with open(tmp, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            with contextlib.suppress(OSError):
-                os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-    return path
+    """Write ``text`` to ``path`` atomically (readers never see half a file)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)

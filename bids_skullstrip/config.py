@@ -1,0 +1,95 @@
+"""What one run of the BIDS App is asked to do: the command line, checked and resolved once."""
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class UsageError(ValueError):
+    """A problem with the command line or the folders it names (one line, for the user)."""
+
+
+def resolve_threshold(value, weights=None):
+    """``value`` as a probability threshold, or the one calibrated for the weights where it is None."""
+    from .model.inference import default_threshold
+
+    threshold = default_threshold(weights) if value is None else float(value)
+    if not 0.0 < threshold < 1.0:
+        raise UsageError(f"--threshold {value}: must be between 0 and 1")
+    return threshold
+
+
+def check_folders(bids_dir, output_dir):
+    bids_dir, output_dir = Path(bids_dir).resolve(), Path(output_dir).resolve()
+    if not bids_dir.is_dir():
+        raise UsageError(f"{bids_dir}: BIDS dataset folder not found")
+    if output_dir == bids_dir:
+        raise UsageError(f"{output_dir}: the output folder must not be the input dataset itself")
+    if output_dir.is_relative_to(bids_dir) and not output_dir.is_relative_to(bids_dir / "derivatives"):
+        raise UsageError(f"{output_dir}: the output folder is inside the input dataset; use a folder outside "
+                         f"it or under {bids_dir / 'derivatives'}")
+    if bids_dir.is_relative_to(output_dir):
+        raise UsageError(f"{output_dir}: the output folder contains the input dataset")
+    return bids_dir, output_dir
+
+
+def check_writable(folder, what):
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"{folder}: the {what} is not writable ({exc.strerror or exc})") from None
+
+
+def default_work_dir(output_dir):
+    digest = hashlib.sha1(str(output_dir).encode()).hexdigest()[:10]
+    return Path(tempfile.gettempdir()) / f"bids_skullstrip_work_{digest}"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    bids_dir: Path
+    output_dir: Path
+    analysis_level: str
+    work_dir: Path
+    threshold: float
+    border_mm: float = 0.0
+    save_probseg: bool = False
+    participant_label: tuple = ()
+    session_label: tuple = ()
+    bids_filter_file: Path | None = None
+    skip_bids_validation: bool = False
+    bids_database_dir: Path | None = None
+    n_cpus: int = 1
+    omp_nthreads: int | None = None
+    mem_gb: float | None = None
+    plugin: str = "MultiProc"
+    plugin_args: dict | None = None
+    plugin_file: Path | None = None
+    overwrite: bool = False
+    fail_on_flag: bool = False
+    stop_on_first_crash: bool = False
+    boilerplate_only: bool = False
+    reports_only: bool = False
+    verbose: int = 0
+
+    @classmethod
+    def from_args(cls, opts):
+        """The parsed command line (``cli.parser``), its folders checked and every default resolved."""
+        bids_dir, output_dir = check_folders(opts.bids_dir, opts.output_dir)
+        if opts.n_cpus < 1:
+            raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
+        mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
+        return cls(bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level,
+                   work_dir=Path(opts.work_dir or default_work_dir(output_dir)).resolve(),
+                   threshold=resolve_threshold(opts.threshold), border_mm=opts.border,
+                   save_probseg=opts.save_probseg, participant_label=tuple(opts.participant_label or ()),
+                   session_label=tuple(opts.session_label or ()), bids_filter_file=opts.bids_filter_file,
+                   skip_bids_validation=opts.skip_bids_validation, bids_database_dir=opts.bids_database_dir,
+                   n_cpus=opts.n_cpus, omp_nthreads=opts.omp_nthreads, mem_gb=mem_gb, plugin=opts.plugin,
+                   plugin_args=opts.plugin_args, plugin_file=opts.plugin_file, overwrite=opts.overwrite,
+                   fail_on_flag=opts.fail_on_flag, stop_on_first_crash=opts.stop_on_first_crash,
+                   boilerplate_only=opts.boilerplate_only, reports_only=opts.reports_only,
+                   verbose=opts.verbose)

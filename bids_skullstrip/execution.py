@@ -1,0 +1,141 @@
+"""Running the nipype graph: the plugin and its resources, nipype's configuration, and which image failed why."""
+
+import getpass
+import json
+import logging
+import os
+from pathlib import Path
+
+from .config import UsageError
+
+SCHEDULER_PLUGINS = ("SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "LSF")
+
+
+def plugin_settings(config):
+    """(plugin name, plugin arguments) from ``--nipype-plugin-file`` or ``--plugin``/``--plugin-args``."""
+    if config.plugin_file:
+        try:
+            text = config.plugin_file.read_text()
+            try:
+                settings = json.loads(text)
+            except ValueError:
+                import yaml
+
+                settings = yaml.safe_load(text)
+        except Exception as exc:
+            raise UsageError(f"{config.plugin_file}: cannot read the plugin file ({' '.join(str(exc).split())})") from None
+        if not isinstance(settings, dict) or "plugin" not in settings:
+            raise UsageError(f"{config.plugin_file}: a plugin file needs a `plugin:` key (and optional `plugin_args:`)")
+        plugin, args = settings["plugin"], dict(settings.get("plugin_args") or {})
+    else:
+        plugin, args = config.plugin, dict(config.plugin_args or {})
+    if plugin == "MultiProc":
+        args.setdefault("n_procs", config.n_cpus)
+        # nipype's own default is 90 % of the machine's memory, which in a container started with
+        # `--memory 3g` (or a SLURM job's cgroup) is far more than the process may use: an OOM kill.
+        args.setdefault("memory_gb", config.mem_gb or 0.9 * available_memory_gb())
+        args.setdefault("raise_insufficient", False)
+    if plugin in SCHEDULER_PLUGINS:
+        # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
+        os.environ.setdefault("LOGNAME", _login_name())
+    return plugin, args
+
+
+def cgroup_memory_limit_gb(root=Path("/sys/fs/cgroup")):
+    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``), GB;
+    None where there is none."""
+    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+        try:
+            text = (Path(root) / name).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
+            return int(text) / 2**30
+    return None
+
+
+def available_memory_gb():
+    import psutil
+
+    total = psutil.virtual_memory().total / 2**30
+    limit = cgroup_memory_limit_gb()
+    return min(total, limit) if limit else total
+
+
+def check_memory(todo, plugin, plugin_args):
+    """One clear line before anything runs when an image needs more memory than the run may use (MultiProc
+    would start it anyway, alone, and the kernel would kill it without a word)."""
+    if plugin != "MultiProc":
+        return
+    from .workflows.base import image_memory_gb
+
+    limit = float(plugin_args["memory_gb"])
+    need, t1w = max(((image_memory_gb(t), t) for t in todo), key=lambda pair: pair[0])
+    if need > limit:
+        raise UsageError(f"{t1w.relpath}: needs about {need:.1f} GB of memory and the run may use {limit:.1f} GB "
+                         "(--mem-gb, --mem or the container's memory limit); give the run more memory")
+
+
+def _login_name():
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):  # a uid without a passwd entry, as with `docker run --user 1000`
+        return f"uid{os.getuid()}"
+
+
+def _log_nipype_to(log_file, verbose):
+    """nipype's messages go to ``log_file``; on the console only with -vv."""
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils", "nipype.filemanip"):
+        nlog = logging.getLogger(name)
+        nlog.setLevel(logging.INFO)
+        nlog.handlers = [handler]
+        nlog.propagate = verbose >= 2
+
+
+def configure_nipype(work_dir, *, verbose=0, stop_on_first_crash=False):
+    os.environ.setdefault("NIPYPE_NO_ET", "1")
+    os.environ.setdefault("NIPYPE_CONFIG_DIR", str(work_dir / ".nipype"))
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from nipype import config, logging as nlogging
+
+    config.update_config({
+        "execution": {
+            "crashdump_dir": str(work_dir / "crashes"),
+            "crashfile_format": "txt",
+            "stop_on_first_crash": str(bool(stop_on_first_crash)).lower(),
+            "remove_unnecessary_outputs": "true",
+            "check_version": "false",
+            "create_report": "false",
+        },
+        "logging": {"log_to_file": "false"},
+        "monitoring": {"enabled": "false"},
+    })
+    nlogging.update_logging(config)
+    _log_nipype_to(work_dir / "nipype.log", verbose)
+
+
+def crash_message(crash_file):
+    """The last line of a nipype crash file's traceback, without the exception's type."""
+    lines = [line.strip() for line in Path(crash_file).read_text(errors="replace").splitlines() if line.strip()]
+    tb = [line for line in lines if not line.startswith(("Node", "Working directory", "Node inputs"))]
+    message = tb[-1] if tb else "unknown error"
+    for marker in ("InputError: ", "Error: ", "Exception: "):
+        if marker in message:
+            return message.split(marker, 1)[1]
+    return message
+
+
+def failure_of(t1w, work_dir, since):
+    """Why ``t1w`` failed: the message of the first crash file written since ``since`` in its own crash folder
+    (the nodes after the one that failed do not run)."""
+    from .workflows.base import crash_dir
+
+    folder = crash_dir(work_dir, t1w)
+    crashes = sorted((p for p in folder.glob("crash-*.txt") if p.stat().st_mtime >= since),
+                     key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not crashes:
+        return f"{t1w.relpath}: processing failed (see the crash files in {folder})"
+    message = crash_message(crashes[0])
+    return message if str(t1w.path) in message else f"{t1w.relpath}: {message}"

@@ -1,0 +1,136 @@
+"""The predictor, free of nipype and files: a native 3D volume and its affine in, a brain probability map
+and a brain mask on the same grid out.
+
+    stripper = Skullstripper()                      # the bundled networks and their calibrated threshold
+    prediction = stripper.probability(data, affine)  # threshold-independent
+    result = stripper.mask(data, affine, threshold=0.5, border_mm=1.0, prediction=prediction)
+"""
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from nibabel.affines import voxel_sizes
+from scipy import ndimage as ndi
+
+from .. import geometry
+from ..postproc import clean_mask, largest_component
+from .inference import BrainNetworks, default_threshold, load_model, predict_probability
+
+# An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
+# background, e.g. FreeSurfer's T1.mgz, keeps its scalp and skull: well above 2200 ml).
+STRIPPED_ZERO_FRACTION = 0.3
+STRIPPED_VOLUME_ML = (500.0, 2200.0)
+LOCATOR_THRESHOLD = 0.5  # the locator's brain: p >= this, largest component (its box is all that is used)
+# The segmenter's main brain blob (p >= this, largest component, 2 voxels of rim) is all that goes back to
+# the finer native grid; a fixed level, so that the probability map is the same whatever the threshold.
+SUPPORT_THRESHOLD = 0.5
+NO_NETWORK = "the image looks already skull-stripped (zero outside a brain-sized region): the mask is its " \
+             "non-zero region, the network was not run"
+
+
+@dataclass
+class Prediction:
+    """The brain probability of a volume on its native grid, and where it can be non-zero (``block``)."""
+    probability: np.ndarray  # float32 [0, 1], native grid
+    block: tuple  # native slices holding every non-zero probability (None: there is none)
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+    stripped_input: bool = False  # the input looked skull-stripped: the probability is its non-zero region
+
+
+@dataclass
+class SkullstripResult:
+    mask: np.ndarray  # uint8 {0, 1}, native grid
+    probability: np.ndarray  # float32 [0, 1], native grid
+    timings: dict = field(default_factory=dict)
+    warnings: list = field(default_factory=list)
+
+
+def looks_skull_stripped(data, voxel_mm):
+    nonzero = int(np.count_nonzero(data))
+    volume_ml = nonzero * float(np.prod(voxel_mm)) / 1000.0
+    return (1.0 - nonzero / data.size > STRIPPED_ZERO_FRACTION
+            and STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1])
+
+
+def locate_brain(data, affine, locator):
+    """World (min, max) corners of the brain the locator finds in the whole field of view, or None."""
+    volume, grid = geometry.to_model_grid(data, affine, voxel_mm=geometry.LOCATOR_VOXEL_MM)
+    found = largest_component(predict_probability(volume, locator) >= LOCATOR_THRESHOLD)
+    return geometry.grid_box(found, grid)
+
+
+class Skullstripper:
+    """The two networks (the bundled ones, those of ``weights``, or stand-ins given as ``networks``: any
+    callables batch volume -> batch probability) and the threshold calibrated for them."""
+
+    def __init__(self, weights=None, *, networks=None, threshold=None):
+        self.weights = weights
+        self._networks = BrainNetworks.of(networks) if networks is not None else None
+        self.threshold = default_threshold(weights) if threshold is None else float(threshold)
+
+    @property
+    def networks(self):
+        if self._networks is None:
+            self._networks = load_model(self.weights)
+        return self._networks
+
+    def probability(self, data, affine):
+        """The brain probability of ``data`` (3D, native grid, voxel-to-world ``affine``) as a ``Prediction``."""
+        shape = tuple(int(s) for s in data.shape[:3])
+        if looks_skull_stripped(data, voxel_sizes(affine)):
+            return Prediction((data != 0).astype(np.float32), tuple(slice(0, s) for s in shape),
+                              warnings=[NO_NETWORK], stripped_input=True)
+        networks, timings, warnings = self.networks, {}, []
+        t = time.perf_counter()
+        box = locate_brain(data, affine, networks.locator)
+        timings["locate"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        if box is None:
+            warnings.append("the locator found no brain in the field of view: the whole head was segmented")
+            volume, grid = geometry.to_model_grid(data, affine)
+        else:
+            volume, grid = geometry.to_model_grid(data, affine, geometry.brain_box_grid(*box))
+        timings["conform"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        prob = predict_probability(volume, networks.segmenter)
+        timings["inference"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        core = largest_component(prob >= SUPPORT_THRESHOLD)
+        support = ndi.binary_dilation(core, iterations=2) if core.any() else prob >= 0.05
+        prob = np.where(support, prob, 0.0).astype(np.float32)
+        timings["post_model_grid"] = time.perf_counter() - t
+
+        t = time.perf_counter()
+        block = geometry.native_block_of(support, grid, affine, shape)
+        native = np.zeros(shape, np.float32)
+        if block is not None:
+            native[block] = geometry.to_native_grid(prob, grid, affine, shape, block=block)
+        timings["to_native"] = time.perf_counter() - t
+        return Prediction(native, block, timings, warnings)
+
+    def mask(self, data, affine, *, threshold=None, border_mm=0.0, prediction=None):
+        """The brain mask of ``data`` (p >= ``threshold``, largest component, holes filled, grown or shrunk by
+        ``border_mm``) with its probability, as a ``SkullstripResult``; ``prediction``: the ``probability()``
+        of the same volume, if the caller has it already."""
+        prediction = prediction or self.probability(data, affine)
+        threshold = self.threshold if threshold is None else float(threshold)
+        timings = dict(prediction.timings)
+        t = time.perf_counter()
+        shape, voxel_mm = prediction.probability.shape, voxel_sizes(affine)
+        mask = np.zeros(shape, np.uint8)
+        if prediction.block is not None:
+            # the probability is zero outside its block: a block grown by the border holds the whole mask
+            grow = int(np.ceil(max(border_mm, 0.0) / voxel_mm.min()))
+            block = tuple(slice(max(0, s.start - grow), min(n, s.stop + grow)) for s, n in zip(prediction.block, shape))
+            # an already skull-stripped image's probability is 0/1: any threshold gives its non-zero region
+            level = 0.5 if prediction.stripped_input else threshold
+            mask[block] = clean_mask(prediction.probability[block], threshold=level, border_mm=border_mm,
+                                     voxel_mm=voxel_mm)
+        timings["post_native"] = time.perf_counter() - t
+        timings["postprocess"] = timings.get("post_model_grid", 0.0) + timings["post_native"]
+        return SkullstripResult(mask, prediction.probability, timings, list(prediction.warnings))
