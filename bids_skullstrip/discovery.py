@@ -152,12 +152,21 @@ def missing_content(t1w):
     return f"{t1w.relpath}: broken symbolic link (its target {target} does not exist)"
 
 
-def _read_by_run(location, reads):
-    """Does an issue at ``location`` (the validator's ``/sub-01/anat/...``) concern what the run reads: the
-    dataset-level files, the selected T1w images and their sidecars?"""
-    location = (location or "").lstrip("/")
-    if not location.startswith("sub-"):
+def _read_by_run(issue, reads):
+    """Does a validator issue concern what the run reads: the selected T1w images and their sidecars (also
+    the ones they inherit from the top level), and ``dataset_description.json`` as a JSON object?
+
+    Other files at the top level (stray files, ``participants.tsv``) are not read; a field of
+    ``dataset_description.json`` in the wrong format (a string where the schema wants a list) does not
+    matter either: only its ``DatasetType`` and ``Authors`` are used, and both are checked where used. An
+    issue of the whole dataset (no location) stops the run."""
+    location = (issue.get("location") or "").lstrip("/")
+    if not location:
         return True
+    if location == "dataset_description.json":
+        return issue.get("code") != "JSON_SCHEMA_VALIDATION_ERROR"
+    if not location.startswith("sub-"):
+        return "/" not in location and (location == "T1w.json" or location.endswith("_T1w.json"))
     stems = {r[: r.rindex("_T1w.nii")] + "_T1w" for r in reads}
     return location.split(".", 1)[0] in stems
 
@@ -183,8 +192,8 @@ def validator_issues(bids_dir):
 def validate_dataset(bids_dir, *, reads=None):
     """Run the BIDS validator as fMRIPrep does, scoped to what the run reads (``reads``: the selected T1w
     relpaths; None: everything). Returns (error messages, number of errors ignored because they concern
-    files the run does not read: other participants, other modalities)."""
+    files the run does not read: other participants, other modalities, stray top-level files)."""
     errors = [i for i in validator_issues(bids_dir) if i.get("severity") == "error"]
-    kept = [i for i in errors if reads is None or _read_by_run(i.get("location"), reads)]
+    kept = [i for i in errors if reads is None or _read_by_run(i, reads)]
     return ([f"{i.get('code')}: {i.get('location') or ''} {i.get('issueMessage') or ''}".strip() for i in kept],
             len(errors) - len(kept))

@@ -24,7 +24,8 @@ SUFFIXES = {
     "probseg": "_label-brain_probseg.nii.gz",
     "metrics": "_desc-brain_metrics.json",
 }
-FIGURE_SUFFIX = "_desc-brain_mask.svg"
+# figure -> file name suffix: the mask over the T1w, and the skull-stripped T1w on the same layout
+FIGURE_SUFFIXES = {"mask": "_desc-brain_mask.svg", "brain": "_desc-brain_T1w.svg"}
 BIDSIGNORE = ["*.html", "figures", "*_metrics.json", "group_T1w.tsv", "logs"]  # "figures/" is not enough for the validator
 
 
@@ -33,8 +34,8 @@ def derivative_path(output_dir, t1w, kind):
     return Path(output_dir) / t1w.anat_dir / f"{t1w.stem}{SUFFIXES[kind]}"
 
 
-def figure_path(output_dir, t1w):
-    return Path(output_dir) / f"sub-{t1w.subject}" / "figures" / f"{t1w.stem}{FIGURE_SUFFIX}"
+def figure_path(output_dir, t1w, kind="mask"):
+    return Path(output_dir) / f"sub-{t1w.subject}" / "figures" / f"{t1w.stem}{FIGURE_SUFFIXES[kind]}"
 
 
 def parse_name(name):
@@ -49,7 +50,7 @@ def source_of(output_file):
     from .discovery import T1wInput
 
     name = Path(output_file).name
-    suffix = next((s for s in (*SUFFIXES.values(), FIGURE_SUFFIX, ".json") if name.endswith(s)), None)
+    suffix = next((s for s in (*SUFFIXES.values(), *FIGURE_SUFFIXES.values(), ".json") if name.endswith(s)), None)
     if suffix is None or "sub-" not in name:
         raise ValueError(f"{output_file}: not a bids_skullstrip output name")
     return T1wInput.from_path(name[: -len(suffix)] + "_T1w.nii.gz")

@@ -81,6 +81,7 @@ def test_every_output_exists_and_nothing_half_written(sample_run):
             assert derivative(out, SAMPLE, t1w, suffix.replace(".nii.gz", ".json")).is_file()
         sub = t1w.name.split("_")[0]
         assert (out / sub / "figures" / f"{stem_of(t1w)}_desc-brain_mask.svg").is_file()
+        assert (out / sub / "figures" / f"{stem_of(t1w)}_desc-brain_T1w.svg").is_file()  # the "after" view
     assert not [p for p in out.rglob(".tmp-*")], "temporary files left behind"
     for sub in ("01", "02", "03"):
         assert (out / f"sub-{sub}.html").is_file()

@@ -174,6 +174,7 @@ def test_participant_then_group_read_only(engine, image, tmp_path):
             anat / f"{stem}_desc-brain_T1w.nii.gz", anat / f"{stem}_desc-brain_T1w.json",
             anat / f"{stem}_desc-brain_metrics.json",
             out / sub / "figures" / f"{stem}_desc-brain_mask.svg",
+            out / sub / "figures" / f"{stem}_desc-brain_T1w.svg",
         ]
         missing = [str(p.relative_to(out)) for p in expected if not p.is_file()]
         assert not missing, f"missing derivatives for {t1w.name}: {missing}"

@@ -1,7 +1,9 @@
 """Reports as a user sees them: a small output directory built from real heads, participant and group reports
 written, then opened in headless Chromium (screenshot, every image loads, no console errors)."""
 
+import base64
 import html as htmlmod
+import io
 import json
 import re
 import shutil
@@ -12,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 from _ci import needs, skip_unless_present
+from PIL import Image
 from scipy import ndimage as ndi
 
 from bids_skullstrip import qc
@@ -68,7 +71,8 @@ def _make_image(out, sub, ses, head, corruption):
     atomic_write_text(anat / f"{stem}_desc-brain_metrics.json", json.dumps(metrics, indent=1))
     plot_mask_mosaic(anat / f"{stem}_desc-preproc_T1w.nii.gz", anat / f"{stem}_desc-brain_mask.nii.gz",
                      anat / f"{stem}_label-brain_probseg.nii.gz",
-                     out / f"sub-{sub}" / "figures" / f"{stem}_desc-brain_mask.svg")
+                     out / f"sub-{sub}" / "figures" / f"{stem}_desc-brain_mask.svg",
+                     brain_file=out / f"sub-{sub}" / "figures" / f"{stem}_desc-brain_T1w.svg")
     return stem, metrics
 
 
@@ -102,12 +106,40 @@ def test_figures_are_small_svg(outdir):
         assert text.count("<image") == 18 and 'stroke="#ff3b30"' in text
 
 
+def _panel_rasters(svg_text):
+    """The palette indices of every panel raster embedded in a mosaic SVG."""
+    return [np.asarray(Image.open(io.BytesIO(base64.b64decode(data))))
+            for data in re.findall(r'href="data:image/png;base64,([^"]+)"', svg_text)]
+
+
+@needs_heads
+def test_before_after_figures_share_the_layout_and_the_after_is_the_brain_alone(outdir):
+    from bids_skullstrip.reports.reportlets import GRAY_LEVELS
+
+    out, _ = outdir
+    for before in sorted(out.glob("sub-*/figures/*_desc-brain_mask.svg")):
+        after = before.with_name(before.name.replace("_desc-brain_mask.svg", "_desc-brain_T1w.svg"))
+        a, b = before.read_text(), after.read_text()
+        assert a.splitlines()[0] == b.splitlines()[0]  # same viewBox and size: one lies exactly over the other
+        assert "stroke=" not in b and after.stat().st_size < 300_000
+        pairs = list(zip(_panel_rasters(a), _panel_rasters(b)))
+        assert len(pairs) == 18
+        for head, brain in pairs:
+            assert head.shape == brain.shape
+            inside = brain > 0
+            # the brain's pixels are the head's (without the band's tint), everything else is black
+            assert np.array_equal(brain[inside], head[inside] % GRAY_LEVELS)
+            assert (brain == 0).mean() > (head == 0).mean()
+        assert sum((brain == 0).mean() - (head == 0).mean() for head, brain in pairs) / 18 > 0.05
+
+
 @needs_heads
 def test_participant_report_content(outdir):
     out, info = outdir
     page = (out / "sub-02.html").read_text()
     for stem in ("sub-02_ses-1", "sub-02_ses-2"):
         assert f'src="sub-02/figures/{stem}_desc-brain_mask.svg"' in page
+        assert f'class="after" src="sub-02/figures/{stem}_desc-brain_T1w.svg"' in page  # the before/after view
         assert info[stem]["source"] in page
     assert "qform and sform disagree" in page
     assert "unet3d-2mm" in page and "LAS" in page and "RAS" in page

@@ -227,6 +227,10 @@ def test_the_validator_gate_is_scoped_to_what_the_run_reads(tmp_path):
     make_dataset(bids, {"01": copy_head, "02": copy_head})
     (bids / "sub-02" / "anat" / "sub-02_T1w.json").write_text("{not json")
     (bids / "sub-02" / "anat" / "sub-02_T1w_extra.nii.gz").write_bytes(SMALL_HEAD.read_bytes())
+    # what the run does not read either: a stray top-level file, an optional field in the wrong format
+    (bids / "columns").write_text("")
+    description = json.loads((bids / "dataset_description.json").read_text())
+    (bids / "dataset_description.json").write_text(json.dumps(dict(description, ReferencesAndLinks="a string")))
     res = app(bids, tmp_path / "out", "participant")
     assert res.returncode == 2
     assert "BIDS validator found" in res.stderr and "sub-02_T1w.json" in res.stderr, res.stderr
@@ -235,6 +239,22 @@ def test_the_validator_gate_is_scoped_to_what_the_run_reads(tmp_path):
     assert only_01.returncode == 0, only_01.stdout[-2000:] + only_01.stderr[-2000:]
     assert "error(s) in files this run does not read were ignored" in only_01.stdout
     assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").is_file()
+
+
+def test_what_the_run_reads_from_the_top_level():
+    from bids_skullstrip.discovery import _read_by_run
+
+    reads = ["sub-01/anat/sub-01_acq-mp_T1w.nii.gz"]
+    read = [{"location": "/sub-01/anat/sub-01_acq-mp_T1w.json", "code": "JSON_INVALID"},
+            {"location": "/acq-mp_T1w.json", "code": "JSON_INVALID"},  # inherited by the selected T1w
+            {"location": "/dataset_description.json", "code": "JSON_INVALID"},
+            {"location": "", "code": "SOMETHING_OF_THE_DATASET"}]
+    not_read = [{"location": "/sub-02/anat/sub-02_T1w.json", "code": "JSON_INVALID"},
+                {"location": "/task-rest_bold.json", "code": "JSON_INVALID"},
+                {"location": "/annex-uuid", "code": "NOT_INCLUDED"},
+                {"location": "/dataset_description.json", "code": "JSON_SCHEMA_VALIDATION_ERROR"}]
+    assert all(_read_by_run(i, reads) for i in read)
+    assert not any(_read_by_run(i, reads) for i in not_read)
 
 
 # ------------------------------------------------------------------------------- QC flags on the console

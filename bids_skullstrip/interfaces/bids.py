@@ -32,6 +32,7 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     brain = File(exists=True, mandatory=True)
     probseg = File(exists=True, mandatory=True)
     figure = File(exists=True, mandatory=True)
+    brain_figure = File(exists=True, mandatory=True)
     geometry = traits.Dict(mandatory=True)
     warnings = traits.List(traits.Str, mandatory=True)
     runtime_s = traits.Dict(mandatory=True, desc="seconds per stage of the skull-strip")
@@ -71,10 +72,11 @@ class DerivativesSink(SimpleInterface):
                                                         border_mm=self.inputs.border_mm))
             written.append(str(dest))
 
-        figure = outputs.figure_path(out_dir, t1w)
-        with atomic_file(figure) as tmp:
-            shutil.copyfile(self.inputs.figure, tmp)
-        written.append(str(figure))
+        for kind, source in (("mask", self.inputs.figure), ("brain", self.inputs.brain_figure)):
+            figure = outputs.figure_path(out_dir, t1w, kind)
+            with atomic_file(figure) as tmp:
+                shutil.copyfile(source, tmp)
+            written.append(str(figure))
 
         dest = outputs.derivative_path(out_dir, t1w, "metrics")
         metrics = {"source": t1w.source_uri, "bids_name": t1w.stem, **self.inputs.geometry,

@@ -56,7 +56,8 @@ class _MaskMosaicInputSpec(BaseInterfaceInputSpec):
 
 
 class _MaskMosaicOutputSpec(TraitedSpec):
-    out_figure = File(exists=True)
+    out_figure = File(exists=True, desc="the T1w with the mask contour and the uncertain band")
+    out_brain_figure = File(exists=True, desc="the skull-stripped T1w, on the same layout")
 
 
 class MaskMosaic(SimpleInterface):
@@ -69,8 +70,8 @@ class MaskMosaic(SimpleInterface):
         from ..discovery import T1wInput
         from ..reports.reportlets import plot_mask_mosaic
 
-        out = os.path.join(runtime.cwd, "mosaic.svg")
-        plot_mask_mosaic(self.inputs.in_t1w, self.inputs.in_mask, self.inputs.in_probseg, out,
+        out, brain = (os.path.join(runtime.cwd, name) for name in ("mosaic.svg", "brain.svg"))
+        plot_mask_mosaic(self.inputs.in_t1w, self.inputs.in_mask, self.inputs.in_probseg, out, brain_file=brain,
                          title=T1wInput.from_path(self.inputs.source_file).stem)
-        self._results["out_figure"] = out
+        self._results.update(out_figure=out, out_brain_figure=brain)
         return runtime

@@ -71,8 +71,9 @@ def load_record(path, output_dir):
     rec["flags"] = _strings(rec.get("flags"))
     rec["warnings"] = _strings(rec.get("warnings"))
     rec["_runtime_total"] = runtime_total(rec.get("runtime_s"))
-    figure = outputs.figure_path(output_dir, t1w)
+    figure, brain_figure = (outputs.figure_path(output_dir, t1w, kind) for kind in ("mask", "brain"))
     rec["_figure"] = figure if figure.exists() else None
+    rec["_brain_figure"] = brain_figure if brain_figure.exists() else None
     rec["_t1w"] = t1w
     model = rec.get("model")
     if isinstance(model, dict):

@@ -40,6 +40,7 @@ def participant_records(output_dir, label):
         r["_anchor"] = slug(r["bids_name"])
         r["_out_keys"] = _out_keys(r["qc"])
         r["_figure_url"] = rel_url(r["_figure"], output_dir) if r["_figure"] else None
+        r["_brain_figure_url"] = rel_url(r["_brain_figure"], output_dir) if r["_brain_figure"] else None
         r["_anat_rel"] = rel_url(r["_anat_dir"], output_dir) + "/"
         records.append(r)
     return records
@@ -65,7 +66,7 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
     output_dir = Path(output_dir)
     label = strip_prefix(participant_label, "sub-")
     records = participant_records(output_dir, label)
-    shown = {r["_figure"].name for r in records if r["_figure"]}
+    shown = {f.name for r in records for f in (r["_figure"], r["_brain_figure"]) if f}
     fig_dir = output_dir / f"sub-{label}" / "figures"
     others = []
     if fig_dir.is_dir():

@@ -167,13 +167,16 @@ def _panels(volumes, n_cuts, max_pixels=MAX_PIXELS):
                     band = ndi.zoom(band.astype(np.uint8), np.divide(g.shape, band.shape), order=0) > 0
             gray = np.clip((g - lo) / (hi - lo), 0, 1)
             idx = np.round(gray * (GRAY_LEVELS - 1)).astype(np.uint8)
-            if band is not None:
-                idx[band] += GRAY_LEVELS
-            lines = []
+            lines, brain = [], None
             if mask is not None:
                 m = _slice(mask, axis, k)[cut_box[1], cut_box[0]]
                 lines = _contours(m, dx, dy, tol_mm=0.35 * min(dx, dy))
-            panels.append({"index": idx, "lines": lines, "w_mm": w_mm, "h_mm": h_mm, "cut": int(k)})
+                inside = m if factor >= 1 else ndi.zoom(m.astype(np.uint8), np.divide(idx.shape, m.shape), order=0) > 0
+                brain = np.where(inside, idx, 0).astype(np.uint8)  # the skull-stripped image, same raster
+            if band is not None:
+                idx[band] += GRAY_LEVELS
+            panels.append({"index": idx, "brain": brain, "lines": lines, "w_mm": w_mm, "h_mm": h_mm,
+                           "cut": int(k)})
         rows.append({"name": name, "axis": axis, "panels": panels})
     return rows
 
@@ -202,9 +205,10 @@ def _fmt(v):
     return f"{v:.1f}".rstrip("0").rstrip(".")
 
 
-def _write_svg(rows, out, title):
+def _write_svg(rows, out, title, *, skull_stripped=False):
     """Every row is scaled to the same width (rows of one figure then differ in mm per unit, as in
-    fMRIPrep's mosaics); all coordinates in SVG user units."""
+    fMRIPrep's mosaics); all coordinates in SVG user units. ``skull_stripped``: the brain alone, without
+    contour or band, on exactly the same layout (the report shows one over the other)."""
     gap = 2.0
     width = 900.0
     title_h = 16.0 if title else 0.0
@@ -226,11 +230,11 @@ def _write_svg(rows, out, title):
         for i, p in enumerate(r["panels"]):
             w, h = p["w_mm"] * s, p["h_mm"] * s
             top = y0 + (row_h - h) / 2
-            data = base64.b64encode(_png_bytes(p["index"])).decode("ascii")
+            data = base64.b64encode(_png_bytes(p["brain" if skull_stripped else "index"])).decode("ascii")
             parts.append(f'<g><title>{r["name"]} slice {p["cut"]}</title>'
                          f'<image x="{_fmt(x0)}" y="{_fmt(top)}" width="{_fmt(w)}" height="{_fmt(h)}" '
                          f'preserveAspectRatio="none" href="data:image/png;base64,{data}"/>')
-            if p["lines"]:
+            if p["lines"] and not skull_stripped:
                 d = []
                 for line in p["lines"]:
                     pts = np.round(np.c_[x0 + line[:, 0] * s, top + h - line[:, 1] * s], 1)
@@ -259,26 +263,33 @@ def _atomic(out_file, writer):
     return str(out_file)
 
 
-def plot_mask_mosaic(t1w_path, mask_path, prob_path, out_file, *, n_cuts=N_CUTS, title=None):
+def plot_mask_mosaic(t1w_path, mask_path, prob_path, out_file, *, brain_file=None, n_cuts=N_CUTS, title=None):
     """Mosaic (rows: axial, coronal, sagittal; ``n_cuts`` slices each) of the (N4-corrected) T1w with the
-    brain-mask contour (red) and the uncertain band of the probability map, 0.1 < p < 0.9 (yellow).
+    brain-mask contour (red) and the uncertain band of the probability map, 0.1 < p < 0.9 (yellow); and, in
+    ``brain_file``, the same mosaic of the skull-stripped image (the "after" of the report's before/after).
 
-    ``prob_path`` may be None (no band). An SVG, written atomically; returns ``out_file``.
+    ``prob_path`` may be None (no band). SVGs, written atomically; returns ``out_file``.
     """
-    if Path(out_file).suffix.lower() != ".svg":
-        raise ValueError(f"{out_file}: a mosaic is an .svg file")
+    for path in (out_file, brain_file):
+        if path is not None and Path(path).suffix.lower() != ".svg":
+            raise ValueError(f"{path}: a mosaic is an .svg file")
     volumes = _load_all(t1w_path, mask_path, prob_path)
+    chosen = {}
 
     def write(tmp):
         budget = MAX_PIXELS
         for _ in range(4):
-            _write_svg(_panels(volumes, n_cuts, budget), tmp, title)
+            chosen["rows"] = _panels(volumes, n_cuts, budget)
+            _write_svg(chosen["rows"], tmp, title)
             size = tmp.stat().st_size
             if size <= MAX_SVG_BYTES:
                 break
             budget = int(budget * 0.85 * MAX_SVG_BYTES / size)
 
-    return _atomic(out_file, write)
+    _atomic(out_file, write)
+    if brain_file is not None and mask_path is not None:
+        _atomic(brain_file, lambda tmp: _write_svg(chosen["rows"], tmp, title, skull_stripped=True))
+    return str(out_file)
 
 
 def plot_thumbnail(t1w_path, mask_path, out_file):

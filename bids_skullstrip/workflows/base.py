@@ -65,7 +65,7 @@ def init_t1w_wf(*, threshold, border_mm=0.0, omp_nthreads=1, n_voxels=256**3, na
     """Skull-strip one T1w image: brain mask, probability, N4-corrected and skull-stripped images, QC, mosaic.
 
     Inputs: ``t1w`` (the raw image). Outputs: the files ``mask``, ``probseg``, ``preproc``, ``brain``,
-    ``figure`` and the metadata ``geometry``, ``warnings``, ``runtime_s``, ``n4_runtime_s``, ``qc``.
+    ``figure``, ``brain_figure`` and the metadata ``geometry``, ``warnings``, ``runtime_s``, ``n4_runtime_s``, ``qc``.
     ``n_voxels`` (of the image) sizes the memory each node declares.
     """
     wf = pe.Workflow(name=name)
@@ -88,13 +88,13 @@ def init_t1w_wf(*, threshold, border_mm=0.0, omp_nthreads=1, n_voxels=256**3, na
                                   ("warnings", "warnings"), ("runtime_s", "runtime_s")]),
         (n4, outputnode, [("out_file", "preproc"), ("out_brain", "brain"), ("runtime_s", "n4_runtime_s")]),
         (qc, outputnode, [("qc", "qc")]),
-        (mosaic, outputnode, [("out_figure", "figure")]),
+        (mosaic, outputnode, [("out_figure", "figure"), ("out_brain_figure", "brain_figure")]),
     ])
     return wf
 
 
-T1W_OUTPUTS = ["mask", "probseg", "preproc", "brain", "figure", "geometry", "warnings", "runtime_s", "n4_runtime_s",
-               "qc"]
+T1W_OUTPUTS = ["mask", "probseg", "preproc", "brain", "figure", "brain_figure", "geometry", "warnings", "runtime_s",
+               "n4_runtime_s", "qc"]
 
 
 def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probseg=False, n_voxels=256**3,
