@@ -180,9 +180,13 @@ def geometry_warnings(img):
 def like(reference, data, dtype):
     """A new image with ``data`` on exactly the grid (shape, affine, qform/sform + codes) of ``reference``.
 
-    A 4D single-volume reference gives a 3D output on the same grid.
+    A 4D single-volume reference gives a 3D output on the same grid. Spatial units the reference leaves
+    unknown are written as mm, which is how they were read (and what the BIDS validator asks for).
     """
     hdr = reference.header.copy()
+    xyz, t = hdr.get_xyzt_units()
+    if xyz == "unknown":
+        hdr.set_xyzt_units(xyz="mm", t=t)
     hdr.set_data_dtype(dtype)
     hdr.set_slope_inter(None, None)
     hdr["cal_min"], hdr["cal_max"] = 0, 0
