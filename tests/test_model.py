@@ -151,3 +151,12 @@ def test_single_stage_weights_of_earlier_versions_are_refused_with_one_line(tmp_
     assert main([str(data), "--weights", str(weights)]) == 2
     err = capsys.readouterr().err
     assert "no locator beside these weights" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_networks_are_loaded_once_however_the_weights_are_named():
+    """The single-file CLI warms the networks up in a thread while it reads the image; a second load under
+    another spelling of the same file would build and trace both networks again (a second of every run)."""
+    from bids_skullstrip.model.inference import WEIGHTS_FILE, load_model
+    from bids_skullstrip.model.predictor import Skullstripper
+
+    assert load_model() is load_model(None) is load_model(str(WEIGHTS_FILE)) is Skullstripper().networks

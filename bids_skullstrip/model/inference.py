@@ -62,12 +62,15 @@ def _build(architecture, weights):
     return network
 
 
-@functools.lru_cache(maxsize=4)
 def load_model(weights=None):
     """The two networks, their weights from the segmenter's ``weights`` file and the locator's beside it
-    (the bundled ones by default). Cached per process."""
+    (the bundled ones by default). Cached per process and per file, however the file is named."""
+    return _load_model(Path(weights or WEIGHTS_FILE).resolve())
+
+
+@functools.lru_cache(maxsize=4)
+def _load_model(weights):
     import_tensorflow()
-    weights = Path(weights or WEIGHTS_FILE)
     card = model_card(weights)
     locator = weights.with_name((card.get("locator") or {}).get("file", LOCATOR_FILE_NAME))
     if "locator" not in card or not locator.is_file():
