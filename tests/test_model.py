@@ -119,13 +119,13 @@ WIDE_FIELD = ["nichart-trio-mprage", "nichart-demo-subj21"]
 @pytest.mark.parametrize("name", WIDE_FIELD)
 def test_bundled_networks_keep_out_of_the_neck(name):
     """Both heads have the neck in view; the masks of the model shipped before ran into it (Dice 0.74 and
-    0.63, +69 % and +119 % volume). The shipped networks: 0.978 and 0.945 (the wild split's worst, +11 %
-    against its tighter two-tool silver mask), hence the 0.94 floor."""
+    0.63, +69 % and +119 % volume). The shipped networks: 0.980 and 0.954 (+9 % against its tighter two-tool
+    silver mask; the two-stage networks before their second cycle: 0.978 and 0.945), hence the 0.945 floor."""
     img = nib.load(str(HEADS / name / "T1w.nii.gz"))
     silver = np.asarray(nib.load(str(HEADS / name / "mask_silver.nii.gz")).dataobj) > 0
     result = Skullstripper().mask(np.asarray(img.dataobj, np.float32), img.affine)
     scores = compare_masks(result.mask, silver, voxel_sizes(img.affine))
-    assert scores["dice"] >= 0.94, scores
+    assert scores["dice"] >= 0.945, scores
     assert scores["volume_diff_pct"] <= 15.0, scores
     # nothing of the mask lies more than 10 mm below the silver mask's lowest point
     lowest = nib.affines.apply_affine(img.affine, np.argwhere(silver))[:, 2].min()

@@ -24,7 +24,7 @@ from nibabel.affines import voxel_sizes
 from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
-from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks
+from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, model_card
 from ..model.predictor import Skullstripper
 from ..nifti import atomic_file, atomic_write_text
 from .augment import training_patch
@@ -298,6 +298,16 @@ def train_stage(stage, train_heads, out_dir, *, brains=(), steps, until=None, se
     return StageRun(model, int(step_var.numpy()), float(spent.numpy()) / 3600.0, averaged)
 
 
+def _provenance(init_weights):
+    """What fine-tuned weights started from: the checksums and the training record of the weights' own card
+    (so the card of a fine-tuned model keeps the whole recipe); "" for training from scratch."""
+    if not init_weights:
+        return ""
+    parent = model_card(init_weights)
+    return {"file": Path(init_weights).name, "sha256": parent.get("sha256"),
+            "locator_sha256": (parent.get("locator") or {}).get("sha256"), "training": parent.get("training")}
+
+
 def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_steps=2000, seed=20261125,
           patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, base_filters=16, levels=4, peak_lr=1e-3,
           checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
@@ -344,7 +354,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
             "segmenter": record(segmenter_stage, segmenter, steps),
             "cpu_hours": locator.cpu_hours + segmenter.cpu_hours,
             "composited_brains": [Path(b).name for b in brains],
-            "heads": [h.name for h in train_heads], "fine_tuned_from": str(init_weights or ""),
+            "heads": [h.name for h in train_heads], "fine_tuned_from": _provenance(init),
         },
     }
     log.info("calibrating the threshold on the %d training heads", len(train_heads))
