@@ -8,6 +8,7 @@ last, so its presence marks an image as finished (``is_finished``).
 
 import json
 import os
+import re
 from pathlib import Path
 
 from . import __version__
@@ -65,10 +66,15 @@ def find_outputs(output_dir, kind, participant=None):
     if not output_dir.is_dir():
         return []
     query = {k: v for k, v in parse_name(f"sub-x{SUFFIXES[kind]}").items() if k != "subject"}
+    # only the participant's own folder is indexed: a report per participant then reads one folder, not
+    # the whole output dataset each time
+    ignore = [re.compile(r"/\.")]  # hidden: a temporary file of a write in progress (pybids' own default)
+    if participant is not None:
+        ignore.append(re.compile(r"^/(?!sub-" + re.escape(str(participant)) + r"(/|$))"))
     if participant is not None:
         query["subject"] = str(participant)
     layout = BIDSLayout(output_dir, validate=False, config=["bids", "derivatives"], is_derivative=True,
-                        indexer=BIDSLayoutIndexer(validate=False, index_metadata=False))
+                        indexer=BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=ignore))
     return sorted(Path(f) for f in layout.get(return_type="file", datatype="anat", **query))
 
 

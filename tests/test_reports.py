@@ -283,3 +283,15 @@ def test_browser_check_can_fail(outdir, tmp_path):
         broken.unlink()
     assert result["bad"], "a missing figure went unnoticed"
     assert any("undefinedFunction" in e for e in result["errors"]), result
+
+
+def test_outputs_of_one_participant_are_found_in_its_folder_only(tmp_path):
+    from bids_skullstrip.outputs import find_outputs
+
+    for sub in ("01", "010", "02"):
+        anat = tmp_path / f"sub-{sub}" / "anat"
+        anat.mkdir(parents=True)
+        (anat / f"sub-{sub}_desc-brain_metrics.json").write_text("{}")
+    (tmp_path / "sub-01" / "anat" / ".tmp-1-ab-sub-01_desc-brain_metrics.json").write_text("")  # a write in progress
+    assert [p.name for p in find_outputs(tmp_path, "metrics", participant="01")] == ["sub-01_desc-brain_metrics.json"]
+    assert len(find_outputs(tmp_path, "metrics")) == 3
