@@ -10,11 +10,11 @@ class UsageError(ValueError):
     """A problem with the command line or the folders it names (one line, for the user)."""
 
 
-def resolve_threshold(value, weights=None):
-    """``value`` as a probability threshold, or the one calibrated for the weights where it is None."""
+def resolve_threshold(value):
+    """``value`` as a probability threshold, or the one calibrated for the bundled weights where it is None."""
     from .model.inference import default_threshold
 
-    threshold = default_threshold(weights) if value is None else float(value)
+    threshold = default_threshold() if value is None else float(value)
     if not 0.0 < threshold < 1.0:
         raise UsageError(f"--threshold {value}: must be between 0 and 1")
     return threshold
