@@ -89,6 +89,11 @@ def test_real_brain_composited_into_a_real_head():
     assert uncovered.any() and np.median(new_image[uncovered]) < 0.5 * head.brain_median
     assert 0.8 < np.median(new_image[new]) / head.brain_median < 1.25
     assert np.isfinite(new_image).all() and new_image.dtype == np.float32
+    # a smaller brain in the same space: an atrophic one, with more CSF under the skull
+    small = [_composite_brain(np.random.default_rng(5), head, brain, world, size, image, label,
+                              size_range=(r, r))[1] > 0.99 for r in (1.0, 0.85)]
+    assert small[1].sum() < 0.8 * small[0].sum()
+    assert (old & ~small[1]).sum() > (old & ~small[0]).sum()
 
 
 def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns():
@@ -154,7 +159,9 @@ def test_fine_tune_resume_and_export(tmp_path):
     _small_head("ds000011-sub-03", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--fine-tune", "--patch-size", "32", "32", "32", "--checkpoint-every", "1",
-              "--lr", "1e-4", "--locator-steps", "2"]
+              "--lr", "1e-4", "--locator-steps", "2", "--leave-out", "ds000011-sub-03"]
+    assert main([*common[:-1], "no-such-source", "--steps", "2"]) == 2
+    assert not (out / "segmenter").exists()
     assert main(common + ["--steps", "2"]) == 0
     assert main(common + ["--steps", "3"]) == 0
     rows = list(csv.DictReader((out / "segmenter" / "history.csv").open()))
@@ -166,6 +173,10 @@ def test_fine_tune_resume_and_export(tmp_path):
     weights = out / "final" / "unet.weights.h5"
     locator = out / "final" / card["locator"]["file"]
     assert card["training"]["segmenter"]["steps"] == 3 and card["training"]["fine_tuned_from"]
+    # a fine-tune is itself the second cycle; the left-out source is out of training and recorded
+    assert card["training"]["refine"] is None and not (out / "refine").exists()
+    assert card["training"]["heads"] == ["ds000011-sub-02"]
+    assert card["training"]["left_out_sources"] == ["ds000011-sub-03"]
     # the 2-step schedule froze (and averaged) its step 2, the 3-step one its step 3
     assert card["training"]["segmenter"]["averaged_steps"] == 2
     assert weights.stat().st_size + locator.stat().st_size < 10 * 2**20
@@ -175,21 +186,36 @@ def test_fine_tune_resume_and_export(tmp_path):
     assert isinstance(load_model(str(weights)), BrainNetworks)
 
 
-def test_until_stops_early_and_a_rerun_finishes(tmp_path):
+def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
+    """From scratch, one command: locator, segmenter (stopped early, then resumed), then its second cycle."""
     from bids_skullstrip.cli.train import main
 
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--patch-size", "32", "32", "32", "--checkpoint-every", "5", "--steps", "3",
-              "--locator-steps", "2"]
+              "--locator-steps", "2", "--refine-steps", "2", "--refine-lr", "1e-4"]
     assert main(common + ["--until", "2"]) == 0
-    early = json.loads((out / "export-step2" / "model.json").read_text())["training"]["segmenter"]
-    assert early["steps"] == 2 and early["schedule_steps"] == 3
+    early = json.loads((out / "export-step2" / "model.json").read_text())["training"]
+    assert early["segmenter"]["steps"] == 2 and early["segmenter"]["schedule_steps"] == 3
+    assert early["refine"] is None and not (out / "refine").exists()
     assert not (out / "final").exists()
     assert main(common) == 0
-    assert json.loads((out / "final" / "model.json").read_text())["training"]["segmenter"]["steps"] == 3
+    training = json.loads((out / "final" / "model.json").read_text())["training"]
+    assert training["segmenter"]["steps"] == 3
+    assert training["refine"]["steps"] == 2 and training["refine"]["peak_lr"] == 1e-4
     assert [r["step"] for r in csv.DictReader((out / "segmenter" / "history.csv").open())] == ["2", "3"]
+    assert [r["step"] for r in csv.DictReader((out / "refine" / "history.csv").open())] == ["2"]
+    assert "refine: a second cycle of the segmenter from" in (out / "train.log").read_text()
+    # the shipped segmenter is the second cycle's, not the first's
+    import h5py
+    with h5py.File(out / "final" / "unet.weights.h5") as final, \
+            h5py.File(out / "segmenter" / "cycle1.weights.h5") as cycle1:
+        def kernels(f):
+            found = []
+            f.visititems(lambda name, obj: found.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
+            return found
+        assert any(not np.array_equal(a, b) for a, b in zip(kernels(final), kernels(cycle1)))
 
 
 def _eval_rows(capsys, argv, csv_path):

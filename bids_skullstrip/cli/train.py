@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..training.augment import COMPOSITE_SIZE
 from ..training.data import find_brains, find_labelled_heads
 
 
@@ -25,10 +26,17 @@ def build_parser():
     p.add_argument("--synth-prob", type=float, default=0.25)
     p.add_argument("--composite-prob", type=float, default=0.2,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
+    p.add_argument("--composite-size", type=float, nargs=2, default=COMPOSITE_SIZE, metavar=("LO", "HI"),
+                   help="a composited brain's size relative to the head's brain (per axis); below 1 it looks "
+                        "atrophic, with a wide CSF space under the skull")
     p.add_argument("--frozen-bn-fraction", type=float, default=0.3,
                    help="the last part of the schedule trains with BatchNorm statistics frozen; the exported "
                         "weights are the mean of the weights over that part")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--refine-steps", type=int,
+                   help="steps of the segmenter's second, lower-rate cycle, run after its first (default: 2500 "
+                        "when training from scratch, 0 when fine-tuning, which is itself a second cycle)")
+    p.add_argument("--refine-lr", type=float, default=3e-4, help="peak learning rate of the second cycle")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--validate-every", type=int, default=1000)
     p.add_argument("--until", type=int, metavar="STEP",
@@ -38,6 +46,9 @@ def build_parser():
                         "locator.weights.h5 beside it) instead of at random")
     p.add_argument("--fine-tune", action="store_true",
                    help="start from the bundled weights (use a lower --lr, e.g. 2e-4, and fewer --steps)")
+    p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
+                   help="train without the heads whose id starts with SOURCE (and validate without them): a "
+                        "leave-one-source-out run, to be tested on that source")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
     p.add_argument("--export-only", action="store_true",
                    help="export the latest checkpoint of OUT_DIR to OUT_DIR/export-step<N>/ and stop")
@@ -70,6 +81,14 @@ def _train(args, out):
         val_heads = find_labelled_heads(args.val_data)
     else:
         val_heads = find_labelled_heads(args.data, split="val") if has_splits else []
+    if args.leave_out:
+        kept = [h for h in train_heads if not h.name.startswith(tuple(args.leave_out))]
+        if len(kept) == len(train_heads):
+            print(f"bids_skullstrip-train: error: --leave-out {' '.join(args.leave_out)}: no training head of "
+                  f"{args.data} has an id starting so", file=sys.stderr)
+            return 2
+        train_heads = kept
+        val_heads = [h for h in val_heads if not h.name.startswith(tuple(args.leave_out))]
     if not train_heads:
         print(f"bids_skullstrip-train: error: no image/mask pairs found in {args.data}", file=sys.stderr)
         return 2
@@ -77,15 +96,18 @@ def _train(args, out):
     if args.fine_tune:
         from ..model.inference import WEIGHTS_FILE
         init = WEIGHTS_FILE
+    refine_steps = args.refine_steps if args.refine_steps is not None else (0 if init else 2500)
     from ..training.train import train
 
     final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps, locator_steps=args.locator_steps,
                   seed=args.seed,
                   patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
-                  composite_prob=args.composite_prob, frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
+                  composite_prob=args.composite_prob, composite_size=args.composite_size,
+                  frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                   init_weights=init, threads=args.threads, export_only=args.export_only,
-                  until=args.until)
+                  until=args.until, left_out=args.leave_out,
+                  refine_steps=refine_steps, refine_lr=args.refine_lr)
     print(f"weights written to {final}")
     return 0
 

@@ -13,6 +13,9 @@ from scipy import ndimage as ndi
 from ..geometry import MODEL_VOXEL_MM
 from ..model.inference import normalize
 
+# A composited brain's size relative to the space it is put in, per axis (the shipped weights' range).
+COMPOSITE_SIZE = (1 / 1.05, 1 / 0.93)
+
 
 def _rotation(rng, max_deg):
     angles = np.deg2rad(rng.uniform(-max_deg, max_deg, 3))
@@ -64,12 +67,14 @@ def _sample(volumes, affine, world, size):
             for v in volumes], coords
 
 
-def _composite_brain(rng, head, brain, world, size, image, label):
-    """Put a real brain where the head's brain is: its extent scaled onto the head's brain extent, its
-    intensities onto the head's brain intensities, and the head's uncovered brain space filled like CSF."""
+def _composite_brain(rng, head, brain, world, size, image, label, *, size_range=COMPOSITE_SIZE):
+    """Put a real brain where the head's brain is: its extent scaled onto ``size_range`` times the head's
+    brain extent (per axis, the inverse drawn uniformly), its intensities onto the head's brain intensities,
+    and the head's uncovered brain space filled like CSF. A brain smaller than the space it is put in looks
+    like an atrophic one: a wide CSF space under the skull, labelled not-brain."""
     head_size = np.diff(head.brain_extent, axis=0)[0]
     brain_size = np.diff(brain.brain_extent, axis=0)[0]
-    scale = brain_size / head_size * rng.uniform(0.93, 1.05, 3)
+    scale = brain_size / head_size * rng.uniform(1 / size_range[1], 1 / size_range[0], 3)
     brain_world = brain.brain_centre[:, None] + scale[:, None] * (world - head.brain_centre[:, None])
     (new_image, new_mask), _ = _sample((brain.image, brain.mask), brain.affine, brain_world, size)
     new_image *= head.brain_median / brain.brain_median * rng.uniform(0.85, 1.15)
@@ -121,7 +126,7 @@ def _thick_slices(rng, image):
 
 
 def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=MODEL_VOXEL_MM, synth_prob=0.25,
-                   brains=(), composite_prob=0.2):
+                   brains=(), composite_prob=0.2, composite_size=COMPOSITE_SIZE):
     """One (image, label) pair, float32 (size) each: image and soft brain label.
 
     The patch is what the network sees at inference: the whole field of view for the ``locator`` stage,
@@ -129,7 +134,8 @@ def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=
     world = _sample_world(head, rng, size, voxel_mm, stage)
     (image, label), coords = _sample((head.image, head.mask), head.affine, world, size)
     if brains and rng.random() < composite_prob:
-        image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label)
+        image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label,
+                                        size_range=composite_size)
     if rng.random() < 0.3:
         outside = _crop_field_of_view(rng, coords, head.image.shape)
         image[outside] = 0.0
