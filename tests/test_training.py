@@ -11,7 +11,8 @@ from _ci import needs
 from scipy import ndimage as ndi
 
 from bids_skullstrip.geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
-from bids_skullstrip.training.augment import _composite_brain, _sample, _sample_world, training_patch
+from bids_skullstrip.training.augment import (_composite_brain, _sample, _sample_world, _smooth_field,
+                                              training_patch)
 from bids_skullstrip.training.data import TrainingHead, find_brains, find_labelled_heads
 from bids_skullstrip.training.train import learning_rate
 
@@ -66,6 +67,16 @@ def test_patch_stream_is_reproducible_and_varied():
         assert image.dtype == np.float32 and image.shape == (48, 48, 48)
         assert 0.0 <= label.min() and label.max() <= 1.0
         assert np.isfinite(image).all()
+
+
+@pytest.mark.parametrize("shape, coarse", [((80, 96, 80), 5), ((64, 64, 64), 4), ((33, 20, 47), 5)])
+def test_smooth_field_is_the_cubic_spline_zoom_of_its_coarse_noise(shape, coarse):
+    field = _smooth_field(np.random.default_rng(4), shape, coarse, 2.0)
+    noise = np.random.default_rng(4).normal(0.0, 2.0, (coarse,) * 3)
+    zoomed = ndi.zoom(noise, [n / coarse for n in shape], order=3, mode="nearest")
+    assert field.shape == zoomed.shape == shape
+    np.testing.assert_allclose(field, zoomed, rtol=0, atol=1e-12)
+    assert field.std() > 0.5
 
 
 def test_real_brain_composited_into_a_real_head():

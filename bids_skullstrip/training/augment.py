@@ -7,6 +7,8 @@ skull-stripped brains composited into the real head shells (new brain shapes and
 head's tissue classes repainted with random intensities (contrast-agnostic shapes, after SynthStrip).
 """
 
+import functools
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -29,10 +31,19 @@ def _rotation(rng, max_deg):
     return rot
 
 
+@functools.lru_cache(maxsize=None)
+def _upsampling(size, coarse):
+    """The (size, coarse) matrix of ``ndi.zoom(..., order=3, mode="nearest")`` along one axis."""
+    return np.stack([ndi.zoom(np.eye(coarse)[k], size / coarse, order=3, mode="nearest")[:size]
+                     for k in range(coarse)], axis=1)
+
+
 def _smooth_field(rng, shape, coarse, amplitude):
+    """Gaussian noise on a coarse³ grid, cubic-spline upsampled to ``shape``. A 3D zoom of it is linear and
+    separable, so it is one small matrix per axis: the same field (to 1e-14) at a tenth of the time, which
+    was half of the time spent making a training patch."""
     field = rng.normal(0.0, amplitude, (coarse,) * 3)
-    return ndi.zoom(field, [s / coarse for s in shape], order=3, mode="nearest")[
-        : shape[0], : shape[1], : shape[2]]
+    return np.einsum("ia,jb,kc,abc->ijk", *(_upsampling(n, coarse) for n in shape), field, optimize=True)
 
 
 def _patch_centre(head, rng, stage):
