@@ -38,16 +38,17 @@ for stage, voxel, size in (("segmenter", 2.0, (80, 96, 80)), ("locator", 4.0, (6
         times.append(time.perf_counter() - t)
     out[stage] = times
 print(json.dumps(out))
+print(__import__("bids_skullstrip").__file__, file=sys.stderr)
 """
 
 
 def _measure(tree, patches):
     # cwd: ``python -c`` puts it first on sys.path, before the editable install's finder (PYTHONPATH is not)
-    env = {"PYTHONPATH": str(tree), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-    run = subprocess.run([sys.executable, "-c", PROBE + "\nprint(__import__('bids_skullstrip').__file__, file=sys.stderr)",
-                          str(DATA), str(patches)], env=env, cwd=tree, check=True, capture_output=True, text=True)
-    if not run.stderr.strip().splitlines()[-1].startswith(str(tree)):
-        raise SystemExit(f"{tree}: the probe imported {run.stderr.strip().splitlines()[-1]}, not this tree")
+    run = subprocess.run([sys.executable, "-c", PROBE, str(DATA), str(patches)], cwd=tree, check=True,
+                         env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}, capture_output=True, text=True)
+    imported = run.stderr.strip().splitlines()[-1]
+    if not imported.startswith(str(tree)):
+        raise SystemExit(f"{tree}: the probe imported {imported}, not this tree's code")
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 

@@ -99,15 +99,14 @@ def _train(args, out):
     refine_steps = args.refine_steps if args.refine_steps is not None else (0 if init else 2500)
     from ..training.train import train
 
-    final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps, locator_steps=args.locator_steps,
-                  seed=args.seed,
-                  patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
+    final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps,
+                  locator_steps=args.locator_steps, refine_steps=refine_steps, refine_lr=args.refine_lr,
+                  seed=args.seed, patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
                   composite_prob=args.composite_prob, composite_size=args.composite_size,
                   frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                   init_weights=init, threads=args.threads, export_only=args.export_only,
-                  until=args.until, left_out=args.leave_out,
-                  refine_steps=refine_steps, refine_lr=args.refine_lr)
+                  until=args.until, left_out=args.leave_out)
     print(f"weights written to {final}")
     return 0
 
