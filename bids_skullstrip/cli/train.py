@@ -82,13 +82,14 @@ def _train(args, out):
     else:
         val_heads = find_labelled_heads(args.data, split="val") if has_splits else []
     if args.leave_out:
-        kept = [h for h in train_heads if not h.name.startswith(tuple(args.leave_out))]
+        left_out = tuple(args.leave_out)
+        kept = [h for h in train_heads if not h.name.startswith(left_out)]
         if len(kept) == len(train_heads):
-            print(f"bids_skullstrip-train: error: --leave-out {' '.join(args.leave_out)}: no training head of "
+            print(f"bids_skullstrip-train: error: --leave-out {' '.join(left_out)}: no training head of "
                   f"{args.data} has an id starting so", file=sys.stderr)
             return 2
         train_heads = kept
-        val_heads = [h for h in val_heads if not h.name.startswith(tuple(args.leave_out))]
+        val_heads = [h for h in val_heads if not h.name.startswith(left_out)]
     if not train_heads:
         print(f"bids_skullstrip-train: error: no image/mask pairs found in {args.data}", file=sys.stderr)
         return 2

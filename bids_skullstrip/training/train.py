@@ -334,10 +334,10 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     locator = train_stage(locator_stage, train_heads, out_dir / locator_stage.name, steps=locator_steps,
                           init_weights=init and init.with_name(LOCATOR_FILE_NAME), **common)
 
-    def validation(segmenter):
+    def validate_with_locator(segmenter):
         return validate(BrainNetworks(locator.model, segmenter), val_heads, threshold=0.5)
 
-    validation = validation if val_heads else None
+    validation = validate_with_locator if val_heads else None
     segmenter = train_stage(segmenter_stage, train_heads, out_dir / segmenter_stage.name, steps=steps, until=until,
                             init_weights=init, validation=validation, **common)
     refine = None
