@@ -14,7 +14,7 @@ from bids_skullstrip.geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from bids_skullstrip.training.augment import (_composite_brain, _sample, _sample_world, _smooth_field,
                                               training_patch)
 from bids_skullstrip.training.data import TrainingHead, find_brains, find_labelled_heads
-from bids_skullstrip.training.train import learning_rate
+from bids_skullstrip.training.train import learning_rate, training_dtype
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
 pytestmark = needs(SHARED / "heads", "the shared heads")
@@ -161,6 +161,14 @@ def test_learning_rate_schedule():
     assert learning_rate(999, 1000) < 1e-4
 
 
+def test_training_precision_is_bfloat16_only_where_the_cpu_has_it():
+    assert training_dtype("auto", flags={"avx2", "amx_bf16"}) == "mixed_bfloat16"
+    assert training_dtype("auto", flags={"avx2", "avx512_bf16"}) == "mixed_bfloat16"
+    assert training_dtype("auto", flags={"avx2", "avx512f"}) == "float32"
+    assert training_dtype("float32", flags={"amx_bf16"}) == "float32"
+    assert training_dtype("bfloat16", flags=set()) == "mixed_bfloat16"
+
+
 def test_fine_tune_resume_and_export(tmp_path):
     """Two steps, stop, resume to three: a user's NFBS-like folder through the real CLI."""
     from bids_skullstrip.cli.train import main
@@ -170,7 +178,7 @@ def test_fine_tune_resume_and_export(tmp_path):
     _small_head("ds000011-sub-03", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--fine-tune", "--patch-size", "32", "32", "32", "--checkpoint-every", "1",
-              "--lr", "1e-4", "--locator-steps", "2", "--leave-out", "ds000011-sub-03"]
+              "--lr", "1e-4", "--locator-steps", "2", "--precision", "float32", "--leave-out", "ds000011-sub-03"]
     assert main([*common[:-1], "no-such-source", "--steps", "2"]) == 2
     assert not (out / "segmenter").exists()
     assert main(common + ["--steps", "2"]) == 0
@@ -188,6 +196,7 @@ def test_fine_tune_resume_and_export(tmp_path):
     assert card["training"]["refine"] is None and not (out / "refine").exists()
     assert card["training"]["heads"] == ["ds000011-sub-02"]
     assert card["training"]["left_out_sources"] == ["ds000011-sub-03"]
+    assert card["training"]["precision"] == "float32"
     # the 2-step schedule froze (and averaged) its step 2, the 3-step one its step 3
     assert card["training"]["segmenter"]["averaged_steps"] == 2
     assert weights.stat().st_size + locator.stat().st_size < 10 * 2**20
@@ -205,7 +214,7 @@ def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
     _small_head("ds000011-sub-02", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--patch-size", "32", "32", "32", "--checkpoint-every", "5", "--steps", "3",
-              "--locator-steps", "2", "--refine-steps", "2", "--refine-lr", "1e-4"]
+              "--locator-steps", "2", "--refine-steps", "2", "--refine-lr", "1e-4", "--precision", "bfloat16"]
     assert main(common + ["--until", "2"]) == 0
     early = json.loads((out / "export-step2" / "model.json").read_text())["training"]
     assert early["segmenter"]["steps"] == 2 and early["segmenter"]["schedule_steps"] == 3
@@ -215,6 +224,7 @@ def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
     training = json.loads((out / "final" / "model.json").read_text())["training"]
     assert training["segmenter"]["steps"] == 3
     assert training["refine"]["steps"] == 2 and training["refine"]["peak_lr"] == 1e-4
+    assert training["precision"] == "mixed_bfloat16"
     assert [r["step"] for r in csv.DictReader((out / "segmenter" / "history.csv").open())] == ["2", "3"]
     assert [r["step"] for r in csv.DictReader((out / "refine" / "history.csv").open())] == ["2"]
     assert "refine: a second cycle of the segmenter from" in (out / "train.log").read_text()
@@ -227,6 +237,15 @@ def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
             f.visititems(lambda name, obj: found.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
             return found
         assert any(not np.array_equal(a, b) for a, b in zip(kernels(final), kernels(cycle1)))
+        # trained in bfloat16, shipped as the float32 network inference builds
+        assert {a.dtype for a in kernels(final)} == {np.dtype("float32")}
+    from bids_skullstrip.model.inference import load_model
+    from bids_skullstrip.model.predictor import Skullstripper
+    image = nib.load(str(next(data.rglob("*_T1w.nii.gz"))))
+    networks = load_model(str(out / "final" / "unet.weights.h5"))
+    assert networks.segmenter.layers[1].dtype_policy.name == "float32"
+    probability = Skullstripper(networks=networks).probability(np.asarray(image.dataobj, np.float32), image.affine)
+    assert probability.probability.dtype == np.float32 and np.isfinite(probability.probability).all()
 
 
 def _eval_rows(capsys, argv, csv_path):

@@ -50,6 +50,9 @@ def build_parser():
                    help="train without the heads whose id starts with SOURCE (and validate without them): a "
                         "leave-one-source-out run, to be tested on that source")
     p.add_argument("--threads", type=int, help="TensorFlow intra-op threads")
+    p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                   help="the arithmetic of training (auto: mixed bfloat16 where the CPU has it in hardware, "
+                        "Intel AMX or AVX512-BF16; float32 elsewhere); the exported weights are float32 either way")
     p.add_argument("--export-only", action="store_true",
                    help="export the latest checkpoint of OUT_DIR to OUT_DIR/export-step<N>/ and stop")
     return p
@@ -107,7 +110,7 @@ def _train(args, out):
                   frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                   init_weights=init, threads=args.threads, export_only=args.export_only,
-                  until=args.until, left_out=args.leave_out)
+                  until=args.until, left_out=args.leave_out, precision=args.precision)
     print(f"weights written to {final}")
     return 0
 
