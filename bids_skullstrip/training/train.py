@@ -55,7 +55,7 @@ def stages(*, patch_size=(80, 96, 80), base_filters=16, levels=4, locator_patch_
 
 
 # CPUs that multiply bfloat16 in hardware (Intel AMX or AVX512-BF16) train the U-Net in mixed precision: the
-# same 2-core step in 0.67x the time, measured side by side (bench/training_step.py).
+# same 2-core segmenter step in 0.68x the time, measured side by side (bench/training_step.py).
 BFLOAT16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
@@ -159,10 +159,10 @@ def inference_copy(model, architecture):
     return network
 
 
-def _save_atomically(model, architecture, path):
-    inference_model = inference_copy(model, architecture)  # uncompiled: no optimizer state in the file
+def _save_atomically(network, path):
+    """Save a ``StageRun``'s network (an ``inference_copy``: float32, uncompiled, so no optimizer state)."""
     with atomic_file(path) as tmp:  # a *.weights.h5 name still, which Keras asks for
-        inference_model.save_weights(str(tmp))
+        network.save_weights(str(tmp))
     return {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size_bytes": path.stat().st_size}
 
 
@@ -173,7 +173,7 @@ def export_weights(models, out_dir, card, stage_list):
     out_dir.mkdir(parents=True, exist_ok=True)
     card = dict(card)
     for stage in stage_list:
-        record = _save_atomically(models[stage.name], stage.architecture, out_dir / stage.weights_file)
+        record = _save_atomically(models[stage.name], out_dir / stage.weights_file)
         if stage.name == "segmenter":
             card.update(record)
         else:
@@ -383,7 +383,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
         # this cycle was worth +0.0015-0.004 median and +0.001-0.007 worst Dice on every split.
         cycle1 = out_dir / segmenter_stage.name / "cycle1.weights.h5"
         if not cycle1.exists():
-            _save_atomically(segmenter.model, segmenter_stage.architecture, cycle1)
+            _save_atomically(segmenter.model, cycle1)
         log.info("refine: a second cycle of the segmenter from %s, %d steps at peak %.1e", cycle1, refine_steps,
                  refine_lr)
         refine = train_stage(segmenter_stage, train_heads, out_dir / "refine", steps=refine_steps,
