@@ -5,6 +5,7 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
     python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
     python bench/model_eval.py --splits val wild --stability-heads   # fewer splits, no stability copies
     python bench/model_eval.py --masks work/masks/HEAD            # also save every mask (bit-for-bit diffs)
+    python bench/model_eval.py --single-view                     # the segmenter's box as it is only (no mirror)
 
 The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
 
@@ -29,7 +30,7 @@ sys.path.insert(0, str(REPO))
 
 from bids_skullstrip.metrics import compare_masks, dice  # noqa: E402
 from bids_skullstrip.qc import flag_image, qc_measures  # noqa: E402
-from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
+from bids_skullstrip.model.predictor import Skullstripper, View  # noqa: E402
 from nibabel.affines import voxel_sizes  # noqa: E402
 from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
 
@@ -121,11 +122,14 @@ def main(argv=None):
     p.add_argument("--json", help="write every number here")
     p.add_argument("--masks", metavar="DIR", help="save every mask here as <head>.nii.gz (to compare revisions "
                                                    "voxel for voxel)")
+    p.add_argument("--single-view", action="store_true", help="one segmenter pass on the box as it is, not the "
+                                                                   "mean of the predictor's views")
     args = p.parse_args(argv)
     if args.masks:
         Path(args.masks).mkdir(parents=True, exist_ok=True)
-    stripper = Skullstripper(args.weights)
-    results = {"weights": args.weights or "bundled", "threshold": stripper.threshold, "splits": {}}
+    stripper = Skullstripper(args.weights, **({"views": (View(),)} if args.single_view else {}))
+    results = {"weights": args.weights or "bundled", "threshold": stripper.threshold,
+               "views": [vars(v) for v in stripper.views], "splits": {}}
     for split in args.splits:
         results["splits"][split] = [evaluate_head(h, stripper, args.masks)
                                     for h in find_labelled_heads(args.data, split=split)]

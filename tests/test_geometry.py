@@ -493,7 +493,10 @@ def test_large_field_of_view_zero_padded(tmp_path):
                         off[2] : off[2] + data.shape[2]]
     assert inner.sum() >= 0.995 * result.mask.sum()  # the stand-in's blob may spill past the old FOV edge
     assert dice(inner, ref.mask) >= 0.98
-    assert_same_place(result.mask, big_affine, ref.mask, affine, tol_mm=0.5)
+    # within 1 mm, not 0.03 mm: the tight field of view ends in head voxels, which the antialiasing extends past
+    # its edge ("nearest") where the big one has zeros, and the half-voxel-shifted view samples that edge
+    # (padded with zeros, the tight head gives the big one's mask to 0.03 mm)
+    assert_same_place(result.mask, big_affine, ref.mask, affine, tol_mm=1.0)
     for out in roundtrip_outputs(loaded, result, tmp_path):
         assert_same_grid(out, loaded)
 

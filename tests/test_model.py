@@ -7,13 +7,14 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from scipy import ndimage as ndi
 
 from _ci import needs
 
 from bids_skullstrip import geometry
 from bids_skullstrip.metrics import compare_masks
 from bids_skullstrip.model.inference import BrainNetworks
-from bids_skullstrip.model.predictor import Skullstripper, locate_brain
+from bids_skullstrip.model.predictor import VIEWS, Skullstripper, View, locate_brain
 from nibabel.affines import voxel_sizes
 
 HEADS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heads"
@@ -59,10 +60,11 @@ def test_segmenter_sees_a_brain_centred_box_of_at_least_the_brain_box_size():
     locator, segmenter = Threshold(0.5), Threshold(0.5)
     result = Skullstripper(networks=BrainNetworks(locator, segmenter)).mask(data, affine, threshold=0.5)
     assert not result.warnings
-    (locator_shape,), (segmenter_shape,) = locator.shapes, segmenter.shapes
+    (locator_shape,) = locator.shapes
     head_mm = 2 * (28 + 10) * 2.0  # the whole head (ball and shell), not only the brain
     assert all(n * geometry.LOCATOR_VOXEL_MM >= head_mm for n in locator_shape)
-    assert tuple(segmenter_shape) == tuple(int(mm / geometry.MODEL_VOXEL_MM) for mm in geometry.BRAIN_BOX_MM)
+    box = tuple(int(mm / geometry.MODEL_VOXEL_MM) for mm in geometry.BRAIN_BOX_MM)
+    assert [tuple(s) for s in segmenter.shapes] == [box] * len(VIEWS)
     ball = data == 100.0
     assert compare_masks(result.mask, ball, voxel_sizes(affine))["dice"] > 0.97
 
@@ -82,6 +84,46 @@ def test_a_brain_larger_than_the_box_grows_the_box():
     Skullstripper(networks=BrainNetworks(Threshold(0.5), segmenter)).mask(data, affine, threshold=0.5)
     assert all(n * geometry.MODEL_VOXEL_MM >= 208 + 2 * geometry.BRAIN_BOX_MARGIN_MM - 4
                for n in segmenter.shapes[0])
+
+
+class LeftHalf:
+    """Stand-in network: p = 1 in the left half of whatever box it is given (RAS: the low indices of axis 0)."""
+
+    def __call__(self, x, training=False):
+        p = np.zeros_like(np.asarray(x, np.float32))
+        p[:, : p.shape[1] // 2] = 1.0
+        return p
+
+
+def _centre_of_mass_mm(mask, affine):
+    return (affine @ [*ndi.center_of_mass(mask), 1.0])[:3]
+
+
+def test_a_mirrored_view_is_mirrored_back_and_a_shifted_view_lands_where_it_was():
+    data, affine = _ball()
+    locator = Threshold(0.5)
+    box_centre = _centre_of_mass_mm(data == 100.0, affine)
+    # the left-half network, mirrored and mirrored back, marks the right half of the box: the world moved
+    # with the volume, not the index
+    plain, mirrored = (Skullstripper(networks=BrainNetworks(locator, LeftHalf()), views=(view,)).probability(data, affine)
+                       for view in (View(), View(mirror=True)))
+    assert _centre_of_mass_mm(plain.probability > 0.5, affine)[0] < box_centre[0] - 20
+    assert _centre_of_mass_mm(mirrored.probability > 0.5, affine)[0] > box_centre[0] + 20
+    # a network that only looks at each voxel gives the same brain on a lattice moved by half a voxel
+    masks = [Skullstripper(networks=BrainNetworks(locator, Threshold(0.5)), views=(view,)).mask(data, affine).mask
+             for view in (View(), View(shift_mm=1.0), View(shift_mm=1.0, mirror=True))]
+    for mask in masks[1:]:
+        np.testing.assert_allclose(_centre_of_mass_mm(mask, affine), _centre_of_mass_mm(masks[0], affine), atol=0.25)
+        assert compare_masks(mask, masks[0], voxel_sizes(affine))["dice"] > 0.97
+
+
+def test_the_views_are_averaged():
+    data, affine = _ball()
+    both = Skullstripper(networks=BrainNetworks(Threshold(0.5), LeftHalf()), views=(View(), View(mirror=True)))
+    p = both.probability(data, affine).probability
+    # each half of the box is brain in one view of two
+    inside = data == 100.0
+    assert np.allclose(p[inside], 0.5)
 
 
 class Soft:

@@ -25,7 +25,7 @@ from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
 from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, model_card
-from ..model.predictor import Skullstripper
+from ..model.predictor import VIEWS, Skullstripper
 from ..nifti import atomic_file, atomic_write_text
 from .augment import COMPOSITE_SIZE, training_patch
 from .data import TrainingHead
@@ -416,6 +416,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     }
     log.info("calibrating the threshold on the %d training heads", len(train_heads))
     card["threshold"], card["threshold_calibration"] = calibrate_threshold(networks, train_heads)
+    card["views"] = [vars(view) for view in VIEWS]  # the segmenter views the threshold was calibrated with
     log.info("threshold %.2f (median training Dice by threshold: %s)", card["threshold"],
              card["threshold_calibration"])
     finished = (segmenter.steps >= steps and locator.steps >= locator_steps and not export_only
