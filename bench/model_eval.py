@@ -5,7 +5,8 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
     python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
     python bench/model_eval.py --splits val wild --stability-heads   # fewer splits, no stability copies
     python bench/model_eval.py --masks work/masks/HEAD            # also save every mask (bit-for-bit diffs)
-    python bench/model_eval.py --single-view                     # the segmenter's box as it is only (no mirror)
+    python bench/model_eval.py --views 0                         # other segmenter views: one pass, the box as it is
+    python bench/model_eval.py --views 0 0m 1 1m                 # ... four: shifts in mm, "m" mirrored left-right
 
 The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
 
@@ -43,6 +44,12 @@ def source_of(name):
         if name.startswith(prefix):
             return prefix
     return name
+
+
+def parse_view(text):
+    """``1m`` -> View(shift_mm=1.0, mirror=True)."""
+    mirror = text.endswith("m")
+    return View(shift_mm=float(text[:-1] if mirror else text), mirror=mirror)
 
 
 def evaluate_head(head, stripper, masks_dir=None):
@@ -122,12 +129,13 @@ def main(argv=None):
     p.add_argument("--json", help="write every number here")
     p.add_argument("--masks", metavar="DIR", help="save every mask here as <head>.nii.gz (to compare revisions "
                                                    "voxel for voxel)")
-    p.add_argument("--single-view", action="store_true", help="one segmenter pass on the box as it is, not the "
-                                                                   "mean of the predictor's views")
+    p.add_argument("--views", nargs="+", type=parse_view, metavar="SHIFT_MM[m]",
+                   help="the segmenter's views instead of the predictor's (0 1m): the lattice shift in mm, 'm' for "
+                        "mirrored left-right")
     args = p.parse_args(argv)
     if args.masks:
         Path(args.masks).mkdir(parents=True, exist_ok=True)
-    stripper = Skullstripper(args.weights, **({"views": (View(),)} if args.single_view else {}))
+    stripper = Skullstripper(args.weights, **({"views": args.views} if args.views else {}))
     results = {"weights": args.weights or "bundled", "threshold": stripper.threshold,
                "views": [vars(v) for v in stripper.views], "splits": {}}
     for split in args.splits:

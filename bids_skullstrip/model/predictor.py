@@ -45,7 +45,7 @@ class View:
 
 # The segmenter's probability is the mean of two views: the box as it is, and mirrored left-right on a lattice
 # moved by half a voxel, so that the 2 mm network's voxel edges and any left-right habit of its own average out
-# (bench/model_eval.py against --single-view: median Dice +0.0008 train, +0.0015 val, +0.0016 wild, no split's
+# (bench/model_eval.py against --views 0: median Dice +0.0008 train, +0.0015 val, +0.0016 wild, no split's
 # worst worse; the cost is one more segmenter pass).
 VIEWS = (View(), View(shift_mm=geometry.MODEL_VOXEL_MM / 2, mirror=True))
 NO_NETWORK = "the image looks already skull-stripped (zero outside a brain-sized region): the mask is its " \
