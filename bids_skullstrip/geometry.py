@@ -201,14 +201,26 @@ def antialias(data, affine, voxel_mm):
     return ndi.gaussian_filter(data, sigma, mode="nearest") if max(sigma) > 0 else data
 
 
-def to_model_grid(data, affine, grid=None, *, voxel_mm=MODEL_VOXEL_MM):
-    """Resample a native 3D volume onto the model grid (``grid``, or the one covering the head at
-    ``voxel_mm``). Returns (volume float32, grid)."""
+@dataclass(frozen=True)
+class RasVolume:
+    """A native volume's voxels in RAS axis order (contiguous float32) and their affine: made once and sampled
+    onto every model grid of an image (the transposing copy of a 256³ LIA volume takes ~0.1 s)."""
+    data: np.ndarray
+    affine: np.ndarray
+
+    @classmethod
+    def of(cls, data, affine):
+        ornt, ras_affine = _ras_frame(affine, np.shape(data))
+        return cls(np.ascontiguousarray(_to_ras(np.asarray(data), ornt), dtype=np.float32), ras_affine)
+
+
+def to_model_grid(data, affine=None, grid=None, *, voxel_mm=MODEL_VOXEL_MM):
+    """Resample a native 3D volume (or its ``RasVolume``, ``affine`` then unused) onto the model grid (``grid``,
+    or the one covering the head at ``voxel_mm``). Returns (volume float32, grid)."""
     if grid is not None:
         voxel_mm = float(grid.affine[0, 0])
-    ornt, affine = _ras_frame(affine, np.shape(data))
-    data, affine = block_reduce(np.ascontiguousarray(_to_ras(np.asarray(data), ornt), dtype=np.float32),
-                                affine, voxel_mm)
+    ras = data if isinstance(data, RasVolume) else RasVolume.of(data, affine)
+    data, affine = block_reduce(ras.data, ras.affine, voxel_mm)
     if grid is None:
         grid = model_grid_for(data, affine, voxel_mm=voxel_mm)
     vox = np.linalg.inv(affine) @ grid.affine

@@ -78,7 +78,8 @@ def looks_skull_stripped(data, voxel_mm):
 
 
 def locate_brain(data, affine, locator):
-    """World (min, max) corners of the brain the locator finds in the whole field of view, or None."""
+    """World (min, max) corners of the brain the locator finds in the whole field of view, or None (``data``:
+    a native volume, or its ``geometry.RasVolume``)."""
     volume, grid = geometry.to_model_grid(data, affine, voxel_mm=geometry.LOCATOR_VOXEL_MM)
     found = largest_component(predict_probability(volume, locator) >= LOCATOR_THRESHOLD)
     return geometry.grid_box(found, grid)
@@ -108,17 +109,19 @@ class Skullstripper:
                               warnings=[NO_NETWORK], stripped_input=True)
         networks, timings, warnings = self.networks, {}, []
         t = time.perf_counter()
-        box = locate_brain(data, affine, networks.locator)
+        ras = geometry.RasVolume.of(data, affine)  # shared by the locator and every view
+        box = locate_brain(ras, affine, networks.locator)
         timings["locate"] = time.perf_counter() - t
 
         if box is None:
             warnings.append("the locator found no brain in the field of view: the whole head was segmented")
-            grid = geometry.model_grid_for(data, affine)
+            grid = geometry.model_grid_for(ras.data, ras.affine)
         else:
             grid = geometry.brain_box_grid(*box)
         native, blocks = np.zeros(shape, np.float32), []
         for view in self.views:
-            block, view_native = self._segment(data, affine, view.of(grid), view.mirror, networks.segmenter, timings)
+            block, view_native = self._segment(ras, affine, shape, view.of(grid), view.mirror, networks.segmenter,
+                                               timings)
             if block is not None:
                 native[block] += view_native / len(self.views)
                 blocks.append(block)
@@ -127,13 +130,14 @@ class Skullstripper:
         return Prediction(native, block, timings, warnings)
 
     @staticmethod
-    def _segment(data, affine, grid, mirror, segmenter, timings):
-        """One view's probability on the native grid: (native block, its values), (None, None) if empty."""
+    def _segment(ras, affine, shape, grid, mirror, segmenter, timings):
+        """One view's probability on the native grid (``shape``, ``affine``): (native block, its values), (None,
+        None) if empty."""
         def timed(stage, started):
             timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - started
 
         t = time.perf_counter()
-        volume, grid = geometry.to_model_grid(data, affine, grid)
+        volume, grid = geometry.to_model_grid(ras, grid=grid)
         timed("conform", t)
 
         t = time.perf_counter()
@@ -148,7 +152,6 @@ class Skullstripper:
         timed("post_model_grid", t)
 
         t = time.perf_counter()
-        shape = tuple(int(s) for s in data.shape[:3])
         block = geometry.native_block_of(support, grid, affine, shape)
         values = None if block is None else geometry.to_native_grid(prob, grid, affine, shape, block=block)
         timed("to_native", t)
