@@ -377,6 +377,18 @@ def test_concurrent_runs_into_one_output_dir(tmp_path):
     assert not list(out.rglob(".tmp-*"))
 
 
+def _finished_niftis(out):
+    """The NIfTI files under ``out`` with their final names (a ``.tmp-*`` sibling is a write in progress)."""
+    return [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".tmp-")]
+
+
+def _wait_for_a_finished_mask(out, timeout=600):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and not any(p.name.endswith("_desc-brain_mask.nii.gz")
+                                                  for p in _finished_niftis(out)):
+        time.sleep(0.2)
+
+
 def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
     bids = tmp_path / "bids"
     make_dataset(bids, {label: copy_head for label in ("01", "02", "03", "04")})
@@ -384,12 +396,10 @@ def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
     args = [str(bids), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--n-cpus", "2"]
     proc = subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *args],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not list(out.rglob("*_desc-brain_mask.nii.gz")):
-        time.sleep(0.2)
+    _wait_for_a_finished_mask(out)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: MultiProc workers too
     proc.wait()
-    finals = [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".tmp-")]
+    finals = _finished_niftis(out)
     assert finals, "the run was killed before writing anything: the test proves nothing"
     for nii in finals:  # every file with a final name is complete
         np.asanyarray(nib.load(nii).dataobj)
@@ -407,9 +417,7 @@ def test_sigterm_stops_promptly_says_how_to_resume_and_a_rerun_finishes(tmp_path
     args = [str(bids), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--n-cpus", "2"]
     proc = subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline and not list(out.rglob("*_desc-brain_mask.nii.gz")):
-        time.sleep(0.2)
+    _wait_for_a_finished_mask(out)
     os.killpg(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
@@ -417,7 +425,7 @@ def test_sigterm_stops_promptly_says_how_to_resume_and_a_rerun_finishes(tmp_path
     assert proc.returncode == 143, stderr
     assert "interrupted (SIGTERM)" in stderr and "rerun the same command to resume" in stderr, stderr
     assert "Traceback" not in stderr, stderr[-3000:]
-    finals = [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".tmp-")]
+    finals = _finished_niftis(out)
     assert finals, "SIGTERM came before anything was written: the test proves nothing"
     for nii in finals:
         np.asanyarray(nib.load(nii).dataobj)
