@@ -463,6 +463,28 @@ def test_skullstrip_cli_bad_input(writer, problem, tmp_path):
     assert not (tmp_path / "m.nii.gz").exists()
 
 
+def test_skullstrip_cli_doubts_are_one_line_warnings_naming_the_file(tmp_path):
+    """Voxels that are not numbers and a header without orientation codes are processed, each doubt said
+    once as a `skullstrip: warning:` line (not Python's two-line warning with a source line)."""
+    src = nib.load(SMALL_HEAD)
+    data = np.asanyarray(src.dataobj).astype(np.float32)
+    data[:4, :4, :4] = np.nan
+    hdr = src.header.copy()
+    hdr.set_data_dtype(np.float32)
+    odd = nib.Nifti1Image(data, src.affine, hdr)
+    odd.set_qform(None, code=0)
+    odd.set_sform(None, code=0)
+    bad = tmp_path / "odd_T1w.nii.gz"
+    nib.save(odd, bad)
+    res = skullstrip("-i", bad, "-m", tmp_path / "m.nii.gz")
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert lines and all(line.startswith(f"skullstrip: warning: {bad}: ") for line in lines), res.stderr
+    assert any("64 NaN/infinite voxels set to 0" in line for line in lines), res.stderr
+    assert any("neither qform nor sform is set" in line for line in lines), res.stderr
+    assert nib.load(tmp_path / "m.nii.gz").shape == src.shape
+
+
 def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     src = tmp_path / "T1w.nii.gz"
     shutil.copyfile(SMALL_HEAD, src)

@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 
 from .. import __version__
@@ -101,7 +102,7 @@ def _skullstrip(opts):
         threshold = _check_options(opts)
         import numpy as np
 
-        from ..nifti import InputError, atomic_save, like, load_t1w
+        from ..nifti import InputError, atomic_save, geometry_warnings, like, load_t1w
 
         from ..model.inference import prepare_network
         from ..model.predictor import Skullstripper
@@ -109,9 +110,12 @@ def _skullstrip(opts):
         warm_up = threading.Thread(target=_quietly, args=(prepare_network, max(1, opts.threads)), daemon=True)
         warm_up.start()
         try:
-            img, data = load_t1w(opts.input)
+            with warnings.catch_warnings(record=True) as caught:  # printed below, one line each
+                warnings.simplefilter("always")
+                img, data = load_t1w(opts.input)
         except InputError as exc:
             raise ValueError(str(exc)) from None
+        doubts = [str(w.message) for w in caught] + [f"{opts.input}: {m}" for m in geometry_warnings(img)]
         warm_up.join()  # so that "core" below is the skull-strip itself, as in the benchmark
 
         t_core = time.perf_counter()
@@ -130,8 +134,9 @@ def _skullstrip(opts):
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         print(f"core {core_s:.2f} s ({stages}); total {time.perf_counter() - t_start:.2f} s; "
               f"brain {int(result.mask.sum())} voxels")
-    for warning in result.warnings:
-        print(f"skullstrip: warning: {opts.input}: {warning}", file=sys.stderr)
+    doubts += [f"{opts.input}: {w}" for w in result.warnings]
+    for doubt in dict.fromkeys(doubts):
+        print(f"skullstrip: warning: {' '.join(doubt.split())}", file=sys.stderr)
     if not result.mask.any():
         print(f"skullstrip: warning: {opts.input}: no brain found (empty mask)", file=sys.stderr)
     return 0
