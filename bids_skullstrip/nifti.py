@@ -57,6 +57,23 @@ def _nibabel_messages():
         logger.propagate = saved_propagate
 
 
+_GZIP_MAGIC = b"\x1f\x8b"
+_CONVERT_HINTS = {
+    "MGHImage": "convert it to NIfTI first (e.g. mri_convert T1.mgz T1.nii.gz)",
+    "Nifti1Pair": "a .hdr/.img pair: convert it to a single .nii or .nii.gz file first (e.g. fslchfiletype "
+                  "NIFTI_GZ)",
+    "Nifti2Pair": "a .hdr/.img pair: convert it to a single .nii or .nii.gz file first",
+}
+
+
+def _starts_with(path, magic):
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(magic)) == magic
+    except OSError:
+        return False
+
+
 def _spatial_shape(shape):
     """The 3D shape of an image that is 3D up to trailing singleton dimensions, else None."""
     shape = tuple(int(s) for s in shape)
@@ -85,13 +102,17 @@ def load_t1w(path):
     except OSError as exc:
         raise InputError(f"{path}: cannot access the file ({_short(exc)})") from None
 
+    if path.name.endswith(".nii") and _starts_with(path, _GZIP_MAGIC):
+        raise InputError(f"{path}: the file is gzip-compressed but named .nii; rename it to "
+                         f"{path.name}.gz")
     with _nibabel_messages() as fixes:
         try:
             img = nib.load(str(path), mmap=False)  # never a view of the input file
         except Exception as exc:  # nibabel raises many types for non-NIfTI content
             raise InputError(f"{path}: not a readable NIfTI image ({_short(exc)})") from None
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise InputError(f"{path}: not a NIfTI image ({type(img).__name__})")
+        hint = _CONVERT_HINTS.get(type(img).__name__, "convert it to a single .nii or .nii.gz file first")
+        raise InputError(f"{path}: not a NIfTI image but {type(img).__name__}; {hint}")
     for msg in dict.fromkeys(fixes):
         warnings.warn(f"{path}: invalid header field fixed on load: {msg}", stacklevel=2)
 

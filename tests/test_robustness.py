@@ -485,6 +485,35 @@ def test_skullstrip_cli_doubts_are_one_line_warnings_naming_the_file(tmp_path):
     assert nib.load(tmp_path / "m.nii.gz").shape == src.shape
 
 
+def _gzip_named_nii(path):
+    shutil.copyfile(SMALL_HEAD, path)  # a .nii.gz's bytes under a .nii name
+
+
+def _mgz(path):
+    src = nib.load(SMALL_HEAD)
+    nib.save(nib.MGHImage(np.asanyarray(src.dataobj).astype(np.float32), src.affine), path)
+
+
+def _hdr_img_pair(path):
+    nib.save(nib.Nifti1Pair(np.asanyarray(nib.load(SMALL_HEAD).dataobj), nib.load(SMALL_HEAD).affine), path)
+
+
+@pytest.mark.parametrize("name, writer, problem", [
+    ("T1w.nii", _gzip_named_nii, "gzip-compressed but named .nii; rename it to T1w.nii.gz"),
+    ("T1.mgz", _mgz, "not a NIfTI image but MGHImage; convert it to NIfTI first"),
+    ("T1w.img", _hdr_img_pair, "a .hdr/.img pair: convert it to a single .nii or .nii.gz file"),
+])
+def test_images_in_the_wrong_format_say_what_to_do(name, writer, problem, tmp_path):
+    from bids_skullstrip.nifti import InputError, load_t1w
+
+    path = tmp_path / name
+    writer(path)
+    with pytest.raises(InputError) as err:
+        load_t1w(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
+
+
 def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     src = tmp_path / "T1w.nii.gz"
     shutil.copyfile(SMALL_HEAD, src)
