@@ -19,6 +19,7 @@ from .geometry import voxel_box
 
 TARGET_MM = 2.0  # analysis grid spacing (integer-stride subsampling towards this)
 RIM_MM = 4.0  # width of the inner / outer boundary rims and of the shells of the edge profile
+TISSUE_FRACTION = 0.5  # brain-core voxels darker than this fraction of its median are CSF (T1: CSF < 0.4 of WM)
 MIN_COMPONENT_ML = 1.0  # extra components of p > 0.5 smaller than this are ignored
 # Edge profile: the mask surface displaced by each of these offsets (mm; < 0 = inwards), and the contrast
 # between the RIM_MM shell inside and the RIM_MM shell outside the displaced surface.
@@ -39,8 +40,8 @@ LIMITS = {
     "dark_fraction": (None, 0.25, "", "dark (CSF/skull/background-like) fraction of the mask"),
     "edge_offset_mm": (-6.0, 0.5, "mm", "image's brain edge relative to the mask surface"),
     "edge_offset_spread_mm": (None, 15.0, "mm", "brain edge vs mask surface differs between sides of the mask by"),
-    "outside_brainlike_fraction": (None, 0.70, "", "brain-like intensity just outside the mask"),
-    "outside_brainlike_max": (None, 0.88, "", "brain-like intensity just outside the mask, worst side"),
+    "outside_brainlike_fraction": (None, 0.50, "", "brain-like intensity just outside the mask"),
+    "outside_brainlike_max": (None, 0.75, "", "brain-like intensity just outside the mask, worst side"),
     "extent_major_mm": (None, 185.0, "mm", "longest mask extent"),
     "extent_ratio": (0.58, None, "", "shortest / longest mask extent"),
     "sphericity": (0.70, None, "", "mask sphericity"),
@@ -200,7 +201,10 @@ def qc_measures(t1w, probability, mask, voxel_mm):
         core = m
     core_vals = img[core]
     ref = float(np.median(core_vals))
-    lo, hi = np.percentile(core_vals, [5, 95])
+    # Brain-like = the 5th-95th percentiles of the core's tissue, without its CSF: the enlarged ventricles of
+    # an atrophic brain would stretch them down to CSF intensity, and CSF outside the mask would look like brain.
+    tissue = core_vals[core_vals >= TISSUE_FRACTION * ref]
+    lo, hi = np.percentile(tissue if tissue.size >= 50 else core_vals, [5, 95])
     scale = abs(ref) if ref != 0 else (float(np.ptp(img)) or 1.0)
     if inner.any() and outer.any():
         outer_vals = img[outer]
