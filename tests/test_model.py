@@ -14,7 +14,7 @@ from _ci import needs
 from bids_skullstrip import geometry
 from bids_skullstrip.metrics import compare_masks
 from bids_skullstrip.model.inference import BrainNetworks
-from bids_skullstrip.model.predictor import VIEWS, Skullstripper, View, locate_brain
+from bids_skullstrip.model.predictor import Skullstripper, View, default_views, locate_brain
 from nibabel.affines import voxel_sizes
 
 HEADS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heads"
@@ -64,9 +64,31 @@ def test_segmenter_sees_a_brain_centred_box_of_at_least_the_brain_box_size():
     head_mm = 2 * (28 + 10) * 2.0  # the whole head (ball and shell), not only the brain
     assert all(n * geometry.LOCATOR_VOXEL_MM >= head_mm for n in locator_shape)
     box = tuple(int(mm / geometry.MODEL_VOXEL_MM) for mm in geometry.BRAIN_BOX_MM)
-    assert [tuple(s) for s in segmenter.shapes] == [box] * len(VIEWS)
+    assert [tuple(s) for s in segmenter.shapes] == [box] * len(default_views())
     ball = data == 100.0
     assert compare_masks(result.mask, ball, voxel_sizes(affine))["dice"] > 0.97
+
+
+def test_the_segmenter_grid_has_the_voxel_size_of_its_model_card(tmp_path):
+    """Weights trained at another voxel size (``bids_skullstrip-train --voxel-mm``) are run at it: the box
+    and the half-voxel shift of the mirrored view follow the card."""
+    weights = tmp_path / "fine" / "unet.weights.h5"
+    weights.parent.mkdir()
+    (weights.parent / "model.json").write_text('{"voxel_mm": 1.5, "threshold": 0.4}')
+    stripper = Skullstripper(weights)
+    assert (stripper.voxel_mm, stripper.threshold) == (1.5, 0.4)
+    assert stripper.views == (View(), View(shift_mm=0.75, mirror=True))
+
+    data, affine = _ball()
+    segmenter = Threshold(0.5)
+    fine = Skullstripper(networks=BrainNetworks(Threshold(0.5), segmenter), voxel_mm=1.5, views=(View(),))
+    result = fine.mask(data, affine, threshold=0.5)
+    (shape,) = segmenter.shapes
+    assert shape == geometry.brain_box_grid(*locate_brain(data, affine, Threshold(0.5)), voxel_mm=1.5).shape
+    assert all(n * 1.5 >= mm for n, mm in zip(shape, geometry.BRAIN_BOX_MM))
+    coarse = tuple(int(mm / geometry.MODEL_VOXEL_MM) for mm in geometry.BRAIN_BOX_MM)
+    assert np.prod(shape) > 2 * np.prod(coarse)  # (2 / 1.5)³ = 2.4 times the voxels of the 2 mm box
+    assert compare_masks(result.mask, data == 100.0, voxel_sizes(affine))["dice"] > 0.97
 
 
 def test_a_locator_that_finds_nothing_falls_back_to_the_whole_head_with_a_warning():

@@ -6,6 +6,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ..geometry import MODEL_VOXEL_MM
 from ..training.augment import COMPOSITE_SIZE
 from ..training.data import find_brains, find_labelled_heads
 
@@ -23,6 +24,8 @@ def build_parser():
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--patch-size", type=int, nargs=3, default=(80, 96, 80),
                    help="the segmenter's brain-centred box, in 2 mm voxels")
+    p.add_argument("--voxel-mm", type=float, default=MODEL_VOXEL_MM,
+                   help="the segmenter's isotropic voxel size (mm); the inference of the exported weights uses it")
     p.add_argument("--synth-prob", type=float, default=0.25)
     p.add_argument("--composite-prob", type=float, default=0.2,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
@@ -105,7 +108,8 @@ def _train(args, out):
 
     final = train(train_heads, val_heads, out, brains=find_brains(args.data), steps=args.steps,
                   locator_steps=args.locator_steps, refine_steps=refine_steps, refine_lr=args.refine_lr,
-                  seed=args.seed, patch_size=tuple(args.patch_size), synth_prob=args.synth_prob,
+                  seed=args.seed, patch_size=tuple(args.patch_size), voxel_mm=args.voxel_mm,
+                  synth_prob=args.synth_prob,
                   composite_prob=args.composite_prob, composite_size=args.composite_size,
                   frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,

@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 
 from .. import geometry
 from ..postproc import clean_mask, largest_component
-from .inference import BrainNetworks, default_threshold, load_model, predict_probability
+from .inference import BrainNetworks, default_threshold, load_model, model_card, predict_probability
 
 # An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
 # background, e.g. FreeSurfer's T1.mgz, keeps its scalp and skull: well above 2200 ml).
@@ -29,7 +29,7 @@ SUPPORT_THRESHOLD = 0.5
 
 @dataclass(frozen=True)
 class View:
-    """One look of the segmenter at the brain box: its 2 mm lattice moved by ``shift_mm`` along each axis,
+    """One look of the segmenter at the brain box: its lattice moved by ``shift_mm`` along each axis,
     and mirrored left-right or not."""
     shift_mm: float = 0.0
     mirror: bool = False
@@ -43,11 +43,14 @@ class View:
         return geometry.ModelGrid(grid.shape, moved)
 
 
-# The segmenter's probability is the mean of two views: the box as it is, and mirrored left-right on a lattice
-# moved by half a voxel, so that the 2 mm network's voxel edges and any left-right habit of its own average out
-# (bench/model_eval.py against --views 0: median Dice +0.0008 train, +0.0015 val, +0.0016 wild, no split's
-# worst worse; the cost is one more segmenter pass).
-VIEWS = (View(), View(shift_mm=geometry.MODEL_VOXEL_MM / 2, mirror=True))
+def default_views(voxel_mm=geometry.MODEL_VOXEL_MM):
+    """The segmenter's probability is the mean of two views: the box as it is, and mirrored left-right on a
+    lattice moved by half a voxel, so that the network's voxel edges and any left-right habit of its own
+    average out (2 mm, bench/model_eval.py against --views 0: median Dice +0.0008 train, +0.0015 val, +0.0016
+    wild, no split's worst worse; the cost is one more segmenter pass)."""
+    return View(), View(shift_mm=voxel_mm / 2, mirror=True)
+
+
 NO_NETWORK = "the image looks already skull-stripped (zero outside a brain-sized region): the mask is its " \
              "non-zero region, the network was not run"
 
@@ -87,11 +90,16 @@ def locate_brain(data, affine, locator):
 
 class Skullstripper:
     """The two networks (the bundled ones, those of ``weights``, or stand-ins given as ``networks``: any
-    callables batch volume -> batch probability), the threshold calibrated for them and the segmenter's
-    ``views`` of the brain box (their probabilities averaged)."""
+    callables batch volume -> batch probability), the threshold calibrated for them, the segmenter's voxel
+    size ``voxel_mm`` and its ``views`` of the brain box (their probabilities averaged); all but stand-ins
+    default to what the weights' model card records."""
 
-    def __init__(self, weights=None, *, networks=None, threshold=None, views=VIEWS):
-        self.weights, self.views = weights, tuple(views)
+    def __init__(self, weights=None, *, networks=None, threshold=None, voxel_mm=None, views=None):
+        card = model_card(weights) if networks is None else {}
+        self.weights = weights
+        self.voxel_mm = float(voxel_mm or card.get("voxel_mm", geometry.MODEL_VOXEL_MM))
+        recorded = tuple(View(**v) for v in card.get("views", ()))
+        self.views = tuple(views or recorded or default_views(self.voxel_mm))
         self._networks = BrainNetworks.of(networks) if networks is not None else None
         self.threshold = default_threshold(weights) if threshold is None else float(threshold)
 
@@ -115,9 +123,9 @@ class Skullstripper:
 
         if box is None:
             warnings.append("the locator found no brain in the field of view: the whole head was segmented")
-            grid = geometry.model_grid_for(ras.data, ras.affine)
+            grid = geometry.model_grid_for(ras.data, ras.affine, voxel_mm=self.voxel_mm)
         else:
-            grid = geometry.brain_box_grid(*box)
+            grid = geometry.brain_box_grid(*box, voxel_mm=self.voxel_mm)
         native, blocks = np.zeros(shape, np.float32), []
         for view in self.views:
             block, view_native = self._segment(ras, affine, shape, view.of(grid), view.mirror, networks.segmenter,

@@ -25,7 +25,7 @@ from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
 from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, model_card
-from ..model.predictor import VIEWS, Skullstripper
+from ..model.predictor import Skullstripper, default_views
 from ..nifti import atomic_file, atomic_write_text
 from .augment import COMPOSITE_SIZE, training_patch
 from .data import TrainingHead
@@ -44,13 +44,13 @@ class Stage:
     weights_file: str
 
 
-def stages(*, patch_size=(80, 96, 80), base_filters=16, levels=4, locator_patch_size=(64, 64, 64),
-           locator_base_filters=8):
+def stages(*, patch_size=(80, 96, 80), base_filters=16, levels=4, voxel_mm=MODEL_VOXEL_MM,
+           locator_patch_size=(64, 64, 64), locator_base_filters=8):
     # 64³ at 4 mm is 256 mm: a whole field of view, necks and shoulders included; 80x96x80 at 2 mm is
     # geometry.BRAIN_BOX_MM, the box the segmenter sees at inference.
     return (Stage("locator", 1, LOCATOR_VOXEL_MM, tuple(locator_patch_size),
                   {"base_filters": locator_base_filters, "levels": 4}, LOCATOR_FILE_NAME),
-            Stage("segmenter", 2, MODEL_VOXEL_MM, tuple(patch_size),
+            Stage("segmenter", 2, float(voxel_mm), tuple(patch_size),
                   {"base_filters": base_filters, "levels": levels}, WEIGHTS_FILE.name))
 
 
@@ -123,11 +123,11 @@ def _load_labelled(head):
     return data, img.affine, np.asarray(nib.load(str(head.mask)).dataobj) > 0
 
 
-def validate(networks, heads, *, threshold):
+def validate(networks, heads, *, threshold, voxel_mm=MODEL_VOXEL_MM):
     rows = []
     for head in heads:
         data, affine, reference = _load_labelled(head)
-        result = Skullstripper(networks=networks).mask(data, affine, threshold=threshold)
+        result = Skullstripper(networks=networks, voxel_mm=voxel_mm).mask(data, affine, threshold=threshold)
         rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(affine))})
     return rows
 
@@ -135,13 +135,13 @@ def validate(networks, heads, *, threshold):
 THRESHOLD_CANDIDATES = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2))
 
 
-def calibrate_threshold(networks, heads):
+def calibrate_threshold(networks, heads, *, voxel_mm=MODEL_VOXEL_MM):
     """The probability threshold with the best median Dice on ``heads`` (the training heads: the
     validation heads choose nothing). Returns (threshold, {threshold: median Dice})."""
     scores = {t: [] for t in THRESHOLD_CANDIDATES}
     for head in heads:
         data, affine, reference = _load_labelled(head)
-        stripper = Skullstripper(networks=networks)
+        stripper = Skullstripper(networks=networks, voxel_mm=voxel_mm)
         prediction = stripper.probability(data, affine)
         for t in THRESHOLD_CANDIDATES:
             scores[t].append(dice(stripper.mask(data, affine, threshold=t, prediction=prediction).mask, reference))
@@ -242,7 +242,7 @@ class StageRun:
 def _run_steps(stage, model, optimizer, average, manager, step_var, spent, train_heads, brains, validation,
                out_dir, *, start, steps, until, seed, augmentation, peak_lr, checkpoint_every, validate_every,
                freeze_bn_from):
-    log.info("%s: loading %d training heads and %d brains at %.0f mm", stage.name, len(train_heads), len(brains),
+    log.info("%s: loading %d training heads and %d brains at %g mm", stage.name, len(train_heads), len(brains),
              stage.voxel_mm)
     heads = [TrainingHead.load(h, stage.voxel_mm) for h in train_heads]
     stream = PatchStream(heads, [TrainingHead.load_brain(b, stage.voxel_mm) for b in brains], stage, seed=seed,
@@ -342,7 +342,7 @@ def _provenance(init_weights):
 
 def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_steps=2000, seed=20261125,
           patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, composite_size=COMPOSITE_SIZE,
-          base_filters=16, levels=4, peak_lr=1e-3,
+          base_filters=16, levels=4, voxel_mm=MODEL_VOXEL_MM, peak_lr=1e-3,
           checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
           until=None, frozen_bn_fraction=0.3, left_out=(), refine_steps=0, refine_lr=3e-4, precision="auto"):
     """Train (or resume) the locator to ``locator_steps``, then the segmenter to ``steps`` (``until`` stops
@@ -357,7 +357,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     out_dir = Path(out_dir)
     locator_stage, segmenter_stage = stage_list = stages(patch_size=patch_size, base_filters=base_filters,
-                                                         levels=levels)
+                                                         levels=levels, voxel_mm=voxel_mm)
     dtype = training_dtype(precision)
     log.info("training in %s", dtype)
     augmentation = {"synth_prob": synth_prob, "composite_prob": composite_prob,
@@ -371,7 +371,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
 
     def validate_with_locator(segmenter):
         segmenter = inference_copy(segmenter, segmenter_stage.architecture)
-        return validate(BrainNetworks(locator.model, segmenter), val_heads, threshold=0.5)
+        return validate(BrainNetworks(locator.model, segmenter), val_heads, threshold=0.5, voxel_mm=voxel_mm)
 
     validation = validate_with_locator if val_heads else None
     segmenter = train_stage(segmenter_stage, train_heads, out_dir / segmenter_stage.name, steps=steps, until=until,
@@ -415,14 +415,15 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
         },
     }
     log.info("calibrating the threshold on the %d training heads", len(train_heads))
-    card["threshold"], card["threshold_calibration"] = calibrate_threshold(networks, train_heads)
-    card["views"] = [vars(view) for view in VIEWS]  # the segmenter views the threshold was calibrated with
+    card["threshold"], card["threshold_calibration"] = calibrate_threshold(networks, train_heads,
+                                                                           voxel_mm=voxel_mm)
+    card["views"] = [vars(view) for view in default_views(voxel_mm)]  # the segmenter views the threshold was calibrated with
     log.info("threshold %.2f (median training Dice by threshold: %s)", card["threshold"],
              card["threshold_calibration"])
     finished = (segmenter.steps >= steps and locator.steps >= locator_steps and not export_only
                 and (refine.steps >= refine_steps if refine_steps else True))
     if val_heads and finished:
-        card["validation"] = validate(networks, val_heads, threshold=card["threshold"])
+        card["validation"] = validate(networks, val_heads, threshold=card["threshold"], voxel_mm=voxel_mm)
         log.info("exported weights, validation: %s",
                  ", ".join(f"{r['name']} {r['dice']:.4f}" for r in card["validation"]))
     partial = f"export-refine-step{refine.steps}" if refine else f"export-step{segmenter.steps}"
