@@ -14,7 +14,7 @@ from bids_skullstrip.geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from bids_skullstrip.training.augment import (_composite_brain, _sample, _sample_world, _smooth_field,
                                               training_patch)
 from bids_skullstrip.training.data import TrainingHead, find_brains, find_labelled_heads
-from bids_skullstrip.training.train import learning_rate, training_dtype
+from bids_skullstrip.training.train import hard_head_weights, learning_rate, training_dtype
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
 pytestmark = needs(SHARED / "heads", "the shared heads")
@@ -178,7 +178,8 @@ def test_fine_tune_resume_and_export(tmp_path):
     _small_head("ds000011-sub-03", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--fine-tune", "--patch-size", "32", "32", "32", "--checkpoint-every", "1",
-              "--lr", "1e-4", "--locator-steps", "2", "--precision", "float32", "--leave-out", "ds000011-sub-03"]
+              "--lr", "1e-4", "--locator-steps", "2", "--precision", "float32", "--hard-head-fraction", "0.5",
+              "--leave-out", "ds000011-sub-03"]
     assert main([*common[:-1], "no-such-source", "--steps", "2"]) == 2
     assert not (out / "segmenter").exists()
     assert main(common + ["--steps", "2"]) == 0
@@ -197,6 +198,8 @@ def test_fine_tune_resume_and_export(tmp_path):
     assert card["training"]["heads"] == ["ds000011-sub-02"]
     assert card["training"]["left_out_sources"] == ["ds000011-sub-03"]
     assert card["training"]["precision"] == "float32"
+    assert card["training"]["hard_head_fraction"] == 0.5
+    assert card["training"]["head_weights"] == {"ds000011-sub-02": pytest.approx(1.0)}
     # the 2-step schedule froze (and averaged) its step 2, the 3-step one its step 3
     assert card["training"]["segmenter"]["averaged_steps"] == 2
     assert weights.stat().st_size + locator.stat().st_size < 10 * 2**20
@@ -204,6 +207,26 @@ def test_fine_tune_resume_and_export(tmp_path):
     # the export loads as the two networks inference uses
     from bids_skullstrip.model.inference import BrainNetworks, load_model
     assert isinstance(load_model(str(weights)), BrainNetworks)
+
+
+def test_hard_heads_get_more_patches_and_every_head_keeps_its_even_share(tmp_path):
+    """A head the starting weights get wrong (here: its label eroded by 6 mm, so the bundled model's mask
+    disagrees with it) is drawn more often; the uniform part keeps every head in the stream."""
+    from bids_skullstrip.model.inference import load_model
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    _, bad_mask = _small_head("ds000011-sub-03", data, "nfbs")
+    mask = nib.load(str(bad_mask))
+    eroded = ndi.binary_erosion(np.asarray(mask.dataobj) > 0, iterations=2).astype(np.uint8)
+    nib.save(nib.Nifti1Image(eroded, mask.affine), str(bad_mask))
+    heads = find_labelled_heads(data)
+    weights = hard_head_weights(load_model(), heads, fraction=0.5, threshold=0.55)
+    good, bad = (weights[[h.name for h in heads].index(n)] for n in ("ds000011-sub-02", "ds000011-sub-03"))
+    assert weights.sum() == pytest.approx(1.0)
+    assert bad > 1.5 * good and good >= 0.25
+    even = hard_head_weights(load_model(), heads, fraction=0.0, threshold=0.55)
+    np.testing.assert_allclose(even, [0.5, 0.5])
 
 
 def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):

@@ -49,6 +49,9 @@ def build_parser():
                         "locator.weights.h5 beside it) instead of at random")
     p.add_argument("--fine-tune", action="store_true",
                    help="start from the bundled weights (use a lower --lr, e.g. 2e-4, and fewer --steps)")
+    p.add_argument("--hard-head-fraction", type=float, default=0.0, metavar="F",
+                   help="fine-tuning: draw this share of the segmenter's patches from heads in proportion to "
+                        "their error (1 - Dice) under the starting weights, the rest uniformly (default 0)")
     p.add_argument("--leave-out", nargs="+", default=[], metavar="SOURCE",
                    help="train without the heads whose id starts with SOURCE (and validate without them): a "
                         "leave-one-source-out run, to be tested on that source")
@@ -114,7 +117,8 @@ def _train(args, out):
                   frozen_bn_fraction=args.frozen_bn_fraction, peak_lr=args.lr,
                   checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                   init_weights=init, threads=args.threads, export_only=args.export_only,
-                  until=args.until, left_out=args.leave_out, precision=args.precision)
+                  until=args.until, left_out=args.leave_out, precision=args.precision,
+                  hard_head_fraction=args.hard_head_fraction)
     print(f"weights written to {final}")
     return 0
 

@@ -24,7 +24,7 @@ from nibabel.affines import voxel_sizes
 from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
-from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, model_card
+from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, default_threshold, load_model, model_card
 from ..model.predictor import Skullstripper, default_views
 from ..nifti import atomic_file, atomic_write_text
 from .augment import COMPOSITE_SIZE, training_patch
@@ -97,8 +97,9 @@ def learning_rate(step, total, *, peak=1e-3, floor=2e-5, warmup=100):
 class PatchStream:
     """Background thread producing the training patches of steps start, start+1, ..."""
 
-    def __init__(self, heads, brains, stage, *, seed, start, augmentation, depth=4):
+    def __init__(self, heads, brains, stage, *, seed, start, augmentation, head_weights=None, depth=4):
         self.heads, self.brains, self.seed, self.stage = heads, brains, seed, stage
+        self.head_p = None if head_weights is None else np.asarray(head_weights, float) / np.sum(head_weights)
         self.patch_options = {"size": stage.patch_size, "stage": stage.name, "voxel_mm": stage.voxel_mm,
                               **augmentation}
         self.queue = queue.Queue(maxsize=depth)
@@ -108,7 +109,8 @@ class PatchStream:
     def _run(self, step):
         while True:
             rng = np.random.default_rng([self.seed, self.stage.index, step])
-            head = self.heads[rng.integers(len(self.heads))]
+            pick = rng.integers(len(self.heads)) if self.head_p is None else rng.choice(len(self.heads), p=self.head_p)
+            head = self.heads[pick]
             image, label = training_patch(head, rng, brains=self.brains, **self.patch_options)
             self.queue.put((step, image[None, ..., None], label[None, ..., None]))
             step += 1
@@ -130,6 +132,14 @@ def validate(networks, heads, *, threshold, voxel_mm=MODEL_VOXEL_MM):
         result = Skullstripper(networks=networks, voxel_mm=voxel_mm).mask(data, affine, threshold=threshold)
         rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(affine))})
     return rows
+
+
+def hard_head_weights(networks, heads, *, fraction, threshold, voxel_mm=MODEL_VOXEL_MM):
+    """Each head's share of the patches: ``1 - fraction`` spread evenly, ``fraction`` in proportion to the
+    head's error (1 - Dice) under ``networks``, so a cycle spends its steps where the model is worst."""
+    errors = np.array([1.0 - r["dice"] for r in validate(networks, heads, threshold=threshold, voxel_mm=voxel_mm)])
+    share = errors / errors.sum() if errors.sum() > 0 else np.full(len(heads), 1.0 / len(heads))
+    return (1.0 - fraction) / len(heads) + fraction * share
 
 
 THRESHOLD_CANDIDATES = tuple(np.round(np.arange(0.3, 0.81, 0.05), 2))
@@ -241,12 +251,12 @@ class StageRun:
 
 def _run_steps(stage, model, optimizer, average, manager, step_var, spent, train_heads, brains, validation,
                out_dir, *, start, steps, until, seed, augmentation, peak_lr, checkpoint_every, validate_every,
-               freeze_bn_from):
+               freeze_bn_from, head_weights):
     log.info("%s: loading %d training heads and %d brains at %g mm", stage.name, len(train_heads), len(brains),
              stage.voxel_mm)
     heads = [TrainingHead.load(h, stage.voxel_mm) for h in train_heads]
     stream = PatchStream(heads, [TrainingHead.load_brain(b, stage.voxel_mm) for b in brains], stage, seed=seed,
-                         start=start, augmentation=augmentation)
+                         start=start, augmentation=augmentation, head_weights=head_weights)
     history = out_dir / "history.csv"
     new_history = not history.exists()
     with history.open("a", newline="") as fh:
@@ -287,7 +297,7 @@ def _run_steps(stage, model, optimizer, average, manager, step_var, spent, train
 
 def train_stage(stage, train_heads, out_dir, *, brains=(), steps, until=None, seed, augmentation, peak_lr,
                 checkpoint_every, validate_every, frozen_bn_fraction, init_weights=None, validation=None,
-                export_only=False, dtype="float32"):
+                export_only=False, dtype="float32", head_weights=None):
     """Train (or resume) one network to ``steps`` on a cosine schedule; ``until`` stops this run earlier
     (the schedule is unchanged, so ``until`` then a plain rerun equals one uninterrupted run)."""
     import tensorflow as tf
@@ -322,7 +332,8 @@ def train_stage(stage, train_heads, out_dir, *, brains=(), steps, until=None, se
         _run_steps(stage, model, optimizer, average, manager, step_var, spent, train_heads, brains, validation,
                    out_dir, start=start, steps=steps, until=until, seed=seed, augmentation=augmentation,
                    peak_lr=peak_lr, checkpoint_every=checkpoint_every,
-                   validate_every=validate_every, freeze_bn_from=int(round(steps * (1.0 - frozen_bn_fraction))))
+                   validate_every=validate_every, freeze_bn_from=int(round(steps * (1.0 - frozen_bn_fraction))),
+                   head_weights=head_weights)
     averaged = average.apply()
     if averaged:
         log.info("%s: the mean of the weights of the last %d steps (BatchNorm frozen)", stage.name, averaged)
@@ -344,12 +355,15 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
           patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, composite_size=COMPOSITE_SIZE,
           base_filters=16, levels=4, voxel_mm=MODEL_VOXEL_MM, peak_lr=1e-3,
           checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
-          until=None, frozen_bn_fraction=0.3, left_out=(), refine_steps=0, refine_lr=3e-4, precision="auto"):
+          until=None, frozen_bn_fraction=0.3, left_out=(), refine_steps=0, refine_lr=3e-4, precision="auto",
+          hard_head_fraction=0.0):
     """Train (or resume) the locator to ``locator_steps``, then the segmenter to ``steps`` (``until`` stops
     the segmenter's run earlier), then refine the segmenter in a second cycle of ``refine_steps`` at the lower
     peak ``refine_lr``, calibrate the threshold on the training heads and export both networks.
     ``init_weights`` (a segmenter weights file with its locator beside it) fine-tunes both. ``left_out`` names
     the sources kept out of ``train_heads`` for a leave-one-source-out run; the card records them.
+    ``hard_head_fraction`` (fine-tuning): that share of the segmenter's patches comes from heads drawn in
+    proportion to their error (1 - Dice) under the starting weights, the rest uniformly (``hard_head_weights``).
     ``precision``: see ``training_dtype``; the exported, validated and calibrated networks are float32."""
     import tensorflow as tf
 
@@ -374,8 +388,14 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
         return validate(BrainNetworks(locator.model, segmenter), val_heads, threshold=0.5, voxel_mm=voxel_mm)
 
     validation = validate_with_locator if val_heads else None
+    head_weights = None
+    if hard_head_fraction and init:
+        head_weights = hard_head_weights(load_model(init), train_heads, fraction=hard_head_fraction,
+                                         threshold=default_threshold(init), voxel_mm=voxel_mm)
+        log.info("segmenter: heads drawn with weights %s", ", ".join(
+            f"{h.name} {w:.3f}" for h, w in zip(train_heads, head_weights)))
     segmenter = train_stage(segmenter_stage, train_heads, out_dir / segmenter_stage.name, steps=steps, until=until,
-                            init_weights=init, validation=validation, **common)
+                            init_weights=init, validation=validation, head_weights=head_weights, **common)
     refine = None
     if refine_steps and segmenter.steps >= steps:
         # A warm restart from the first cycle's averaged weights: a new cosine cycle at a lower peak, its
@@ -387,7 +407,8 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
         log.info("refine: a second cycle of the segmenter from %s, %d steps at peak %.1e", cycle1, refine_steps,
                  refine_lr)
         refine = train_stage(segmenter_stage, train_heads, out_dir / "refine", steps=refine_steps,
-                             init_weights=cycle1, validation=validation, **dict(common, peak_lr=refine_lr))
+                             init_weights=cycle1, validation=validation, head_weights=head_weights,
+                             **dict(common, peak_lr=refine_lr))
     networks = BrainNetworks(locator.model, (refine or segmenter).model)
 
     def record(stage, run, schedule):
@@ -412,12 +433,16 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
             "composited_brains": [Path(b).name for b in brains],
             "heads": [h.name for h in train_heads], "left_out_sources": list(left_out),
             "fine_tuned_from": _provenance(init),
+            "hard_head_fraction": hard_head_fraction,
+            "head_weights": None if head_weights is None else {
+                h.name: float(w) for h, w in zip(train_heads, head_weights)},
         },
     }
     log.info("calibrating the threshold on the %d training heads", len(train_heads))
     card["threshold"], card["threshold_calibration"] = calibrate_threshold(networks, train_heads,
                                                                            voxel_mm=voxel_mm)
-    card["views"] = [vars(view) for view in default_views(voxel_mm)]  # the segmenter views the threshold was calibrated with
+    # the segmenter views the threshold was calibrated with
+    card["views"] = [vars(view) for view in default_views(voxel_mm)]
     log.info("threshold %.2f (median training Dice by threshold: %s)", card["threshold"],
              card["threshold_calibration"])
     finished = (segmenter.steps >= steps and locator.steps >= locator_steps and not export_only
