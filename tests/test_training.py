@@ -181,6 +181,7 @@ def test_fine_tune_resume_and_export(tmp_path):
               "--lr", "1e-4", "--locator-steps", "2", "--precision", "float32", "--hard-head-fraction", "0.5",
               "--leave-out", "ds000011-sub-03"]
     assert main([*common[:-1], "no-such-source", "--steps", "2"]) == 2
+    assert main([c for c in common if c != "--fine-tune"] + ["--steps", "2"]) == 2  # hard heads need weights
     assert not (out / "segmenter").exists()
     assert main(common + ["--steps", "2"]) == 0
     assert main(common + ["--steps", "3"]) == 0

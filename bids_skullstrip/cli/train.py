@@ -23,7 +23,7 @@ def build_parser():
                    help="locator steps (trained first; it sees whole fields of view at 4 mm)")
     p.add_argument("--seed", type=int, default=20261125)
     p.add_argument("--patch-size", type=int, nargs=3, default=(80, 96, 80),
-                   help="the segmenter's brain-centred box, in 2 mm voxels")
+                   help="the segmenter's brain-centred box, in its voxels (--voxel-mm)")
     p.add_argument("--voxel-mm", type=float, default=MODEL_VOXEL_MM,
                    help="the segmenter's isotropic voxel size (mm); the inference of the exported weights uses it")
     p.add_argument("--synth-prob", type=float, default=0.25)
@@ -106,6 +106,10 @@ def _train(args, out):
     if args.fine_tune:
         from ..model.inference import WEIGHTS_FILE
         init = WEIGHTS_FILE
+    if args.hard_head_fraction and not init:
+        print("bids_skullstrip-train: error: --hard-head-fraction needs starting weights (--fine-tune or "
+              "--init-weights): the heads are weighted by those weights' errors", file=sys.stderr)
+        return 2
     refine_steps = args.refine_steps if args.refine_steps is not None else (0 if init else 2500)
     from ..training.train import train
 

@@ -24,7 +24,8 @@ from nibabel.affines import voxel_sizes
 from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
-from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, default_threshold, load_model, model_card
+from ..model.inference import (LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, default_threshold, load_model,
+                               model_card)
 from ..model.predictor import Skullstripper, default_views
 from ..nifti import atomic_file, atomic_write_text
 from .augment import COMPOSITE_SIZE, training_patch
@@ -109,8 +110,8 @@ class PatchStream:
     def _run(self, step):
         while True:
             rng = np.random.default_rng([self.seed, self.stage.index, step])
-            pick = rng.integers(len(self.heads)) if self.head_p is None else rng.choice(len(self.heads), p=self.head_p)
-            head = self.heads[pick]
+            n = len(self.heads)
+            head = self.heads[rng.integers(n) if self.head_p is None else rng.choice(n, p=self.head_p)]
             image, label = training_patch(head, rng, brains=self.brains, **self.patch_options)
             self.queue.put((step, image[None, ..., None], label[None, ..., None]))
             step += 1
