@@ -230,6 +230,52 @@ def test_hard_heads_get_more_patches_and_every_head_keeps_its_even_share(tmp_pat
     np.testing.assert_allclose(even, [0.5, 0.5])
 
 
+def test_average_exports_the_weighted_mean_of_both_networks_with_its_own_threshold(tmp_path):
+    """``--average``: no training; the export holds share-weighted means of both networks of the given exports,
+    a threshold calibrated on the training heads and the provenance of each export; exports of another
+    architecture or shares that do not sum to 1 are one-line errors."""
+    import shutil
+
+    from bids_skullstrip.cli.train import main
+    from bids_skullstrip.model.inference import WEIGHTS_DIR, WEIGHTS_FILE, load_model
+    from bids_skullstrip.model.unet import build_unet
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    shipped_card = json.loads((WEIGHTS_DIR / "model.json").read_text())
+    other = tmp_path / "other"
+    shutil.copytree(WEIGHTS_DIR, other)
+    shipped = load_model()
+    for name, network, architecture in (("unet.weights.h5", shipped.segmenter, shipped_card["architecture"]),
+                                        ("locator.weights.h5", shipped.locator,
+                                         shipped_card["locator"]["architecture"])):
+        moved = build_unet(**architecture)
+        moved.set_weights([w * 0.9 + 0.01 for w in network.get_weights()])
+        moved.save_weights(str(other / name))
+    out = tmp_path / "mean"
+    assert main([str(data), str(out), "--average", str(WEIGHTS_FILE), str(other / "unet.weights.h5"),
+                 "--shares", "0.25", "0.75"]) == 0
+    final = out / "final"
+    card = json.loads((final / "model.json").read_text())
+    mean = load_model(str(final / "unet.weights.h5"))
+    moved_networks = load_model(str(other / "unet.weights.h5"))
+    for pick in (lambda m: m.segmenter, lambda m: m.locator):
+        for got, a, b in zip(pick(mean).get_weights(), pick(shipped).get_weights(),
+                             pick(moved_networks).get_weights()):
+            np.testing.assert_allclose(got, 0.25 * a + 0.75 * b, rtol=1e-5, atol=1e-6)
+    assert [r["share"] for r in card["training"]["average_of"]] == [0.25, 0.75]
+    assert card["training"]["average_of"][0]["sha256"] == shipped_card["sha256"]
+    assert str(card["threshold"]) in card["threshold_calibration"]
+    assert card["architecture"] == shipped_card["architecture"] and len(card["sha256"]) == 64
+
+    (other / "model.json").write_text(json.dumps(dict(shipped_card, architecture={"base_filters": 8, "levels": 4})))
+    assert main([str(data), str(tmp_path / "bad"), "--average", str(WEIGHTS_FILE), str(other / "unet.weights.h5")]) == 2
+    assert main([str(data), str(tmp_path / "bad"), "--average", str(WEIGHTS_FILE), str(WEIGHTS_FILE),
+                 "--shares", "0.5", "0.6"]) == 2
+    assert main([str(data), str(tmp_path / "bad"), "--average", str(tmp_path / "none.weights.h5")]) == 2
+    assert not (tmp_path / "bad" / "final").exists()
+
+
 def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
     """From scratch, one command: locator, segmenter (stopped early, then resumed), then its second cycle."""
     from bids_skullstrip.cli.train import main

@@ -59,6 +59,12 @@ def build_parser():
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="the arithmetic of training (auto: mixed bfloat16 where the CPU has it in hardware, "
                         "Intel AMX or AVX512-BF16; float32 elsewhere); the exported weights are float32 either way")
+    p.add_argument("--average", nargs="+", type=Path, metavar="H5",
+                   help="train nothing: export the weight-space mean of these exports of one lineage (e.g. "
+                        "fine-tunes of the bundled weights with other seeds; their locators beside them), its "
+                        "threshold calibrated and its validation run like any export's")
+    p.add_argument("--shares", nargs="+", type=float, metavar="W",
+                   help="with --average: each export's share of the mean (default: even)")
     p.add_argument("--export-only", action="store_true",
                    help="export the latest checkpoint of OUT_DIR to OUT_DIR/export-step<N>/ and stop")
     return p
@@ -102,6 +108,8 @@ def _train(args, out):
     if not train_heads:
         print(f"bids_skullstrip-train: error: no image/mask pairs found in {args.data}", file=sys.stderr)
         return 2
+    if args.average:
+        return _average(args, train_heads, val_heads, out)
     init = args.init_weights
     if args.fine_tune:
         from ..model.inference import WEIGHTS_FILE
@@ -124,6 +132,22 @@ def _train(args, out):
                   until=args.until, left_out=args.leave_out, precision=args.precision,
                   hard_head_fraction=args.hard_head_fraction)
     print(f"weights written to {final}")
+    return 0
+
+
+def _average(args, train_heads, val_heads, out):
+    from ..training.train import average_exports
+
+    for export in args.average:
+        if not export.is_file():
+            print(f"bids_skullstrip-train: error: --average {export}: no such weights file", file=sys.stderr)
+            return 2
+    try:
+        final = average_exports(args.average, train_heads, val_heads, out, shares=args.shares)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"bids_skullstrip-train: error: --average: {err}", file=sys.stderr)
+        return 2
+    print(f"weights written to {final.parent}")
     return 0
 
 

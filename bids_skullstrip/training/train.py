@@ -456,3 +456,49 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     final = out_dir / ("final" if finished else partial)
     export_weights({"locator": locator.model, "segmenter": networks.segmenter}, final, card, stage_list)
     return final
+
+
+def average_exports(exports, train_heads, val_heads, out_dir, *, shares=None):
+    """The weight-space mean of exports of one lineage (cycles fine-tuned from the same weights: other seeds,
+    other head draws), both networks, with ``shares`` (even by default); then the threshold is calibrated on the
+    training heads and the validation heads are scored, as for any export. Networks fine-tuned from one start lie
+    in one basin of the loss, where their mean is a network of its own and often better than each ("model
+    soups", Wortsman et al. 2022). Returns the segmenter's weights file in ``out_dir``."""
+    from ..model.unet import build_unet
+
+    exports = [Path(e) for e in exports]
+    shares = np.full(len(exports), 1.0 / len(exports)) if shares is None else np.asarray(shares, np.float64)
+    if len(shares) != len(exports) or not np.isclose(shares.sum(), 1.0) or (shares < 0).any():
+        raise ValueError(f"shares {list(shares)}: one non-negative share per export, summing to 1")
+    cards = [model_card(e) for e in exports]
+    shape = [(c.get("architecture"), (c.get("locator") or {}).get("architecture"), c.get("voxel_mm")) for c in cards]
+    if any(s != shape[0] for s in shape):
+        raise ValueError(f"{', '.join(map(str, exports))}: not one architecture and voxel size; only networks of "
+                         "one lineage can be averaged")
+    voxel_mm = float(cards[0].get("voxel_mm", MODEL_VOXEL_MM))
+    models = [load_model(e) for e in exports]
+
+    def mean_network(architecture, pick):
+        network = build_unet(**architecture)
+        per_model = [pick(m).get_weights() for m in models]
+        network.set_weights([sum(share * weights[i] for share, weights in zip(shares, per_model))
+                             for i in range(len(per_model[0]))])
+        return network
+
+    networks = BrainNetworks(mean_network(cards[0]["locator"]["architecture"], lambda m: m.locator),
+                             mean_network(cards[0]["architecture"], lambda m: m.segmenter))
+    card = {key: cards[0][key] for key in ("name", "architecture", "voxel_mm") if key in cards[0]}
+    card.update(software_version=__version__, locator={k: cards[0]["locator"][k] for k in ("architecture",
+                                                                                              "voxel_mm", "file")})
+    card["training"] = {"average_of": [dict(_provenance(e), share=float(s)) for e, s in zip(exports, shares)]}
+    log.info("the mean of %s (shares %s): calibrating the threshold on the %d training heads",
+             ", ".join(map(str, exports)), ", ".join(f"{s:.3f}" for s in shares), len(train_heads))
+    card["threshold"], card["threshold_calibration"] = calibrate_threshold(networks, train_heads, voxel_mm=voxel_mm)
+    card["views"] = [vars(view) for view in default_views(voxel_mm)]
+    if val_heads:
+        card["validation"] = validate(networks, val_heads, threshold=card["threshold"], voxel_mm=voxel_mm)
+        log.info("averaged weights, threshold %.2f, validation: %s", card["threshold"],
+                 ", ".join(f"{r['name']} {r['dice']:.4f}" for r in card["validation"]))
+    stage_list = stages(voxel_mm=voxel_mm, **cards[0]["architecture"])
+    return export_weights({"locator": networks.locator, "segmenter": networks.segmenter}, Path(out_dir) / "final",
+                          card, stage_list)
