@@ -171,6 +171,10 @@ def load_t1w(path):
 
 
 _UNIT_NAMES = {"meter": "m", "micron": "µm"}
+# A head is 120-300 mm across. A field of view ten times that, or narrower than a brain in every direction,
+# comes from wrong voxel sizes (or units) in the header; one thinner than a brain in one direction is a slab.
+HEAD_FOV_MM = (60.0, 1000.0)
+SLAB_MM = 40.0
 
 
 def geometry_warnings(img):
@@ -195,6 +199,14 @@ def geometry_warnings(img):
         if unit in _UNIT_NAMES:
             msgs.append(f"spatial units are {_UNIT_NAMES[unit]} in the header; treated as mm (as most "
                         "tools do)")
+    zooms = nib.affines.voxel_sizes(img.affine)
+    extent = np.asarray(_spatial_shape(img.shape) or img.shape[:3]) * zooms
+    fov = "x".join(f"{e:.0f}" for e in extent)
+    if not HEAD_FOV_MM[0] <= extent.max() <= HEAD_FOV_MM[1]:
+        msgs.append(f"field of view {fov} mm (voxels {'x'.join(f'{z:g}' for z in zooms)} mm) is not the size of "
+                    "a head: check the voxel sizes in the header")
+    elif extent.min() < SLAB_MM:
+        msgs.append(f"field of view {fov} mm is a slab, thinner than a brain: the mask cannot hold the whole brain")
     return msgs
 
 

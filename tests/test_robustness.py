@@ -19,6 +19,8 @@ import numpy as np
 import pytest
 from _ci import needs
 
+from bids_skullstrip.nifti import geometry_warnings
+
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_bids"
 SMALL_HEAD = SAMPLE / "sub-02" / "anat" / "sub-02_T1w.nii.gz"  # real ITK head, 2x2x3 mm: fast
@@ -483,6 +485,29 @@ def test_skullstrip_cli_doubts_are_one_line_warnings_naming_the_file(tmp_path):
     assert any("64 NaN/infinite voxels set to 0" in line for line in lines), res.stderr
     assert any("neither qform nor sform is set" in line for line in lines), res.stderr
     assert nib.load(tmp_path / "m.nii.gz").shape == src.shape
+
+
+def test_a_header_with_wrong_voxel_sizes_is_named_in_one_line_warnings_and_the_mask_keeps_its_grid(tmp_path):
+    """Voxel sizes ten times too large (a header written in cm, say) make a 2 m "head": the tool still writes a
+    mask on the input's grid, and says why it is not to be trusted: the field of view and the mask volume."""
+    src = nib.load(SMALL_HEAD)
+    wrong = tmp_path / "cm_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(src.dataobj), src.affine @ np.diag([10, 10, 10, 1]), src.header), wrong)
+    res = skullstrip("-i", wrong, "-m", tmp_path / "m.nii.gz")
+    assert res.returncode == 0, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert all(line.startswith(f"skullstrip: warning: {wrong}: ") for line in lines), res.stderr
+    assert any("is not the size of a head: check the voxel sizes" in line for line in lines), res.stderr
+    assert any("brain volume" in line and "mask too large" in line for line in lines), res.stderr
+    mask = nib.load(tmp_path / "m.nii.gz")
+    assert mask.shape == src.shape and np.allclose(mask.affine, nib.load(wrong).affine)
+
+
+def test_a_real_head_has_no_field_of_view_doubt_but_a_slab_of_it_has(tmp_path):
+    src = nib.load(SMALL_HEAD)
+    assert not [m for m in geometry_warnings(src) if "field of view" in m]
+    slab = nib.Nifti1Image(np.asanyarray(src.dataobj)[:, :, 20:30], src.affine, src.header)
+    assert any("is a slab, thinner than a brain" in m for m in geometry_warnings(slab))
 
 
 def _gzip_named_nii(path):

@@ -101,11 +101,13 @@ def _skullstrip(opts):
     try:
         threshold = _check_options(opts)
         import numpy as np
+        from nibabel.affines import voxel_sizes
 
         from ..nifti import InputError, atomic_save, geometry_warnings, like, load_t1w
 
         from ..model.inference import prepare_network
         from ..model.predictor import Skullstripper
+        from ..qc import flag_image
 
         warm_up = threading.Thread(target=_quietly, args=(prepare_network, max(1, opts.threads)), daemon=True)
         warm_up.start()
@@ -135,6 +137,9 @@ def _skullstrip(opts):
         print(f"core {core_s:.2f} s ({stages}); total {time.perf_counter() - t_start:.2f} s; "
               f"brain {int(result.mask.sum())} voxels")
     doubts += [f"{opts.input}: {w}" for w in result.warnings]
+    if result.mask.any():  # the BIDS app's QC measures all; here the one that needs nothing but the mask
+        volume_ml = float(result.mask.sum()) * float(np.prod(voxel_sizes(img.affine))) / 1000.0
+        doubts += [f"{opts.input}: {flag}" for flag in flag_image({"brain_volume_ml": volume_ml})]
     for doubt in dict.fromkeys(doubts):
         print(f"skullstrip: warning: {' '.join(doubt.split())}", file=sys.stderr)
     if not result.mask.any():
