@@ -35,6 +35,8 @@ def check_folders(bids_dir, output_dir):
 
 
 def check_writable(folder, what):
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"{folder}: the {what} is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):

@@ -173,6 +173,7 @@ def small_dataset(tmp_path):
     ("inside", 2, "inside the input dataset"),
     ("unknown_label", 2, "participant label(s) not found: 99"),
     ("not_writable", 2, "not writable"),
+    ("output_is_a_file", 2, "the output folder is a file, not a folder"),
     ("no_description", 2, "not a BIDS dataset"),
     ("missing_dir", 2, "BIDS dataset folder not found"),
     ("empty", 2, "no participants"),
@@ -192,6 +193,9 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     elif case == "not_writable":
         (tmp_path / "a_file").write_text("x")
         out = tmp_path / "a_file" / "out"
+    elif case == "output_is_a_file":
+        out = tmp_path / "a_file"
+        out.write_text("x")
     elif case == "no_description":
         (bids / "dataset_description.json").unlink()
     elif case == "missing_dir":
