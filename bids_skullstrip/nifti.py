@@ -21,6 +21,8 @@ import numpy as np
 # core path is a small multiple of this (see docs/robustness.md), so it stays bounded on absurd inputs.
 MAX_VOXELS = 2**27
 MIN_VOXEL_MM = 1e-3
+# A T1w has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
+LABEL_IMAGE_LEVELS = 16
 MAX_VOXEL_MM = 100.0  # a "T1w" with 10 cm voxels is a broken header, not a scan
 _SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are not T1w intensities
 _TMP_PREFIX = ".tmp-"
@@ -167,6 +169,10 @@ def load_t1w(path):
         raise InputError(f"{path}: image is constant (every voxel = {lo:g})")
     if hi <= 0:
         raise InputError(f"{path}: image has no positive intensities (max = {hi:g})")
+    levels = np.unique(data[::3, ::3, ::3]).size  # a subsample: a 256^3 image in ~30 ms
+    if levels <= LABEL_IMAGE_LEVELS:
+        warnings.warn(f"{path}: only {levels} distinct intensities: a mask or label image rather than a T1w?",
+                      stacklevel=2)
     return img, data
 
 

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import nibabel as nib
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 from _ci import needs
 
-from bids_skullstrip.nifti import geometry_warnings
+from bids_skullstrip.nifti import geometry_warnings, load_t1w
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_bids"
@@ -512,6 +513,20 @@ def test_a_real_head_has_no_field_of_view_doubt_but_a_slab_of_it_has(tmp_path):
     assert not [m for m in geometry_warnings(src) if "field of view" in m]
     slab = nib.Nifti1Image(np.asanyarray(src.dataobj)[:, :, 20:30], src.affine, src.header)
     assert any("is a slab, thinner than a brain" in m for m in geometry_warnings(slab))
+
+
+def test_a_mask_given_as_the_t1w_is_named_but_a_uint8_head_is_not(tmp_path):
+    src = nib.load(SMALL_HEAD)
+    head = np.asanyarray(src.dataobj).astype(np.float32)
+    mask_file, head_file = tmp_path / "mask_as_T1w.nii.gz", tmp_path / "uint8_T1w.nii.gz"
+    nib.save(nib.Nifti1Image((head > np.percentile(head, 70)).astype(np.uint8), src.affine), mask_file)
+    nib.save(nib.Nifti1Image(np.round(255 * head / head.max()).astype(np.uint8), src.affine), head_file)
+    for path, expected in ((mask_file, [f"{mask_file}: only 2 distinct intensities"]), (head_file, [])):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            load_t1w(path)
+        said = [str(w.message) for w in caught if "distinct intensities" in str(w.message)]
+        assert [m[:len(e)] for m, e in zip(said, expected)] == expected and len(said) == len(expected), said
 
 
 def _gzip_named_nii(path):
