@@ -21,10 +21,10 @@ import numpy as np
 # core path is a small multiple of this (see docs/robustness.md), so it stays bounded on absurd inputs.
 MAX_VOXELS = 2**27
 MIN_VOXEL_MM = 1e-3
-# A T1w has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
-LABEL_IMAGE_LEVELS = 16
 MAX_VOXEL_MM = 100.0  # a "T1w" with 10 cm voxels is a broken header, not a scan
 _SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are not T1w intensities
+# A T1w has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
+LABEL_IMAGE_LEVELS = 16
 _TMP_PREFIX = ".tmp-"
 
 
