@@ -52,12 +52,22 @@ class _MaskMosaicInputSpec(BaseInterfaceInputSpec):
     in_t1w = File(exists=True, mandatory=True)
     in_mask = File(exists=True, mandatory=True)
     in_probseg = File(exists=True, mandatory=True)
-    source_file = File(mandatory=True, desc="the raw T1w (its name is the figure's title)")
+    source_file = File(mandatory=True, desc="the raw T1w (its BIDS name, or else its file name, is the figure's title)")
 
 
 class _MaskMosaicOutputSpec(TraitedSpec):
     out_figure = File(exists=True, desc="the T1w with the mask contour and the uncertain band")
     out_brain_figure = File(exists=True, desc="the skull-stripped T1w, on the same layout")
+
+
+def _title(source_file):
+    """The entities of a BIDS name; any other file (the workflow is embeddable anywhere) by its name."""
+    from ..discovery import T1wInput
+
+    try:
+        return T1wInput.from_path(source_file).stem
+    except (KeyError, ValueError):
+        return os.path.basename(source_file)
 
 
 class MaskMosaic(SimpleInterface):
@@ -67,11 +77,10 @@ class MaskMosaic(SimpleInterface):
     output_spec = _MaskMosaicOutputSpec
 
     def _run_interface(self, runtime):
-        from ..discovery import T1wInput
         from ..reports.reportlets import plot_mask_mosaic
 
         out, brain = (os.path.join(runtime.cwd, name) for name in ("mosaic.svg", "brain.svg"))
         plot_mask_mosaic(self.inputs.in_t1w, self.inputs.in_mask, self.inputs.in_probseg, out, brain_file=brain,
-                         title=T1wInput.from_path(self.inputs.source_file).stem)
+                         title=_title(self.inputs.source_file))
         self._results.update(out_figure=out, out_brain_figure=brain)
         return runtime
