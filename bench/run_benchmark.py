@@ -157,9 +157,9 @@ def app_worker(job_path, result_path):
 
     from nibabel.affines import voxel_sizes
 
-    from bids_skullstrip import nifti
     from bids_skullstrip.bias import n4_correct
     from bids_skullstrip.model.predictor import Skullstripper, looks_skull_stripped
+    from bids_skullstrip.strip import skullstrip_file
     from bids_skullstrip.model.tf_runtime import import_tensorflow
 
     tf = import_tensorflow(threads)
@@ -174,24 +174,15 @@ def app_worker(job_path, result_path):
     out["n4"] = "bids_skullstrip.bias.n4_correct (inside the app's mask)"
 
     def one(item, do_n4):
-        rec = {}
-        t = time.perf_counter()
-        img, data = nifti.load_t1w(item["input"])
-        rec["load"] = time.perf_counter() - t
-        affine = img.affine
-        rec["already_stripped"] = bool(looks_skull_stripped(data, voxel_sizes(affine)))
-        t = time.perf_counter()
-        res = stripper.mask(data, affine)
-        rec["core"] = time.perf_counter() - t
-        rec.update(res.timings)  # the core's own stage timings (an already stripped input skips the network)
+        res = skullstrip_file(item["input"], mask=item["mask"], stripper=stripper)  # the app's and the CLI's path
+        data, affine = res.data, res.image.affine
+        rec = {"already_stripped": bool(looks_skull_stripped(data, voxel_sizes(affine))), "core": res.core_s}
+        rec.update(res.timings)  # load, the core's own stages (an already stripped input skips the network), write
         if do_n4:
             t = time.perf_counter()
             n4_correct(data, affine, res.mask > 0)
             rec["n4"] = time.perf_counter() - t
-        t = time.perf_counter()
-        nifti.atomic_save(nifti.like(img, res.mask, np.uint8), item["mask"])
-        rec["write"] = time.perf_counter() - t
-        rec["brain_ml"] = float(res.mask.sum() * np.prod(voxel_sizes(affine)) / 1000.0)
+        rec["brain_ml"] = res.volume_ml
         rec["shape"] = list(data.shape)
         return rec
 

@@ -1,16 +1,23 @@
 """bids_skullstrip as a library: the per-image workflow embedded in someone else's pipeline, on any file name."""
 
+import os
+import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
+from bids_skullstrip.model.card import ModelCard, ModelCardError
 from bids_skullstrip.workflows.base import init_t1w_wf
 
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample_bids"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample_bids"
 SMALL_HEAD = SAMPLE / "sub-02" / "anat" / "sub-02_T1w.nii.gz"  # a real head, 2 mm: the fastest sample
 
 
@@ -45,3 +52,137 @@ def test_the_workflow_runs_on_a_non_bids_file_name_with_spaces_inside_another_pi
     assert 900 < qc["brain_volume_ml"] < 1900  # a real brain, not an empty or whole-head mask
     # the figure's title falls back to the file name where there are no BIDS entities
     assert "my head scan" in Path(figure).read_text()
+
+
+@pytest.fixture(scope="module")
+def tiny_weights(tmp_path_factory):
+    """Both networks in the project's own architecture, exported by the training command's own code, far too
+    small to learn anything: every weight zero but the output's bias, so each answers "brain" (p = 0.98)
+    wherever it looks: the locator's brain is the whole field of view, and so is the mask. Returns the folder."""
+    from bids_skullstrip.model.unet import build_unet
+    from bids_skullstrip.training.train import export_weights, stages
+
+    folder = tmp_path_factory.mktemp("tiny") / "weights"
+    stage_list = stages(base_filters=2, levels=2, locator_base_filters=2)
+    models = {}
+    for stage in stage_list:
+        model = models[stage.name] = build_unet(**stage.architecture)
+        model.set_weights([np.zeros(w.shape, np.float32) for w in model.weights])
+        model.get_layer("brain").bias.assign([4.0])
+    locator, segmenter = stage_list
+    card = {"name": "tiny test networks", "architecture": segmenter.architecture, "voxel_mm": segmenter.voxel_mm,
+            "locator": {"architecture": locator.architecture, "voxel_mm": locator.voxel_mm,
+                        "file": locator.weights_file},
+            "threshold": 0.3, "contrasts": ["T1w", "T2w"]}
+    export_weights(models, folder, card, stage_list)
+    return folder
+
+
+def test_the_model_card_is_read_once_whichever_way_it_is_named(tiny_weights):
+    card = ModelCard.load(tiny_weights)
+    assert ModelCard.load(tiny_weights / "model.json") is card is ModelCard.load(str(tiny_weights / "unet.weights.h5"))
+    assert ModelCard.load() is not card and ModelCard.load().bundled and not card.bundled
+    assert (card.threshold, card.voxel_mm, card.locator_voxel_mm, card.contrasts) == (0.3, 2.0, 4.0, ("T1w", "T2w"))
+    assert card.architecture == {"base_filters": 2, "levels": 2}
+    assert len(card.sha256) == 64 and card.sha256 != ModelCard.load().sha256
+    assert ModelCard.load().contrasts == ("T1w",)  # a card that does not say: trained on T1w heads
+
+
+def test_weights_that_are_not_there_are_one_line_naming_the_path(tmp_path):
+    with pytest.raises(ModelCardError, match=f"^{tmp_path / 'nowhere'}: no model weights there") as caught:
+        ModelCard.load(tmp_path / "nowhere")
+    assert "\n" not in str(caught.value)
+
+
+def test_the_whole_graph_runs_with_the_weights_given_as_an_input(tmp_path, tiny_weights):
+    t1w = tmp_path / "head.nii.gz"
+    shutil.copyfile(SMALL_HEAD, t1w)
+    mask_file, _, qc = _run_embedded(t1w, tmp_path / "work", weights=tiny_weights)
+
+    card, src, mask = ModelCard.load(tiny_weights), nib.load(t1w), nib.load(mask_file)
+    assert mask.shape == src.shape and np.array_equal(mask.affine, src.affine)
+    assert qc["model"]["sha256"] == card.sha256 and qc["model"]["name"] == "tiny test networks"
+    # the tiny networks' mask is the whole field of view (190x192x207 mm), no brain's
+    assert np.asarray(mask.dataobj).mean() > 0.99 and qc["brain_volume_ml"] > 7000
+
+
+def test_importing_the_package_is_cheap_and_its_names_load_on_first_use():
+    code = ("import sys, bids_skullstrip as b; heavy = [m for m in ('numpy', 'nipype', 'tensorflow') if m in sys.modules];"
+            "names = [getattr(b, n) for n in b.__all__]; print(heavy, len(names), 'tensorflow' in sys.modules)")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["[]", "8", "False"]  # nothing heavy at import; TensorFlow only when it runs
+
+
+def _python_blocks(markdown):
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)
+
+
+def test_the_readme_python_example_runs_on_a_real_head(tmp_path, monkeypatch):
+    (block,) = _python_blocks((REPO / "README.md").read_text())
+    shutil.copyfile(SMALL_HEAD, tmp_path / "T1w.nii.gz")
+    monkeypatch.chdir(tmp_path)
+    scope = {}
+    exec(compile(block, "README.md", "exec"), scope)
+
+    src = nib.load(tmp_path / "T1w.nii.gz")
+    written = nib.load(tmp_path / "T1w_mask.nii.gz")
+    assert written.shape == src.shape and np.array_equal(written.affine, src.affine)
+    assert np.array_equal(np.asarray(written.dataobj), scope["out"].mask)  # file and array: the same mask
+    assert 900 < scope["result"].volume_ml < 1900 and scope["result"].qc_flags() == []
+    assert nib.load(tmp_path / "T1w_brain.nii.gz").get_data_dtype() == src.get_data_dtype()
+    assert scope["wf"].get_node("skullstrip") is not None
+
+
+def test_skullstrip_file_checks_everything_before_writing_anything(tmp_path):
+    from bids_skullstrip import skullstrip_file
+    from bids_skullstrip.nifti import InputError
+
+    bad = tmp_path / "bad.nii.gz"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InputError, match=f"^{bad}: "):
+        skullstrip_file(bad, mask=tmp_path / "m.nii.gz")
+    with pytest.raises(ValueError, match="must be between 0 and 1"):
+        skullstrip_file(SMALL_HEAD, mask=tmp_path / "m.nii.gz", threshold=1.5)
+    with pytest.raises(ValueError, match="output names must end in .nii or .nii.gz"):
+        skullstrip_file(SMALL_HEAD, mask=tmp_path / "m.nrrd")
+    with pytest.raises(ValueError, match="output folder not found"):
+        skullstrip_file(SMALL_HEAD, brain=tmp_path / "nowhere" / "b.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def noise(tmp_path_factory):
+    """A volume of pure noise the size of a head: the networks still draw a "brain" in it."""
+    path = tmp_path_factory.mktemp("noise") / "noise.nii.gz"
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.normal(100, 30, (160, 192, 160)).astype(np.float32), np.diag([1.2] * 3 + [1])), path)
+    return path
+
+
+def _skullstrip(*args):
+    exe = Path(sys.executable).with_name("skullstrip")
+    return subprocess.run([str(exe), *map(str, args)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+
+
+def test_skullstrip_runs_the_qc_and_fail_on_flag_exits_3(tmp_path, noise):
+    res = _skullstrip("-i", noise, "-m", tmp_path / "m.nii.gz", "--threads", "2", "--fail-on-flag")
+    assert res.returncode == 3, res.stderr
+    qc_lines = [line for line in res.stderr.splitlines() if line.startswith(f"skullstrip: warning: {noise}: QC: ")]
+    assert len(qc_lines) >= 3 and len(qc_lines) == len(res.stderr.strip().splitlines()), res.stderr
+    assert any("noise relative to brain intensity" in line for line in qc_lines), res.stderr
+    assert nib.load(tmp_path / "m.nii.gz").shape == (160, 192, 160)  # the outputs are written all the same
+    # without --fail-on-flag the same flags are warnings and the status is 0
+    assert _skullstrip("-i", noise, "-m", tmp_path / "m.nii.gz", "--threads", "2").returncode == 0
+
+
+def test_skullstrip_takes_the_weights(tmp_path, tiny_weights):
+    res = _skullstrip("-i", SMALL_HEAD, "-m", tmp_path / "m.nii.gz", "--weights", tiny_weights, "--threads", "2")
+    assert res.returncode == 0 and "brain volume" in res.stderr, res.stderr  # the tiny networks' whole-FOV mask
+    assert np.asarray(nib.load(tmp_path / "m.nii.gz").dataobj).mean() > 0.99
+    res = _skullstrip("-i", SMALL_HEAD, "-m", tmp_path / "m.nii.gz", "--weights", tmp_path / "none")
+    assert res.returncode == 1 and res.stderr.strip() == (
+        f"skullstrip: error: {tmp_path / 'none'}: no model weights there (a folder with model.json and the weights "
+        "files, or its model card, is expected)")

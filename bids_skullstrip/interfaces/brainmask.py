@@ -1,20 +1,18 @@
-"""The nipype interface of the predictor: validate a T1w, skull-strip it, write mask and probability."""
+"""The nipype interface of the predictor: validate an image, skull-strip it, write mask and probability."""
 
 import os
-import time
-import warnings
 
 import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
-
-from ..nifti import geometry_warnings, like, load_t1w
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 
 class _SkullStripInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="T1w image, any orientation and voxel size")
-    threshold = traits.Range(low=0.0, high=1.0, mandatory=True)
+    weights = traits.Str(desc="the networks: a folder with model.json and the weights files, or a model card "
+                              "file (default: the bundled ones)")
+    threshold = traits.Range(low=0.0, high=1.0, desc="brain probability threshold (default: the weights')")
     border_mm = traits.Float(0.0, usedefault=True, desc="grow (>0) or shrink (<0) the mask, mm")
     num_threads = traits.Int(1, usedefault=True)
 
@@ -29,40 +27,28 @@ class _SkullStripOutputSpec(TraitedSpec):
 
 
 class SkullStrip(SimpleInterface):
-    """Load and validate a T1w, run the bundled networks, write mask and probability on the native grid."""
+    """Load and validate an image, run the networks (``weights``), write mask and probability on its grid."""
 
     input_spec = _SkullStripInputSpec
     output_spec = _SkullStripOutputSpec
 
     def _run_interface(self, runtime):
-        from ..model.predictor import Skullstripper
         from ..model.tf_runtime import import_tensorflow
+        from ..nifti import like
+        from ..strip import skullstrip_file
 
         import_tensorflow(self.inputs.num_threads)
-        in_file = self.inputs.in_file
-        t = time.perf_counter()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            img, data = load_t1w(in_file)
-        messages = [str(w.message) for w in caught] + [f"{in_file}: {m}" for m in geometry_warnings(img)]
-        load_s = time.perf_counter() - t
-
-        result = Skullstripper().mask(data, img.affine, threshold=self.inputs.threshold,
-                                      border_mm=self.inputs.border_mm)
-        messages += [f"{in_file}: {w}" for w in result.warnings]
-        if not result.mask.any():
-            messages.append(f"{in_file}: the model found no brain (empty mask); is this a T1w head?")
-
-        t = time.perf_counter()
         out = {name: os.path.join(runtime.cwd, f"{name}.nii") for name in ("t1w", "mask", "probseg")}
-        nib.save(like(img, data, np.float32), out["t1w"])
-        nib.save(like(img, result.mask, np.uint8), out["mask"])
-        nib.save(like(img, result.probability, np.float32), out["probseg"])
+        result = skullstrip_file(self.inputs.in_file, mask=out["mask"], probseg=out["probseg"],
+                                 weights=self.inputs.weights or None,
+                                 threshold=self.inputs.threshold if isdefined(self.inputs.threshold) else None,
+                                 border_mm=self.inputs.border_mm)
+        nib.save(like(result.image, result.data, np.float32), out["t1w"])
+        img = result.image
         self._results.update(
             out_t1w=out["t1w"], out_mask=out["mask"], out_probseg=out["probseg"],
-            geometry={"shape": [int(s) for s in data.shape],
+            geometry={"shape": [int(s) for s in result.data.shape],
                       "voxel_size_mm": [round(float(v), 4) for v in voxel_sizes(img.affine)],
                       "orientation": "".join(nib.aff2axcodes(img.affine))},
-            warnings=list(dict.fromkeys(messages)),
-            runtime_s={"load": load_s, **result.timings, "write": time.perf_counter() - t})
+            warnings=result.warnings, runtime_s=result.timings)
         return runtime

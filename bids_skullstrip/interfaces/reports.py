@@ -14,6 +14,7 @@ class _QCMetricsInputSpec(BaseInterfaceInputSpec):
     in_t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w, native grid")
     in_probseg = File(exists=True, mandatory=True)
     in_mask = File(exists=True, mandatory=True)
+    weights = traits.Str(desc="the networks that made the mask (default: the bundled ones), recorded by checksum")
 
 
 class _QCMetricsOutputSpec(TraitedSpec):
@@ -28,20 +29,19 @@ class QCMetrics(SimpleInterface):
 
     def _run_interface(self, runtime):
         from .. import qc
-        from ..model.inference import model_card
+        from ..model.card import ModelCard
 
         img = nib.load(self.inputs.in_t1w)
         t1w = np.asarray(img.dataobj, dtype=np.float32)
         prob = np.asarray(nib.load(self.inputs.in_probseg).dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.in_mask).dataobj, dtype=np.uint8)
         measures = qc.qc_measures(t1w, prob, mask, voxel_sizes(img.affine))
-        card = model_card()
+        card = ModelCard.load(self.inputs.weights or None)
         self._results["qc"] = dict(
             brain_volume_ml=measures["brain_volume_ml"],
             brain_voxels=int(np.count_nonzero(mask)),
             software_version=__version__,
-            model={"name": card.get("name"), "sha256": card.get("sha256"), "voxel_mm": card.get("voxel_mm"),
-                   "locator_sha256": (card.get("locator") or {}).get("sha256")},
+            model=card.record(),
             qc=measures,
             flags=qc.flag_image(measures),
         )

@@ -1,19 +1,15 @@
 """Run the bundled network: a model-grid volume in, a brain probability map out."""
 
 import functools
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
+from .card import CARD_NAME, LOCATOR_FILE_NAME, SEGMENTER_FILE_NAME, WEIGHTS_DIR, ModelCard  # noqa: F401
 from .tf_runtime import import_tensorflow
 
-WEIGHTS_DIR = Path(__file__).parent / "weights"
-WEIGHTS_FILE = WEIGHTS_DIR / "unet.weights.h5"
-CARD_FILE = WEIGHTS_DIR / "model.json"
-# The locator's weights lie beside the segmenter's, under this name (the ``file`` of model.json's ``locator``).
-LOCATOR_FILE_NAME = "locator.weights.h5"
+WEIGHTS_FILE = WEIGHTS_DIR / SEGMENTER_FILE_NAME
+CARD_FILE = WEIGHTS_DIR / CARD_NAME
 
 
 def normalize(volume, *, hi_scale=1.0):
@@ -29,14 +25,14 @@ def normalize(volume, *, hi_scale=1.0):
 
 
 def model_card(weights=None):
-    """The ``model.json`` beside ``weights`` (the bundled ones by default); {} if there is none."""
-    card_file = Path(weights).with_name("model.json") if weights else CARD_FILE
-    return json.loads(card_file.read_text()) if card_file.exists() else {}
+    """The model card of ``weights`` (the bundled ones by default; see ``ModelCard.load``) as a dict; {} if
+    there is none."""
+    return ModelCard.load(weights).data
 
 
 def default_threshold(weights=None):
     """The probability threshold calibrated for ``weights`` (the bundled ones by default)."""
-    return float(model_card(weights).get("threshold", 0.5))
+    return ModelCard.load(weights).threshold
 
 
 @dataclass(frozen=True)
@@ -63,29 +59,28 @@ def _build(architecture, weights):
 
 
 def load_model(weights=None):
-    """The two networks, their weights from the segmenter's ``weights`` file and the locator's beside it
-    (the bundled ones by default). Cached per process and per file, however the file is named."""
-    return _load_model(Path(weights or WEIGHTS_FILE).resolve())
+    """The two networks of ``weights`` (a ``ModelCard``, or what ``ModelCard.load`` takes: the bundled ones by
+    default). Cached per process and per card, however its path is spelled."""
+    return _load_model(weights if isinstance(weights, ModelCard) else ModelCard.load(weights))
 
 
 @functools.lru_cache(maxsize=4)
-def _load_model(weights):
+def _load_model(card):
     import_tensorflow()
-    card = model_card(weights)
-    locator = weights.with_name((card.get("locator") or {}).get("file", LOCATOR_FILE_NAME))
-    if "locator" not in card or not locator.is_file():
+    weights, locator = card.segmenter_file, card.locator_file
+    if not card.locator or not locator.is_file():
         raise FileNotFoundError(f"{weights}: no locator beside these weights ({locator.name} and the 'locator' entry "
                                 "of model.json): single-stage weights of earlier versions do not load; export "
                                 "both networks with bids_skullstrip-train")
-    return BrainNetworks(locator=_build(card["locator"]["architecture"], locator),
-                         segmenter=_build(card.get("architecture", {}), weights))
+    return BrainNetworks(locator=_build(card.locator_architecture, locator),
+                         segmenter=_build(card.architecture, weights))
 
 
-def prepare_network(threads=None):
-    """Import TensorFlow, build the bundled network and trace its graph: most of a cold start, which a
-    caller can run in a thread while it reads the image (and join before it uses the network)."""
+def prepare_network(threads=None, weights=None):
+    """Import TensorFlow, build the networks (the bundled ones by default) and trace their graphs: most of a
+    cold start, which a caller can run in a thread while it reads the image (and join before it uses them)."""
     import_tensorflow(threads)
-    networks = load_model()
+    networks = load_model(weights)
     _forward(networks.locator).get_concrete_function()
     _forward(networks.segmenter).get_concrete_function()
 

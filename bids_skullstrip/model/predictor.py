@@ -15,7 +15,8 @@ from scipy import ndimage as ndi
 
 from .. import geometry
 from ..postproc import clean_mask, largest_component
-from .inference import BrainNetworks, default_threshold, load_model, model_card, predict_probability
+from .card import ModelCard
+from .inference import BrainNetworks, load_model, predict_probability
 
 # An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
 # background, e.g. FreeSurfer's T1.mgz, keeps its scalp and skull: well above 2200 ml).
@@ -89,24 +90,35 @@ def locate_brain(data, affine, locator):
 
 
 class Skullstripper:
-    """The two networks (the bundled ones, those of ``weights``, or stand-ins given as ``networks``: any
-    callables batch volume -> batch probability), the threshold calibrated for them, the segmenter's voxel
-    size ``voxel_mm`` and its ``views`` of the brain box (their probabilities averaged); all but stand-ins
-    default to what the weights' model card records."""
+    """Brain probability and mask of a volume on its own grid.
+
+    Parameters
+    ----------
+    weights : str, Path or ModelCard, optional
+        The networks to use: a folder holding ``model.json`` and the weights files, a model card file, or a
+        ``ModelCard``; default: the bundled ones. Loaded on first use, once per process.
+    networks : BrainNetworks or callable, optional
+        Stand-ins for the networks (any callables batch volume -> batch probability), used by tests.
+    threshold, voxel_mm, views : optional
+        The probability threshold, the segmenter's voxel size and its ``View`` s of the brain box (their
+        probabilities averaged); by default what the model card records (stand-ins: the bundled threshold,
+        2 mm, two views).
+    """
 
     def __init__(self, weights=None, *, networks=None, threshold=None, voxel_mm=None, views=None):
-        card = model_card(weights) if networks is None else {}
-        self.weights = weights
-        self.voxel_mm = float(voxel_mm or card.get("voxel_mm", geometry.MODEL_VOXEL_MM))
-        recorded = tuple(View(**v) for v in card.get("views", ()))
+        self.card = None if networks is not None else (
+            weights if isinstance(weights, ModelCard) else ModelCard.load(weights))
+        self.voxel_mm = float(voxel_mm or (self.card.voxel_mm if self.card else geometry.MODEL_VOXEL_MM))
+        recorded = tuple(View(**v) for v in self.card.views) if self.card else ()
         self.views = tuple(views or recorded or default_views(self.voxel_mm))
         self._networks = BrainNetworks.of(networks) if networks is not None else None
-        self.threshold = default_threshold(weights) if threshold is None else float(threshold)
+        calibrated = (self.card or ModelCard.load()).threshold
+        self.threshold = calibrated if threshold is None else float(threshold)
 
     @property
     def networks(self):
         if self._networks is None:
-            self._networks = load_model(self.weights)
+            self._networks = load_model(self.card)
         return self._networks
 
     def probability(self, data, affine):

@@ -61,20 +61,60 @@ def _node(interface, name, n_voxels, n_procs=1):
     return node
 
 
-def init_t1w_wf(*, threshold, border_mm=0.0, omp_nthreads=1, n_voxels=256**3, name="t1w_wf"):
-    """Skull-strip one T1w image: brain mask, probability, N4-corrected and skull-stripped images, QC, mosaic.
+def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, omp_nthreads=1, n_voxels=256**3, name="t1w_wf"):
+    """Skull-strip one image: brain mask, probability, N4-corrected and skull-stripped images, QC, mosaic.
 
-    Inputs: ``t1w`` (the raw image). Outputs: the files ``mask``, ``probseg``, ``preproc``, ``brain``,
-    ``figure``, ``brain_figure`` and the metadata ``geometry``, ``warnings``, ``runtime_s``, ``n4_runtime_s``, ``qc``.
-    ``n_voxels`` (of the image) sizes the memory each node declares.
+    Any NIfTI file name will do: BIDS entities, where the name has them, only title the figure.
+
+    Parameters
+    ----------
+    threshold : float, optional
+        Brain probability threshold (default: the one calibrated for the weights).
+    border_mm : float
+        Grow (> 0) or shrink (< 0) the mask by this distance.
+    weights : str or Path, optional
+        The networks: a folder with ``model.json`` and the weights files, or a model card file; default: the
+        bundled ones. The QC record names them by checksum.
+    omp_nthreads : int
+        Threads of the network and of N4.
+    n_voxels : int
+        Voxels of the image: sizes the memory each node declares to the scheduler.
+    name : str
+        The workflow's name.
+
+    Inputs
+    ------
+    t1w
+        The image (NIfTI, 3D, any orientation and voxel size).
+
+    Outputs
+    -------
+    mask
+        Brain mask, uint8 {0, 1}, on the input's exact grid.
+    probseg
+        Brain probability, float32, on the input's grid (independent of the threshold).
+    preproc
+        The image corrected for intensity non-uniformity (N4), float32.
+    brain
+        ``preproc`` times the mask.
+    figure, brain_figure
+        SVG mosaics: the mask's contour over ``preproc``, and ``brain``.
+    geometry, warnings, runtime_s, n4_runtime_s
+        The input's shape, voxel size and orientation; doubts about the input and the result (one line
+        each, naming the file); seconds per stage.
+    qc
+        Brain volume, QC measures and flags, the software version and the model (as in the metrics JSON).
     """
+    weights = "" if weights is None else str(weights)
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=T1W_OUTPUTS), name="outputnode")
-    skullstrip = _node(SkullStrip(threshold=threshold, border_mm=border_mm, num_threads=omp_nthreads), "skullstrip",
+    skullstrip = _node(SkullStrip(weights=weights, border_mm=border_mm, num_threads=omp_nthreads), "skullstrip",
                        n_voxels, omp_nthreads)
+    if threshold is not None:
+        skullstrip.inputs.threshold = threshold
     n4 = _node(N4BiasFieldCorrection(num_threads=omp_nthreads), "n4", n_voxels, omp_nthreads)
-    qc = _node(QCMetrics(), "qc", n_voxels)
+    qc = _node(QCMetrics(weights=weights), "qc", n_voxels)
     mosaic = _node(MaskMosaic(), "mosaic", n_voxels)
     wf.connect([
         (inputnode, skullstrip, [("t1w", "in_file")]),

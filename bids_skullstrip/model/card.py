@@ -1,0 +1,139 @@
+"""The model card: what a set of weights is (``model.json``, written by ``bids_skullstrip-train``), read once.
+
+Everything that depends on the weights reads it from here: the predictor (networks, grids, views,
+threshold), the QC record (checksums) and the methods text, so none of them can drift from the weights in use.
+
+    card = ModelCard.load()                         # the bundled weights
+    card = ModelCard.load("my_weights/")            # a folder holding model.json and the weights files
+    card = ModelCard.load("my_weights/model.json")  # or its card (any name), or the segmenter's .h5 file
+"""
+
+import functools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .. import geometry
+
+WEIGHTS_DIR = Path(__file__).parent / "weights"
+CARD_NAME = "model.json"
+SEGMENTER_FILE_NAME = "unet.weights.h5"
+LOCATOR_FILE_NAME = "locator.weights.h5"
+# Cards written before the training recipe recorded its contrasts come from T1w heads only.
+DEFAULT_CONTRASTS = ("T1w",)
+
+
+class ModelCardError(ValueError):
+    """The weights named by the user cannot be used (one line, naming the path)."""
+
+
+@dataclass(frozen=True, eq=False)  # one object per card version (``load`` caches): compared and hashed by identity
+class ModelCard:
+    path: Path  # the card file (it may not exist for bare weights of old versions: then ``data`` is {})
+    segmenter_file: Path
+    locator_file: Path
+    data: dict = field(repr=False)  # the whole card, as written by the training command
+
+    @classmethod
+    def load(cls, weights=None):
+        """The card of ``weights``: None (the bundled weights), a folder, a card file, or the segmenter's
+        weights file (its card is the ``model.json`` beside it)."""
+        weights = Path(weights or WEIGHTS_DIR).expanduser()
+        if weights.is_dir():
+            card_file, segmenter = weights / CARD_NAME, None
+        elif weights.suffix == ".json":
+            card_file, segmenter = weights, None
+        else:
+            card_file, segmenter = weights.with_name(CARD_NAME), weights
+        if not (card_file.exists() or (segmenter and segmenter.exists())):
+            raise ModelCardError(f"{weights}: no model weights there (a folder with {CARD_NAME} and the weights "
+                                 "files, or its model card, is expected)")
+        card_file = card_file.resolve()
+        try:
+            stat = card_file.stat()
+            version = (stat.st_mtime_ns, stat.st_size)
+        except FileNotFoundError:
+            version = None
+        segmenter = None if segmenter is None else segmenter.resolve()
+        if segmenter == card_file.parent / SEGMENTER_FILE_NAME:  # one card object however it is named
+            segmenter = None
+        return _load(card_file, segmenter, version)
+
+    # What the networks are and how they see the image
+    @property
+    def architecture(self):
+        return dict(self.data.get("architecture", {}))
+
+    @property
+    def locator_architecture(self):
+        return dict(self.locator.get("architecture", {}))
+
+    @property
+    def locator(self):
+        return dict(self.data.get("locator") or {})
+
+    @property
+    def voxel_mm(self):
+        """The segmenter's grid (isotropic voxels, mm); the box it sees is ``geometry.BRAIN_BOX_MM``."""
+        return float(self.data.get("voxel_mm", geometry.MODEL_VOXEL_MM))
+
+    @property
+    def locator_voxel_mm(self):
+        return float(self.locator.get("voxel_mm", geometry.LOCATOR_VOXEL_MM))
+
+    @property
+    def views(self):
+        """The segmenter's views of the brain box, as recorded (dicts of ``predictor.View``); () if none."""
+        return tuple(dict(v) for v in self.data.get("views", ()))
+
+    @property
+    def threshold(self):
+        """The probability threshold calibrated for these weights."""
+        return float(self.data.get("threshold", 0.5))
+
+    # What the weights are
+    @property
+    def name(self):
+        return self.data.get("name") or "bids_skullstrip U-Net"
+
+    @property
+    def sha256(self):
+        return self.data.get("sha256")
+
+    @property
+    def locator_sha256(self):
+        return self.locator.get("sha256")
+
+    @property
+    def software_version(self):
+        """The bids_skullstrip version that exported the weights."""
+        return self.data.get("software_version")
+
+    @property
+    def contrasts(self):
+        """The image contrasts (BIDS suffixes) the networks were trained on."""
+        return tuple(self.data.get("contrasts") or DEFAULT_CONTRASTS)
+
+    @property
+    def bundled(self):
+        return self.path.parent == WEIGHTS_DIR.resolve()
+
+    def record(self):
+        """What an output records of the model that made it (the metrics JSON's ``model``)."""
+        return {"name": self.data.get("name"), "sha256": self.sha256, "voxel_mm": self.data.get("voxel_mm"),
+                "locator_sha256": self.locator_sha256}
+
+
+@functools.lru_cache(maxsize=16)
+def _load(card_file, segmenter, version):
+    """Read once per card file and version (a card rewritten in place, as training does, is read again)."""
+    try:
+        data = json.loads(card_file.read_text()) if version is not None else {}
+    except (OSError, ValueError) as exc:
+        raise ModelCardError(f"{card_file}: unreadable model card ({' '.join(str(exc).split())[:200]})") from None
+    if not isinstance(data, dict):
+        raise ModelCardError(f"{card_file}: a model card is a JSON object")
+    folder = card_file.parent
+    locator = (data.get("locator") or {}).get("file", LOCATOR_FILE_NAME)
+    return ModelCard(path=card_file, segmenter_file=segmenter or folder / SEGMENTER_FILE_NAME,
+                     locator_file=folder / locator, data=data)

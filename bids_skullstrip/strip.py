@@ -1,0 +1,159 @@
+"""Skull-strip one image file: the one path from a NIfTI file to written outputs, shared by the ``skullstrip``
+command, the workflow's ``SkullStrip`` node and the benchmark's worker.
+
+    from bids_skullstrip import skullstrip_file
+    result = skullstrip_file("T1w.nii.gz", mask="mask.nii.gz", brain="brain.nii.gz")
+    result.warnings, result.volume_ml, result.qc_flags()
+"""
+
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from nibabel.affines import voxel_sizes
+
+from .nifti import atomic_save, geometry_warnings, like, load_t1w
+
+OUTPUT_KINDS = ("mask", "brain", "probseg")
+
+
+@dataclass
+class FileResult:
+    """What ``skullstrip_file`` made of one file."""
+    image: nib.Nifti1Image  # the input as loaded (its header and grid are every output's)
+    data: np.ndarray  # the input's volume, validated: float32, 3D, NaN/Inf set to 0
+    mask: np.ndarray  # uint8 {0, 1}, the input's grid
+    probability: np.ndarray  # float32 [0, 1], the input's grid
+    threshold: float
+    border_mm: float
+    warnings: list = field(default_factory=list)  # one line each, naming the file
+    timings: dict = field(default_factory=dict)  # seconds: load, each stage of the core, write
+    core_s: float = 0.0  # seconds of the core (array in, mask and probability out)
+    written: dict = field(default_factory=dict)  # kind -> Path
+
+    @property
+    def volume_ml(self):
+        return float(np.count_nonzero(self.mask)) * float(np.prod(voxel_sizes(self.image.affine))) / 1000.0
+
+    def qc_measures(self):
+        """The QC measures of the mask (``bids_skullstrip.qc``), on this image as it is (no bias correction)."""
+        from .qc import qc_measures
+
+        return qc_measures(self.data, self.probability, self.mask, voxel_sizes(self.image.affine))
+
+    def qc_flags(self):
+        """The QC flags of the mask ("this mask probably failed"), one short line each; [] when none."""
+        from .qc import flag_image
+
+        return flag_image(self.qc_measures()) if self.mask.any() else ["empty brain mask"]
+
+
+def check_outputs(in_file, **outputs):
+    """Every requested output path (``mask=``, ``brain=``, ``probseg=``), checked before any work: a ValueError
+    naming the path and the problem; returns {kind: Path} of those given."""
+    unknown = set(outputs) - set(OUTPUT_KINDS)
+    if unknown:
+        raise TypeError(f"unknown output kind(s): {', '.join(sorted(unknown))} (known: {', '.join(OUTPUT_KINDS)})")
+    given = {kind: Path(p) for kind, p in outputs.items() if p is not None}
+    resolved = [p.resolve() for p in given.values()]
+    if len(set(resolved)) < len(resolved):
+        raise ValueError("two outputs have the same file name")
+    in_file = Path(in_file)
+    for p in resolved:
+        if in_file.exists() and p == in_file.resolve():
+            raise ValueError(f"{p}: an output would overwrite the input")
+        if not p.name.endswith((".nii", ".nii.gz")):
+            raise ValueError(f"{p}: output names must end in .nii or .nii.gz")
+        if not p.parent.is_dir():
+            raise ValueError(f"{p.parent}: output folder not found")
+        if not os.access(p.parent, os.W_OK):
+            raise ValueError(f"{p.parent}: output folder is not writable")
+    return given
+
+
+def brain_image(img, data, mask):
+    """The input with the skull removed: the input's integer type when it has no scaling, else float32."""
+    dtype = np.dtype(img.get_data_dtype())
+    slope, inter = img.header.get_slope_inter()
+    if dtype.kind in "iu" and slope in (None, 1.0) and inter in (None, 0.0):
+        return like(img, np.where(mask > 0, np.rint(data), 0), dtype)
+    return like(img, data * mask, np.float32)
+
+
+def check_threshold(threshold):
+    if threshold is not None and not 0.0 < float(threshold) < 1.0:
+        raise ValueError(f"threshold {threshold}: must be between 0 and 1")
+    return threshold
+
+
+def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=None, threshold=None, border_mm=0.0,
+                    stripper=None, warm_up=None):
+    """Skull-strip one image file and write the outputs asked for, on the input's exact grid.
+
+    Parameters
+    ----------
+    in_file : str or Path
+        A 3D NIfTI image (any orientation and voxel size).
+    mask, brain, probseg : str or Path, optional
+        Where to write the brain mask (uint8), the skull-stripped image and the brain probability (float32).
+        Each is written atomically: a file either is complete or is not there.
+    weights : str or Path, optional
+        The networks to use (a folder with ``model.json``, or a model card file); default: the bundled ones.
+    threshold : float, optional
+        Brain probability threshold; default: the one calibrated for the weights.
+    border_mm : float
+        Grow (> 0) or shrink (< 0) the mask by this distance.
+    stripper : Skullstripper, optional
+        A predictor already set up (instead of ``weights``), to strip many files with one.
+    warm_up : threading.Thread, optional
+        A thread preparing the networks (``inference.prepare_network``), joined once the image is read:
+        a cold start overlaps the reading.
+
+    Returns
+    -------
+    FileResult
+        The arrays, the warnings (one line each, naming the file), the timings and the files written.
+
+    Raises
+    ------
+    ValueError
+        One line naming the file and the problem (``nifti.InputError`` for an unusable input), before
+        anything is written.
+    """
+    from .model.predictor import Skullstripper
+
+    outputs = check_outputs(in_file, mask=mask, brain=brain, probseg=probseg)
+    check_threshold(threshold)
+    stripper = stripper or Skullstripper(weights)
+    t = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:  # collected, each names the file
+        warnings.simplefilter("always")
+        img, data = load_t1w(in_file)
+    doubts = [str(w.message) for w in caught] + [f"{in_file}: {m}" for m in geometry_warnings(img)]
+    timings = {"load": time.perf_counter() - t}
+    if warm_up is not None:
+        warm_up.join()  # so that the core's time is the skull-strip itself
+
+    t = time.perf_counter()
+    result = stripper.mask(data, img.affine, threshold=threshold, border_mm=border_mm)
+    core_s = time.perf_counter() - t
+    timings.update(result.timings)
+    doubts += [f"{in_file}: {w}" for w in result.warnings]
+    if not result.mask.any():
+        doubts.append(f"{in_file}: no brain found (empty mask); is this a head?")
+
+    t = time.perf_counter()
+    images = {"mask": lambda: like(img, result.mask, np.uint8),
+              "probseg": lambda: like(img, result.probability, np.float32),
+              "brain": lambda: brain_image(img, data, result.mask)}
+    for kind, path in outputs.items():
+        atomic_save(images[kind](), path)
+    timings["write"] = time.perf_counter() - t
+    return FileResult(image=img, data=data, mask=result.mask, probability=result.probability,
+                      threshold=stripper.threshold if threshold is None else float(threshold),
+                      border_mm=float(border_mm), warnings=list(dict.fromkeys(doubts)), timings=timings,
+                      core_s=core_s, written=outputs)
