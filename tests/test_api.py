@@ -1,5 +1,6 @@
 """bids_skullstrip as a library: the per-image workflow embedded in someone else's pipeline, on any file name."""
 
+import json
 import os
 import re
 import shutil
@@ -186,3 +187,85 @@ def test_skullstrip_takes_the_weights(tmp_path, tiny_weights):
     assert res.returncode == 1 and res.stderr.strip() == (
         f"skullstrip: error: {tmp_path / 'none'}: no model weights there (a folder with model.json and the weights "
         "files, or its model card, is expected)")
+
+
+def _record(output_dir, t1w, threshold, border_mm, sha256):
+    from bids_skullstrip import outputs
+
+    path = outputs.derivative_path(output_dir, t1w, "metrics")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"bids_name": t1w.stem, "model": {"sha256": sha256},
+                                "settings": {"threshold": threshold, "border_mm": border_mm, "model_sha256": sha256}}))
+
+
+def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_path):
+    from bids_skullstrip import __version__, outputs
+    from bids_skullstrip.discovery import collect_t1w
+    from bids_skullstrip.reports.boilerplate import write_boilerplate
+
+    card, out = ModelCard.load(), tmp_path / "out"
+    outputs.init_output_dir(out, SAMPLE)
+    md, _ = write_boilerplate(out, threshold=0.42, border_mm=0.0)  # nothing made yet: the run's own settings
+    first = md.read_text()
+    assert "thresholded at 0.42" in first and "not all processed with the same settings" not in first
+    # cites the software and its weights, built from the model card
+    assert f"bids_skullstrip* {__version__} [bids_skullstrip]" in first and card.sha256 in first
+    assert card.locator_sha256 in first and f"{card.locator_voxel_mm:g} mm grid" in first
+    assert f"on a {card.voxel_mm:g} mm grid" in first and "public T1w heads" in first
+
+    # three images at 0.7 (an earlier run for everyone), one redone at the default afterwards
+    t1ws = collect_t1w(SAMPLE)
+    for t1w in t1ws[:3]:
+        _record(out, t1w, 0.7, 0.0, card.sha256)
+    _record(out, t1ws[3], 0.55, 2.0, card.sha256)
+    text = write_boilerplate(out, threshold=0.55, border_mm=0.0)[0].read_text()
+    assert "thresholded at 0.7," in text and "thresholded at 0.55" not in text.split("**")[0]
+    assert "**The images were not all processed with the same settings**" in text
+    assert f"- 3 image(s) thresholded at 0.7, border 0 mm, model sha256 `{card.sha256[:12]}`" in text
+    assert f"- 1 image(s) thresholded at 0.55, border 2 mm" in text and t1ws[3].stem in text
+
+
+def test_the_methods_text_names_weights_that_are_not_the_bundled_ones(tmp_path):
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import collect_t1w
+    from bids_skullstrip.reports.boilerplate import write_boilerplate
+
+    out = tmp_path / "out"
+    outputs.init_output_dir(out, SAMPLE)
+    for t1w in collect_t1w(SAMPLE):
+        _record(out, t1w, 0.5, 0.0, "ab" * 32)
+    text = write_boilerplate(out, threshold=0.55, border_mm=0.0)[0].read_text()
+    assert f"weights (sha256 `{'ab' * 32}`) are not the ones bundled" in text and "thresholded at 0.5," in text
+
+
+def test_licence_citation_and_changelog_agree_with_the_package():
+    import configparser
+
+    import yaml
+
+    from bids_skullstrip import __version__
+
+    licence = (REPO / "LICENSE").read_text()
+    assert licence.lstrip().startswith("Apache License\n                           Version 2.0, January 2004")
+    assert "TERMS AND CONDITIONS FOR USE, REPRODUCTION, AND DISTRIBUTION" in licence
+    assert "END OF TERMS AND CONDITIONS" in licence and len(licence) > 11000  # the whole text, not a stub
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    cff = yaml.safe_load((REPO / "CITATION.cff").read_text())
+    assert cff["cff-version"] == "1.2.0" and cff["type"] == "software"
+    assert {"message", "title", "authors"} <= set(cff) and all("name" in a or "family-names" in a for a in cff["authors"])
+    assert cff["license"] == setup["metadata"]["license"] == "Apache-2.0"
+    assert str(cff["version"]) == __version__ and cff["repository-code"] == setup["metadata"]["url"]
+    assert re.search(rf"^## \[{re.escape(__version__)}\] - \d{{4}}-\d\d-\d\d$", (REPO / "CHANGELOG.md").read_text(), re.M)
+
+
+def test_the_readme_accuracy_table_quotes_the_model_card():
+    """The README's numbers are the model card's, measured here: none typed in by hand."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("**Accuracy**"):readme.index("**Requirements**")]
+    numbers = re.findall(r"\b0\.9\d{2,4}\b", section)
+    card = (REPO / "docs" / "model_card.md").read_text()
+    assert len(numbers) >= 8 and [n for n in numbers if n not in card] == []
+    for tool in ("deepbet", "ROBEX", "HD-BET", "SynthStrip"):
+        assert tool in section
+    assert "foramen magnum" in readme and "docker build -t bids_skullstrip ." in readme

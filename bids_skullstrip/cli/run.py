@@ -55,7 +55,6 @@ def run_participant(config):
     check_writable(output_dir, "output folder")
     check_writable(config.work_dir, "work directory")
     outputs.init_output_dir(output_dir, config.bids_dir)
-    write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm)
 
     todo, failures = plan(config, t1ws)
     finished = len(t1ws) - len(todo) - len(failures)
@@ -68,6 +67,7 @@ def run_participant(config):
     for t1w in t1ws:
         if t1w not in failed:
             outputs.clear_failure(output_dir, t1w)
+    write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm)  # of what they hold
 
     reports = {}
     for subject in sorted({t.subject for t in t1ws}):

@@ -1,14 +1,23 @@
 """The methods text users paste into a paper (fMRIPrep's CITATION files): what was done, with which versions
-and references; written to ``<out>/logs/CITATION.md`` and ``.html`` by every participant run."""
+and references; written to ``<out>/logs/CITATION.md`` and ``.html`` after every participant run.
+
+It describes what the outputs hold (each image's threshold, border and model, from its metrics JSON), not the
+last command line, and says so when the images were not all made the same way. The model's part comes from
+its ``ModelCard``, so it cannot drift from the weights.
+"""
 
 import importlib.metadata
+import json
+from collections import Counter
 from pathlib import Path
 
-from .. import __version__
+from .. import __version__, geometry
+from ..model.card import ModelCard
 from ..nifti import atomic_write_text
-from ..model.inference import model_card
 
 REFERENCES = {
+    "bids_skullstrip": f"bids_skullstrip {__version__}: skull-stripping of structural MRI as a BIDS App. "
+                       "https://github.com/bids-skullstrip/bids-skullstrip (see CITATION.cff)",
     "n4": "Tustison NJ, Avants BB, Cook PA, et al. N4ITK: improved N3 bias correction. IEEE Trans Med Imaging "
           "29(6):1310-1320, 2010. doi:10.1109/TMI.2010.2046908",
     "unet": "Çiçek Ö, Abdulkadir A, Lienkamp SS, Brox T, Ronneberger O. 3D U-Net: learning dense volumetric "
@@ -31,26 +40,77 @@ def _version(distribution):
         return "unknown"
 
 
-def methods_markdown(*, threshold, border_mm):
-    card = model_card()
-    border = (f", then grown by {border_mm:g} mm" if border_mm > 0 else
-              f", then shrunk by {-border_mm:g} mm" if border_mm < 0 else "")
-    return f"""# Methods: brain extraction with bids_skullstrip {__version__}
+def recorded_settings(output_dir):
+    """{bids_name: (threshold, border_mm, model sha256)} of every image whose outputs are in ``output_dir``,
+    read from its metrics JSON (the model that made the mask, as the QC recorded it)."""
+    from ..outputs import find_outputs
 
-Brain masks were computed with *bids_skullstrip* {__version__}, which is based on *Nipype*
-{_version("nipype")} [nipype] and finds the T1-weighted (T1w) images of the dataset with *PyBIDS*
-{_version("pybids")} [pybids]. Each T1w image was resampled onto a 4 mm grid covering its whole field of view,
-where a small 3D U-Net [unet] (the *locator*) found the brain; a second 3D U-Net (the *segmenter*) then
-estimated the brain probability on a 2 mm grid centred on that brain, so that the neck, face and shoulders
-stayed outside its view. Both networks were trained by the bids_skullstrip project on public T1w heads
-(model sha256 `{str(card.get("sha256", "unknown"))[:12]}`). The probability was mapped back onto the native
-grid, thresholded at {threshold:g}, reduced to its largest connected component and hole-filled{border}. The
-T1w image was corrected for intensity non-uniformity with N4 [n4] as implemented in ANTsPy
+    found = {}
+    for path in find_outputs(output_dir, "metrics"):
+        try:
+            metrics = json.loads(path.read_text())
+            settings, model = metrics.get("settings") or {}, metrics.get("model") or {}
+            found[metrics.get("bids_name") or path.name] = (
+                float(settings["threshold"]), float(settings.get("border_mm", 0.0)),
+                model.get("sha256") or settings.get("model_sha256"))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue  # an unreadable record: the group report names it
+    return found
+
+
+def _border(border_mm):
+    return (f", then grown by {border_mm:g} mm" if border_mm > 0 else
+            f", then shrunk by {-border_mm:g} mm" if border_mm < 0 else "")
+
+
+def _model_text(card, sha256):
+    """The networks that made the masks, from their model card where it is at hand (the bundled one)."""
+    if sha256 != card.sha256:
+        return (f"3D U-Nets [unet] whose weights (sha256 `{sha256}`) are not the ones bundled with this version; "
+                "their model card describes them")
+    seg, loc = card.architecture, card.locator_architecture
+    box = "x".join(f"{mm:g}" for mm in geometry.BRAIN_BOX_MM)
+    views = [" ".join(filter(None, ["mirrored left-right" if v.get("mirror") else "",
+                                    f"on a lattice shifted by {v['shift_mm']:g} mm" if v.get("shift_mm") else ""]))
+             or "as it is" for v in card.views]
+    return (f"two 3D U-Nets [unet] trained by the bids_skullstrip project on public {', '.join(card.contrasts)} "
+            f"heads ({card.name}; weights sha256 `{card.sha256}`, locator sha256 `{card.locator_sha256}`). The "
+            f"*locator* ({loc.get('levels', 4)} levels, {loc.get('base_filters', '?')} base filters) found the brain on "
+            f"a {card.locator_voxel_mm:g} mm grid covering the image's whole field of view; the *segmenter* "
+            f"({seg.get('levels', 4)} levels, {seg.get('base_filters', '?')} base filters) then estimated the brain "
+            f"probability on a {card.voxel_mm:g} mm grid of at least {box} mm centred on that brain, so that the "
+            f"neck, face and shoulders stayed outside its view"
+            + (f", averaging the probabilities of {len(views)} views of it ({'; '.join(views)})" if len(views) > 1
+               else ""))
+
+
+def methods_markdown(*, threshold, border_mm, recorded=None):
+    """The methods text for images made with ``recorded`` settings ({name: (threshold, border_mm, sha256)});
+    with none recorded yet, for the settings of this run (``threshold``, ``border_mm``, the bundled model)."""
+    card = ModelCard.load()
+    recorded = recorded or {"": (float(threshold), float(border_mm), card.sha256)}
+    groups = Counter(recorded.values())
+    (main_threshold, main_border, main_sha), _ = groups.most_common(1)[0]
+    text = f"""# Methods: brain extraction with bids_skullstrip {__version__}
+
+Brain masks were computed with *bids_skullstrip* {__version__} [bids_skullstrip], which is based on *Nipype*
+{_version("nipype")} [nipype] and finds the images of the dataset with *PyBIDS* {_version("pybids")} [pybids].
+Each image was skull-stripped by {_model_text(card, main_sha)}. The probability was mapped back onto the native
+grid, thresholded at {main_threshold:g}, reduced to its largest connected component and hole-filled{_border(main_border)}.
+The image was corrected for intensity non-uniformity with N4 [n4] as implemented in ANTsPy
 {_version("antspyx")} (ANTs [ants]), estimated inside the brain mask, and multiplied by the mask to give the
 skull-stripped image. Masks and images keep the exact voxel grid of the input.
-
-## References
-""" + "\n".join(f"- [{key}] {text}" for key, text in REFERENCES.items()) + "\n"
+"""
+    if len(groups) > 1:
+        lines = []
+        for (t, b, sha), n in sorted(groups.items(), key=lambda item: -item[1]):
+            names = sorted(name for name, value in recorded.items() if value == (t, b, sha))
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            lines.append(f"- {n} image(s) thresholded at {t:g}, border {b:g} mm, model sha256 `{str(sha)[:12]}`: "
+                         f"{shown}")
+        text += ("\n**The images were not all processed with the same settings** (as their metrics files "
+                 "record them):\n\n" + "\n".join(lines) + "\n")
+    return text + "\n## References\n" + "\n".join(f"- [{key}] {text}" for key, text in REFERENCES.items()) + "\n"
 
 
 def _html_page(markdown_text):
@@ -61,9 +121,10 @@ def _html_page(markdown_text):
 
 
 def write_boilerplate(output_dir, *, threshold, border_mm):
-    """Write ``<out>/logs/CITATION.md`` and ``CITATION.html`` (atomically: job arrays write them at once)."""
+    """Write ``<out>/logs/CITATION.md`` and ``CITATION.html`` (atomically: job arrays write them at once) from
+    what the outputs in ``output_dir`` hold; ``threshold`` and ``border_mm`` describe a folder without any yet."""
     logs = Path(output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    text = methods_markdown(threshold=threshold, border_mm=border_mm)
+    text = methods_markdown(threshold=threshold, border_mm=border_mm, recorded=recorded_settings(output_dir))
     return (atomic_write_text(logs / "CITATION.md", text),
             atomic_write_text(logs / "CITATION.html", _html_page(text)))
