@@ -20,6 +20,22 @@ def resolve_threshold(value):
     return threshold
 
 
+def resolve_contrasts(values):
+    """``--contrasts`` as BIDS suffixes, in ``discovery.CONTRASTS`` order (``all``: every one; any case)."""
+    from .discovery import CONTRASTS, DEFAULT_CONTRASTS
+
+    if not values:
+        return DEFAULT_CONTRASTS
+    known = {c.lower(): c for c in CONTRASTS}
+    if any(str(v).lower() == "all" for v in values):
+        return CONTRASTS
+    unknown = [str(v) for v in values if str(v).lower() not in known]
+    if unknown:
+        raise UsageError(f"--contrasts {' '.join(unknown)}: unknown contrast (one of {', '.join(CONTRASTS)} or all)")
+    wanted = {known[str(v).lower()] for v in values}
+    return tuple(c for c in CONTRASTS if c in wanted)
+
+
 def check_folders(bids_dir, output_dir):
     bids_dir, output_dir = Path(bids_dir).resolve(), Path(output_dir).resolve()
     if not bids_dir.is_dir():
@@ -59,6 +75,7 @@ class RunConfig:
     threshold: float
     border_mm: float = 0.0
     save_probseg: bool = False
+    contrasts: tuple = ("T1w",)
     participant_label: tuple = ()
     session_label: tuple = ()
     bids_filter_file: Path | None = None
@@ -87,7 +104,8 @@ class RunConfig:
         return cls(bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level,
                    work_dir=Path(opts.work_dir or default_work_dir(output_dir)).resolve(),
                    threshold=resolve_threshold(opts.threshold), border_mm=opts.border,
-                   save_probseg=opts.save_probseg, participant_label=tuple(opts.participant_label or ()),
+                   save_probseg=opts.save_probseg, contrasts=resolve_contrasts(opts.contrasts),
+                   participant_label=tuple(opts.participant_label or ()),
                    session_label=tuple(opts.session_label or ()), bids_filter_file=opts.bids_filter_file,
                    skip_bids_validation=opts.skip_bids_validation, bids_database_dir=opts.bids_database_dir,
                    n_cpus=opts.n_cpus, omp_nthreads=opts.omp_nthreads, mem_gb=mem_gb, plugin=opts.plugin,

@@ -1,4 +1,5 @@
-"""Which T1w images to process: pybids queries, label and filter handling, the BIDS validator.
+"""Which structural images to process: pybids queries per contrast (``--contrasts``), label and filter
+handling, the BIDS validator.
 
 Every problem is a ``DiscoveryError`` with a one-line message naming the dataset and the problem.
 """
@@ -12,7 +13,11 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-T1W_QUERY = {"datatype": "anat", "suffix": "T1w", "extension": [".nii", ".nii.gz"]}
+# The structural (non-parametric anat) suffixes the app strips; ``--contrasts all`` means every one of them.
+# A contrast-enhanced T1w is a T1w with a ``ce-`` entity, not a suffix of its own.
+CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw")
+DEFAULT_CONTRASTS = ("T1w",)
+ANAT_QUERY = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
 
 
 class DiscoveryError(ValueError):
@@ -20,16 +25,17 @@ class DiscoveryError(ValueError):
 
 
 @dataclass(frozen=True)
-class T1wInput:
-    path: Path  # absolute path of the raw T1w image
+class StructuralInput:
+    path: Path  # absolute path of the raw image
     relpath: str  # path relative to the dataset root, POSIX (for BIDS URIs)
     subject: str
     session: str | None
+    suffix: str = "T1w"  # the BIDS suffix: the contrast (T1w, T2w, FLAIR, PDw, ...)
 
     @classmethod
     def from_path(cls, path, bids_dir=None):
-        """The input a raw T1w file of the dataset ``bids_dir`` is (without ``bids_dir``: where its BIDS name
-        says it lies)."""
+        """The input a raw structural file of the dataset ``bids_dir`` is (without ``bids_dir``: where its BIDS
+        name says it lies)."""
         from bids.layout import parse_file_entities
 
         path = Path(path)
@@ -39,12 +45,18 @@ class T1wInput:
             relpath = Path(f"sub-{entities['subject']}", *([f"ses-{session}"] if session else []), "anat", path.name)
         else:
             relpath = path.relative_to(bids_dir)
-        return cls(path=path, relpath=relpath.as_posix(), subject=entities["subject"], session=session)
+        return cls(path=path, relpath=relpath.as_posix(), subject=entities["subject"], session=session,
+                   suffix=entities.get("suffix", "T1w"))
 
     @property
     def stem(self):
-        """File name without ``_T1w.nii[.gz]``: all entities, e.g. ``sub-01_ses-1_acq-mp_run-1``."""
-        return self.path.name[: self.path.name.rindex("_T1w.nii")]
+        """File name without ``_<suffix>.nii[.gz]``: all entities, e.g. ``sub-01_ses-1_acq-mp_run-1``."""
+        return self.path.name[: self.path.name.rindex(f"_{self.suffix}.nii")]
+
+    @property
+    def name(self):
+        """File name without the extension, e.g. ``sub-01_ce-gadolinium_T1w``: unique within its folder."""
+        return f"{self.stem}_{self.suffix}"
 
     @property
     def anat_dir(self):
@@ -62,15 +74,22 @@ def strip_prefix(label, prefix):
 
 
 def load_bids_filters(path):
-    """fMRIPrep-style filter file: ``{"t1w": {"acquisition": "mprage", ...}}``; returns the t1w dict."""
+    """fMRIPrep-style filter file, one key per contrast: ``{"t1w": {"acquisition": "mprage"}, "flair": {...}}``;
+    returns {suffix: filters} for the keys it has (a key is the suffix in lower case). As in fMRIPrep, ``null``
+    means "the entity is absent" (``{"t1w": {"ceagent": null}}``: no contrast-enhanced T1w) and ``"*"`` "any
+    value"."""
+    from bids.layout import Query
+
     path = Path(path)
     try:
         filters = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise DiscoveryError(f"{path}: cannot read the BIDS filter file ({' '.join(str(exc).split())})") from None
-    if not isinstance(filters, dict) or not isinstance(filters.get("t1w", {}), dict):
+    if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise DiscoveryError(f'{path}: a BIDS filter file is a JSON object like {{"t1w": {{"session": "1"}}}}')
-    return filters.get("t1w", {})
+    special = {None: Query.NONE, "*": Query.ANY}
+    return {c: {k: special.get(v, v) if not isinstance(v, (list, dict)) else v for k, v in filters[c.lower()].items()}
+            for c in CONTRASTS if c.lower() in filters}
 
 
 def _layout(bids_dir, database_dir=None):
@@ -86,10 +105,10 @@ def _layout(bids_dir, database_dir=None):
     except (OSError, ValueError):
         description = {}
     if isinstance(description, dict) and str(description.get("DatasetType", "raw")).lower() == "derivative":
-        # Its T1w images carry desc-/space- entities (fMRIPrep's desc-preproc, space-MNI...): the outputs'
+        # Its images carry desc-/space- entities (fMRIPrep's desc-preproc, space-MNI...): the outputs'
         # names would not be valid BIDS, and their masks exist already.
         raise DiscoveryError(f"{bids_dir}: a BIDS-Derivatives dataset (DatasetType \"derivative\"); "
-                             "bids_skullstrip processes the raw T1w images: give it the raw dataset")
+                             "bids_skullstrip processes the raw images: give it the raw dataset")
     try:
         # The query needs file names only: without the sidecars' metadata, indexing is faster and a broken
         # sidecar of an image that is not selected cannot stop the run (the validator judges the selected).
@@ -101,8 +120,11 @@ def _layout(bids_dir, database_dir=None):
         raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset ({' '.join(str(exc).split())[:200]})") from None
 
 
-def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_filters=None, database_dir=None):
-    """The T1w images to process, sorted; raises DiscoveryError for unknown labels or no images."""
+def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=None, session_labels=None,
+                   bids_filters=None, database_dir=None):
+    """The structural images of the suffixes ``contrasts`` to process, sorted (``StructuralInput``); raises
+    DiscoveryError for unknown labels or no images. ``bids_filters``: {suffix: pybids filters}, as
+    ``load_bids_filters`` gives them."""
     bids_dir = Path(bids_dir).resolve()
     layout = _layout(bids_dir, database_dir)
     subjects = sorted(layout.get_subjects())
@@ -113,8 +135,7 @@ def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_
     if unknown:
         raise DiscoveryError(f"{bids_dir}: participant label(s) not found: {', '.join(unknown)} "
                              f"(available: {', '.join(subjects)})")
-    query = dict(T1W_QUERY, **(bids_filters or {}))
-    query["subject"] = wanted
+    selection = {"subject": wanted}
     if session_labels:
         sessions = sorted({strip_prefix(s, "ses-") for s in session_labels})
         known = set(layout.get_sessions(subject=wanted))
@@ -122,38 +143,44 @@ def collect_t1w(bids_dir, *, participant_labels=None, session_labels=None, bids_
         if missing:
             raise DiscoveryError(f"{bids_dir}: session label(s) not found for the selected participants: "
                                  f"{', '.join(missing)} (available: {', '.join(sorted(known)) or 'none'})")
-        query["session"] = sessions
-    try:
-        files = layout.get(return_type="file", **query)
-    except Exception as exc:
-        raise DiscoveryError(f"{bids_dir}: invalid BIDS query ({' '.join(str(exc).split())[:200]})") from None
-    found = [T1wInput.from_path(f, bids_dir) for f in sorted(files)]
+        selection["session"] = sessions
+    files = []
+    for suffix in contrasts:
+        query = dict(ANAT_QUERY, **(bids_filters or {}).get(suffix, {}), suffix=suffix, **selection)
+        try:
+            files += layout.get(return_type="file", **query)
+        except Exception as exc:
+            raise DiscoveryError(f"{bids_dir}: invalid BIDS query for {suffix} "
+                                 f"({' '.join(str(exc).split())[:200]})") from None
+    found = [StructuralInput.from_path(f, bids_dir) for f in sorted(set(files))]
     if not found:
-        others = layout.get(return_type="file", **dict(query, suffix=["UNIT1", "MP2RAGE", "T1map"]))
-        seen = f" (it has {len(others)} UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w)" if others else ""
-        raise DiscoveryError(f"{bids_dir}: no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for "
+        names = "/".join(contrasts)
+        others = layout.get(return_type="file", **dict(ANAT_QUERY, suffix=["UNIT1", "MP2RAGE", "T1map"], **selection))
+        seen = (f" (it has {len(others)} UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes "
+                f"{', '.join(CONTRASTS)})") if others else ""
+        raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{names}.nii[.gz]) for "
                              f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
                              + seen)
     return found
 
 
-def missing_content(t1w):
-    """Why the content of ``t1w`` cannot be read although its name is in the dataset, or None.
+def missing_content(image):
+    """Why the content of ``image`` cannot be read although its name is in the dataset, or None.
 
     A DataLad dataset after ``datalad clone`` without ``datalad get`` has every file as a symbolic link
     into ``.git/annex/objects`` that dangles until its content is fetched; the images that are present
     are processed and each missing one is reported on its own."""
-    path = t1w.path
+    path = image.path
     if not path.is_symlink() or path.exists():
         return None
     target = os.readlink(path)
     if ".git/annex/objects" in Path(target).as_posix():
-        return f"{t1w.relpath}: git-annex content not present: run `datalad get {t1w.relpath}` in the dataset"
-    return f"{t1w.relpath}: broken symbolic link (its target {target} does not exist)"
+        return f"{image.relpath}: git-annex content not present: run `datalad get {image.relpath}` in the dataset"
+    return f"{image.relpath}: broken symbolic link (its target {target} does not exist)"
 
 
 def _read_by_run(issue, reads):
-    """Does a validator issue concern what the run reads: the selected T1w images and their sidecars (also
+    """Does a validator issue concern what the run reads: the selected images and their sidecars (also
     the ones they inherit from the top level), and ``dataset_description.json`` as a JSON object?
 
     Other files at the top level (stray files, ``participants.tsv``) are not read; a field of
@@ -165,9 +192,10 @@ def _read_by_run(issue, reads):
         return True
     if location == "dataset_description.json":
         return issue.get("code") != "JSON_SCHEMA_VALIDATION_ERROR"
+    stems = {r[: r.rindex(".nii")] for r in reads}  # e.g. sub-01/anat/sub-01_FLAIR
     if not location.startswith("sub-"):
-        return "/" not in location and (location == "T1w.json" or location.endswith("_T1w.json"))
-    stems = {r[: r.rindex("_T1w.nii")] + "_T1w" for r in reads}
+        suffixes = {stem.rsplit("_", 1)[-1] for stem in stems}
+        return "/" not in location and location.endswith(".json") and location[:-5].rsplit("_", 1)[-1] in suffixes
     return location.split(".", 1)[0] in stems
 
 
@@ -190,7 +218,7 @@ def validator_issues(bids_dir):
 
 
 def validate_dataset(bids_dir, *, reads=None):
-    """Run the BIDS validator as fMRIPrep does, scoped to what the run reads (``reads``: the selected T1w
+    """Run the BIDS validator as fMRIPrep does, scoped to what the run reads (``reads``: the selected images'
     relpaths; None: everything). Returns (error messages, number of errors ignored because they concern
     files the run does not read: other participants, other modalities, stray top-level files)."""
     errors = [i for i in validator_issues(bids_dir) if i.get("severity") == "error"]

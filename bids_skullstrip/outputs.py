@@ -1,6 +1,17 @@
-"""The one place that knows BIDS-Derivatives names, sidecars and ``dataset_description.json``: the paths
-of the outputs of a raw T1w (``derivative_path``), and back, the raw T1w of an output (``source_of``) and the
-outputs in a folder (``find_outputs``, pybids on the output dataset).
+"""The one place that knows BIDS-Derivatives names, sidecars and ``dataset_description.json``.
+
+``OUTPUTS`` describes every output kind as data (entities, suffix, extension, data type, sidecar fields); the
+names of a raw image's outputs (``derivative_path``, ``figure_path``), the way back from an output to its raw
+image (``source_of``), the pybids query of an output dataset (``find_outputs``), the sidecars and the group
+tables are all derived from it.
+
+Names follow the nipreps convention for anatomical derivatives: the T1w is the implicit anatomical reference,
+so its outputs carry no ``space-`` (``sub-01_desc-brain_mask.nii.gz``); an output of another contrast whose
+suffix is not the contrast's own (mask, probseg, metrics) names the image it lies on with ``space-<suffix>``
+(``sub-01_space-FLAIR_desc-brain_mask.nii.gz``, as NiBabies names the masks of a T2w reference), and its
+sidecar's ``SpatialReference`` points at that image. Outputs that keep the contrast's suffix need no more
+(``sub-01_desc-preproc_FLAIR.nii.gz``). Every entity of the source (``ses-``, ``acq-``, ``ce-``, ``rec-``,
+``run-``) is kept, so no two inputs share an output name.
 
 Every file is written atomically (temporary sibling + rename). The per-image metrics JSON is written
 last, so its presence marks an image as finished (``is_finished``).
@@ -8,35 +19,79 @@ last, so its presence marks an image as finished (``is_finished``).
 
 import json
 import os
-import re
+from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from . import __version__
 from .nifti import atomic_write_text, tmp_sibling
 
 CODE_URL = "https://github.com/bids-skullstrip/bids-skullstrip"
 BIDS_VERSION = "1.10.0"
+REFERENCE_SUFFIX = "T1w"  # the implicit anatomical reference: its outputs' names carry no space-
 
-# kind -> file name suffix after the source stem (everything before _T1w)
-SUFFIXES = {
-    "mask": "_desc-brain_mask.nii.gz",
-    "preproc": "_desc-preproc_T1w.nii.gz",
-    "brain": "_desc-brain_T1w.nii.gz",
-    "probseg": "_label-brain_probseg.nii.gz",
-    "metrics": "_desc-brain_metrics.json",
+
+@dataclass(frozen=True)
+class Ref:
+    """A sidecar value filled per image: ``raw`` (the source's BIDS URI), another output kind (its URI),
+    ``threshold`` or ``border_mm`` (the run's settings)."""
+    name: str
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    entities: tuple  # (entity, value) pairs after the source's own (and after space-, where there is one)
+    suffix: str | None  # None: the source's suffix (the image itself, processed)
+    extension: str
+    dtype: type | None = None  # data type of an image output (None: not an image)
+    required: bool = True  # False: only with --save-probseg
+    sidecar: dict = field(default_factory=dict)  # sidecar fields, Ref values filled per image
+
+
+OUTPUTS = {
+    "mask": OutputKind((("desc", "brain"),), "mask", ".nii.gz", np.uint8, sidecar={
+        "Type": "Brain", "Sources": [Ref("raw")], "SpatialReference": Ref("raw"),
+        "Description": "Brain mask from the bundled networks (locator + segmenter U-Nets): probability >= "
+                       "Threshold, largest component, holes filled, grown/shrunk by BorderMM.",
+        "Threshold": Ref("threshold"), "BorderMM": Ref("border_mm")}),
+    "preproc": OutputKind((("desc", "preproc"),), None, ".nii.gz", np.float32, sidecar={
+        "SkullStripped": False, "Sources": [Ref("raw")],
+        "Description": "N4 bias-field corrected {contrast} (ANTs N4, field estimated at low resolution inside "
+                       "the brain mask), on the native grid."}),
+    "brain": OutputKind((("desc", "brain"),), None, ".nii.gz", np.float32, sidecar={
+        "SkullStripped": True, "Sources": [Ref("preproc"), Ref("mask")],
+        "Description": "N4 bias-field corrected {contrast} multiplied by the brain mask."}),
+    "probseg": OutputKind((("label", "brain"),), "probseg", ".nii.gz", np.float32, required=False, sidecar={
+        "Sources": [Ref("raw")], "SpatialReference": Ref("raw"),
+        "Description": "Brain probability from the bundled networks (locator + segmenter U-Nets), native grid."}),
+    "metrics": OutputKind((("desc", "brain"),), "metrics", ".json"),
 }
-# figure -> file name suffix: the mask over the T1w, and the skull-stripped T1w on the same layout
-FIGURE_SUFFIXES = {"mask": "_desc-brain_mask.svg", "brain": "_desc-brain_T1w.svg"}
-BIDSIGNORE = ["*.html", "figures", "*_metrics.json", "group_T1w.tsv", "logs"]  # "figures/" is not enough for the validator
+FIGURES = ("mask", "brain")  # reportlets, named as these outputs with .svg: the mask over the image, the stripped image
+FIGURE_EXTENSION = ".svg"
+FAILURES_DIR = "logs/failed"  # <out>/logs/failed/<source name>.json: images whose last run failed (group rows)
+# "figures/" is not enough for the validator; group_<suffix>.tsv are the group tables
+BIDSIGNORE = ["*.html", "figures", "*_metrics.json", "group_*.tsv", "logs"]
 
 
-def derivative_path(output_dir, t1w, kind):
-    """``<out>/sub-X/[ses-Y/]anat/<stem><suffix>`` for an output ``kind`` of the T1w input ``t1w``."""
-    return Path(output_dir) / t1w.anat_dir / f"{t1w.stem}{SUFFIXES[kind]}"
+def _tail(kind, suffix, extension=None):
+    """What follows the source's entities in the name of output ``kind`` of a ``suffix`` image."""
+    spec = OUTPUTS[kind]
+    entities = list(spec.entities)
+    if spec.suffix is not None and suffix != REFERENCE_SUFFIX:
+        entities.insert(0, ("space", suffix))
+    return "".join(f"_{k}-{v}" for k, v in entities) + f"_{spec.suffix or suffix}" + (extension or spec.extension)
 
 
-def figure_path(output_dir, t1w, kind="mask"):
-    return Path(output_dir) / f"sub-{t1w.subject}" / "figures" / f"{t1w.stem}{FIGURE_SUFFIXES[kind]}"
+def derivative_path(output_dir, image, kind):
+    """``<out>/sub-X/[ses-Y/]anat/<name>`` of output ``kind`` of the raw image ``image`` (a StructuralInput)."""
+    return Path(output_dir) / image.anat_dir / (image.stem + _tail(kind, image.suffix))
+
+
+def figure_path(output_dir, image, kind="mask"):
+    """``<out>/sub-X/figures/<name>.svg``: the reportlet named as output ``kind`` (one of ``FIGURES``)."""
+    return Path(output_dir) / f"sub-{image.subject}" / "figures" / (image.stem + _tail(kind, image.suffix,
+                                                                                         FIGURE_EXTENSION))
 
 
 def parse_name(name):
@@ -47,73 +102,89 @@ def parse_name(name):
 
 
 def source_of(output_file):
-    """The raw T1w input (``discovery.T1wInput``, located by its name) that an output file was made from."""
-    from .discovery import T1wInput
+    """The raw image (``discovery.StructuralInput``, located by its name) an output file was made from: the
+    output's own suffix where the kind keeps it, its ``space-`` otherwise (none: the T1w)."""
+    from .discovery import CONTRASTS, StructuralInput
 
     name = Path(output_file).name
-    suffix = next((s for s in (*SUFFIXES.values(), *FIGURE_SUFFIXES.values(), ".json") if name.endswith(s)), None)
-    if suffix is None or "sub-" not in name:
-        raise ValueError(f"{output_file}: not a bids_skullstrip output name")
-    return T1wInput.from_path(name[: -len(suffix)] + "_T1w.nii.gz")
+    entities = parse_name(name)
+    for kind, spec in OUTPUTS.items():
+        suffix = entities.get("suffix") if spec.suffix is None else entities.get("space", REFERENCE_SUFFIX)
+        if suffix not in CONTRASTS:
+            continue
+        for extension in (spec.extension, FIGURE_EXTENSION, ".json"):
+            tail = _tail(kind, suffix, extension)
+            if name.endswith(tail) and name.startswith("sub-") and len(name) > len(tail):
+                return StructuralInput.from_path(f"{name[: -len(tail)]}_{suffix}.nii.gz")
+    raise ValueError(f"{output_file}: not a bids_skullstrip output name")
 
 
-def find_outputs(output_dir, kind, participant=None):
-    """The output files of ``kind`` (a key of ``SUFFIXES``) in ``output_dir``, sorted: pybids' query of the
-    output dataset by the entities of the name ``derivative_path`` gives them."""
+def find_outputs(output_dir, kind, participant=None, suffix=None):
+    """The output files of ``kind`` (a key of ``OUTPUTS``) in ``output_dir``, sorted: pybids' query of the
+    output dataset by the entities ``OUTPUTS`` gives them; only those of ``suffix`` images where given."""
+    import re
+
     from bids import BIDSLayout, BIDSLayoutIndexer
+    from bids.layout import Query
+
+    from .discovery import CONTRASTS
 
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    query = {k: v for k, v in parse_name(f"sub-x{SUFFIXES[kind]}").items() if k != "subject"}
+    spec = OUTPUTS[kind]
+    query = {"datatype": "anat", "extension": spec.extension, **dict(spec.entities),
+             "suffix": spec.suffix or (suffix or list(CONTRASTS))}
+    if spec.suffix is not None and suffix is not None:
+        query["space"] = Query.NONE if suffix == REFERENCE_SUFFIX else suffix
     # only the participant's own folder is indexed: a report per participant then reads one folder, not
     # the whole output dataset each time
     ignore = [re.compile(r"/\.")]  # hidden: a temporary file of a write in progress (pybids' own default)
     if participant is not None:
         ignore.append(re.compile(r"^/(?!sub-" + re.escape(str(participant)) + r"(/|$))"))
-    if participant is not None:
         query["subject"] = str(participant)
     layout = BIDSLayout(output_dir, validate=False, config=["bids", "derivatives"], is_derivative=True,
                         indexer=BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=ignore))
-    return sorted(Path(f) for f in layout.get(return_type="file", datatype="anat", **query))
+    return sorted(Path(f) for f in layout.get(return_type="file", **query))
 
 
 def required_kinds(save_probseg):
-    return [k for k in SUFFIXES if k != "probseg" or save_probseg]
+    return [k for k, spec in OUTPUTS.items() if spec.required or save_probseg]
 
 
-FAILURES_DIR = "logs/failed"  # <out>/logs/failed/<stem>.json: images whose last run failed (for the group level)
+def failure_path(output_dir, image):
+    return Path(output_dir) / FAILURES_DIR / f"{image.name}.json"
 
 
-def failure_path(output_dir, t1w):
-    return Path(output_dir) / FAILURES_DIR / f"{t1w.stem}.json"
-
-
-def record_failure(output_dir, t1w, message):
+def record_failure(output_dir, image, message):
     """Keep a failed image's error where the group level finds it (until the image succeeds)."""
-    path = failure_path(output_dir, t1w)
+    path = failure_path(output_dir, image)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps({"bids_name": t1w.stem, "source": t1w.source_uri, "error": message},
+    atomic_write_text(path, json.dumps({"bids_name": image.stem, "source": image.source_uri, "error": message},
                                        indent=1) + "\n")
 
 
 def recorded_failures(output_dir):
-    """{bids_name: error} of the images whose last run failed."""
-    found = {}
+    """[(StructuralInput, error)] of the images whose last run failed."""
+    from .discovery import StructuralInput
+
+    found = []
     for path in sorted((Path(output_dir) / FAILURES_DIR).glob("*.json")):
         try:
-            found[path.name[: -len(".json")]] = str(json.loads(path.read_text())["error"])
-        except (OSError, ValueError, KeyError, TypeError):
+            record = json.loads(path.read_text())
+            relpath = str(record["source"]).removeprefix("bids:raw:")
+            found.append((StructuralInput.from_path(relpath), str(record["error"])))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return found
 
 
-def clear_failure(output_dir, t1w):
-    failure_path(output_dir, t1w).unlink(missing_ok=True)
+def clear_failure(output_dir, image):
+    failure_path(output_dir, image).unlink(missing_ok=True)
 
 
-def is_finished(output_dir, t1w, *, save_probseg=False):
-    return all(derivative_path(output_dir, t1w, k).is_file() for k in required_kinds(save_probseg))
+def is_finished(output_dir, image, *, save_probseg=False):
+    return all(derivative_path(output_dir, image, k).is_file() for k in required_kinds(save_probseg))
 
 
 def run_settings(*, threshold, border_mm):
@@ -125,52 +196,44 @@ def run_settings(*, threshold, border_mm):
             "locator_sha256": (card.get("locator") or {}).get("sha256"), "software_version": __version__}
 
 
-def read_metrics(output_dir, t1w):
-    """The metrics JSON of ``t1w``'s outputs as a dict; {} where it is missing or unreadable."""
+def read_metrics(output_dir, image):
+    """The metrics JSON of ``image``'s outputs as a dict; {} where it is missing or unreadable."""
     try:
-        metrics = json.loads(derivative_path(output_dir, t1w, "metrics").read_text())
+        metrics = json.loads(derivative_path(output_dir, image, "metrics").read_text())
     except (OSError, ValueError):
         return {}
     return metrics if isinstance(metrics, dict) else {}
 
 
-def qc_flags(output_dir, t1w):
-    """The QC flags recorded in the metrics JSON of ``t1w``'s outputs ([] where there are none)."""
-    flags = read_metrics(output_dir, t1w).get("flags")
+def qc_flags(output_dir, image):
+    """The QC flags recorded in the metrics JSON of ``image``'s outputs ([] where there are none)."""
+    flags = read_metrics(output_dir, image).get("flags")
     return [str(f) for f in flags] if isinstance(flags, list) else []
 
 
-def changed_settings(output_dir, t1w, settings):
-    """The settings the finished outputs of ``t1w`` were made with that differ from ``settings``, as
+def changed_settings(output_dir, image, settings):
+    """The settings the finished outputs of ``image`` were made with that differ from ``settings``, as
     ``{name: (recorded, now)}`` (outputs of a version that recorded nothing count as all different)."""
-    recorded = read_metrics(output_dir, t1w).get("settings")
+    recorded = read_metrics(output_dir, image).get("settings")
     recorded = recorded if isinstance(recorded, dict) else {}
     return {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
 
 
-def sidecar(kind, t1w, *, threshold=None, border_mm=None):
-    """The JSON sidecar of a NIfTI output."""
-    raw = t1w.source_uri
-    mask_uri = f"bids::{(t1w.anat_dir / (t1w.stem + SUFFIXES['mask'])).as_posix()}"
-    if kind == "mask":
-        return {"Type": "Brain", "Sources": [raw], "SpatialReference": raw,
-                "Description": "Brain mask from the bundled networks (locator + segmenter U-Nets): "
-                               "probability >= Threshold, largest "
-                               "component, holes filled, grown/shrunk by BorderMM.",
-                "Threshold": threshold, "BorderMM": border_mm}
-    if kind == "preproc":
-        return {"SkullStripped": False, "Sources": [raw],
-                "Description": "N4 bias-field corrected T1w (ANTs N4, field estimated at low resolution "
-                               "inside the brain mask), on the native grid."}
-    if kind == "brain":
-        preproc_uri = f"bids::{(t1w.anat_dir / (t1w.stem + SUFFIXES['preproc'])).as_posix()}"
-        return {"SkullStripped": True, "Sources": [preproc_uri, mask_uri],
-                "Description": "N4 bias-field corrected T1w multiplied by the brain mask."}
-    if kind == "probseg":
-        return {"Sources": [raw], "SpatialReference": raw,
-                "Description": "Brain probability from the bundled networks (locator + segmenter U-Nets), "
-                               "native grid."}
-    raise KeyError(kind)
+def sidecar(kind, image, *, threshold=None, border_mm=None):
+    """The JSON sidecar of a NIfTI output: ``OUTPUTS[kind].sidecar`` filled for ``image`` and the settings."""
+    def uri(k):
+        return f"bids::{derivative_path('', image, k).as_posix()}"
+
+    refs = {"raw": image.source_uri, "threshold": threshold, "border_mm": border_mm}
+
+    def fill(value):
+        if isinstance(value, Ref):
+            return refs[value.name] if value.name in refs else uri(value.name)
+        if isinstance(value, list):
+            return [fill(v) for v in value]
+        return value.format(contrast=image.suffix) if isinstance(value, str) else value
+
+    return {k: fill(v) for k, v in OUTPUTS[kind].sidecar.items()}
 
 
 def sidecar_path(nifti_path):
@@ -206,7 +269,7 @@ def dataset_description(bids_dir):
         generated_by["Container"] = container
     raw_uri = Path(bids_dir).resolve().as_uri()
     description = {
-        "Name": "bids_skullstrip: brain masks and skull-stripped T1w images",
+        "Name": "bids_skullstrip: brain masks and skull-stripped structural images",
         "BIDSVersion": BIDS_VERSION,
         "DatasetType": "derivative",
         "GeneratedBy": [generated_by],
@@ -221,11 +284,13 @@ def dataset_description(bids_dir):
 
 README_TEXT = """# bids_skullstrip derivatives
 
-Brain masks (`*_desc-brain_mask.nii.gz`), skull-stripped (`*_desc-brain_T1w.nii.gz`) and N4 bias-corrected
-(`*_desc-preproc_T1w.nii.gz`) T1-weighted images of the raw dataset named in `dataset_description.json`
-(`DatasetLinks.raw`), on the exact voxel grid of each raw image, with QC measures (`*_desc-brain_metrics.json`)
-and reports (`sub-<label>.html`, `group_T1w.html`). `logs/CITATION.md` describes the methods, with software
-versions and references.
+Brain masks (`*_desc-brain_mask.nii.gz`), skull-stripped (`*_desc-brain_<suffix>.nii.gz`) and N4 bias-corrected
+(`*_desc-preproc_<suffix>.nii.gz`) structural images (T1w, and T2w, FLAIR, PDw... where asked for) of the raw
+dataset named in `dataset_description.json` (`DatasetLinks.raw`), on the exact voxel grid of each raw image,
+with QC measures (`*_desc-brain_metrics.json`) and reports (`sub-<label>.html`, `group_<suffix>.html`).
+Outputs of a T1w carry no `space-` entity; a mask, probability map or metrics file of another contrast names
+the image it lies on with `space-<suffix>` (`sub-01_space-FLAIR_desc-brain_mask.nii.gz`).
+`logs/CITATION.md` describes the methods, with software versions and references.
 """
 
 

@@ -200,7 +200,7 @@ def _record(output_dir, t1w, threshold, border_mm, sha256):
 
 def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_path):
     from bids_skullstrip import __version__, outputs
-    from bids_skullstrip.discovery import collect_t1w
+    from bids_skullstrip.discovery import collect_images
     from bids_skullstrip.reports.boilerplate import write_boilerplate
 
     card, out = ModelCard.load(), tmp_path / "out"
@@ -214,7 +214,7 @@ def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_pa
     assert f"on a {card.voxel_mm:g} mm grid" in first and "public T1w heads" in first
 
     # three images at 0.7 (an earlier run for everyone), one redone at the default afterwards
-    t1ws = collect_t1w(SAMPLE)
+    t1ws = collect_images(SAMPLE)
     for t1w in t1ws[:3]:
         _record(out, t1w, 0.7, 0.0, card.sha256)
     _record(out, t1ws[3], 0.55, 2.0, card.sha256)
@@ -227,12 +227,12 @@ def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_pa
 
 def test_the_methods_text_names_weights_that_are_not_the_bundled_ones(tmp_path):
     from bids_skullstrip import outputs
-    from bids_skullstrip.discovery import collect_t1w
+    from bids_skullstrip.discovery import collect_images
     from bids_skullstrip.reports.boilerplate import write_boilerplate
 
     out = tmp_path / "out"
     outputs.init_output_dir(out, SAMPLE)
-    for t1w in collect_t1w(SAMPLE):
+    for t1w in collect_images(SAMPLE):
         _record(out, t1w, 0.5, 0.0, "ab" * 32)
     text = write_boilerplate(out, threshold=0.55, border_mm=0.0)[0].read_text()
     assert f"weights (sha256 `{'ab' * 32}`) are not the ones bundled" in text and "thresholded at 0.5," in text

@@ -4,6 +4,7 @@ model, on ``data/sample_bids`` and on real heads from ``../shared/data``.
 One participant-level run and one group-level run are shared by the checks of this module.
 """
 
+import csv
 import hashlib
 import json
 import os
@@ -220,3 +221,130 @@ def test_real_heads_dice(tmp_path):
         scores[head] = dice(np.asanyarray(mask.dataobj) > 0, np.asanyarray(ref.dataobj) > 0)
     print("Dice vs silver masks on real val heads through the app:", {k: round(v, 4) for k, v in scores.items()})
     assert min(scores.values()) >= 0.92, scores
+
+
+# ------------------------------------------------------------------- every contrast (--contrasts all)
+CONTRASTS_DATA = REPO.parent / "shared" / "data" / "contrasts"
+# raw name in sub-01 -> the real image of ../shared/data/contrasts it is. One MS patient (p01): session 1's T1w,
+# T2w and FLAIR as themselves; two STAND-INS, as `contrasts` holds neither a post-gadolinium T1w nor a PD: the
+# ce-gadolinium_T1w is session 2's (non-enhanced) T1w and the PDw is session 2's T2w.
+CONTRAST_IMAGES = {
+    "sub-01_T1w.nii.gz": "openms-p01-s1-t1w",
+    "sub-01_T2w.nii.gz": "openms-p01-s1-t2w",
+    "sub-01_FLAIR.nii.gz": "openms-p01-s1-flair",
+    "sub-01_ce-gadolinium_T1w.nii.gz": "openms-p01-s2-t1w",  # stand-in
+    "sub-01_PDw.nii.gz": "openms-p01-s2-t2w",  # stand-in
+}
+
+
+def contrasts_dataset(root):
+    """A raw dataset of real clinical images (symlinks into ../shared, read in place) of every contrast."""
+    bids = root / "bids"
+    anat = bids / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps(
+        {"Name": "contrasts", "BIDSVersion": "1.10.0", "Authors": ["A. Author", "B. Author"]}))
+    for name, case in CONTRAST_IMAGES.items():
+        (anat / name).symlink_to(CONTRASTS_DATA / case / "image.nii.gz")
+    return bids
+
+
+@pytest.fixture(scope="module")
+def contrasts_run(tmp_path_factory):
+    from _ci import skip_unless_present
+
+    skip_unless_present(CONTRASTS_DATA, "../shared/data/contrasts")
+    root = tmp_path_factory.mktemp("contrasts")
+    bids, out = contrasts_dataset(root), root / "out"
+    t0 = time.monotonic()
+    part = app(bids, out, "participant", "--contrasts", "all", "-w", root / "work", "--n-cpus", "2",
+               "--save-probseg")
+    took = time.monotonic() - t0
+    assert part.returncode == 0, f"participant level failed:\n{part.stdout[-4000:]}\n{part.stderr[-4000:]}"
+    group = app(bids, out, "group")
+    assert group.returncode == 0, f"group level failed:\n{group.stdout[-3000:]}\n{group.stderr[-3000:]}"
+    print(f"--contrasts all on {len(CONTRAST_IMAGES)} real clinical images: participant level {took:.0f} s")
+    return {"bids": bids, "out": out, "stdout": part.stdout}
+
+
+def test_every_contrast_is_processed_with_unique_names(contrasts_run):
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+
+    out, anat = contrasts_run["out"], contrasts_run["bids"] / "sub-01" / "anat"
+    images = [StructuralInput.from_path(anat / name, contrasts_run["bids"]) for name in CONTRAST_IMAGES]
+    written = {}
+    for image in images:
+        src = nib.load(image.path)
+        for kind in outputs.OUTPUTS:
+            path = outputs.derivative_path(out, image, kind)
+            assert path.is_file(), path
+            assert path not in written, f"{path.name}: written for {written.get(path)} and {image.name}"
+            written[path] = image.name
+            assert outputs.source_of(path) == StructuralInput.from_path(image.path.name)
+            if path.name.endswith(".nii.gz"):
+                img = nib.load(path)
+                assert img.shape == src.shape and np.array_equal(img.affine, src.affine), path.name
+                assert img.get_data_dtype() == outputs.OUTPUTS[kind].dtype
+        metrics = json.loads(outputs.derivative_path(out, image, "metrics").read_text())
+        assert metrics["source"] == image.source_uri and 900 < metrics["brain_volume_ml"] < 2000, metrics
+    # the T1w keeps today's names; the others' masks name the image they lie on
+    names = {p.name for p in written}
+    assert {"sub-01_desc-brain_mask.nii.gz", "sub-01_desc-preproc_T1w.nii.gz", "sub-01_desc-brain_T1w.nii.gz",
+            "sub-01_label-brain_probseg.nii.gz", "sub-01_desc-brain_metrics.json",
+            "sub-01_space-FLAIR_desc-brain_mask.nii.gz", "sub-01_desc-preproc_FLAIR.nii.gz",
+            "sub-01_ce-gadolinium_desc-brain_mask.nii.gz", "sub-01_space-PDw_label-brain_probseg.nii.gz"} <= names
+    report = (out / "sub-01.html").read_text()
+    assert all(f'id="{image.name}"' in report for image in images)
+
+
+def test_pybids_finds_each_mask_by_its_source_suffix(contrasts_run):
+    from bids import BIDSLayout
+    from bids.layout import Query
+
+    layout = BIDSLayout(contrasts_run["out"], validate=False, config=["bids", "derivatives"], is_derivative=True)
+    for suffix in ("T2w", "FLAIR", "PDw"):
+        found = layout.get(suffix="mask", desc="brain", space=suffix, extension=".nii.gz")
+        assert [f.filename for f in found] == [f"sub-01_space-{suffix}_desc-brain_mask.nii.gz"]
+    t1w = layout.get(suffix="mask", desc="brain", space=Query.NONE, extension=".nii.gz")
+    assert sorted(f.filename for f in t1w) == ["sub-01_ce-gadolinium_desc-brain_mask.nii.gz",
+                                               "sub-01_desc-brain_mask.nii.gz"]
+
+
+def test_every_contrast_passes_the_bids_validator_without_warnings(contrasts_run):
+    from bids_skullstrip.discovery import validator_issues
+
+    issues = validator_issues(contrasts_run["out"])
+    assert issues == [], [(i.get("severity"), i.get("code"), i.get("location")) for i in issues[:10]]
+
+
+def test_a_group_report_per_contrast(contrasts_run):
+    out = contrasts_run["out"]
+    expected = {"T1w": {"sub-01", "sub-01_ce-gadolinium"}, "T2w": {"sub-01"}, "FLAIR": {"sub-01"}, "PDw": {"sub-01"}}
+    for suffix, names in expected.items():
+        with (out / f"group_{suffix}.tsv").open() as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        assert {r["bids_name"] for r in rows} == names and all(r["status"] == "processed" for r in rows)
+        assert f"group report: {suffix}" in (out / f"group_{suffix}.html").read_text()
+    assert not (out / "group_T2starw.tsv").exists()
+
+
+@needs(CONTRASTS_DATA, "../shared/data/contrasts")
+def test_contrasts_and_per_contrast_filters_choose_the_images(tmp_path):
+    from bids_skullstrip.discovery import collect_images, load_bids_filters
+
+    bids = contrasts_dataset(tmp_path)
+
+    def names(**kwargs):
+        return [i.path.name for i in collect_images(bids, **kwargs)]
+
+    assert names() == ["sub-01_T1w.nii.gz", "sub-01_ce-gadolinium_T1w.nii.gz"]  # the default: T1w
+    assert names(contrasts=("T2w", "FLAIR")) == ["sub-01_FLAIR.nii.gz", "sub-01_T2w.nii.gz"]
+    # fMRIPrep's per-suffix keys; null: the entity is absent
+    (tmp_path / "filters.json").write_text(json.dumps({"t1w": {"ceagent": None}, "flair": {"run": 2}}))
+    filters = load_bids_filters(tmp_path / "filters.json")
+    assert names(contrasts=("T1w", "FLAIR", "PDw"), bids_filters=filters) == ["sub-01_PDw.nii.gz", "sub-01_T1w.nii.gz"]
+    res = app(bids, tmp_path / "out", "participant", "--contrasts", "T1w", "T3w")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "bids_skullstrip: error: --contrasts T3w: unknown contrast (one of T1w, T2w, FLAIR, PDw, T2starw or all)"]
+    assert not (tmp_path / "out").exists()

@@ -295,3 +295,45 @@ def test_outputs_of_one_participant_are_found_in_its_folder_only(tmp_path):
     (tmp_path / "sub-01" / "anat" / ".tmp-1-ab-sub-01_desc-brain_metrics.json").write_text("")  # a write in progress
     assert [p.name for p in find_outputs(tmp_path, "metrics", participant="01")] == ["sub-01_desc-brain_metrics.json"]
     assert len(find_outputs(tmp_path, "metrics")) == 3
+
+
+def test_output_names_of_every_contrast_come_from_one_spec(tmp_path):
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+
+    sources = [f"sub-01_ses-1_{rest}.nii.gz" for rest in
+               ("T1w", "ce-gadolinium_T1w", "acq-2d_run-1_T1w", "T2w", "FLAIR", "rec-norm_PDw", "T2starw")]
+    images = [StructuralInput.from_path(name) for name in sources]
+    # the T1w's names are the ones users rely on, unchanged
+    t1w = {kind: outputs.derivative_path("", images[0], kind).as_posix() for kind in outputs.OUTPUTS}
+    assert t1w == {kind: f"sub-01/ses-1/anat/sub-01_ses-1_{tail}" for kind, tail in (
+        ("mask", "desc-brain_mask.nii.gz"), ("preproc", "desc-preproc_T1w.nii.gz"),
+        ("brain", "desc-brain_T1w.nii.gz"), ("probseg", "label-brain_probseg.nii.gz"),
+        ("metrics", "desc-brain_metrics.json"))}
+    flair = images[4]
+    assert outputs.derivative_path("", flair, "mask").name == "sub-01_ses-1_space-FLAIR_desc-brain_mask.nii.gz"
+    assert outputs.derivative_path("", flair, "brain").name == "sub-01_ses-1_desc-brain_FLAIR.nii.gz"
+    assert outputs.figure_path("", flair).name == "sub-01_ses-1_space-FLAIR_desc-brain_mask.svg"
+    assert outputs.sidecar("mask", flair)["SpatialReference"] == "bids:raw:sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz"
+    assert outputs.sidecar("brain", flair)["Sources"] == [
+        "bids::sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_FLAIR.nii.gz",
+        "bids::sub-01/ses-1/anat/sub-01_ses-1_space-FLAIR_desc-brain_mask.nii.gz"]
+    # no two images share a name; every name (sidecars and figures too) leads back to its image
+    names = {}
+    for image in images:
+        paths = [outputs.derivative_path(tmp_path, image, kind) for kind in outputs.OUTPUTS]
+        paths += [outputs.sidecar_path(p) for p in paths if p.name.endswith(".nii.gz")]
+        paths += [outputs.figure_path(tmp_path, image, kind) for kind in outputs.FIGURES]
+        for path in paths:
+            assert path not in names, (path.name, names.get(path), image.name)
+            names[path] = image.name
+            assert outputs.source_of(path).relpath == image.relpath, path.name
+    # the readers find each contrast's outputs by the same spec
+    for path in names:
+        if path.parent.name == "anat":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("")
+    for image in images:
+        assert outputs.find_outputs(tmp_path, "mask", suffix=image.suffix) == sorted(
+            outputs.derivative_path(tmp_path, i, "mask") for i in images if i.suffix == image.suffix)
+    assert len(outputs.find_outputs(tmp_path, "metrics")) == len(images)

@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bids_skullstrip.discovery import collect_t1w
+from bids_skullstrip.discovery import collect_images
 from bids_skullstrip.workflows.base import (
     NODE_MEMORY,
     T1W_OUTPUTS,
@@ -39,8 +39,8 @@ def test_t1w_workflow_is_embeddable_through_its_input_and_output_nodes():
 
 
 def test_graph_has_one_branch_per_t1w_wired_to_one_sink(tmp_path):
-    t1ws = collect_t1w(SAMPLE)
-    wf = init_bids_skullstrip_wf(t1w_inputs=t1ws, output_dir=tmp_path / "out", bids_dir=SAMPLE,
+    t1ws = collect_images(SAMPLE)
+    wf = init_bids_skullstrip_wf(inputs=t1ws, output_dir=tmp_path / "out", bids_dir=SAMPLE,
                                  work_dir=tmp_path / "work", threshold=0.5, border_mm=1.0, save_probseg=True,
                                  omp_nthreads=2)
     edges = _edges(wf)
@@ -49,7 +49,7 @@ def test_graph_has_one_branch_per_t1w_wired_to_one_sink(tmp_path):
     assert len(nodes) == len(t1ws) * (len(NODE_MEMORY) + 4)
     for t1w in t1ws:
         sub = f"bids_skullstrip_wf.sub_{node_name(t1w.subject)}_wf."
-        prefix, ds_prefix = f"{sub}{node_name(t1w.stem)}_wf.", f"{sub}ds_{node_name(t1w.stem)}_wf."
+        prefix, ds_prefix = f"{sub}{node_name(t1w.name)}_wf.", f"{sub}ds_{node_name(t1w.name)}_wf."
         inputnode, strip, n4 = nodes[prefix + "inputnode"], nodes[prefix + "skullstrip"], nodes[prefix + "n4"]
         ds = nodes[ds_prefix + "ds"]
         assert inputnode.inputs.t1w == str(t1w.path) and strip.inputs.threshold == 0.5

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .. import __version__
 
-DESCRIPTION = "bids_skullstrip: the BIDS App. `participant` skull-strips T1w images, `group` writes the group report."
+DESCRIPTION = "bids_skullstrip: the BIDS App. `participant` skull-strips structural images (T1w by default), `group` writes the group report."
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -30,8 +30,12 @@ def build_parser():
                    help="participants to process (with or without sub-); default: all")
     g.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
                    help="sessions (with or without ses-); default: all")
+    g.add_argument("--contrasts", nargs="+", metavar="SUFFIX", default=None,
+                   help="the structural images to skull-strip, by BIDS suffix: T1w, T2w, FLAIR, PDw, T2starw, or all "
+                        "(a contrast-enhanced T1w is a T1w with a ce- entity); default: T1w")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
-                   help='JSON with pybids filters for the T1w query, e.g. {"t1w": {"acquisition": "mprage"}}')
+                   help='JSON with pybids filters per contrast (keys: the suffix in lower case), e.g. '
+                        '{"t1w": {"acquisition": "mprage"}, "flair": {"session": "1"}}')
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run the BIDS validator on the input dataset")
     g.add_argument("--bids-database-dir", type=Path, metavar="DIR",

@@ -19,13 +19,14 @@ log = logging.getLogger("bids_skullstrip")
 
 
 def select_images(config):
-    """The T1w images of the selection, after the BIDS validator has judged the files the run reads."""
-    from ..discovery import DiscoveryError, collect_t1w, load_bids_filters, validate_dataset
+    """The images of the selection, after the BIDS validator has judged the files the run reads."""
+    from ..discovery import DiscoveryError, collect_images, load_bids_filters, validate_dataset
 
     filters = load_bids_filters(config.bids_filter_file) if config.bids_filter_file else None
-    t1ws = collect_t1w(config.bids_dir, participant_labels=config.participant_label or None,
-                       session_labels=config.session_label or None, bids_filters=filters,
-                       database_dir=config.bids_database_dir)
+    t1ws = collect_images(config.bids_dir, contrasts=config.contrasts,
+                          participant_labels=config.participant_label or None,
+                          session_labels=config.session_label or None, bids_filters=filters,
+                          database_dir=config.bids_database_dir)
     if not config.skip_bids_validation:
         errors, ignored = validate_dataset(config.bids_dir, reads=[t.relpath for t in t1ws])
         if ignored:
@@ -105,7 +106,7 @@ def plan(config, t1ws):
     stale = {t: changed for t in done if (changed := outputs.changed_settings(config.output_dir, t, settings))}
     todo = [t for t in t1ws if t not in absent and (t not in done or t in stale)]
     finished = len(done) - len(stale)
-    log.info("bids_skullstrip %s: %d T1w image(s) of %d participant(s); %d already finished%s", __version__,
+    log.info("bids_skullstrip %s: %d image(s) of %d participant(s); %d already finished%s", __version__,
              len(t1ws), len({t.subject for t in t1ws}), finished, " (use --overwrite to redo them)" if finished else "")
     for t1w, changed in stale.items():
         log.info("  redoing %s: its outputs were made with other settings (%s)", t1w.relpath,
@@ -125,7 +126,7 @@ def run_workflow(config, todo):
     if plugin == "MultiProc":
         omp = min(omp, plugin_args["n_procs"])
     execution.check_memory(todo, plugin, plugin_args)
-    wf = init_bids_skullstrip_wf(t1w_inputs=todo, output_dir=config.output_dir, bids_dir=config.bids_dir,
+    wf = init_bids_skullstrip_wf(inputs=todo, output_dir=config.output_dir, bids_dir=config.bids_dir,
                                  work_dir=config.work_dir, threshold=config.threshold, border_mm=config.border_mm,
                                  save_probseg=config.save_probseg, omp_nthreads=omp)
     log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), plugin, config.work_dir)

@@ -1,4 +1,4 @@
-"""Writing BIDS-Derivatives: the sink that turns a T1w's results into named, atomically written files."""
+"""Writing BIDS-Derivatives: the sink that turns a structural image's results into named, atomically written files."""
 
 import json
 import shutil
@@ -17,16 +17,14 @@ from nipype.interfaces.base import (
 )
 
 from .. import outputs
-from ..discovery import T1wInput
+from ..discovery import StructuralInput
 from ..nifti import atomic_file, atomic_save, atomic_write_text, like
-
-_DTYPES = {"mask": np.uint8, "preproc": np.float32, "brain": np.float32, "probseg": np.float32}
 
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     output_dir = Directory(mandatory=True)
     bids_dir = Directory(mandatory=True, desc="the raw dataset (the outputs mirror where the source lies in it)")
-    source_file = File(exists=True, mandatory=True, desc="raw T1w: names and exact grid of the outputs")
+    source_file = File(exists=True, mandatory=True, desc="raw image: names and exact grid of the outputs")
     mask = File(exists=True, mandatory=True)
     preproc = File(exists=True, mandatory=True)
     brain = File(exists=True, mandatory=True)
@@ -48,7 +46,7 @@ class _DerivativesSinkOutputSpec(TraitedSpec):
 
 
 class DerivativesSink(SimpleInterface):
-    """Write every output of one T1w under ``output_dir`` with BIDS-Derivatives names and sidecars.
+    """Write every output of one structural image under ``output_dir`` with BIDS-Derivatives names and sidecars.
 
     Images are rewritten on the raw image's exact grid (shape, affine, qform/sform and codes) whatever
     the intermediate files hold; the metrics JSON is written last and marks the image as finished.
@@ -58,7 +56,7 @@ class DerivativesSink(SimpleInterface):
     output_spec = _DerivativesSinkOutputSpec
 
     def _run_interface(self, runtime):
-        t1w = T1wInput.from_path(self.inputs.source_file, self.inputs.bids_dir)
+        image = StructuralInput.from_path(self.inputs.source_file, self.inputs.bids_dir)
         out_dir = Path(self.inputs.output_dir)
         reference = nib.load(self.inputs.source_file)
         written = []
@@ -66,20 +64,20 @@ class DerivativesSink(SimpleInterface):
             if kind == "metrics":
                 continue
             data = np.asarray(nib.load(getattr(self.inputs, kind)).dataobj)
-            dest = outputs.derivative_path(out_dir, t1w, kind)
-            atomic_save(like(reference, data, _DTYPES[kind]), dest)
-            outputs.write_sidecar(dest, outputs.sidecar(kind, t1w, threshold=self.inputs.threshold,
+            dest = outputs.derivative_path(out_dir, image, kind)
+            atomic_save(like(reference, data, outputs.OUTPUTS[kind].dtype), dest)
+            outputs.write_sidecar(dest, outputs.sidecar(kind, image, threshold=self.inputs.threshold,
                                                         border_mm=self.inputs.border_mm))
             written.append(str(dest))
 
         for kind, source in (("mask", self.inputs.figure), ("brain", self.inputs.brain_figure)):
-            figure = outputs.figure_path(out_dir, t1w, kind)
+            figure = outputs.figure_path(out_dir, image, kind)
             with atomic_file(figure) as tmp:
                 shutil.copyfile(source, tmp)
             written.append(str(figure))
 
-        dest = outputs.derivative_path(out_dir, t1w, "metrics")
-        metrics = {"source": t1w.source_uri, "bids_name": t1w.stem, **self.inputs.geometry,
+        dest = outputs.derivative_path(out_dir, image, "metrics")
+        metrics = {"source": image.source_uri, "bids_name": image.stem, "suffix": image.suffix, **self.inputs.geometry,
                    "warnings": list(self.inputs.warnings),
                    "runtime_s": {**self.inputs.runtime_s, **self.inputs.n4_runtime_s}, **self.inputs.qc,
                    "outputs": [Path(p).relative_to(out_dir).as_posix() for p in written],

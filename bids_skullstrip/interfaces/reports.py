@@ -52,20 +52,20 @@ class _MaskMosaicInputSpec(BaseInterfaceInputSpec):
     in_t1w = File(exists=True, mandatory=True)
     in_mask = File(exists=True, mandatory=True)
     in_probseg = File(exists=True, mandatory=True)
-    source_file = File(mandatory=True, desc="the raw T1w (its BIDS name, or else its file name, is the figure's title)")
+    source_file = File(mandatory=True, desc="the raw image (its BIDS name, or else its file name, is the figure's title)")
 
 
 class _MaskMosaicOutputSpec(TraitedSpec):
-    out_figure = File(exists=True, desc="the T1w with the mask contour and the uncertain band")
-    out_brain_figure = File(exists=True, desc="the skull-stripped T1w, on the same layout")
+    out_figure = File(exists=True, desc="the image with the mask contour and the uncertain band")
+    out_brain_figure = File(exists=True, desc="the skull-stripped image, on the same layout")
 
 
 def _title(source_file):
     """The entities of a BIDS name; any other file (the workflow is embeddable anywhere) by its name."""
-    from ..discovery import T1wInput
+    from ..discovery import StructuralInput
 
     try:
-        return T1wInput.from_path(source_file).stem
+        return StructuralInput.from_path(source_file).name
     except (KeyError, ValueError):
         return os.path.basename(source_file)
 

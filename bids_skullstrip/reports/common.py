@@ -51,7 +51,7 @@ def load_record(path, output_dir):
     """
     path = Path(path)
     output_dir = Path(output_dir)
-    t1w = outputs.source_of(path)
+    image = outputs.source_of(path)
     rec = {}
     error = None
     try:
@@ -61,8 +61,9 @@ def load_record(path, output_dir):
     except (OSError, ValueError) as exc:
         error = f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]})"
         rec = {}
-    rec["bids_name"] = t1w.stem  # the file's name says which image it is, whatever its content says
-    rec["_participant"], rec["_session"] = t1w.subject, t1w.session
+    rec["bids_name"] = image.stem  # the file's name says which image it is, whatever its content says
+    rec["_name"], rec["_suffix"] = image.name, image.suffix
+    rec["_participant"], rec["_session"] = image.subject, image.session
     rec["_metrics_path"] = path
     rec["_error"] = error
     rec["_anat_dir"] = path.parent
@@ -71,10 +72,10 @@ def load_record(path, output_dir):
     rec["flags"] = _strings(rec.get("flags"))
     rec["warnings"] = _strings(rec.get("warnings"))
     rec["_runtime_total"] = runtime_total(rec.get("runtime_s"))
-    figure, brain_figure = (outputs.figure_path(output_dir, t1w, kind) for kind in ("mask", "brain"))
+    figure, brain_figure = (outputs.figure_path(output_dir, image, kind) for kind in outputs.FIGURES)
     rec["_figure"] = figure if figure.exists() else None
     rec["_brain_figure"] = brain_figure if brain_figure.exists() else None
-    rec["_t1w"] = t1w
+    rec["_image"] = image
     model = rec.get("model")
     if isinstance(model, dict):
         sha = str(model.get("sha256") or "")

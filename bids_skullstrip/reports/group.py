@@ -1,5 +1,8 @@
-"""Group report: <out>/group_T1w.tsv (one row per image, MRIQC convention) and <out>/group_T1w.html
-(distributions, sortable table with thumbnails and links to the participant reports, flagged images first)."""
+"""Group report, one per contrast: <out>/group_<suffix>.tsv (one row per image, MRIQC convention) and
+<out>/group_<suffix>.html (distributions, sortable table with thumbnails and links to the participant reports,
+flagged images first): ``group_T1w.*`` for the T1w images (contrast-enhanced ones included, with their
+``ce_id``), ``group_FLAIR.*`` for the FLAIR images, and so on. Each contrast is its own group: its measures
+are compared among images of that contrast only."""
 
 import csv
 import datetime
@@ -19,45 +22,46 @@ from .. import outputs  # noqa: E402
 from .common import (  # noqa: E402
     ReportError, environment, load_record, rel_url, slug)
 
-TSV_NAME = "group_T1w.tsv"
-HTML_NAME = "group_T1w.html"
 FIG_DIR = "figures"  # <out>/figures/ (ignored by .bidsignore's "figures/")
-DIST_NAME = "group_T1w_distributions.svg"
 SKIP_COLUMNS = ("brain_voxels",)
 
 
 def _failed_records(output_dir, processed):
     """Rows for the images whose last participant run failed (``outputs.record_failure``)."""
     rows = []
-    for stem, error in outputs.recorded_failures(output_dir).items():
-        if stem in processed:
+    for image, error in outputs.recorded_failures(output_dir):
+        if image.name in processed:
             continue
-        ent = outputs.parse_name(f"{stem}_T1w.nii.gz")
-        rows.append({"bids_name": stem, "_participant": ent.get("subject", "n/a"), "_session": ent.get("session"),
-                     "_status": "failed", "_error": error, "qc": {}, "flags": [f"failed: {error}"],
-                     "_runtime_total": None, "_figure": None})
+        rows.append({"bids_name": image.stem, "_name": image.name, "_suffix": image.suffix, "_image": image,
+                     "_participant": image.subject, "_session": image.session, "_status": "failed",
+                     "_error": error, "qc": {}, "flags": [f"failed: {error}"], "_runtime_total": None,
+                     "_figure": None})
     return rows
 
 
 def _records(output_dir):
-    paths = outputs.find_outputs(output_dir, "metrics")
-    records = [load_record(p, output_dir) for p in paths]
+    """{suffix: records}, each contrast's flagged by the group rule among its own images."""
+    records = [load_record(p, output_dir) for p in outputs.find_outputs(output_dir, "metrics")]
     for r in records:
         r["_status"] = "processed"
-    failed = _failed_records(output_dir, {r["bids_name"] for r in records})
+    failed = _failed_records(output_dir, {r["_name"] for r in records})
     if not records and not failed:
         raise ReportError(
             f"{output_dir}: no per-image metrics found (sub-*/[ses-*/]anat/*_desc-brain_metrics.json); "
             "run the participant level first")
-    group_flags = qcmod.flag_group([r["qc"] for r in records])
-    for r, flags in zip(records, group_flags):
-        if not r["qc"] and r["_error"]:
-            flags = [r["_error"]]
-        # recomputed flags (current rules + group outliers) first, then any other stored flag
-        r["flags"] = flags + [f for f in r["flags"] if f not in flags]
-    records += failed
-    records.sort(key=lambda r: (r["_status"] != "failed", -len(r["flags"]), r["bids_name"]))
-    return records
+    by_suffix = {}
+    for suffix in sorted({r["_suffix"] for r in records + failed}):
+        processed = [r for r in records if r["_suffix"] == suffix]
+        group_flags = qcmod.flag_group([r["qc"] for r in processed])
+        for r, flags in zip(processed, group_flags):
+            if not r["qc"] and r["_error"]:
+                flags = [r["_error"]]
+            # recomputed flags (current rules + group outliers) first, then any other stored flag
+            r["flags"] = flags + [f for f in r["flags"] if f not in flags]
+        rows = processed + [r for r in failed if r["_suffix"] == suffix]
+        rows.sort(key=lambda r: (r["_status"] != "failed", -len(r["flags"]), r["bids_name"]))
+        by_suffix[suffix] = rows
+    return by_suffix
 
 
 ENTITY_COLUMNS = (("acquisition", "acq_id"), ("ceagent", "ce_id"), ("reconstruction", "rec_id"), ("run", "run_id"))
@@ -93,7 +97,7 @@ def write_tsv(records, path):
         shape = list(r.get("shape") or [None] * 3)[:3] + [None] * 3
         vox = list(r.get("voxel_size_mm") or [None] * 3)[:3] + [None] * 3
         vol = r.get("brain_volume_ml", r["qc"].get("brain_volume_ml"))
-        ent = outputs.parse_name(f"{r['bids_name']}_T1w.nii.gz")
+        ent = outputs.parse_name(r["_image"].path.name)
         row = ([r["bids_name"], f"sub-{r['_participant']}", f"ses-{r['_session']}" if r["_session"] else None]
                + [ent.get(e) for e, _ in ENTITY_COLUMNS] + [r["_status"]]
                + [vol, r.get("brain_voxels", r["qc"].get("brain_voxels"))] + shape[:3] + vox[:3]
@@ -151,47 +155,55 @@ def plot_distributions(records, out_file):
 
 
 def _thumbnail(r, output_dir, fig_dir):
-    """Thumbnail PNG from the preprocessed T1w + mask (cached: redone when the mask is newer)."""
+    """Thumbnail PNG from the preprocessed image + mask (cached: redone when the mask is newer)."""
     from .reportlets import plot_thumbnail
 
-    stem = r["bids_name"]
-    t1w, mask = (outputs.derivative_path(output_dir, r["_t1w"], kind) for kind in ("preproc", "mask"))
-    if not (t1w.exists() and mask.exists()):
+    image, mask = (outputs.derivative_path(output_dir, r["_image"], kind) for kind in ("preproc", "mask"))
+    if not (image.exists() and mask.exists()):
         return None
-    out = fig_dir / f"{stem}_thumb.png"
+    out = fig_dir / f"{r['_name']}_thumb.png"
     try:
-        if not out.exists() or out.stat().st_mtime < max(mask.stat().st_mtime, t1w.stat().st_mtime):
-            plot_thumbnail(t1w, mask, out)
+        if not out.exists() or out.stat().st_mtime < max(mask.stat().st_mtime, image.stat().st_mtime):
+            plot_thumbnail(image, mask, out)
     except Exception:  # a broken image must not stop the group report; the mosaic is used instead
         return None
     return out
 
 
 def write_group_report(output_dir, *, thumbnails=True):
-    """Write ``group_T1w.tsv`` and ``group_T1w.html`` in ``output_dir``; return (tsv_path, html_path).
+    """Write ``group_<suffix>.tsv`` and ``group_<suffix>.html`` in ``output_dir`` for every contrast that has
+    images there; return their paths, (tsv, html) per contrast in turn.
 
     Raises ReportError when no per-image metrics JSON exists.
     """
     output_dir = Path(output_dir)
-    records = _records(output_dir)
+    written = []
+    for suffix, records in _records(output_dir).items():
+        written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails)
+    return written
+
+
+def _write_contrast(output_dir, suffix, records, *, thumbnails):
     fig_dir = output_dir / FIG_DIR
-    tsv_path = write_tsv(records, output_dir / TSV_NAME)
-    dist = plot_distributions(records, fig_dir / DIST_NAME)
+    name = f"group_{suffix}"
+    tsv_path = write_tsv(records, output_dir / f"{name}.tsv")
+    dist = plot_distributions(records, fig_dir / f"{name}_distributions.svg")
     for r in records:
         thumb = _thumbnail(r, output_dir, fig_dir) if thumbnails and r["_status"] == "processed" else None
         thumb = thumb or r["_figure"]
         r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
-        r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['bids_name'])}"
+        r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['_name'])}"
     html = environment().get_template("group.html").render(
         rows=records,
+        contrast=suffix,
         measure_keys=_measure_keys(records),
         n_flagged=sum(1 for r in records if r["flags"]),
         n_participants=len({r["_participant"] for r in records}),
         group_z=len(records) >= qcmod.GROUP_MIN_IMAGES,
         min_group=qcmod.GROUP_MIN_IMAGES,
         dist_url=rel_url(dist, output_dir),
-        tsv_name=TSV_NAME,
+        tsv_name=tsv_path.name,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )
-    html_path = atomic_write_text(output_dir / HTML_NAME, html)
-    return Path(tsv_path), Path(html_path)
+    html_path = atomic_write_text(output_dir / f"{name}.html", html)
+    return [Path(tsv_path), Path(html_path)]

@@ -1,4 +1,5 @@
-"""Participant report: <out>/sub-<label>.html, one section per T1w (summary, mosaic, QC measures + flags)."""
+"""Participant report: <out>/sub-<label>.html, one section per image of every contrast (summary, mosaic, QC
+measures + flags)."""
 
 import datetime
 import os
@@ -37,7 +38,7 @@ def participant_records(output_dir, label):
     records = []
     for path in outputs.find_outputs(output_dir, "metrics", participant=label):
         r = load_record(path, output_dir)
-        r["_anchor"] = slug(r["bids_name"])
+        r["_anchor"] = slug(r["_name"])
         r["_out_keys"] = _out_keys(r["qc"])
         r["_figure_url"] = rel_url(r["_figure"], output_dir) if r["_figure"] else None
         r["_brain_figure_url"] = rel_url(r["_brain_figure"], output_dir) if r["_brain_figure"] else None

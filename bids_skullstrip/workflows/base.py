@@ -1,4 +1,4 @@
-"""The nipype graph: one branch per T1w image, grouped by participant.
+"""The nipype graph: one branch per structural image (T1w, T2w, FLAIR, ...), grouped by participant.
 
     init_t1w_wf:    skullstrip (validate + networks) -> n4 (bias field inside the mask) -> qc, mosaic
     init_ds_t1w_wf: ds (BIDS-Derivatives names, sidecars, the metrics JSON last)
@@ -46,9 +46,9 @@ def node_memory_gb(name, n_voxels):
     return round(fixed + per_voxel * n_voxels / 1e9, 2)
 
 
-def image_memory_gb(t1w):
-    """The most memory one node of ``t1w``'s branch declares: what the run must be allowed at least."""
-    n_voxels = _voxels(t1w.path)
+def image_memory_gb(image):
+    """The most memory one node of ``image``'s branch declares: what the run must be allowed at least."""
+    n_voxels = _voxels(image.path)
     return max(node_memory_gb(name, n_voxels) for name in NODE_MEMORY)
 
 
@@ -139,7 +139,8 @@ T1W_OUTPUTS = ["mask", "probseg", "preproc", "brain", "figure", "brain_figure", 
 
 def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probseg=False, n_voxels=256**3,
                    name="ds_t1w_wf"):
-    """Write what ``init_t1w_wf`` made of ``source_file`` as BIDS-Derivatives under ``output_dir``.
+    """Write what ``init_t1w_wf`` made of ``source_file`` (a raw image of any contrast) as BIDS-Derivatives
+    under ``output_dir``, named by ``outputs.OUTPUTS``.
 
     Inputs: ``source_file`` and every output of ``init_t1w_wf``. Outputs: ``out_files`` (all written).
     ``threshold`` and ``border_mm`` go into the sidecars and the recorded settings.
@@ -156,33 +157,33 @@ def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probs
     return wf
 
 
-def crash_dir(work_dir, t1w):
-    """Where the crash files of ``t1w``'s nodes go: one folder per image, under one per participant."""
-    return Path(work_dir) / "crashes" / f"sub-{t1w.subject}" / t1w.stem
+def crash_dir(work_dir, image):
+    """Where the crash files of ``image``'s nodes go: one folder per image, under one per participant."""
+    return Path(work_dir) / "crashes" / f"sub-{image.subject}" / image.name
 
 
-def init_bids_skullstrip_wf(*, t1w_inputs, output_dir, bids_dir, work_dir, threshold, border_mm=0.0,
+def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold, border_mm=0.0,
                             save_probseg=False, omp_nthreads=1, name="bids_skullstrip_wf"):
-    """The participant level: a sub-workflow per participant holding, per T1w (``discovery.T1wInput``), an
-    ``init_t1w_wf`` and its ``init_ds_t1w_wf``; each image's crash files go to ``crash_dir``."""
+    """The participant level: a sub-workflow per participant holding, per structural image
+    (``discovery.StructuralInput``, any contrast), an ``init_t1w_wf`` and its ``init_ds_t1w_wf``; each image's
+    crash files go to ``crash_dir``."""
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
-    for subject, items in groupby(sorted(t1w_inputs, key=lambda t: (t.subject, t.relpath)),
-                                  key=lambda t: t.subject):
+    for subject, items in groupby(sorted(inputs, key=lambda t: (t.subject, t.relpath)), key=lambda t: t.subject):
         sub_wf = pe.Workflow(name=f"sub_{node_name(subject)}_wf")
-        for t1w in items:
-            n_voxels = _voxels(t1w.path)
+        for image in items:
+            n_voxels = _voxels(image.path)
             image_wf = init_t1w_wf(threshold=threshold, border_mm=border_mm, omp_nthreads=omp_nthreads,
-                                   n_voxels=n_voxels, name=f"{node_name(t1w.stem)}_wf")
-            image_wf.inputs.inputnode.t1w = str(t1w.path)
+                                   n_voxels=n_voxels, name=f"{node_name(image.name)}_wf")
+            image_wf.inputs.inputnode.t1w = str(image.path)
             ds_wf = init_ds_t1w_wf(output_dir=output_dir, bids_dir=bids_dir, threshold=threshold,
                                    border_mm=border_mm, save_probseg=save_probseg, n_voxels=n_voxels,
-                                   name=f"ds_{node_name(t1w.stem)}_wf")
+                                   name=f"ds_{node_name(image.name)}_wf")
             sub_wf.connect([
                 (image_wf, ds_wf, [("inputnode.t1w", "inputnode.source_file")]
                  + [(f"outputnode.{field}", f"inputnode.{field}") for field in T1W_OUTPUTS]),
             ])
             # nipype takes a node's crash folder from the node's own config, not from its workflow's
             for node in (*image_wf._graph.nodes(), *ds_wf._graph.nodes()):
-                node.config = {"execution": {"crashdump_dir": str(crash_dir(work_dir, t1w))}}
+                node.config = {"execution": {"crashdump_dir": str(crash_dir(work_dir, image))}}
         wf.add_nodes([sub_wf])
     return wf
