@@ -26,6 +26,7 @@ def _run_embedded(t1w, work_dir, **options):
     """``init_t1w_wf`` inside a parent workflow, fed by the parent's own node, run with the Linear plugin;
     returns the mask, figure and QC record the parent's next node received."""
     parent = pe.Workflow(name="my_pipeline", base_dir=str(work_dir))
+    parent.config["execution"]["crashdump_dir"] = str(work_dir)  # a failure leaves its crash file there, not in cwd
     source = pe.Node(niu.IdentityInterface(fields=["anat"]), name="source")
     source.inputs.anat = str(t1w)
     collect = pe.Node(niu.Merge(3), name="collect")  # not an identity node: nipype keeps it in the graph
