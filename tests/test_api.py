@@ -270,3 +270,28 @@ def test_the_readme_accuracy_table_quotes_the_model_card():
     for tool in ("deepbet", "ROBEX", "HD-BET", "SynthStrip"):
         assert tool in section
     assert "foramen magnum" in readme and "docker build -t bids_skullstrip ." in readme
+
+
+def _section(doc, title):
+    """The names a numpydoc section lists (its unindented lines, split at commas), up to the next section."""
+    import inspect
+
+    lines = inspect.cleandoc(doc).splitlines() + [""]
+    names = []
+    for i in range(lines.index(title) + 2, len(lines) - 1):  # after the title and its underline
+        if set(lines[i + 1]) == {"-"}:
+            break
+        if lines[i] and not lines[i].startswith(" "):
+            names += [n.strip().split(" :")[0] for n in lines[i].split(",")]
+    return names
+
+
+def test_the_workflow_factories_document_every_input_and_output():
+    from bids_skullstrip.workflows.base import T1W_OUTPUTS, init_ds_t1w_wf
+
+    wf = init_t1w_wf()
+    assert set(_section(init_t1w_wf.__doc__, "Inputs")) == set(wf.get_node("inputnode").inputs.copyable_trait_names())
+    assert set(_section(init_t1w_wf.__doc__, "Outputs")) == set(T1W_OUTPUTS)
+    ds = init_ds_t1w_wf(output_dir="/out", bids_dir="/bids", threshold=0.5)
+    assert set(_section(init_ds_t1w_wf.__doc__, "Inputs")) == set(ds.get_node("inputnode").inputs.copyable_trait_names())
+    assert _section(init_ds_t1w_wf.__doc__, "Outputs") == ["out_files"]

@@ -142,8 +142,30 @@ def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probs
     """Write what ``init_t1w_wf`` made of ``source_file`` (a raw image of any contrast) as BIDS-Derivatives
     under ``output_dir``, named by ``outputs.OUTPUTS``.
 
-    Inputs: ``source_file`` and every output of ``init_t1w_wf``. Outputs: ``out_files`` (all written).
-    ``threshold`` and ``border_mm`` go into the sidecars and the recorded settings.
+    Parameters
+    ----------
+    output_dir, bids_dir : str or Path
+        The derivatives dataset to write into, and the raw dataset ``source_file`` belongs to.
+    threshold, border_mm : float
+        The settings the mask was made with: written into the sidecars and the recorded settings.
+    save_probseg : bool
+        Also write the brain probability map.
+    n_voxels : int
+        Voxels of the image: sizes the memory the sink declares.
+    name : str
+        The workflow's name.
+
+    Inputs
+    ------
+    source_file
+        The raw image, inside ``bids_dir`` (its BIDS name gives the outputs' names).
+    mask, probseg, preproc, brain, figure, brain_figure, geometry, warnings, runtime_s, n4_runtime_s, qc
+        The outputs of ``init_t1w_wf``.
+
+    Outputs
+    -------
+    out_files
+        Every file written (the metrics JSON last: its presence marks the image as finished).
     """
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", *T1W_OUTPUTS]), name="inputnode")
@@ -166,7 +188,20 @@ def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold
                             save_probseg=False, omp_nthreads=1, name="bids_skullstrip_wf"):
     """The participant level: a sub-workflow per participant holding, per structural image
     (``discovery.StructuralInput``, any contrast), an ``init_t1w_wf`` and its ``init_ds_t1w_wf``; each image's
-    crash files go to ``crash_dir``."""
+    crash files go to ``crash_dir``.
+
+    Parameters
+    ----------
+    inputs : list of discovery.StructuralInput
+        The images to process (``discovery.collect_images``).
+    output_dir, bids_dir, work_dir : str or Path
+        The derivatives dataset, the raw dataset and nipype's work folder.
+    threshold, border_mm, save_probseg, omp_nthreads
+        As for ``init_t1w_wf`` and ``init_ds_t1w_wf``.
+
+    The workflow has no input or output node: every image's path is set on its branch, and what it makes is
+    written under ``output_dir``.
+    """
     wf = pe.Workflow(name=name, base_dir=str(work_dir))
     for subject, items in groupby(sorted(inputs, key=lambda t: (t.subject, t.relpath)), key=lambda t: t.subject):
         sub_wf = pe.Workflow(name=f"sub_{node_name(subject)}_wf")
