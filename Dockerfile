@@ -33,7 +33,7 @@ RUN pip install --no-cache-dir -r /tmp/requirements.lock
 RUN rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include \
  && find /opt/venv/lib/python3*/site-packages -depth -type d -name tests -exec rm -rf {} + \
  && python -m compileall -q -j 0 /opt/venv/lib/python3*/site-packages >/dev/null \
- && python -c "import tensorflow, ants, nipype, bids, nibabel, matplotlib, scipy, jinja2, psutil, pandas, sklearn" \
+ && python -c "import openvino, onnx, tensorflow, ants, nipype, bids, nibabel, matplotlib, scipy, jinja2, psutil, pandas, sklearn" \
  && bids-validator-deno --version >/dev/null
 
 # --------------------------------------------------------------------------------------- runtime

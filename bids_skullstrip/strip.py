@@ -91,7 +91,7 @@ def check_threshold(threshold):
 
 
 def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=None, threshold=None, border_mm=0.0,
-                    stripper=None, warm_up=None):
+                    stripper=None):
     """Skull-strip one image file and write the outputs asked for, on the input's exact grid.
 
     Parameters
@@ -109,9 +109,6 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         Grow (> 0) or shrink (< 0) the mask by this distance.
     stripper : Skullstripper, optional
         A predictor already set up (instead of ``weights``), to strip many files with one.
-    warm_up : threading.Thread, optional
-        A thread preparing the networks (``inference.prepare_network``), joined once the image is read:
-        a cold start overlaps the reading.
 
     Returns
     -------
@@ -135,8 +132,6 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         img, data = load_t1w(in_file)
     doubts = [str(w.message) for w in caught] + [f"{in_file}: {m}" for m in geometry_warnings(img)]
     timings = {"load": time.perf_counter() - t}
-    if warm_up is not None:
-        warm_up.join()  # so that the core's time is the skull-strip itself
 
     t = time.perf_counter()
     result = stripper.mask(data, img.affine, threshold=threshold, border_mm=border_mm)

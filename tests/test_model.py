@@ -218,9 +218,64 @@ def test_single_stage_weights_of_earlier_versions_are_refused_with_one_line(tmp_
 
 
 def test_the_networks_are_loaded_once_however_the_weights_are_named():
-    """The single-file CLI warms the networks up in a thread while it reads the image; a second load under
-    another spelling of the same file would build and trace both networks again (a second of every run)."""
-    from bids_skullstrip.model.inference import WEIGHTS_FILE, load_model
-    from bids_skullstrip.model.predictor import Skullstripper
+    """A second load under another spelling of the same file would compile both networks again."""
+    from bids_skullstrip.model.inference import WEIGHTS_FILE, load_networks
 
-    assert load_model() is load_model(None) is load_model(str(WEIGHTS_FILE)) is Skullstripper().networks
+    assert load_networks() is load_networks(None) is load_networks(str(WEIGHTS_FILE)) is Skullstripper().networks
+
+
+# ---------------------------------------------------------------------------------------------------
+# the inference runtime: the shipped ONNX export in OpenVINO, TensorFlow the reference
+def test_the_shipped_onnx_export_is_the_export_of_the_shipped_weights():
+    """New weights shipped without ``python -m bids_skullstrip.model.export`` would leave the old export beside
+    them (the checksum in model.json would then send every run to the TensorFlow fallback)."""
+    import hashlib
+
+    from bids_skullstrip.model.export import onnx_bytes
+    from bids_skullstrip.model.inference import WEIGHTS_DIR, load_model, model_card
+
+    card, networks = model_card(), load_model()
+    for entry, network in ((card, networks.segmenter), (card["locator"], networks.locator)):
+        data = onnx_bytes(network, entry["architecture"] if entry is not card else card["architecture"])
+        assert hashlib.sha256(data).hexdigest() == entry["onnx"]["sha256"]
+        assert (WEIGHTS_DIR / entry["onnx"]["file"]).read_bytes() == data
+
+
+REFERENCE_HEADS = [HEADS / "ds000011-sub-13" / "T1w.nii.gz", HEADS / "nichart-trio-mprage" / "T1w.nii.gz",
+                   HEADS.parent / "contrasts" / "openms-p01-s1-flair" / "image.nii.gz"]
+
+
+@needs(REFERENCE_HEADS[0], "the shared heads")
+@pytest.mark.parametrize("path", REFERENCE_HEADS, ids=lambda p: p.parent.name)
+def test_the_default_runtime_gives_tensorflows_probabilities_and_masks(path):
+    """A validation head, a wide-field wild head and a FLAIR (bench/studies/runtimes.py --dice: every head of
+    every split, Dice >= 0.99999 against TensorFlow)."""
+    from bids_skullstrip.model.inference import OnnxNetwork, load_networks
+
+    img = nib.load(str(path))
+    data = np.asarray(img.dataobj, np.float32)
+    served = Skullstripper()
+    assert isinstance(served.networks.segmenter, OnnxNetwork)
+    reference = Skullstripper(networks=load_networks(runtime="tensorflow"))
+    got, want = served.mask(data, img.affine), reference.mask(data, img.affine)
+    assert np.abs(got.probability - want.probability).max() < 1e-3
+    assert compare_masks(got.mask, want.mask, voxel_sizes(img.affine))["dice"] >= 0.999
+
+
+@pytest.mark.parametrize("fault", ["missing", "changed"])
+def test_without_a_matching_export_the_networks_run_in_tensorflow_with_one_warning(tmp_path, caplog, fault):
+    import keras
+
+    from bids_skullstrip.model.inference import WEIGHTS_DIR, load_networks
+
+    for f in WEIGHTS_DIR.iterdir():
+        if f.is_file():
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    if fault == "missing":
+        (tmp_path / "unet.onnx").unlink()
+    else:
+        (tmp_path / "locator.onnx").write_bytes((tmp_path / "locator.onnx").read_bytes() + b"\0")
+    networks = load_networks(tmp_path / "unet.weights.h5")
+    assert isinstance(networks.segmenter, keras.Model) and isinstance(networks.locator, keras.Model)
+    [record] = caplog.records
+    assert "no ONNX export matching model.json" in record.getMessage() and "\n" not in record.getMessage()

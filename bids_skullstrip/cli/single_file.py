@@ -5,10 +5,8 @@
 """
 
 import argparse
-import contextlib
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -43,55 +41,25 @@ def build_parser():
     return p
 
 
-def _quietly(function, *args):
-    """Run a warm-up in a thread; a failure shows up again, with its message, when the main thread
-    needs the same thing."""
-    try:
-        function(*args)
-    except Exception:  # noqa: BLE001 - reported by the main thread's own attempt
-        pass
-
-
-@contextlib.contextmanager
-def _stderr_of_our_own():
-    """Python's stderr on a copy of file descriptor 2: the warm-up thread points fd 2 at /dev/null while
-    TensorFlow prints its native start-up notices, and this CLI's messages must not go there too."""
-    sys.stderr.flush()
-    saved = sys.stderr
-    sys.stderr = os.fdopen(os.dup(2), "w", buffering=1, encoding=saved.encoding, errors="backslashreplace")
-    try:
-        yield
-    finally:
-        sys.stderr.close()
-        sys.stderr = saved
-
-
 def main(argv=None):
     opts = build_parser().parse_args(argv)
-    with _stderr_of_our_own():
-        return _skullstrip(opts)
-
-
-def _skullstrip(opts):
     t_start = time.perf_counter()
     try:
         if not (opts.mask or opts.output or opts.probseg):
             raise ValueError("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg")
         from ..strip import check_outputs, check_threshold, skullstrip_file
 
-        # every check before the slow start (TensorFlow), and again inside skullstrip_file (cheap)
+        # every check before the networks load, and again inside skullstrip_file (cheap)
         check_outputs(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg)
         check_threshold(opts.threshold)
-        from ..model.card import ModelCard
-        from ..model.inference import prepare_network
+        from ..model.inference import set_threads
         from ..model.predictor import Skullstripper
 
-        card = ModelCard.load(opts.weights)
-        warm_up = threading.Thread(target=_quietly, args=(prepare_network, max(1, opts.threads), card), daemon=True)
-        warm_up.start()
+        set_threads(max(1, opts.threads))
+        stripper = Skullstripper(opts.weights)
+        stripper.networks  # loaded before the core's clock starts, so that it times the skull-strip itself
         result = skullstrip_file(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg,
-                                 threshold=opts.threshold, border_mm=opts.border, stripper=Skullstripper(card),
-                                 warm_up=warm_up)
+                                 threshold=opts.threshold, border_mm=opts.border, stripper=stripper)
         t = time.perf_counter()
         flags = result.qc_flags()
         qc_s = time.perf_counter() - t
@@ -109,12 +77,8 @@ def _skullstrip(opts):
 
 
 def run():
-    """Console entry point. Exits without the interpreter's teardown, which costs about a second once
-    TensorFlow is loaded; every output is already complete (written, closed and renamed)."""
-    code = main()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    """Console entry point."""
+    sys.exit(main())
 
 
 if __name__ == "__main__":

@@ -33,11 +33,11 @@ class SkullStrip(SimpleInterface):
     output_spec = _SkullStripOutputSpec
 
     def _run_interface(self, runtime):
-        from ..model.tf_runtime import import_tensorflow
+        from ..model.inference import set_threads
         from ..nifti import like
         from ..strip import skullstrip_file
 
-        import_tensorflow(self.inputs.num_threads)
+        set_threads(self.inputs.num_threads)
         out = {name: os.path.join(runtime.cwd, f"{name}.nii") for name in ("t1w", "mask", "probseg")}
         result = skullstrip_file(self.inputs.in_file, mask=out["mask"], probseg=out["probseg"],
                                  weights=self.inputs.weights or None,

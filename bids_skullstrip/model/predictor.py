@@ -16,7 +16,7 @@ from scipy import ndimage as ndi
 from .. import geometry
 from ..postproc import clean_mask, largest_component
 from .card import ModelCard
-from .inference import BrainNetworks, load_model, predict_probability
+from .inference import BrainNetworks, load_networks, predict_probability
 
 # An image that is exactly zero outside a brain-sized region is already skull-stripped (a head with a zero
 # background, e.g. FreeSurfer's T1.mgz, keeps its scalp and skull: well above 2200 ml).
@@ -118,7 +118,7 @@ class Skullstripper:
     @property
     def networks(self):
         if self._networks is None:
-            self._networks = load_model(self.card)
+            self._networks = load_networks(self.card)
         return self._networks
 
     def probability(self, data, affine):

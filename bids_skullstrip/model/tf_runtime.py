@@ -1,4 +1,4 @@
-"""Importing TensorFlow quietly and fast: its start-up workarounds, in one place."""
+"""Importing TensorFlow (training, and the reference engine of inference) quietly, with fast CPU kernels."""
 
 import contextlib
 import os
@@ -19,26 +19,6 @@ def _native_stderr_silenced():
         os.close(devnull)
 
 
-# TensorFlow imports Keras, and Keras imports these when they are installed, for plotting, scikit-learn
-# wrappers and DataFrame inputs that the network never uses (each import is guarded by
-# ``except ImportError``): about 1 s of every process start that runs the network.
-UNUSED_BY_KERAS_HERE = ("matplotlib", "sklearn", "pandas")
-
-
-@contextlib.contextmanager
-def _hidden_modules(names):
-    """Make ``import name`` fail inside the block unless ``name`` is already imported."""
-    hidden = [name for name in names if name not in sys.modules]
-    for name in hidden:
-        sys.modules[name] = None
-    try:
-        yield
-    finally:
-        for name in hidden:
-            if sys.modules.get(name, "") is None:
-                del sys.modules[name]
-
-
 def import_tensorflow(threads=None):
     """Import TensorFlow quietly; ``threads`` caps its intra-op threads (if TF has not run yet)."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -46,7 +26,7 @@ def import_tensorflow(threads=None):
     # them 3D convolutions fall back to Eigen: on this project's AVX2 machine, inference 2.4x and a
     # training step 5x slower (measured side by side).
     os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
-    with _native_stderr_silenced(), _hidden_modules(UNUSED_BY_KERAS_HERE):
+    with _native_stderr_silenced():
         import tensorflow as tf
 
         tf.constant(0.0) + 1.0  # the second start-up notice comes with the first op

@@ -26,6 +26,7 @@ from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from ..metrics import compare_masks, dice
 from ..model.inference import (LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, default_threshold, load_model,
                                model_card)
+from ..model.export import export_onnx
 from ..model.predictor import Skullstripper, default_views
 from ..nifti import atomic_file, atomic_write_text
 from .augment import COMPOSITE_SIZE, training_patch
@@ -190,6 +191,7 @@ def export_weights(models, out_dir, card, stage_list):
         else:
             card[stage.name] = dict(card[stage.name], **record)
     atomic_write_text(out_dir / "model.json", json.dumps(card, indent=2) + "\n")
+    export_onnx(out_dir / WEIGHTS_FILE.name, networks=BrainNetworks(models["locator"], models["segmenter"]))
     return out_dir / WEIGHTS_FILE.name
 
 
