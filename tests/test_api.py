@@ -295,3 +295,25 @@ def test_the_workflow_factories_document_every_input_and_output():
     ds = init_ds_t1w_wf(output_dir="/out", bids_dir="/bids", threshold=0.5)
     assert set(_section(init_ds_t1w_wf.__doc__, "Inputs")) == set(ds.get_node("inputnode").inputs.copyable_trait_names())
     assert _section(init_ds_t1w_wf.__doc__, "Outputs") == ["out_files"]
+
+
+def test_the_group_report_explains_each_measure_in_itself(tmp_path):
+    """pip and container users have no docs/: what a measure means is text of the report, not only a tooltip."""
+    import html
+
+    from bids_skullstrip import outputs, qc
+    from bids_skullstrip.discovery import collect_images
+    from bids_skullstrip.reports.group import write_group_report
+
+    out = tmp_path / "out"
+    outputs.init_output_dir(out, SAMPLE)
+    measures = {"brain_volume_ml": 1200.0, "dark_fraction": 0.1, "noise_ratio": 0.05, "edge_offset_mm": -2.0}
+    for image in collect_images(SAMPLE):
+        path = outputs.derivative_path(out, image, "metrics")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"bids_name": image.name, "qc": measures, "flags": []}))
+    (report,) = [p for p in write_group_report(out, thumbnails=False) if str(p).endswith(".html")]
+    text = re.sub(r'title="[^"]*"', "", html.unescape(Path(report).read_text()))  # tooltips do not count
+    for key in ("dark_fraction", "noise_ratio", "edge_offset_mm"):
+        assert qc.MEASURE_HELP[key] in text, key
+    assert qc.accepted_range("noise_ratio") in text
