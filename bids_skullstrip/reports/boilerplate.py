@@ -41,7 +41,7 @@ def _version(distribution):
 
 
 def recorded_settings(output_dir):
-    """{bids_name: (threshold, border_mm, model sha256)} of every image whose outputs are in ``output_dir``,
+    """{raw file name: (threshold, border_mm, model sha256)} of every image whose outputs are in ``output_dir``,
     read from its metrics JSON (the model that made the mask, as the QC recorded it)."""
     from ..outputs import find_outputs
 
@@ -50,7 +50,7 @@ def recorded_settings(output_dir):
         try:
             metrics = json.loads(path.read_text())
             settings, model = metrics.get("settings") or {}, metrics.get("model") or {}
-            found[metrics.get("bids_name") or path.name] = (
+            found[Path(metrics.get("source") or path.name).name] = (  # unique across contrasts
                 float(settings["threshold"]), float(settings.get("border_mm", 0.0)),
                 model.get("sha256") or settings.get("model_sha256"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
