@@ -317,3 +317,8 @@ def test_the_group_report_explains_each_measure_in_itself(tmp_path):
     for key in ("dark_fraction", "noise_ratio", "edge_offset_mm"):
         assert qc.MEASURE_HELP[key] in text, key
     assert qc.accepted_range("noise_ratio") in text
+
+
+def test_weights_that_are_not_there_stop_the_graph_being_built(tmp_path):
+    with pytest.raises(ModelCardError, match=f"^{tmp_path / 'nowhere'}: no model weights there"):
+        init_t1w_wf(weights=tmp_path / "nowhere")

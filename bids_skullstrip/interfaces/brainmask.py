@@ -10,8 +10,8 @@ from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface
 
 class _SkullStripInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="T1w image, any orientation and voxel size")
-    weights = traits.Str(desc="the networks: a folder with model.json and the weights files, or a model card "
-                              "file (default: the bundled ones)")
+    weights = File(exists=True, desc="the networks' model card (the model.json beside their weights files); "
+                                    "default: the bundled ones")
     threshold = traits.Range(low=0.0, high=1.0, desc="brain probability threshold (default: the weights')")
     border_mm = traits.Float(0.0, usedefault=True, desc="grow (>0) or shrink (<0) the mask, mm")
     num_threads = traits.Int(1, usedefault=True)

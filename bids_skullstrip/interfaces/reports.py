@@ -14,7 +14,8 @@ class _QCMetricsInputSpec(BaseInterfaceInputSpec):
     in_t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w, native grid")
     in_probseg = File(exists=True, mandatory=True)
     in_mask = File(exists=True, mandatory=True)
-    weights = traits.Str(desc="the networks that made the mask (default: the bundled ones), recorded by checksum")
+    weights = File(exists=True, desc="the model card of the networks that made the mask (default: the bundled "
+                                    "ones), recorded by checksum")
 
 
 class _QCMetricsOutputSpec(TraitedSpec):

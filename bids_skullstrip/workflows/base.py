@@ -17,6 +17,7 @@ from ..interfaces.bids import DerivativesSink
 from ..interfaces.reports import MaskMosaic, QCMetrics
 from ..interfaces.brainmask import SkullStrip
 from ..interfaces.n4 import N4BiasFieldCorrection
+from ..model.card import ModelCard
 
 # Memory of each node: a fixed part (interpreter, libraries, the model) + bytes per native voxel.
 NODE_MEMORY = {  # name: (GB, bytes per voxel)
@@ -105,16 +106,19 @@ def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, omp_nthreads=1, 
     qc
         Brain volume, QC measures and flags, the software version and the model (as in the metrics JSON).
     """
-    weights = "" if weights is None else str(weights)
     wf = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=T1W_OUTPUTS), name="outputnode")
-    skullstrip = _node(SkullStrip(weights=weights, border_mm=border_mm, num_threads=omp_nthreads), "skullstrip",
-                       n_voxels, omp_nthreads)
+    skullstrip = _node(SkullStrip(border_mm=border_mm, num_threads=omp_nthreads), "skullstrip", n_voxels,
+                       omp_nthreads)
     if threshold is not None:
         skullstrip.inputs.threshold = threshold
     n4 = _node(N4BiasFieldCorrection(num_threads=omp_nthreads), "n4", n_voxels, omp_nthreads)
-    qc = _node(QCMetrics(weights=weights), "qc", n_voxels)
+    qc = _node(QCMetrics(), "qc", n_voxels)
+    if weights is not None:
+        # the nodes get the card file: a bad path fails here, in one line, and nipype's cache (which hashes a file
+        # by its time stamp) is redone when weights are exported again in place
+        skullstrip.inputs.weights = qc.inputs.weights = str(ModelCard.load(weights).path)
     mosaic = _node(MaskMosaic(), "mosaic", n_voxels)
     wf.connect([
         (inputnode, skullstrip, [("t1w", "in_file")]),
