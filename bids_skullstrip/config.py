@@ -88,6 +88,7 @@ class RunConfig:
     plugin_args: dict | None = None
     plugin_file: Path | None = None
     overwrite: bool = False
+    clean_workdir: bool = False
     fail_on_flag: bool = False
     stop_on_first_crash: bool = False
     boilerplate_only: bool = False
@@ -110,6 +111,7 @@ class RunConfig:
                    skip_bids_validation=opts.skip_bids_validation, bids_database_dir=opts.bids_database_dir,
                    n_cpus=opts.n_cpus, omp_nthreads=opts.omp_nthreads, mem_gb=mem_gb, plugin=opts.plugin,
                    plugin_args=opts.plugin_args, plugin_file=opts.plugin_file, overwrite=opts.overwrite,
+                   clean_workdir=opts.clean_workdir,
                    fail_on_flag=opts.fail_on_flag, stop_on_first_crash=opts.stop_on_first_crash,
                    boilerplate_only=opts.boilerplate_only, reports_only=opts.reports_only,
                    verbose=opts.verbose)

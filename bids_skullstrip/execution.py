@@ -29,6 +29,11 @@ def plugin_settings(config):
         plugin, args = settings["plugin"], dict(settings.get("plugin_args") or {})
     else:
         plugin, args = config.plugin, dict(config.plugin_args or {})
+    from nipype.pipeline import plugins
+
+    if not hasattr(plugins, f"{plugin}Plugin"):
+        known = sorted(name[:-len("Plugin")] for name in dir(plugins) if name.endswith("Plugin") and name != "Plugin")
+        raise UsageError(f"--plugin {plugin}: not a nipype plugin (one of {', '.join(known)})")
     if plugin == "MultiProc":
         args.setdefault("n_procs", config.n_cpus)
         # nipype's own default is 90 % of the machine's memory, which in a container started with
@@ -39,6 +44,16 @@ def plugin_settings(config):
         # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
         os.environ.setdefault("LOGNAME", _login_name())
     return plugin, args
+
+
+def plugin(name, args):
+    """What ``Workflow.run`` gets as its plugin: for ``MultiProc``, this app's ``ImageFirstMultiProcPlugin``
+    (images finish one after another; a lost worker fails its image, not the run)."""
+    if name != "MultiProc":
+        return name
+    from .multiproc import ImageFirstMultiProcPlugin
+
+    return ImageFirstMultiProcPlugin(plugin_args=args)
 
 
 def cgroup_memory_limit_gb(root=Path("/sys/fs/cgroup")):
@@ -62,11 +77,11 @@ def available_memory_gb():
     return min(total, limit) if limit else total
 
 
-def check_memory(todo, plugin, plugin_args):
-    """One clear line before anything runs when an image needs more memory than the run may use (MultiProc
-    would start it anyway, alone, and the kernel would kill it without a word)."""
-    if plugin != "MultiProc":
-        return
+def workers_within_memory(todo, plugin_args):
+    """How many MultiProc workers fit in the memory the run may use: each worker, once it ran an image,
+    holds the network and needs up to the image's largest node (MultiProc's scheduler counts only the node
+    running, not what an idle worker holds). One clear line before anything runs when one image does not
+    fit (MultiProc would start it anyway, alone, and the kernel would kill it)."""
     from .workflows.base import image_memory_gb
 
     limit = float(plugin_args["memory_gb"])
@@ -74,6 +89,7 @@ def check_memory(todo, plugin, plugin_args):
     if need > limit:
         raise UsageError(f"{t1w.relpath}: needs about {need:.1f} GB of memory and the run may use {limit:.1f} GB "
                          "(--mem-gb, --mem or the container's memory limit); give the run more memory")
+    return min(int(plugin_args["n_procs"]), int(limit // need)), need
 
 
 def _login_name():
@@ -116,9 +132,14 @@ def configure_nipype(work_dir, *, verbose=0, stop_on_first_crash=False):
     _log_nipype_to(work_dir / "nipype.log", verbose)
 
 
+# what nipype appends to a crash file of a node that wrote no result (as when its worker was lost)
+NIPYPE_NO_RESULT_NOTE = "When creating this crashfile, the results file corresponding"
+
+
 def crash_message(crash_file):
     """The last line of a nipype crash file's traceback, without the exception's type."""
-    lines = [line.strip() for line in Path(crash_file).read_text(errors="replace").splitlines() if line.strip()]
+    text = Path(crash_file).read_text(errors="replace").split(NIPYPE_NO_RESULT_NOTE)[0]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     tb = [line for line in lines if not line.startswith(("Node", "Working directory", "Node inputs"))]
     message = tb[-1] if tb else "unknown error"
     for marker in ("InputError: ", "Error: ", "Exception: "):

@@ -4,6 +4,7 @@ Every bad case must give a one-line error naming the file and the problem, a non
 traceback, no partial output and an untouched input; one bad image must not stop the others.
 """
 
+import datetime
 import gzip
 import json
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import psutil
 import pytest
 from _ci import needs
 
@@ -182,6 +184,7 @@ def small_dataset(tmp_path):
     ("filter_matches_nothing", 2, "no T1w images"),
     ("derivative_dataset", 2, "a BIDS-Derivatives dataset"),
     ("unit1_only", 2, "UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w"),
+    ("unknown_plugin", 2, "--plugin Foo: not a nipype plugin (one of"),
 ])
 def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     bids, out, extra = small_dataset, tmp_path / "out", ["--skip-bids-validation"]
@@ -212,6 +215,8 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     elif case == "derivative_dataset":
         (bids / "dataset_description.json").write_text(json.dumps(
             {"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
+    elif case == "unknown_plugin":
+        extra += ["--plugin", "Foo"]
     elif case == "unit1_only":
         t1w = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
         t1w.rename(t1w.with_name("sub-01_UNIT1.nii.gz"))
@@ -225,6 +230,20 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
+    if case == "unknown_plugin":
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("empty_output_folder", [False, True])
+def test_group_level_before_any_participant_run_is_a_usage_error(empty_output_folder, tmp_path):
+    """The same status (2: nothing to report on) whether or not the output folder exists."""
+    make_dataset(tmp_path / "bids", {"01": copy_head})
+    out = tmp_path / "out"
+    if empty_output_folder:
+        out.mkdir()
+    res = app(tmp_path / "bids", out, "group")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert "run the participant level first" in res.stderr and len(res.stderr.strip().splitlines()) == 1
 
 
 def test_the_validator_gate_is_scoped_to_what_the_run_reads(tmp_path):
@@ -416,30 +435,178 @@ def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
         assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
 
 
-def test_sigterm_stops_promptly_says_how_to_resume_and_a_rerun_finishes(tmp_path):
-    """What SLURM does at a job's time limit: SIGTERM to every process of the job (its process group)."""
+def _start(args, **kw):
+    """The app in a session of its own (its process group = its session, as a job step or a terminal's)."""
+    return subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *map(str, args)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+
+
+def _session(sid):
+    """The processes of session ``sid`` still alive (zombies are dead)."""
+    alive = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if os.getsid(proc.pid) == sid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc)
+        except (ProcessLookupError, PermissionError):
+            pass
+    return alive
+
+
+def _assert_nothing_left(sid, grace_s=5.0):
+    deadline = time.monotonic() + grace_s
+    while (left := _session(sid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"left behind: {[(p.pid, p.cmdline()) for p in left]}"
+
+
+def _wait_for_busy_workers(proc, n=2, timeout=600):
+    """Until ``n`` worker processes of ``proc`` have loaded the network (hold > 300 MB)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            kids = psutil.Process(proc.pid).children()
+            if sum(k.memory_info().rss > 300e6 for k in kids) >= n:
+                return kids
+        except psutil.Error:
+            pass
+        time.sleep(0.2)
+    raise AssertionError(f"no {n} busy workers: {proc.poll()}")
+
+
+def _metrics(out):
+    return sorted(out.rglob("*_desc-brain_metrics.json"))
+
+
+def _assert_outputs_complete(out, label):
+    anat = out / f"sub-{label}" / "anat"
+    for kind in ("desc-brain_mask", "desc-preproc_T1w", "desc-brain_T1w"):
+        img = nib.load(anat / f"sub-{label}_{kind}.nii.gz")
+        assert img.shape == nib.load(SMALL_HEAD).shape
+        np.asanyarray(img.dataobj)
+        json.loads((anat / f"sub-{label}_{kind}.json").read_text())
+    json.loads((anat / f"sub-{label}_desc-brain_metrics.json").read_text())
+
+
+LABELS6 = [f"{i:02d}" for i in range(1, 7)]
+
+
+def _six_images_until(tmp_path, *, finished):
+    """A two-worker run over six real images, once ``finished`` of them are: (process, out, work, arguments)."""
     bids = tmp_path / "bids"
-    make_dataset(bids, {label: copy_head for label in ("01", "02", "03", "04")})
+    make_dataset(bids, {label: copy_head for label in LABELS6})
     out, work = tmp_path / "out", tmp_path / "work"
-    args = [str(bids), str(out), "participant", "-w", str(work), "--skip-bids-validation", "--n-cpus", "2"]
-    proc = subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    _wait_for_a_finished_mask(out)
-    os.killpg(proc.pid, signal.SIGTERM)
+    args = [bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2"]
+    proc = _start(args)
+    deadline = time.monotonic() + 600
+    while len(_metrics(out)) < finished and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    return proc, out, work, args
+
+
+def test_images_finish_one_after_another_while_both_workers_stay_busy(tmp_path):
+    """Eight real images on two workers: the first image's outputs are complete while most images have not
+    started (nipype's own order runs every image's networks first and writes every output at the end), the
+    progress line counts images as they finish, and both workers are busy."""
+    labels = [f"{i:02d}" for i in range(1, 9)]
+    bids = tmp_path / "bids"
+    make_dataset(bids, {label: copy_head for label in labels})
+    out, work = tmp_path / "out", tmp_path / "work"
+    proc = _start([bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2"])
+    started_at_first = None
+    while proc.poll() is None:
+        if started_at_first is None and _metrics(out):
+            started_at_first = len(list(work.glob("bids_skullstrip_wf/*/*/skullstrip")))
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert started_at_first is not None and started_at_first <= 4, started_at_first
+    counts = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("progress: ")]
+    assert len(counts) >= 4 and counts[-1] == len(labels), stdout
+    assert "[MultiProc] Running 2 tasks" in (work / "nipype.log").read_text()  # both workers at once
+    for label in labels:
+        _assert_outputs_complete(out, label)
+
+
+def test_sigterm_to_the_main_process_stops_every_worker_keeps_finished_images_and_a_rerun_does_the_rest(tmp_path):
+    """``kill PID``: SIGTERM to the main process only, half-way through six images on two workers."""
+    proc, out, work, args = _six_images_until(tmp_path, finished=2)
+    os.kill(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
     _, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 30, "the run did not stop promptly after SIGTERM"
     assert proc.returncode == 143, stderr
     assert "interrupted (SIGTERM)" in stderr and "rerun the same command to resume" in stderr, stderr
     assert "Traceback" not in stderr, stderr[-3000:]
-    finals = _finished_niftis(out)
-    assert finals, "SIGTERM came before anything was written: the test proves nothing"
-    for nii in finals:
+    _assert_nothing_left(proc.pid)
+    finished = [m.name.split("_")[0][4:] for m in _metrics(out)]
+    assert 2 <= len(finished) < len(LABELS6), finished
+    for label in finished:
+        _assert_outputs_complete(out, label)
+    for nii in _finished_niftis(out):
         np.asanyarray(nib.load(nii).dataobj)
     res = app(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    for label in ("01", "02", "03", "04"):
-        assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
+    rest = len(LABELS6) - len(finished)
+    assert f"{rest} processed in this run, {len(finished)} already finished" in res.stdout, res.stdout
+    for label in LABELS6:
+        _assert_outputs_complete(out, label)
+
+
+@pytest.mark.parametrize("signum, to_group, status", [
+    (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground process group
+    (signal.SIGHUP, False, 129),  # the terminal closed
+])
+def test_ctrl_c_and_sighup_stop_every_worker(signum, to_group, status, tmp_path):
+    bids = tmp_path / "bids"
+    make_dataset(bids, {label: copy_head for label in ("01", "02", "03")})
+    proc = _start([bids, tmp_path / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation",
+                   "--n-cpus", "2"])
+    _wait_for_busy_workers(proc)
+    (os.killpg if to_group else os.kill)(proc.pid, signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == status, stderr
+    assert f"interrupted ({signal.Signals(signum).name})" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    _assert_nothing_left(proc.pid)
+
+
+def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_finish(tmp_path):
+    """The kernel's OOM killer, imitated: SIGKILL to one busy worker of a two-worker run over six images."""
+    proc, out, work, args = _six_images_until(tmp_path, finished=4)  # images 5 and 6 in flight
+    workers = _wait_for_busy_workers(proc)
+    cpu = {w.pid: w.cpu_times().user for w in workers}
+    time.sleep(1.0)
+    busiest = max(workers, key=lambda w: w.cpu_times().user - cpu[w.pid])
+    busiest.send_signal(signal.SIGKILL)
+    killed, killed_at = time.monotonic(), datetime.datetime.now()
+    stdout, stderr = proc.communicate(timeout=300)
+    took = time.monotonic() - killed
+    text = stdout + stderr
+    print(f"killed worker {busiest.pid}; the run ended {took:.1f} s later with status {proc.returncode}\n{text}")
+    [lost] = [line for line in (work / "nipype.log").read_text().splitlines() if "a worker was lost" in line]
+    noticed = datetime.datetime.strptime(lost[:23], "%Y-%m-%d %H:%M:%S,%f") - killed_at
+    assert noticed.total_seconds() < 5, lost
+    # then a new pool loads the network again and finishes the sixth image: 48-54 s measured with other jobs
+    # on the machine; the bound leaves room for a slower one
+    assert took < 90, f"the run took {took:.0f} s to end after the kill"
+    assert proc.returncode == 1, text[-3000:]
+    assert "Traceback" not in text and "BrokenProcessPool" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if "killed by signal 9 (SIGKILL)" in line]
+    assert len(lines) == 1, text[-3000:]
+    assert "most likely out of memory" in lines[0] and "--mem" in lines[0] and "--n-cpus 1" in lines[0], lines[0]
+    assert "1 of 6 image(s) failed" in text, text[-3000:]
+    _assert_nothing_left(proc.pid)
+    failed = [label for label in LABELS6 if f"sub-{label}/anat/sub-{label}_T1w.nii.gz" in lines[0]]
+    assert len(failed) == 1, lines[0]
+    for label in set(LABELS6) - set(failed):
+        _assert_outputs_complete(out, label)
+    record = json.loads((out / "logs" / "failed" / f"sub-{failed[0]}.json").read_text())
+    assert "killed by signal 9" in record["error"]
+    res = app(*args)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "1 processed in this run, 5 already finished" in res.stdout, res.stdout
+    _assert_outputs_complete(out, failed[0])
+    assert not (out / "logs" / "failed" / f"sub-{failed[0]}.json").exists()
 
 
 # ------------------------------------------------------------------------------- the single-file CLI
@@ -598,7 +765,7 @@ def test_fmriprep_spellings_of_the_options(tmp_path):
     assert config.mem_gb == 3.0 and config.threshold == default_threshold() and config.work_dir.is_absolute()
     plugin, args = plugin_settings(config)
     assert plugin == "MultiProc" and args["n_procs"] == 3 and args["memory_gb"] == 3.0
-    assert "(default: None)" not in build_parser().format_help()
+    assert "(default: None)" not in build_parser().format_help() and "``" not in build_parser().format_help()
 
 
 def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
@@ -612,6 +779,36 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert (out / "sub-01.html").is_file() and not (out / "sub-01" / "anat").exists()
 
 
+def test_run_logs_work_dir_size_node_local_warning_and_clean_workdir(small_dataset, tmp_path):
+    """``python -m bids_skullstrip`` runs the app; each run leaves its log and its resolved configuration in
+    ``<out>/logs/``; the end says where the work directory is and how large (``--clean-workdir`` removes
+    it); under a scheduler a work directory on the node's own disk is warned about; matplotlib's first-run
+    font-cache message does not reach the console."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    env = dict(os.environ, SLURM_JOB_ID="4242", MPLCONFIGDIR=str(tmp_path / "fresh_mpl"))
+    res = subprocess.run([sys.executable, "-m", "bids_skullstrip", small_dataset, out, "participant", "-w", work,
+                          "--skip-bids-validation", "--n-cpus", "1"], capture_output=True, text=True, env=env,
+                         timeout=1200)
+    text = res.stdout + res.stderr
+    assert res.returncode == 0, text[-3000:]
+    assert "font cache" not in text, text
+    assert f"the work directory {work} is on this node's own disk (SLURM_JOB_ID is set)" in text, text
+    assert "put -w on shared scratch" in text
+    [size_line] = [line for line in text.splitlines() if line.startswith(f"work directory: {work} (")]
+    assert int(size_line.split("(")[1].split(" MB")[0]) > 1, size_line
+    [log_file] = (out / "logs").glob("run-*.log")
+    assert "summary: 1 image(s): 1 processed in this run" in log_file.read_text()
+    [config_file] = (out / "logs").glob("run-*_config.json")
+    config = json.loads(config_file.read_text())
+    assert config["plugin"] == "MultiProc" and config["plugin_args"]["n_procs"] == 1
+    assert config["work_dir"] == str(work) and config["threshold"] > 0 and config["run_id"] in log_file.name
+    res = app(small_dataset, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "1",
+              "--overwrite", "--clean-workdir")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"work directory {work} removed (--clean-workdir)" in res.stdout and not work.exists()
+    assert len(list((out / "logs").glob("run-*.log"))) == 2
+
+
 # ------------------------------------------------------------------------------- memory limits
 def test_a_memory_limit_below_what_an_image_needs_is_one_line_before_anything_runs(small_dataset, tmp_path):
     out = tmp_path / "out"
@@ -620,6 +817,39 @@ def test_a_memory_limit_below_what_an_image_needs_is_one_line_before_anything_ru
     assert "sub-01/anat/sub-01_T1w.nii.gz: needs about" in res.stderr and "may use 0.5 GB" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert not (out / "sub-01" / "anat").exists()
+
+
+def test_a_memory_limit_below_two_images_runs_them_one_after_the_other_within_it(tmp_path):
+    """``--mem-gb`` below what two images need at once: one worker, the images one after the other, and the
+    run's processes together (sampled every 0.1 s) stay under the limit."""
+    from types import SimpleNamespace
+
+    from bids_skullstrip.workflows.base import image_memory_gb
+
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head, "02": copy_head})
+    need = image_memory_gb(SimpleNamespace(path=SMALL_HEAD))
+    limit = round(1.9 * need, 2)
+    work = tmp_path / "work"
+    proc = _start([bids, tmp_path / "out", "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2",
+                   "--mem-gb", limit])
+    peak = 0
+    while proc.poll() is None:
+        try:
+            tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree))
+        except psutil.Error:
+            pass
+        time.sleep(0.1)
+    stdout, stderr = proc.communicate()
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert f"memory: 1 image(s) at a time (an image needs up to {need:.1f} GB, the run may use {limit:.1f} GB)" \
+        in stdout, stdout
+    assert "[MultiProc] Running 2 tasks" not in (work / "nipype.log").read_text()
+    print(f"peak {peak / 2**30:.2f} GB of the run's processes, limit {limit} GB, an image needs {need} GB")
+    assert peak < limit * 2**30, f"peak {peak / 2**30:.2f} GB > {limit} GB"
+    for label in ("01", "02"):
+        _assert_outputs_complete(tmp_path / "out", label)
 
 
 def test_cgroup_memory_limit_is_read_for_both_cgroup_versions(tmp_path):

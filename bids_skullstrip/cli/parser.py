@@ -65,7 +65,10 @@ def build_parser():
     g.add_argument("--reports-only", action="store_true",
                    help="rewrite the participant reports from the outputs already there and exit")
     g.add_argument("-w", "--work-dir", type=Path, default=None,
-                   help="nipype work directory, reused to resume (default: a folder in the temp dir)")
+                   help="nipype work directory, reused to resume; on a cluster, put it on shared scratch "
+                        "(default: a folder in the temp dir)")
+    g.add_argument("--clean-workdir", action="store_true",
+                   help="remove what the run put in the work directory when every image finished")
     g.add_argument("--overwrite", action="store_true", help="redo images whose outputs already exist")
     g.add_argument("--plugin", default="MultiProc",
                    help="nipype execution plugin: MultiProc, Linear, SLURM, SLURMGraph, SGE, ...")

@@ -19,13 +19,15 @@ from ..interfaces.brainmask import SkullStrip
 from ..interfaces.n4 import N4BiasFieldCorrection
 from ..model.card import ModelCard
 
-# Memory of each node: a fixed part (interpreter, libraries, the model) + bytes per native voxel.
+# Memory of each node: a fixed part + bytes per native voxel, from the peaks bench/node_memory.py measured
+# (2 mm, 1 mm, 0.7 mm, 512x512x200; docs/hpc.md), rounded up. A MultiProc worker that ran an image holds
+# the interpreter, TensorFlow and the model (about 0.9 GB) for every node it runs later.
 NODE_MEMORY = {  # name: (GB, bytes per voxel)
-    "skullstrip": (1.0, 40),
-    "n4": (0.4, 24),
-    "qc": (0.3, 28),
-    "mosaic": (0.3, 16),
-    "ds": (0.2, 12),
+    "skullstrip": (0.85, 22),
+    "n4": (1.0, 15),
+    "qc": (1.0, 6),
+    "mosaic": (1.0, 10),
+    "ds": (1.0, 6),
 }
 
 

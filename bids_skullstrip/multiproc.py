@@ -1,0 +1,210 @@
+"""nipype's MultiProc plugin, made to finish images one after another and to survive a lost worker.
+
+nipype's ``MultiProcPlugin`` runs nodes in a ``concurrent.futures.ProcessPoolExecutor``. Two things it does
+not do for a run over many images:
+
+* **Depth first.** It submits ready jobs in topological order: every image's networks first, every image's
+  writing last, so no output exists until the very end of a long run. Here ready jobs of the image started
+  first go first, so images finish one after another while every worker stays busy. Nodes are grouped into
+  images by their crash folder (``workflows.base.crash_dir``: one per image).
+* **A lost worker.** When the kernel kills a worker (out of memory) or it dies in native code, the executor
+  breaks: every task in flight fails with ``BrokenProcessPool``, the other workers are terminated, nipype's
+  callback logs tracebacks and its loop waits for results that never come (nipy/nipype#2548, #2700). Here
+  the job the dead worker held fails with one line (signal, likely cause, memory, what to try), written as
+  its crash file; the jobs the other workers held are resubmitted to a new pool, and the run goes on.
+
+Workers ignore SIGINT (the main process stops them: ``stop_workers``) and die with the main process
+(``PR_SET_PDEATHSIG``), so no worker outlives an interrupted or killed run.
+"""
+
+import ctypes
+import logging
+import os
+import signal
+import time
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from traceback import format_exception
+
+import psutil
+from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
+
+log = logging.getLogger("nipype.workflow")
+
+_started = None  # in a worker: the queue on which it says which task it runs
+
+
+def _init_worker(cwd, started):
+    global _started
+    process_initializer(cwd)
+    _started = started
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process decides
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die at once, even inside a long native call
+    try:  # Linux: die with the main process, even when it is SIGKILLed
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _run_node(node, updatehash, taskid):
+    _started.put((taskid, os.getpid()))
+    return run_node(node, updatehash, taskid)
+
+
+def stop_workers(timeout=5.0):
+    """Terminate every process this one started (the pool's workers and whatever they started); SIGKILL
+    those still there after ``timeout`` seconds."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
+def death_message(exitcode, node_name, *, held_gb, pool_gb, memory_gb, n_procs):
+    """One line: how a worker ended (``exitcode`` as ``multiprocessing`` gives it) and what to try.
+    ``held_gb``: its memory when last seen (None if never), ``pool_gb``: all workers' then."""
+    step = f"while running its {node_name} step"
+    if exitcode is None or exitcode >= 0:
+        return f"the worker process exited unexpectedly (status {exitcode}) {step}"
+    sig = -exitcode
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "unknown signal"
+    if sig != signal.SIGKILL:
+        cause = "a crash in native code" if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL) \
+            else "stopped from outside"
+        return f"the worker process was killed by signal {sig} ({name}) {step}: {cause}"
+    free = psutil.virtual_memory().available / 2**30
+    seen = ", ".join(([f"it held {held_gb:.1f} GB"] if held_gb else [])
+                     + ([f"the run's workers {pool_gb:.1f} GB"] if pool_gb else []))
+    fewer = f"--n-cpus {max(1, n_procs // 2)} or " if n_procs > 1 else ""
+    return (f"the worker process was killed by signal {sig} ({name}) {step}, most likely out of memory "
+            f"({seen + ' when last seen; ' if seen else ''}the run may use {memory_gb:.1f} GB, {free:.1f} GB free "
+            f"now): try {fewer}--mem {int(min(memory_gb, free) * 1024 * 0.8)} (MB), or give the run more memory")
+
+
+class ImageFirstMultiProcPlugin(MultiProcPlugin):
+    """``MultiProc`` that finishes images one after another and survives the loss of a worker."""
+
+    def __init__(self, plugin_args=None):
+        super().__init__(plugin_args=plugin_args)
+        self.pool.shutdown()  # nipype's pool has not started a process yet: ours replaces it
+        self._nodes = {}  # taskid: (node, updatehash), to resubmit it
+        self._pool_of = {}  # taskid: the pool (its number) it was submitted to
+        self._worker_of = {}  # taskid: pid of the worker that took it
+        self._rss_gb = {}  # pid: memory it held when last seen (sampled each second)
+        self._sampled = 0.0
+        self._exitcodes = {}  # pid: exit code, of the workers of broken pools
+        self._exitcodes_pool = {}  # pid: the broken pool it belonged to
+        self._image_rank = {}  # image: order in which its first job started
+        self._pools = 0
+        self._new_pool()
+
+    def _new_pool(self):
+        import multiprocessing as mp
+
+        context = mp.get_context(self.plugin_args.get("mp_context"))
+        self._started = context.SimpleQueue()
+        self.pool = ProcessPoolExecutor(max_workers=self.processors, mp_context=context,
+                                        initializer=_init_worker, initargs=(self._cwd, self._started))
+        self._pools += 1
+
+    def run(self, graph, config, updatehash=False):
+        # results arrive through callbacks: a short poll lets a short node's successor start at once
+        config = {**config, "execution": {**config["execution"], "poll_sleep_duration": 0.2}}
+        return super().run(graph, config, updatehash=updatehash)
+
+    @staticmethod
+    def _image_of(node):
+        return node.config.get("execution", {}).get("crashdump_dir") or node._hierarchy
+
+    def _sort_jobs(self, jobids, scheduler=None):
+        unstarted = len(self._image_rank)
+        return sorted(jobids, key=lambda j: (self._image_rank.get(self._image_of(self.procs[j]), unstarted), j))
+
+    def _submit_job(self, node, updatehash=False):
+        self._image_rank.setdefault(self._image_of(node), len(self._image_rank))
+        self._taskid += 1
+        if getattr(node.interface, "terminal_output", "") == "stream":
+            node.interface.terminal_output = "allatonce"
+        self._nodes[self._taskid] = (node, updatehash)
+        self._submit(self._taskid)
+        return self._taskid
+
+    def _submit(self, taskid):
+        node, updatehash = self._nodes[taskid]
+        future = self.pool.submit(_run_node, node, updatehash, taskid)
+        future.add_done_callback(self._async_callback)
+        self._task_obj[taskid] = future
+        self._pool_of[taskid] = self._pools
+
+    def _async_callback(self, future):
+        if future.exception() is None:  # failures are handled in _get_result, without nipype's traceback
+            super()._async_callback(future)
+
+    def _clear_task(self, taskid):
+        super()._clear_task(taskid)
+        for held in (self._nodes, self._pool_of, self._worker_of):
+            held.pop(taskid, None)
+
+    def _watch_workers(self):
+        while not self._started.empty():
+            taskid, pid = self._started.get()
+            self._worker_of[taskid] = pid
+        if time.monotonic() - self._sampled < 1.0:
+            return
+        self._sampled = time.monotonic()
+        for worker in psutil.Process().children():
+            try:
+                rss = worker.memory_info().rss
+            except psutil.Error:
+                continue
+            if rss:  # a worker that just died (a zombie) shows 0: keep what it held before
+                self._rss_gb[worker.pid] = rss / 2**30
+
+    def _get_result(self, taskid):
+        if taskid in self._taskresult:
+            return self._taskresult[taskid]
+        self._watch_workers()
+        future = self._task_obj[taskid]
+        if not future.done() or future.exception() is None:  # running, or its callback is on its way
+            return None
+        if not isinstance(future.exception(), BrokenProcessPool):  # e.g. a result that cannot be pickled
+            return {"result": None, "traceback": format_exception(future.exception()), "taskid": taskid}
+        if self._pool_of[taskid] == self._pools:
+            self._replace_broken_pool()
+        pid = self._worker_of.get(taskid)
+        code = self._exitcodes.get(pid)
+        if code is None or code == -signal.SIGTERM:  # its worker was stopped by the executor: run it again
+            self._worker_of.pop(taskid, None)
+            self._submit(taskid)
+            return None
+        node, _ = self._nodes[taskid]
+        pool_gb = sum(self._rss_gb.get(worker, 0.0) for worker, code in self._exitcodes.items()
+                      if self._exitcodes_pool.get(worker) == self._pool_of[taskid])
+        message = death_message(code, node.name, held_gb=self._rss_gb.get(pid), pool_gb=pool_gb,
+                                memory_gb=self.memory_gb, n_procs=self.processors)
+        return {"result": None, "traceback": [message], "taskid": taskid}
+
+    def _replace_broken_pool(self):
+        """A worker died: the executor failed every task in flight and terminated the other workers (SIGTERM).
+        Keep each worker's exit code and start a new pool."""
+        self._watch_workers()
+        # the executor's own record of its processes (pid: multiprocessing.Process), kept until shutdown
+        processes = dict(getattr(self.pool, "_processes", None) or {})
+        self.pool.shutdown(wait=True)
+        self._exitcodes.update({pid: p.exitcode for pid, p in processes.items()})
+        self._exitcodes_pool.update({pid: self._pools for pid in processes})
+        log.warning("[MultiProc] a worker was lost (exit codes %s, GB held when last seen %s); a new pool runs the "
+                    "rest", self._exitcodes, {pid: round(self._rss_gb.get(pid, 0), 2) for pid in processes})
+        self._new_pool()

@@ -1,0 +1,295 @@
+"""One run of the BIDS App: select -> plan -> run -> record -> report, with its progress line, interrupts and
+exit status. The command line (``cli.run``) only parses, builds the ``config.RunConfig`` and calls ``Run``.
+"""
+
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from . import __version__
+from .config import UsageError, check_writable
+
+log = logging.getLogger("bids_skullstrip")
+
+# exit status: every image processed / an image failed / the run could not start / --fail-on-flag and a QC flag
+OK, FAILED, USAGE, FLAGGED = 0, 1, 2, 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT arrives as KeyboardInterrupt
+SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
+NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGHUP (what schedulers send at a job's time limit or on preemption, what a closed terminal
+    sends), raised in the main thread. A BaseException, so that no ``except Exception`` swallows it."""
+
+
+def _interrupt_in(main_pid):
+    def interrupt(signum, frame):
+        if os.getpid() != main_pid:  # a process forked from this one before its own handlers were set: stop
+            os._exit(128 + signum)
+        raise Interrupted(signal.Signals(signum).name)
+    return interrupt
+
+
+def select_images(config):
+    """The images of the selection, after the BIDS validator has judged the files the run reads."""
+    from .discovery import DiscoveryError, collect_images, load_bids_filters, validate_dataset
+
+    filters = load_bids_filters(config.bids_filter_file) if config.bids_filter_file else None
+    t1ws = collect_images(config.bids_dir, contrasts=config.contrasts,
+                          participant_labels=config.participant_label or None,
+                          session_labels=config.session_label or None, bids_filters=filters,
+                          database_dir=config.bids_database_dir)
+    if not config.skip_bids_validation:
+        errors, ignored = validate_dataset(config.bids_dir, reads=[t.relpath for t in t1ws])
+        if ignored:
+            log.info("BIDS validator: %d error(s) in files this run does not read were ignored", ignored)
+        if errors:
+            raise DiscoveryError(f"{config.bids_dir}: the BIDS validator found {len(errors)} error(s) in what this "
+                                 f"run reads, first: {errors[0]} (fix them or pass --skip-bids-validation)")
+    return t1ws
+
+
+def folder_size(folder):
+    return sum(p.stat().st_size for p in Path(folder).rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def node_local(folder):
+    """Whether ``folder`` is on this machine's own disk (a temporary folder), not on storage a job on another
+    node sees."""
+    local = [Path(p) for p in (*NODE_LOCAL, tempfile.gettempdir(), os.environ.get("SLURM_TMPDIR") or "/tmp")]
+    return any(Path(folder).is_relative_to(p) for p in local)
+
+
+class Run:
+    """One run: the configuration, resolved once (plugin, its arguments) and written to ``<out>/logs/``."""
+
+    def __init__(self, config):
+        from . import execution
+
+        self.config = config
+        self.plugin, self.plugin_args = execution.plugin_settings(config)
+        self.run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:8]}"
+        self.interrupted = False
+
+    def __call__(self):
+        """The exit status of the run. SIGTERM, SIGHUP and Ctrl-C stop every worker of the run, say how to
+        resume and leave at once (128 + the signal's number)."""
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, _interrupt_in(os.getpid()))
+        try:
+            return self.participant() if self.config.analysis_level == "participant" else self.group()
+        except (KeyboardInterrupt, Interrupted) as exc:
+            from .multiproc import stop_workers
+
+            name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
+            stop_workers()
+            log.info("interrupted (%s) after the workers were stopped", name)
+            print(f"bids_skullstrip: interrupted ({name}): the images finished so far are kept and no output was "
+                  "left half-written; rerun the same command to resume", file=sys.stderr)
+            sys.stderr.flush()
+            # leave at once: a clean interpreter exit would wait for nipype's threads
+            os._exit(128 + signal.Signals[name].value)
+
+    # ------------------------------------------------------------------------------------------- participant
+    def participant(self):
+        from . import outputs
+        from .reports.boilerplate import write_boilerplate
+        from .reports.participant import write_participant_report
+
+        config, output_dir = self.config, self.config.output_dir
+        if config.boilerplate_only:
+            check_writable(output_dir, "output folder")
+            written = write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm)
+            log.info("methods text: %s", ", ".join(map(str, written)))
+            return OK
+        t1ws = select_images(config)
+        if config.reports_only:
+            for subject in sorted({t.subject for t in t1ws}):
+                log.info("report: %s", write_participant_report(output_dir, subject))
+            return OK
+        check_writable(output_dir, "output folder")
+        check_writable(config.work_dir, "work directory")
+        outputs.init_output_dir(output_dir, config.bids_dir)
+        self.write_log_and_config()
+        self.warn_if_work_dir_is_node_local()
+
+        todo, failures = self.plan(t1ws)
+        finished = len(t1ws) - len(todo) - len(failures)
+        if todo:
+            failures += self.process(todo)
+
+        failed = {t for t, _ in failures}
+        for t1w, message in failures:
+            outputs.record_failure(output_dir, t1w, message)
+        for t1w in t1ws:
+            if t1w not in failed:
+                outputs.clear_failure(output_dir, t1w)
+        write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm)  # of what they hold
+
+        reports = {}
+        for subject in sorted({t.subject for t in t1ws}):
+            errors = [f for t, f in failures if t.subject == subject]
+            reports[subject] = write_participant_report(output_dir, subject, errors=errors)
+            log.info("report: %s", reports[subject])
+        flagged = [(t, flags) for t in t1ws if t not in failed and (flags := outputs.qc_flags(output_dir, t))]
+        log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed, %d flagged by QC",
+                 len(t1ws), sum(t not in failed for t in todo), finished, len(failures), len(flagged))
+        for t1w, flags in flagged:
+            log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags), reports[t1w.subject])
+        self.report_work_dir(clean=config.clean_workdir and not failures)
+        if failures:
+            log.error("%d of %d image(s) failed:", len(failures), len(t1ws))
+            for _, message in failures:
+                log.error("  %s", message)
+            return FAILED
+        if flagged and config.fail_on_flag:
+            log.error("%d image(s) flagged by QC (--fail-on-flag): exit status 3", len(flagged))
+            return FLAGGED
+        log.info("done: outputs in %s", output_dir)
+        return OK
+
+    def plan(self, t1ws):
+        """(the images to process, (image, message) for those that cannot be): finished images are skipped
+        unless their outputs were made with other settings (or ``--overwrite``)."""
+        from . import outputs
+        from .discovery import missing_content
+
+        config = self.config
+        failures = [(t, problem) for t in t1ws if (problem := missing_content(t))]
+        absent = {t for t, _ in failures}
+        settings = outputs.run_settings(threshold=config.threshold, border_mm=config.border_mm)
+        done = [t for t in t1ws if t not in absent and not config.overwrite
+                and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
+        stale = {t: changed for t in done if (changed := outputs.changed_settings(config.output_dir, t, settings))}
+        todo = [t for t in t1ws if t not in absent and (t not in done or t in stale)]
+        finished = len(done) - len(stale)
+        log.info("bids_skullstrip %s: %d image(s) of %d participant(s); %d already finished%s", __version__,
+                 len(t1ws), len({t.subject for t in t1ws}), finished,
+                 " (use --overwrite to redo them)" if finished else "")
+        for t1w, changed in stale.items():
+            log.info("  redoing %s: its outputs were made with other settings (%s)", t1w.relpath,
+                     ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+        return todo, failures
+
+    def omp_nthreads(self, n_images, workers):
+        """Threads per image: ``--omp-nthreads``, else all CPUs for an image that runs alone, else 1."""
+        alone = n_images == 1 or workers == 1
+        omp = self.config.omp_nthreads or (self.config.n_cpus if alone else 1)
+        return min(omp, self.config.n_cpus) if self.plugin == "MultiProc" else omp
+
+    def plugin_args_for(self, todo):
+        """The plugin's arguments for ``todo``: MultiProc runs as many images at once as its memory allows."""
+        from . import execution
+
+        if self.plugin != "MultiProc":
+            return self.plugin_args
+        workers, need = execution.workers_within_memory(todo, self.plugin_args)
+        if workers < self.plugin_args["n_procs"]:
+            log.info("memory: %d image(s) at a time (an image needs up to %.1f GB, the run may use %.1f GB)",
+                     workers, need, self.plugin_args["memory_gb"])
+        return {**self.plugin_args, "n_procs": workers}
+
+    def process(self, todo):
+        """Build and run the graph for ``todo``; returns (T1w, one-line message) for each image that failed."""
+        from . import execution, outputs
+        from .workflows.base import init_bids_skullstrip_wf
+
+        config = self.config
+        execution.configure_nipype(config.work_dir, verbose=config.verbose,
+                                   stop_on_first_crash=config.stop_on_first_crash)
+        plugin_args = self.plugin_args_for(todo)
+        wf = init_bids_skullstrip_wf(inputs=todo, output_dir=config.output_dir, bids_dir=config.bids_dir,
+                                     work_dir=config.work_dir, threshold=config.threshold,
+                                     border_mm=config.border_mm, save_probseg=config.save_probseg,
+                                     omp_nthreads=self.omp_nthreads(len(todo), plugin_args.get("n_procs")))
+        log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), self.plugin,
+                 config.work_dir)
+        started = time.time()
+        stop = threading.Event()
+        progress = threading.Thread(target=self.report_progress, args=(stop, todo, started), daemon=True)
+        progress.start()
+        try:
+            wf.run(plugin=execution.plugin(self.plugin, plugin_args), plugin_args=plugin_args)
+        except RuntimeError as exc:
+            log.debug("nipype: %s", exc)
+        finally:
+            stop.set()
+            progress.join()
+        log.info("workflow finished in %.0f s", time.time() - started)
+        failed = [t for t in todo if not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
+        return [(t, execution.failure_of(t, config.work_dir, since=started - 1)) for t in failed]
+
+    def report_progress(self, stop, todo, started, every_s=2.0):
+        """One console line each time more images are finished: done of total, elapsed time."""
+        from . import outputs
+
+        shown, stopped = 0, False
+        while not stopped:
+            stopped = stop.wait(every_s)
+            done = sum(outputs.is_finished(self.config.output_dir, t, save_probseg=self.config.save_probseg)
+                       for t in todo)
+            if done > shown:
+                shown = done
+                log.info("progress: %d of %d image(s) finished, %s elapsed", done, len(todo),
+                         time.strftime("%H:%M:%S", time.gmtime(time.time() - started)))
+
+    # ------------------------------------------------------------------------------------------- logs, work dir
+    def write_log_and_config(self):
+        """``<out>/logs/run-<id>.log`` (what the console shows) and ``run-<id>_config.json`` (the configuration
+        as resolved: every default filled in, the plugin and its arguments)."""
+        logs = self.config.output_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        from .nifti import atomic_write_text
+
+        resolved = {key: (str(value) if isinstance(value, Path) else value)
+                    for key, value in asdict(self.config).items()}
+        resolved.update(version=__version__, run_id=self.run_id, command=sys.argv, plugin=self.plugin,
+                        plugin_args=self.plugin_args)
+        atomic_write_text(logs / f"run-{self.run_id}_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
+        handler = logging.FileHandler(logs / f"run-{self.run_id}.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        log.addHandler(handler)
+
+    def warn_if_work_dir_is_node_local(self):
+        job = next((v for v in SCHEDULER_JOB_VARIABLES if os.environ.get(v)), None)
+        if job and node_local(self.config.work_dir):
+            log.warning("warning: the work directory %s is on this node's own disk (%s is set): a job on another "
+                        "node starts the images that were half-way again; put -w on shared scratch to resume "
+                        "them there", self.config.work_dir, job)
+
+    def report_work_dir(self, *, clean):
+        """Say where the work directory is and how large; with ``--clean-workdir`` (and no failure) remove what
+        this app put there."""
+        work = self.config.work_dir
+        if not work.is_dir():
+            return
+        if clean:
+            for name in ("bids_skullstrip_wf", "crashes", ".nipype", "nipype.log"):
+                path = work / name
+                shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+            if not any(work.iterdir()):
+                work.rmdir()
+            log.info("work directory %s removed (--clean-workdir)", work)
+            return
+        log.info("work directory: %s (%.0f MB; it lets a rerun resume: remove it when the outputs are complete, "
+                 "or pass --clean-workdir)", work, folder_size(work) / 1e6)
+
+    # ------------------------------------------------------------------------------------------- group
+    def group(self):
+        from .reports.group import write_group_report
+
+        if not self.config.output_dir.is_dir():
+            raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
+        paths = write_group_report(self.config.output_dir)
+        log.info("group report: %s", ", ".join(str(p) for p in paths))
+        return OK
