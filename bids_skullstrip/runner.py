@@ -79,7 +79,6 @@ class Run:
         self.config = config
         self.plugin, self.plugin_args = execution.plugin_settings(config)
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:8]}"
-        self.interrupted = False
 
     def __call__(self):
         """The exit status of the run. SIGTERM, SIGHUP and Ctrl-C stop every worker of the run, say how to

@@ -513,14 +513,18 @@ def test_images_finish_one_after_another_while_both_workers_stay_busy(tmp_path):
     make_dataset(bids, {label: copy_head for label in labels})
     out, work = tmp_path / "out", tmp_path / "work"
     proc = _start([bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2"])
-    started_at_first = None
+    started_at_first, group = None, None
     while proc.poll() is None:
         if started_at_first is None and _metrics(out):
             started_at_first = len(list(work.glob("bids_skullstrip_wf/*/*/skullstrip")))
+            group = app(bids, out, "group")  # on what is finished, while the run goes on
         time.sleep(0.1)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert started_at_first is not None and started_at_first <= 4, started_at_first
+    assert group.returncode == 0, group.stdout[-2000:] + group.stderr[-2000:]
+    with (out / "group_T1w.tsv").open() as fh:
+        assert 1 <= len(fh.read().strip().splitlines()) - 1 < len(labels)  # a row per finished image
     counts = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("progress: ")]
     assert len(counts) >= 4 and counts[-1] == len(labels), stdout
     assert "[MultiProc] Running 2 tasks" in (work / "nipype.log").read_text()  # both workers at once
@@ -600,13 +604,13 @@ def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_fini
     assert len(failed) == 1, lines[0]
     for label in set(LABELS6) - set(failed):
         _assert_outputs_complete(out, label)
-    record = json.loads((out / "logs" / "failed" / f"sub-{failed[0]}.json").read_text())
+    record = json.loads((out / "logs" / "failed" / f"sub-{failed[0]}_T1w.json").read_text())
     assert "killed by signal 9" in record["error"]
     res = app(*args)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "1 processed in this run, 5 already finished" in res.stdout, res.stdout
     _assert_outputs_complete(out, failed[0])
-    assert not (out / "logs" / "failed" / f"sub-{failed[0]}.json").exists()
+    assert not (out / "logs" / "failed" / f"sub-{failed[0]}_T1w.json").exists()
 
 
 # ------------------------------------------------------------------------------- the single-file CLI
