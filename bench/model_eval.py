@@ -4,6 +4,7 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
     python bench/model_eval.py                                  # the bundled weights, ~6 min on 2 cores
     python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
     python bench/model_eval.py --splits val wild --stability-heads   # fewer splits, no stability copies
+    python bench/model_eval.py --splits contrasts --stability-heads  # FLAIR/T2w/2D T1w, scored inside fov
     python bench/model_eval.py --masks work/masks/HEAD            # also save every mask (bit-for-bit diffs)
     python bench/model_eval.py --views 0                         # other segmenter views: one pass, the box as it is
     python bench/model_eval.py --views 0 0m 1 1m                 # ... four: shifts in mm, "m" mirrored left-right
@@ -11,7 +12,8 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
 The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
 
 Per head: Dice, HD95 and volume difference against the silver mask, and the QC flags of the mask
-(``qc.flag_image``). Stability: a wide-field head (``--stability-heads``) with its affine rotated 12 degrees
+(``qc.flag_image``). The ``contrasts`` split (real 2D FLAIR, T2w and T1w; validation only) is scored inside each
+image's ``fov.nii.gz`` and summarised per contrast. Stability: a wide-field head (``--stability-heads``) with its affine rotated 12 degrees
 about the left-right axis, and the same head reoriented to LPI in its voxels; Dice of each copy's mask to
 the original's, voxel for voxel (for the rotated copy the data and the grid are unchanged, only the world
 moved; for LPI the mask is reoriented back).
@@ -29,42 +31,17 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bids_skullstrip.metrics import compare_masks, dice  # noqa: E402
-from bids_skullstrip.qc import flag_image, qc_measures  # noqa: E402
+from bids_skullstrip.metrics import dice, score_heads  # noqa: E402
 from bids_skullstrip.model.predictor import Skullstripper, View  # noqa: E402
-from nibabel.affines import voxel_sizes  # noqa: E402
 from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
 
-SPLITS = ("train", "val", "wild")
-
-
-def source_of(name):
-    """The source a head comes from: its id without the subject part."""
-    for prefix in ("fstrain", "ds000011", "nichart-demo"):
-        if name.startswith(prefix):
-            return prefix
-    return name
+SPLITS = ("train", "val", "wild", "contrasts")
 
 
 def parse_view(text):
     """``1m`` -> View(shift_mm=1.0, mirror=True)."""
     mirror = text.endswith("m")
     return View(shift_mm=float(text[:-1] if mirror else text), mirror=mirror)
-
-
-def evaluate_head(head, stripper, masks_dir=None):
-    img = nib.load(str(head.image))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
-    t = time.perf_counter()
-    result = stripper.mask(data, img.affine)
-    seconds = time.perf_counter() - t
-    if masks_dir:
-        nib.save(nib.Nifti1Image(result.mask, img.affine, img.header), str(Path(masks_dir) / f"{head.name}.nii.gz"))
-    vox = voxel_sizes(img.affine)
-    measures = qc_measures(data, result.probability, result.mask, vox)
-    return {"name": head.name, "source": source_of(head.name), **compare_masks(result.mask, reference, vox),
-            "seconds": seconds, "flags": flag_image(measures), "warnings": result.warnings, "qc": measures}
 
 
 def _rotated(affine, degrees):
@@ -94,7 +71,17 @@ def summary(rows):
     return {"n": len(rows), "median_dice": float(np.median(d)), "worst_dice": float(d.min()),
             "worst_head": worst["name"], "max_hd95_mm": float(max(r["hd95_mm"] for r in rows)),
             "max_volume_diff_pct": float(max(r["volume_diff_pct"] for r in rows)),
-            "flagged": sum(bool(r["flags"]) for r in rows)}
+            "flagged": sum(bool(r.get("flags")) for r in rows)}
+
+
+def per_contrast(rows):
+    """{contrast: summary}, worst median first; the volume ratio is the mask's volume over the reference's
+    (inside the field of view where there is one)."""
+    table = {}
+    for contrast in sorted({r["contrast"] for r in rows}):
+        subset = [r for r in rows if r["contrast"] == contrast]
+        table[contrast] = dict(summary(subset), max_volume_ratio=1.0 + max(r["volume_diff_pct"] for r in subset) / 100)
+    return dict(sorted(table.items(), key=lambda item: item[1]["median_dice"]))
 
 
 def print_report(results):
@@ -114,6 +101,12 @@ def print_report(results):
         for source in sorted({r["source"] for r in rows}):
             d = [r["dice"] for r in rows if r["source"] == source]
             print(f"| {source} | {split} | {len(d)} | {np.median(d):.4f} | {min(d):.4f} |")
+    if "contrasts" in results["splits"]:
+        print("\n## contrasts, per contrast (worst median first)")
+        print("| contrast | n | median Dice | worst Dice (image) | max volume ratio |\n|---|---|---|---|---|")
+        for contrast, s in per_contrast(results["splits"]["contrasts"]).items():
+            print(f"| {contrast} | {s['n']} | {s['median_dice']:.4f} | {s['worst_dice']:.4f} ({s['worst_head']}) | "
+                  f"{s['max_volume_ratio']:.3f} |")
     if results.get("stability"):
         print("\n## stability (Dice to the original's mask)")
         for r in results["stability"]:
@@ -139,11 +132,14 @@ def main(argv=None):
     results = {"weights": args.weights or "bundled", "threshold": stripper.threshold,
                "views": [vars(v) for v in stripper.views], "splits": {}}
     for split in args.splits:
-        results["splits"][split] = [evaluate_head(h, stripper, args.masks)
-                                    for h in find_labelled_heads(args.data, split=split)]
+        results["splits"][split] = score_heads(find_labelled_heads(args.data, split=split),
+                                               lambda head, data, affine: stripper.mask(data, affine), qc=True,
+                                               masks_dir=args.masks)
     heads = {h.name: h for h in find_labelled_heads(args.data)}
     results["stability"] = [stability(heads[n], stripper) for n in args.stability_heads]
     results["summary"] = {split: summary(rows) for split, rows in results["splits"].items()}
+    if "contrasts" in results["splits"]:
+        results["summary"]["per_contrast"] = per_contrast(results["splits"]["contrasts"])
     print_report(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")

@@ -28,9 +28,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from bids_skullstrip.metrics import compare_masks  # noqa: E402
+from bids_skullstrip.metrics import score_heads  # noqa: E402
 from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
-from bids_skullstrip.qc import flag_image, qc_measures  # noqa: E402
 from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
 from model_eval import summary  # noqa: E402
 from qc_flags import world_axis  # noqa: E402
@@ -129,18 +128,6 @@ CHANGES = {
 }
 
 
-def evaluate(head, change, stripper, seed):
-    img = nib.load(str(head.image))
-    data = np.asarray(img.dataobj, dtype=np.float32)
-    silver = np.asarray(nib.load(str(head.mask)).dataobj) > 0
-    data, affine, reference = change(data, img.affine, silver, np.random.default_rng(seed))
-    result = stripper.mask(data, affine)
-    vox = voxel_sizes(affine)
-    flags = flag_image(qc_measures(data, result.probability, result.mask, vox))
-    return {"name": head.name, **compare_masks(result.mask, reference, vox), "flags": flags,
-            "shape": list(data.shape)}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
@@ -154,7 +141,8 @@ def main(argv=None):
     changes = ["none"] + [c for c in args.changes if c != "none"]
     rows = {}
     for name in changes:
-        rows[name] = [evaluate(h, CHANGES[name], stripper, SEED + i) for i, h in enumerate(heads)]
+        rows[name] = score_heads(heads, lambda head, data, affine: stripper.mask(data, affine), change=CHANGES[name],
+                                 qc=True, seed=SEED)
         print(f"{name}: done", file=sys.stderr, flush=True)
     clean = {r["name"]: r["dice"] for r in rows["none"]}
     print(f"{len(heads)} heads ({', '.join(args.splits)}), threshold {stripper.threshold}\n")

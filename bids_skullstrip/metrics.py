@@ -1,5 +1,7 @@
 """Agreement between a predicted and a reference brain mask."""
 
+from pathlib import Path
+
 import numpy as np
 from scipy import ndimage as ndi
 
@@ -42,3 +44,56 @@ def compare_masks(predicted, reference, voxel_mm):
         "reference_volume_ml": float(vol_r),
         "volume_diff_pct": float(100.0 * (vol_p - vol_r) / vol_r) if vol_r else float("nan"),
     }
+
+
+def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0):
+    """Score the mask of each labelled head (``training.data.LabelledHead``) against its reference: one row per
+    head with ``compare_masks``'s numbers, the head's name, source and contrast, the seconds ``mask_of`` took
+    and its warnings. The one scorer of ``bids_skullstrip-eval``, training validation, bench/model_eval.py and
+    bench/stress_eval.py.
+
+    ``mask_of(head, data, affine)`` returns a ``predictor.SkullstripResult`` (or anything with ``.mask``).
+    ``change(data, affine, reference, rng)`` first changes the image and its reference (an acquisition change,
+    bench/stress_eval.py; ``rng`` seeded by ``seed`` + the head's index). A head with a field of view (``fov``)
+    is scored inside it only. ``qc``: add the mask's QC measures and flags (needs ``.probability``).
+    ``masks_dir``: save each mask there as ``<name>.nii.gz``."""
+    import time
+
+    import nibabel as nib
+    from nibabel.affines import voxel_sizes
+
+    from .nifti import load_t1w
+
+    rows = []
+    for i, head in enumerate(heads):
+        img, data = load_t1w(head.image)
+        affine = img.affine
+        reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
+        if change is not None:
+            data, affine, reference = change(data, affine, reference, np.random.default_rng(seed + i))
+        t = time.perf_counter()
+        result = mask_of(head, data, affine)
+        seconds = time.perf_counter() - t
+        mask = np.asarray(result.mask) > 0
+        if masks_dir:
+            nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(Path(masks_dir) / f"{head.name}.nii.gz"))
+        vox = voxel_sizes(affine)
+        inside = True if head.fov is None else np.asarray(nib.load(str(head.fov)).dataobj) > 0
+        row = {"name": head.name, "source": source_of(head.name), "contrast": head.contrast,
+               **compare_masks(mask & inside, reference & inside, vox), "seconds": seconds,
+               "warnings": list(getattr(result, "warnings", []))}
+        if qc:
+            from .qc import flag_image, qc_measures
+
+            row["qc"] = qc_measures(data, result.probability, np.asarray(result.mask), vox)
+            row["flags"] = flag_image(row["qc"])
+        rows.append(row)
+    return rows
+
+
+def source_of(name):
+    """The source a head comes from: its id without the subject part."""
+    for prefix in ("fstrain", "ds000011", "nichart-demo", "openms"):
+        if name.startswith(prefix):
+            return prefix
+    return name

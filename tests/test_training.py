@@ -11,9 +11,11 @@ from _ci import needs
 from scipy import ndimage as ndi
 
 from bids_skullstrip.geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
+from bids_skullstrip.metrics import score_heads
 from bids_skullstrip.training.augment import (_composite_brain, _sample, _sample_world, _smooth_field,
-                                              training_patch)
-from bids_skullstrip.training.data import TrainingHead, find_brains, find_labelled_heads
+                                              synthesize_from_labels, training_patch)
+from bids_skullstrip.training.data import (NEAR_BRAIN_MM, TISSUES, TrainingHead, find_brains, find_labelled_heads,
+                                           tissue_labels)
 from bids_skullstrip.training.train import hard_head_weights, learning_rate, training_dtype
 
 SHARED = Path(__file__).parents[1].parent / "shared" / "data"
@@ -107,6 +109,68 @@ def test_real_brain_composited_into_a_real_head():
     assert (old & ~small[1]).sum() > (old & ~small[0]).sum()
 
 
+def test_tissue_labels_of_a_real_head():
+    """Inside the silver mask CSF, gray and white matter in T1w order; outside it the head's tissues, the dark
+    class split at NEAR_BRAIN_MM from the brain; background where there is no head; cached once per head."""
+    head = find_labelled_heads(SHARED, split="train")[-1]
+    loaded = TrainingHead.load(head, LOCATOR_VOXEL_MM)
+    labels = tissue_labels(loaded.image, loaded.mask, loaded.affine)
+    brain = loaded.mask > 0.5
+    assert labels.dtype == np.uint8 and set(np.unique(labels[brain])) == {1, 2, 3}
+    assert set(np.unique(labels[~brain])) == {0, 4, 5, 6, 7, 8}
+    means = [loaded.image[labels == c].mean() for c in range(len(TISSUES))]
+    assert means[1] < means[2] < means[3] and means[0] < means[1] and means[5] < means[6] < means[7] < means[8]
+    distance = ndi.distance_transform_edt(~brain, sampling=nib.affines.voxel_sizes(loaded.affine))
+    assert distance[labels == 4].max() <= NEAR_BRAIN_MM < distance[labels == 5].max()
+    assert (labels[0] == 0).mean() > 0.5  # the first slab is mostly air
+
+
+def test_patches_painted_from_labels_are_any_contrast_and_keep_the_brain_label(tmp_path):
+    """Painted patches: reproducible, the brain label the real T1w patch would have, class orderings unlike T1w's
+    (CSF brighter than white matter in some), background dark; label maps come from the cache."""
+    head = find_labelled_heads(SHARED, split="train")[-1]
+    loaded = TrainingHead.load(head, MODEL_VOXEL_MM, labels_cache=tmp_path)
+    cached = tmp_path / f"{head.name}_2mm_labels.npy"
+    assert np.array_equal(np.load(cached), loaded.labels)
+    options = {"size": (48, 56, 48), "labels_prob": 1.0, "thick_prob": 1.0, "thickness_mm": (3.0, 7.0)}
+    a = training_patch(loaded, np.random.default_rng([2, 1]), **options)
+    b = training_patch(loaded, np.random.default_rng([2, 1]), **options)
+    real = training_patch(loaded, np.random.default_rng([2, 1]), **dict(options, labels_prob=0.0))
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], real[1]) and not np.array_equal(a[0], real[0])
+    brighter_csf = 0
+    for seed in range(40):
+        rng = np.random.default_rng(seed)
+        image = synthesize_from_labels(rng, rng.choice(len(TISSUES), size=(24, 24, 24)).astype(np.uint8))
+        assert image.dtype == np.float32 and np.isfinite(image).all() and image.min() >= 0
+        painted = synthesize_from_labels(np.random.default_rng(seed), np.full((16, 16, 16), 1, np.uint8))
+        white = synthesize_from_labels(np.random.default_rng(seed), np.full((16, 16, 16), 3, np.uint8))
+        brighter_csf += painted.mean() > white.mean()
+    assert 5 < brighter_csf < 35
+    assert synthesize_from_labels(np.random.default_rng(0), np.zeros((16, 16, 16), np.uint8)).mean() < 0.12
+
+
+def test_score_heads_scores_inside_the_field_of_view_only():
+    """``contrasts`` images are scored inside their fov.nii.gz: a mask grown outside it scores as the reference
+    does, grown inside it does not; each row names its contrast."""
+    heads = find_labelled_heads(SHARED, split="contrasts")
+    assert len(heads) == 13 and {h.contrast for h in heads} == {"T1w", "T2w", "FLAIR"}
+    head = next(h for h in heads if h.contrast == "FLAIR")
+    reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
+    fov = np.asarray(nib.load(str(head.fov)).dataobj) > 0
+    assert (~fov).any()
+    grown = ndi.binary_dilation(reference, iterations=3)
+
+    class Result:
+        def __init__(self, mask):
+            self.mask = mask
+
+    masks = iter([reference, reference | (grown & ~fov), grown])
+    rows = score_heads([head] * 3, lambda h, data, affine: Result(next(masks)))
+    assert [r["contrast"] for r in rows] == ["FLAIR"] * 3
+    assert rows[0]["dice"] == rows[1]["dice"] == 1.0 and rows[2]["dice"] < 0.97
+    assert rows[2]["volume_diff_pct"] > 3
+
+
 def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns():
     import keras
 
@@ -185,17 +249,18 @@ def test_fine_tune_resume_and_export(tmp_path):
     assert not (out / "segmenter").exists()
     assert main(common + ["--steps", "2"]) == 0
     assert main(common + ["--steps", "3"]) == 0
-    rows = list(csv.DictReader((out / "segmenter" / "history.csv").open()))
+    rows = list(csv.DictReader((out / "fine-tune" / "segmenter" / "history.csv").open()))
     assert [r["step"] for r in rows] == ["1", "2", "3"]
-    assert [r["step"] for r in csv.DictReader((out / "locator" / "history.csv").open())] == ["1", "2"]
+    assert [r["step"] for r in csv.DictReader((out / "fine-tune" / "locator" / "history.csv").open())] == ["1", "2"]
     log = (out / "train.log").read_text()
     assert "segmenter: resumed from" in log and "segmenter step 2: BatchNorm statistics frozen" in log
     card = json.loads((out / "final" / "model.json").read_text())
     weights = out / "final" / "unet.weights.h5"
     locator = out / "final" / card["locator"]["file"]
     assert card["training"]["segmenter"]["steps"] == 3 and card["training"]["fine_tuned_from"]
-    # a fine-tune is itself the second cycle; the left-out source is out of training and recorded
-    assert card["training"]["refine"] is None and not (out / "refine").exists()
+    # the options made a one-step recipe; the left-out source is out of training and recorded
+    assert [s["name"] for s in card["training"]["recipe"]] == ["fine-tune"]
+    assert card["training"]["recipe"][0]["init"] == "bundled"
     assert card["training"]["heads"] == ["ds000011-sub-02"]
     assert card["training"]["left_out_sources"] == ["ds000011-sub-03"]
     assert card["training"]["precision"] == "float32"
@@ -276,39 +341,29 @@ def test_average_exports_the_weighted_mean_of_both_networks_with_its_own_thresho
     assert not (tmp_path / "bad" / "final").exists()
 
 
-def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
-    """From scratch, one command: locator, segmenter (stopped early, then resumed), then its second cycle."""
+def test_until_stops_early_and_a_rerun_of_the_same_step_finishes(tmp_path):
+    """From scratch, one step: locator, then the segmenter stopped early and resumed; trained in bfloat16,
+    shipped as the float32 network inference builds."""
     from bids_skullstrip.cli.train import main
 
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
     out = tmp_path / "run"
     common = [str(data), str(out), "--patch-size", "32", "32", "32", "--checkpoint-every", "5", "--steps", "3",
-              "--locator-steps", "2", "--refine-steps", "2", "--refine-lr", "1e-4", "--precision", "bfloat16"]
+              "--locator-steps", "2", "--precision", "bfloat16"]
     assert main(common + ["--until", "2"]) == 0
-    early = json.loads((out / "export-step2" / "model.json").read_text())["training"]
+    early = json.loads((out / "scratch" / "export-step2" / "model.json").read_text())["training"]
     assert early["segmenter"]["steps"] == 2 and early["segmenter"]["schedule_steps"] == 3
-    assert early["refine"] is None and not (out / "refine").exists()
-    assert not (out / "final").exists()
+    assert not (out / "final").exists() and not (out / "scratch" / "final").exists()
     assert main(common) == 0
     training = json.loads((out / "final" / "model.json").read_text())["training"]
-    assert training["segmenter"]["steps"] == 3
-    assert training["refine"]["steps"] == 2 and training["refine"]["peak_lr"] == 1e-4
-    assert training["precision"] == "mixed_bfloat16"
-    assert [r["step"] for r in csv.DictReader((out / "segmenter" / "history.csv").open())] == ["2", "3"]
-    assert [r["step"] for r in csv.DictReader((out / "refine" / "history.csv").open())] == ["2"]
-    assert "refine: a second cycle of the segmenter from" in (out / "train.log").read_text()
-    # the shipped segmenter is the second cycle's, not the first's
+    assert training["segmenter"]["steps"] == 3 and training["precision"] == "mixed_bfloat16"
+    assert [r["step"] for r in csv.DictReader((out / "scratch" / "segmenter" / "history.csv").open())] == ["2", "3"]
     import h5py
-    with h5py.File(out / "final" / "unet.weights.h5") as final, \
-            h5py.File(out / "segmenter" / "cycle1.weights.h5") as cycle1:
-        def kernels(f):
-            found = []
-            f.visititems(lambda name, obj: found.append(obj[()]) if isinstance(obj, h5py.Dataset) else None)
-            return found
-        assert any(not np.array_equal(a, b) for a, b in zip(kernels(final), kernels(cycle1)))
-        # trained in bfloat16, shipped as the float32 network inference builds
-        assert {a.dtype for a in kernels(final)} == {np.dtype("float32")}
+    with h5py.File(out / "final" / "unet.weights.h5") as final:
+        found = []
+        final.visititems(lambda name, obj: found.append(obj.dtype) if isinstance(obj, h5py.Dataset) else None)
+        assert set(found) == {np.dtype("float32")}
     from bids_skullstrip.model.inference import load_model
     from bids_skullstrip.model.predictor import Skullstripper
     image = nib.load(str(next(data.rglob("*_T1w.nii.gz"))))
@@ -316,6 +371,59 @@ def test_until_stops_early_and_a_rerun_finishes_with_the_refine_cycle(tmp_path):
     assert networks.segmenter.layers[1].dtype_policy.name == "float32"
     probability = Skullstripper(networks=networks).probability(np.asarray(image.dataobj, np.float32), image.affine)
     assert probability.probability.dtype == np.float32 and np.isfinite(probability.probability).all()
+
+
+def test_one_command_runs_the_whole_recipe_and_a_rerun_resumes_it(tmp_path):
+    """A recipe of every kind of step (scratch, a cycle from it, a mean, a contrast stage painted from tissue
+    label maps): each step in its folder, the last one's export in final/ with the recipe and the whole lineage in
+    its card; a rerun finds every step done and changes nothing; bad recipes are one-line errors."""
+    from bids_skullstrip.cli.train import main
+    from bids_skullstrip.training.recipe import RECIPE, estimate_hours
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    _small_head("ds000011-sub-03", data, "nfbs")
+    recipe = [{"name": "scratch", "options": {"steps": 2, "locator_steps": 1}},
+              {"name": "cycle2", "init": "scratch", "options": {"steps": 2, "locator_steps": 0, "peak_lr": 1e-4}},
+              {"name": "mean", "average": ["scratch", "cycle2"], "shares": [0.5, 0.5]},
+              {"name": "contrasts", "init": "mean",
+               "options": {"steps": 2, "locator_steps": 1, "labels_prob": 1.0, "thick_prob": 1.0,
+                           "thickness_mm": [3.0, 7.0], "seed": 7}}]
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    out = tmp_path / "run"
+    argv = [str(data), str(out), "--recipe", str(recipe_file), "--patch-size", "32", "32", "32",
+            "--precision", "float32"]
+    assert main(argv) == 0
+    assert all((out / step["name"] / "final" / "model.json").exists() for step in recipe)
+    card = json.loads((out / "final" / "model.json").read_text())
+    last = json.loads((out / "contrasts" / "final" / "model.json").read_text())
+    assert card["sha256"] == last["sha256"] and (out / "final" / card["locator"]["file"]).exists()
+    training = card["training"]
+    assert [s["name"] for s in training["recipe"]] == ["scratch", "cycle2", "mean", "contrasts"]
+    assert training["labels_prob"] == 1.0 and training["thickness_mm"] == [3.0, 7.0]
+    assert training["segmenter"]["steps"] == 2 and training["locator"]["steps"] == 1
+    # the lineage: contrasts <- mean <- (scratch, cycle2 <- scratch)
+    parents = training["fine_tuned_from"]["training"]["average_of"]
+    assert [p["training"]["segmenter"]["schedule_steps"] for p in parents] == [2, 2]
+    assert parents[1]["training"]["fine_tuned_from"]["sha256"] == parents[0]["sha256"]
+    # tissue label maps derived once per head, kept with the run's step, not in the project
+    assert sorted(p.name for p in (out / "contrasts" / "tissue_labels").iterdir()) == [
+        "ds000011-sub-02_2mm_labels.npy", "ds000011-sub-02_4mm_labels.npy",
+        "ds000011-sub-03_2mm_labels.npy", "ds000011-sub-03_4mm_labels.npy"]
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")}
+    assert main(argv) == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*.h5")} == before
+    assert (out / "train.log").read_text().count("recipe step contrasts: done before") == 1
+
+    recipe_file.write_text(json.dumps([{"name": "cycle2", "init": "scratch"}]))
+    assert main(argv) == 2  # refers to a step that is not before it
+    recipe_file.write_text(json.dumps([{"name": "x", "options": {"steps": 1}, "bogus": 1}]))
+    assert main(argv) == 2
+    recipe_file.write_text("{}")
+    assert main(argv) == 2
+    # the shipped recipe, at the step times measured on this machine, fits in 4 h
+    assert 2.0 < estimate_hours(RECIPE, segmenter_s=1.0, locator_s=0.3) < 4.0
 
 
 def _eval_rows(capsys, argv, csv_path):

@@ -7,15 +7,13 @@ Either runs the bundled (or given) model on every labelled head, or scores masks
 import argparse
 import csv
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.affines import voxel_sizes
 
-from ..nifti import InputError, load_t1w
-from ..metrics import compare_masks
+from ..nifti import InputError
+from ..metrics import score_heads
 from ..training.data import find_labelled_heads
 
 COLUMNS = ["name", "dice", "iou", "hd95_mm", "volume_ml", "reference_volume_ml", "volume_diff_pct", "seconds"]
@@ -25,7 +23,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="bids_skullstrip-eval", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("data", help="labelled heads (shared heads/ layout, NFBS-like folder or BIDS dataset)")
-    p.add_argument("--split", help="only this split of a heads/ + splits.json layout (e.g. val)")
+    p.add_argument("--split", help="only this split of a heads/ + splits.json layout (e.g. val; contrasts: the "
+                                   "FLAIR/T2w/T1w images, scored inside their field of view)")
     p.add_argument("--predictions", help="score existing masks from this folder instead of running the model")
     p.add_argument("--weights", help="model weights (default: the bundled ones)")
     p.add_argument("--threshold", type=float, default=None,
@@ -43,22 +42,19 @@ def _find_prediction(folder, name):
 
 
 def evaluate(heads, *, predictions=None, weights=None, threshold=None):
+    if predictions is not None:
+        return score_heads(heads, lambda head, data, affine: _Saved(_find_prediction(predictions, head.name)))
     from ..model.predictor import Skullstripper
 
-    stripper = Skullstripper(weights, threshold=threshold) if predictions is None else None
-    rows = []
-    for head in heads:
-        img, data = load_t1w(head.image)
-        reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
-        t = time.perf_counter()
-        if predictions is None:
-            mask = stripper.mask(data, img.affine).mask
-        else:
-            mask = np.asarray(nib.load(str(_find_prediction(predictions, head.name))).dataobj) > 0
-        seconds = time.perf_counter() - t
-        rows.append({"name": head.name, **compare_masks(mask, reference, voxel_sizes(img.affine)),
-                     "seconds": seconds})
-    return rows
+    stripper = Skullstripper(weights, threshold=threshold)
+    return score_heads(heads, lambda head, data, affine: stripper.mask(data, affine))
+
+
+class _Saved:
+    """A mask that exists already, as ``score_heads`` takes a result."""
+
+    def __init__(self, path):
+        self.mask = np.asarray(nib.load(str(path)).dataobj) > 0
 
 
 def format_table(rows):
@@ -86,7 +82,7 @@ def main(argv=None):
     print(format_table(rows))
     if args.csv:
         with open(args.csv, "w", newline="") as fh:
-            writer = csv.DictWriter(fh, fieldnames=COLUMNS)
+            writer = csv.DictWriter(fh, fieldnames=COLUMNS, extrasaction="ignore")
             writer.writeheader()
             writer.writerows(rows)
     return 0

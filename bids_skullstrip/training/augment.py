@@ -125,9 +125,49 @@ def _synthetic_contrast(rng, image, label):
     return ndi.gaussian_filter(out, rng.uniform(0.3, 1.2)).astype(np.float32)
 
 
-def _thick_slices(rng, image):
+# Mean intensity ranges per tissue class (data.TISSUES: background, CSF, gray, white, dark near the brain, dark,
+# muscle, skin, fat) of the structural contrasts users strip, after the orderings of the physics: T2w and PD make
+# CSF bright, FLAIR dark with gray over white, and gadolinium lights up dura, sinuses and vessels next to the brain.
+CONTRAST_PRIORS = {
+    "T1w": ((0, .05), (.05, .3), (.35, .55), (.6, .85), (.05, .3), (0, .15), (.25, .45), (.45, .75), (.75, 1)),
+    "T2w": ((0, .05), (.75, 1), (.45, .65), (.3, .45), (.6, 1), (0, .15), (.15, .35), (.35, .65), (.5, .9)),
+    "FLAIR": ((0, .05), (.02, .2), (.5, .75), (.35, .55), (.02, .25), (0, .12), (.15, .35), (.35, .65), (.45, .9)),
+    "PDw": ((0, .05), (.6, .9), (.6, .8), (.45, .6), (.5, .85), (0, .15), (.3, .5), (.5, .8), (.7, 1)),
+    "ce-T1w": ((0, .05), (.05, .3), (.35, .55), (.6, .85), (.4, 1), (0, .15), (.25, .45), (.45, .75), (.75, 1)),
+}
+WHITE = 3
+
+
+def synthesize_from_labels(rng, labels, *, prior_prob=0.5):
+    """An image painted from a tissue label map (after SynthStrip): each class a random mean (drawn within one of
+    ``CONTRAST_PRIORS`` with ``prior_prob``, else anywhere in [0, 1]) with its own noise and smooth texture,
+    lesion-like blobs in the white matter for some, then blurred by a partial-volume kernel. The label map is on
+    the patch grid; background stays near zero."""
+    n = int(labels.max()) + 1
+    if rng.random() < prior_prob:
+        ranges = np.array(CONTRAST_PRIORS[list(CONTRAST_PRIORS)[rng.integers(len(CONTRAST_PRIORS))]], float)
+        ranges = np.vstack([ranges, np.tile(ranges[-1], (max(0, n - len(ranges)), 1))])
+        means = rng.uniform(ranges[:, 0], ranges[:, 1])
+    else:
+        means = rng.uniform(0.0, 1.0, max(n, len(CONTRAST_PRIORS["T1w"])))
+        means[0] = rng.uniform(0.0, 0.1)
+    stds = rng.uniform(0.0, 0.06, means.size)
+    stds[0] = rng.uniform(0.0, 0.02)
+    image = means[labels] + stds[labels] * rng.standard_normal(labels.shape)
+    image *= np.exp(_smooth_field(rng, labels.shape, 6, 0.1))  # texture within a class
+    if rng.random() < 0.3:  # white-matter lesions (MS, small-vessel disease): brighter or darker than the white
+        white = labels == WHITE
+        blobs = white & (_smooth_field(rng, labels.shape, 10, 1.0) > rng.uniform(1.5, 2.5))
+        image[blobs] = rng.uniform(0.0, 1.0)
+    return ndi.gaussian_filter(np.clip(image, 0, None), rng.uniform(0.4, 1.0)).astype(np.float32)
+
+
+def _thick_slices(rng, image, voxel_mm, thickness_mm=None):
+    """A 2D acquisition: slices ``thickness_mm`` thick (sharp in-plane) along one axis of the patch; by default
+    1.25-3 voxels (2.5-6 mm on the 2 mm grid, 5-12 mm on the 4 mm one)."""
     axis = rng.integers(3)
-    factor = rng.uniform(1.25, 3.0)  # slice thickness 2.5-6 mm on the 2 mm grid, 5-12 mm on the 4 mm one
+    low, high = (1.25 * voxel_mm, 3.0 * voxel_mm) if thickness_mm is None else thickness_mm
+    factor = max(1.0, rng.uniform(low, high) / voxel_mm)
     image = ndi.gaussian_filter1d(image, factor / 2.355, axis=axis)
     zoom = [1.0] * 3
     zoom[axis] = 1.0 / factor
@@ -137,14 +177,23 @@ def _thick_slices(rng, image):
 
 
 def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=MODEL_VOXEL_MM, synth_prob=0.25,
-                   brains=(), composite_prob=0.2, composite_size=COMPOSITE_SIZE):
+                   brains=(), composite_prob=0.2, composite_size=COMPOSITE_SIZE, labels_prob=0.0,
+                   thick_prob=0.3, thickness_mm=None):
     """One (image, label) pair, float32 (size) each: image and soft brain label.
 
     The patch is what the network sees at inference: the whole field of view for the ``locator`` stage,
-    the brain-centred box for the ``segmenter``; normalised over the whole patch, as inference does."""
+    the brain-centred box for the ``segmenter``; normalised over the whole patch, as inference does.
+    ``labels_prob``: the share of patches painted from the head's tissue label map (``synthesize_from_labels``;
+    ``head.labels`` must be loaded) instead of the head's own T1w intensities; ``synth_prob``: of the others, the
+    share repainted from intensity quantiles of the patch. ``thick_prob``: the share acquired in 2D slices of
+    ``thickness_mm`` (``_thick_slices``)."""
     world = _sample_world(head, rng, size, voxel_mm, stage)
     (image, label), coords = _sample((head.image, head.mask), head.affine, world, size)
-    if brains and rng.random() < composite_prob:
+    from_labels = rng.random() < labels_prob
+    if from_labels:
+        labels = ndi.map_coordinates(head.labels, coords, order=0, mode="constant", cval=0)
+        image = synthesize_from_labels(rng, labels)
+    elif brains and rng.random() < composite_prob:
         image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label,
                                         size_range=composite_size)
     if rng.random() < 0.3:
@@ -153,12 +202,12 @@ def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=
         label[outside] = 0.0
     scale = np.percentile(image, 99.5) or 1.0
     image = image / scale
-    if rng.random() < synth_prob:
+    if not from_labels and rng.random() < synth_prob:
         image = _synthetic_contrast(rng, image, label)
     if rng.random() < 0.7:
         image = image * np.exp(_smooth_field(rng, size, 4, rng.uniform(0.1, 0.4)))
-    if rng.random() < 0.3:
-        image = _thick_slices(rng, image)
+    if rng.random() < thick_prob:
+        image = _thick_slices(rng, image, voxel_mm, thickness_mm)
     if rng.random() < 0.6:
         sigma = rng.uniform(0.005, 0.06)
         image = np.sqrt((image + rng.normal(0, sigma, size)) ** 2 + rng.normal(0, sigma, size) ** 2)

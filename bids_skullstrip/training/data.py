@@ -6,6 +6,8 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
+from scipy import ndimage as ndi
 
 from ..geometry import MODEL_VOXEL_MM, antialias, block_reduce
 
@@ -15,18 +17,30 @@ class LabelledHead:
     name: str
     image: Path
     mask: Path
+    fov: Path = None  # where the reference is defined (score inside it); None: everywhere
+    contrast: str = "T1w"
+
+
+def _contrast_images(root):
+    """The shared layout's ``contrasts/<id>/``: real FLAIR/T2w/T1w images (validation only), each with the
+    reference carried from its session's T1w and the field of view where that reference is defined."""
+    folders = sorted(p for p in Path(root, "contrasts").iterdir() if (p / "image.nii.gz").exists())
+    return [LabelledHead(p.name, p / "image.nii.gz", p / "mask_ref.nii.gz", p / "fov.nii.gz",
+                         json.loads((p / "meta.json").read_text())["contrast"]) for p in folders]
 
 
 def find_labelled_heads(root, *, split=None):
     """Image/mask pairs under ``root`` in any of the layouts users have.
 
     - this project's shared layout: ``heads/<id>/T1w.nii.gz`` + ``mask_silver.nii.gz`` (``splits.json``
-      selects ``split``);
+      selects ``split``; ``split="contrasts"`` gives its ``contrasts/<id>/`` images, with their field of view);
     - NFBS-like folders: ``*_T1w.nii[.gz]`` beside ``*_brainmask.nii[.gz]`` (or ``*_mask``);
     - BIDS derivatives: ``*_T1w.nii[.gz]`` with ``*_desc-brain_mask.nii[.gz]`` of the same entities.
     """
     root = Path(root)
     heads_dir = root / "heads"
+    if split == "contrasts" and (root / "contrasts").is_dir():
+        return _contrast_images(root)
     if heads_dir.is_dir():
         names = sorted(p.name for p in heads_dir.iterdir() if (p / "T1w.nii.gz").exists())
         if split is not None:
@@ -55,6 +69,43 @@ def find_brains(root):
     return sorted(Path(root, "brains").glob("*.nii*"))
 
 
+# Tissue classes of a head's label map (``tissue_labels``): three inside the brain mask, five outside it.
+TISSUES = ("background", "csf", "gray", "white", "dark_near_brain", "dark", "muscle", "skin", "fat")
+NEAR_BRAIN_MM = 6.0
+
+
+def _kmeans_1d(values, k, iterations=20):
+    """The ``k`` sorted cluster centres of 1D ``values`` (Lloyd's algorithm from quantiles; deterministic)."""
+    sample = np.sort(values[:: max(1, values.size // 200000)])
+    centres = np.quantile(sample, (np.arange(k) + 0.5) / k)
+    for _ in range(iterations):
+        which = np.digitize(sample, (centres[1:] + centres[:-1]) / 2)
+        centres = np.array([sample[which == j].mean() if np.any(which == j) else centres[j] for j in range(k)])
+    return np.sort(centres)
+
+
+def tissue_labels(image, mask, affine):
+    """A head's tissue label map (uint8, ``TISSUES``), derived from its T1w intensities and brain mask: inside the
+    mask three intensity clusters (CSF, gray, white matter); in the rest of the head four (the darkest split into
+    what lies within ``NEAR_BRAIN_MM`` of the brain, CSF, dura and bone that other contrasts paint differently,
+    and the rest); outside the head background. The classes only need to be shapes that other contrasts paint
+    differently, not anatomy; training paints them at random (``augment.synthesize_from_labels``)."""
+    smooth = ndi.gaussian_filter(image, 0.5)
+    brain = mask > 0.5
+    head = ndi.binary_fill_holes(ndi.binary_closing(smooth > 0.1 * np.percentile(smooth, 99), iterations=2))
+    head |= brain
+    labels = np.zeros(image.shape, np.uint8)
+    centres = _kmeans_1d(smooth[brain], 3)
+    labels[brain] = 1 + np.digitize(smooth[brain], (centres[1:] + centres[:-1]) / 2)
+    rest = head & ~brain
+    if rest.any():
+        centres = _kmeans_1d(smooth[rest], 4)
+        cluster = np.digitize(smooth[rest], (centres[1:] + centres[:-1]) / 2)
+        near = (ndi.distance_transform_edt(~brain, sampling=voxel_sizes(affine)) <= NEAR_BRAIN_MM)[rest]
+        labels[rest] = np.where(cluster == 0, np.where(near, 4, 5), 5 + cluster)
+    return labels
+
+
 def _world_extent(mask, affine):
     idx = np.argwhere(mask > 0)
     world = nib.affines.apply_affine(affine, idx[:: max(1, len(idx) // 20000)])
@@ -79,6 +130,7 @@ class TrainingHead:
     brain_extent: np.ndarray  # world mm, (min, max) of the brain along each axis
     head_extent: np.ndarray  # world mm, (min, max) of the non-background voxels
     brain_median: float  # median intensity inside the brain
+    labels: np.ndarray = None  # tissue label map on the grid of ``image`` (``tissue_labels``), if asked for
 
     @classmethod
     def _from_arrays(cls, name, data, mask, affine, voxel_mm):
@@ -91,10 +143,20 @@ class TrainingHead:
                    extent, head_extent, brain_median)
 
     @classmethod
-    def load(cls, head: LabelledHead, voxel_mm=MODEL_VOXEL_MM):
+    def load(cls, head: LabelledHead, voxel_mm=MODEL_VOXEL_MM, *, labels_cache=None):
+        """``labels_cache``: a folder; also derive the head's tissue label map (once: kept there)."""
         data, affine = _load_3d(head.image)
         mask = (np.asarray(nib.load(str(head.mask)).dataobj) > 0).astype(np.float32)
-        return cls._from_arrays(head.name, data, mask, affine, voxel_mm)
+        loaded = cls._from_arrays(head.name, data, mask, affine, voxel_mm)
+        if labels_cache is not None:
+            cached = Path(labels_cache) / f"{head.name}_{voxel_mm:g}mm_labels.npy"
+            if cached.exists():
+                loaded.labels = np.load(cached)
+            else:
+                loaded.labels = tissue_labels(loaded.image, loaded.mask, loaded.affine)
+                cached.parent.mkdir(parents=True, exist_ok=True)
+                np.save(cached, loaded.labels)
+        return loaded
 
     @classmethod
     def load_brain(cls, path, voxel_mm=MODEL_VOXEL_MM):

@@ -19,11 +19,10 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-from nibabel.affines import voxel_sizes
 
 from .. import __version__
 from ..geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
-from ..metrics import compare_masks, dice
+from ..metrics import dice, score_heads
 from ..model.inference import (LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, default_threshold, load_model,
                                model_card)
 from ..model.export import export_onnx
@@ -128,12 +127,8 @@ def _load_labelled(head):
 
 
 def validate(networks, heads, *, threshold, voxel_mm=MODEL_VOXEL_MM):
-    rows = []
-    for head in heads:
-        data, affine, reference = _load_labelled(head)
-        result = Skullstripper(networks=networks, voxel_mm=voxel_mm).mask(data, affine, threshold=threshold)
-        rows.append({"name": head.name, **compare_masks(result.mask, reference, voxel_sizes(affine))})
-    return rows
+    stripper = Skullstripper(networks=networks, voxel_mm=voxel_mm)
+    return score_heads(heads, lambda head, data, affine: stripper.mask(data, affine, threshold=threshold))
 
 
 def hard_head_weights(networks, heads, *, fraction, threshold, voxel_mm=MODEL_VOXEL_MM):
@@ -257,7 +252,9 @@ def _run_steps(stage, model, optimizer, average, manager, step_var, spent, train
                freeze_bn_from, head_weights):
     log.info("%s: loading %d training heads and %d brains at %g mm", stage.name, len(train_heads), len(brains),
              stage.voxel_mm)
-    heads = [TrainingHead.load(h, stage.voxel_mm) for h in train_heads]
+    # tissue label maps are derived once per head and kept with the run (not in the project)
+    labels_cache = out_dir.parent / "tissue_labels" if augmentation.get("labels_prob") else None
+    heads = [TrainingHead.load(h, stage.voxel_mm, labels_cache=labels_cache) for h in train_heads]
     stream = PatchStream(heads, [TrainingHead.load_brain(b, stage.voxel_mm) for b in brains], stage, seed=seed,
                          start=start, augmentation=augmentation, head_weights=head_weights)
     history = out_dir / "history.csv"
@@ -358,11 +355,10 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
           patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, composite_size=COMPOSITE_SIZE,
           base_filters=16, levels=4, voxel_mm=MODEL_VOXEL_MM, peak_lr=1e-3,
           checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
-          until=None, frozen_bn_fraction=0.3, left_out=(), refine_steps=0, refine_lr=3e-4, precision="auto",
-          hard_head_fraction=0.0):
+          until=None, frozen_bn_fraction=0.3, left_out=(), precision="auto", hard_head_fraction=0.0, labels_prob=0.0, thick_prob=0.3, thickness_mm=None):
     """Train (or resume) the locator to ``locator_steps``, then the segmenter to ``steps`` (``until`` stops
-    the segmenter's run earlier), then refine the segmenter in a second cycle of ``refine_steps`` at the lower
-    peak ``refine_lr``, calibrate the threshold on the training heads and export both networks.
+    the segmenter's run earlier), calibrate the threshold on the training heads and export both networks (one
+    step of a ``recipe``).
     ``init_weights`` (a segmenter weights file with its locator beside it) fine-tunes both. ``left_out`` names
     the sources kept out of ``train_heads`` for a leave-one-source-out run; the card records them.
     ``hard_head_fraction`` (fine-tuning): that share of the segmenter's patches comes from heads drawn in
@@ -378,7 +374,8 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     dtype = training_dtype(precision)
     log.info("training in %s", dtype)
     augmentation = {"synth_prob": synth_prob, "composite_prob": composite_prob,
-                    "composite_size": tuple(composite_size)}
+                    "composite_size": tuple(composite_size), "labels_prob": labels_prob, "thick_prob": thick_prob,
+                    "thickness_mm": None if thickness_mm is None else tuple(thickness_mm)}
     common = {"brains": brains, "seed": seed, "augmentation": augmentation,
               "peak_lr": peak_lr, "checkpoint_every": checkpoint_every, "validate_every": validate_every,
               "frozen_bn_fraction": frozen_bn_fraction, "export_only": export_only, "dtype": dtype}
@@ -399,20 +396,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
             f"{h.name} {w:.3f}" for h, w in zip(train_heads, head_weights)))
     segmenter = train_stage(segmenter_stage, train_heads, out_dir / segmenter_stage.name, steps=steps, until=until,
                             init_weights=init, validation=validation, head_weights=head_weights, **common)
-    refine = None
-    if refine_steps and segmenter.steps >= steps:
-        # A warm restart from the first cycle's averaged weights: a new cosine cycle at a lower peak, its
-        # BatchNorm statistics re-estimated and frozen again, its own average. Shipped as its two halves,
-        # this cycle was worth +0.0015-0.004 median and +0.001-0.007 worst Dice on every split.
-        cycle1 = out_dir / segmenter_stage.name / "cycle1.weights.h5"
-        if not cycle1.exists():
-            _save_atomically(segmenter.model, cycle1)
-        log.info("refine: a second cycle of the segmenter from %s, %d steps at peak %.1e", cycle1, refine_steps,
-                 refine_lr)
-        refine = train_stage(segmenter_stage, train_heads, out_dir / "refine", steps=refine_steps,
-                             init_weights=cycle1, validation=validation, head_weights=head_weights,
-                             **dict(common, peak_lr=refine_lr))
-    networks = BrainNetworks(locator.model, (refine or segmenter).model)
+    networks = BrainNetworks(locator.model, segmenter.model)
 
     def record(stage, run, schedule):
         return {"steps": run.steps, "schedule_steps": schedule, "patch_size": list(stage.patch_size),
@@ -427,12 +411,12 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
                     "file": locator_stage.weights_file},
         "training": {
             "seed": seed, "synth_prob": synth_prob, "composite_prob": composite_prob,
-            "composite_size": list(composite_size),
+            "composite_size": list(composite_size), "labels_prob": labels_prob, "thick_prob": thick_prob,
+            "thickness_mm": None if thickness_mm is None else list(thickness_mm),
             "frozen_bn_fraction": frozen_bn_fraction, "peak_lr": peak_lr, "precision": dtype,
             "locator": record(locator_stage, locator, locator_steps),
             "segmenter": record(segmenter_stage, segmenter, steps),
-            "refine": dict(record(segmenter_stage, refine, refine_steps), peak_lr=refine_lr) if refine else None,
-            "cpu_hours": locator.cpu_hours + segmenter.cpu_hours + (refine.cpu_hours if refine else 0.0),
+            "cpu_hours": locator.cpu_hours + segmenter.cpu_hours,
             "composited_brains": [Path(b).name for b in brains],
             "heads": [h.name for h in train_heads], "left_out_sources": list(left_out),
             "fine_tuned_from": _provenance(init),
@@ -448,14 +432,12 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     card["views"] = [vars(view) for view in default_views(voxel_mm)]
     log.info("threshold %.2f (median training Dice by threshold: %s)", card["threshold"],
              card["threshold_calibration"])
-    finished = (segmenter.steps >= steps and locator.steps >= locator_steps and not export_only
-                and (refine.steps >= refine_steps if refine_steps else True))
+    finished = segmenter.steps >= steps and locator.steps >= locator_steps and not export_only
     if val_heads and finished:
         card["validation"] = validate(networks, val_heads, threshold=card["threshold"], voxel_mm=voxel_mm)
         log.info("exported weights, validation: %s",
                  ", ".join(f"{r['name']} {r['dice']:.4f}" for r in card["validation"]))
-    partial = f"export-refine-step{refine.steps}" if refine else f"export-step{segmenter.steps}"
-    final = out_dir / ("final" if finished else partial)
+    final = out_dir / ("final" if finished else f"export-step{segmenter.steps}")
     export_weights({"locator": locator.model, "segmenter": networks.segmenter}, final, card, stage_list)
     return final
 

@@ -1,0 +1,135 @@
+"""The whole training recipe as data: the steps that make the shipped weights, in order.
+
+Each step is a run of ``train.train`` (both networks, from scratch or from an earlier step's export) or the
+weight-space mean of earlier steps' exports (``train.average_exports``), in a folder of its own under the output
+folder. A step whose export is there is done; one that is not resumes from its checkpoints, so rerunning the
+command after a stop continues where it stopped. The last step's export is what ships.
+"""
+
+import json
+import logging
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE
+from ..nifti import atomic_write_text
+
+log = logging.getLogger("bids_skullstrip.train")
+
+BUNDLED = "bundled"
+
+
+@dataclass(frozen=True)
+class Step:
+    """One step of a recipe. ``init``: None (from scratch), ``"bundled"`` (the weights in the package), the name of
+    an earlier step or a weights file; ``average``: earlier steps (or weights files) whose mean this step exports
+    instead of training, with ``shares``; ``options``: keyword arguments of ``train.train`` (steps, locator_steps,
+    peak_lr, seed, hard_head_fraction, labels_prob, ...)."""
+    name: str
+    init: str = None
+    average: tuple = ()
+    shares: tuple = None
+    options: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, spec):
+        unknown = set(spec) - {"name", "init", "average", "shares", "options"}
+        if unknown or "name" not in spec:
+            raise ValueError(f"recipe step {spec}: needs a name; unknown keys {sorted(unknown)}")
+        return cls(spec["name"], spec.get("init"), tuple(spec.get("average", ())),
+                   None if spec.get("shares") is None else tuple(spec["shares"]), dict(spec.get("options", {})))
+
+
+# The shipped weights' lineage (docs/model_card.md, "Training"): a from-scratch run, a second cycle of the
+# segmenter, a third with hard heads drawn more often, and the mean of the last two.
+RECIPE = (
+    Step("scratch", options={"steps": 4000, "locator_steps": 2000, "peak_lr": 1e-3}),
+    Step("cycle2", init="scratch", options={"steps": 2500, "locator_steps": 0, "peak_lr": 3e-4}),
+    Step("hard-heads", init="cycle2", options={"steps": 1000, "locator_steps": 0, "peak_lr": 1e-4,
+                                                "hard_head_fraction": 0.5, "seed": 20261203}),
+    Step("mean", average=("cycle2", "hard-heads")),
+)
+
+
+def load_recipe(path):
+    """A recipe from a JSON file: a list of steps as ``Step`` fields."""
+    specs = json.loads(Path(path).read_text())
+    if not isinstance(specs, list) or not specs:
+        raise ValueError(f"{path}: a recipe is a non-empty JSON list of steps")
+    return tuple(Step.from_dict(spec) for spec in specs)
+
+
+def check_recipe(recipe):
+    """Raise ValueError naming the first step that refers to a step not before it, or repeats a name."""
+    seen = set()
+    for step in recipe:
+        if step.name in seen or step.name == "final":
+            raise ValueError(f"recipe step {step.name!r}: names must be unique and not 'final'")
+        for ref in ([step.init] if step.init else []) + list(step.average):
+            if ref != BUNDLED and ref not in seen and not Path(ref).is_file():
+                raise ValueError(f"recipe step {step.name!r}: {ref!r} is neither an earlier step nor a weights file")
+        if step.average and (step.init or step.options):
+            raise ValueError(f"recipe step {step.name!r}: an average trains nothing (no init, no options)")
+        seen.add(step.name)
+
+
+def estimate_hours(recipe, *, segmenter_s, locator_s, export_s=120.0):
+    """The recipe's wall time from measured seconds per step (``bench/training_step.py``); each export (threshold
+    calibration on the training heads and validation) costs about ``export_s``."""
+    seconds = sum(step.options.get("steps", 4000) * segmenter_s + step.options.get("locator_steps", 2000) * locator_s
+                  for step in recipe if not step.average)
+    return (seconds + export_s * len(recipe)) / 3600.0
+
+
+def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
+    """Run (or resume) every step of ``recipe`` into ``out_dir/<step>/`` (a step done with the same spec before is
+    skipped; a changed one resumes from its checkpoints); the last step's export is copied to
+    ``out_dir/final/`` with the recipe recorded in its ``model.json``. ``common``: keyword arguments of
+    ``train.train`` shared by every training step (brains, threads, precision, checkpoint_every, ...). Returns the
+    final segmenter weights file, or None if a step stopped before its end (``until``, ``export_only``)."""
+    from .train import average_exports, train
+
+    check_recipe(recipe)
+    out_dir = Path(out_dir)
+
+    def weights_of(ref):
+        if ref == BUNDLED:
+            return WEIGHTS_FILE
+        step_export = out_dir / ref / "final" / WEIGHTS_FILE.name
+        return step_export if any(s.name == ref for s in recipe) else Path(ref)
+
+    last = None
+    for step in recipe:
+        folder = out_dir / step.name
+        done = folder / "step.json"  # written when the step's export is complete: a changed step runs again
+        if done.exists() and json.loads(done.read_text()) == _as_json(step):
+            log.info("recipe step %s: done before (%s)", step.name, folder / "final")
+            last = folder / "final" / WEIGHTS_FILE.name
+            continue
+        log.info("recipe step %s: %s", step.name, asdict(step))
+        if step.average:
+            last = average_exports([weights_of(r) for r in step.average], train_heads, val_heads, folder,
+                                   shares=step.shares)
+        else:
+            init = weights_of(step.init) if step.init else None
+            exported = train(train_heads, val_heads, folder, init_weights=init, **{**common, **step.options})
+            if exported.name != "final":
+                log.info("recipe step %s stopped early: %s; rerun to continue", step.name, exported)
+                return None
+            last = exported / WEIGHTS_FILE.name
+        atomic_write_text(done, json.dumps(_as_json(step)))
+    final = out_dir / "final"
+    card = json.loads(last.with_name("model.json").read_text())
+    if (final / "model.json").exists() and json.loads((final / "model.json").read_text())["sha256"] == card["sha256"]:
+        return final / WEIGHTS_FILE.name
+    final.mkdir(exist_ok=True)
+    for name in (WEIGHTS_FILE.name, LOCATOR_FILE_NAME):
+        shutil.copyfile(last.with_name(name), final / name)
+    card["training"] = dict(card["training"], recipe=[_as_json(step) for step in recipe])
+    atomic_write_text(final / "model.json", json.dumps(card, indent=2) + "\n")
+    return final / WEIGHTS_FILE.name
+
+
+def _as_json(step):
+    return json.loads(json.dumps({k: v for k, v in asdict(step).items() if v not in (None, (), {})}))
