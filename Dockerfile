@@ -28,12 +28,11 @@ ENV PATH=/opt/venv/bin:$PATH
 COPY docker/requirements.lock /tmp/requirements.lock
 RUN pip install --no-cache-dir -r /tmp/requirements.lock
 
-# Dropped: TensorFlow's C++ headers (for building ops) and the packages' own test suites.
-# Everything is byte-compiled now, since the image is read-only at run time.
-RUN rm -rf /opt/venv/lib/python3*/site-packages/tensorflow/include \
- && find /opt/venv/lib/python3*/site-packages -depth -type d -name tests -exec rm -rf {} + \
+# No TensorFlow: the image runs the networks' ONNX export in OpenVINO (training is `pip install .[train]`).
+# Dropped: the packages' own test suites. Everything is byte-compiled now, since the image is read-only at run time.
+RUN find /opt/venv/lib/python3*/site-packages -depth -type d -name tests -exec rm -rf {} + \
  && python -m compileall -q -j 0 /opt/venv/lib/python3*/site-packages >/dev/null \
- && python -c "import openvino, onnx, tensorflow, ants, nipype, bids, nibabel, matplotlib, scipy, jinja2, psutil, pandas, sklearn" \
+ && python -c "import openvino, ants, nipype, bids, nibabel, matplotlib, scipy, jinja2, psutil, pandas, sklearn" \
  && bids-validator-deno --version >/dev/null
 
 # --------------------------------------------------------------------------------------- runtime
@@ -69,8 +68,6 @@ ENV VIRTUAL_ENV=/opt/venv \
     NIPYPE_NO_ET=1 \
     NO_ET=1 \
     NIPYPE_CONFIG_DIR=/tmp/.nipype \
-    TF_CPP_MIN_LOG_LEVEL=2 \
-    KERAS_HOME=/tmp/.keras \
     DENO_DIR=/tmp/.cache/deno \
     DENO_NO_UPDATE_CHECK=1 \
     DENO_NO_PROMPT=1

@@ -279,3 +279,22 @@ def test_without_a_matching_export_the_networks_run_in_tensorflow_with_one_warni
     assert isinstance(networks.segmenter, keras.Model) and isinstance(networks.locator, keras.Model)
     [record] = caplog.records
     assert "no ONNX export matching model.json" in record.getMessage() and "\n" not in record.getMessage()
+
+
+def test_without_an_export_nor_tensorflow_the_error_is_one_line_saying_what_to_do(tmp_path, monkeypatch):
+    """Inference needs only OpenVINO (TensorFlow is the ``train`` extra): weights without their export then
+    cannot run at all, and the error says how to export them."""
+    import importlib.util
+
+    from bids_skullstrip.model.card import ModelCardError
+    from bids_skullstrip.model.inference import WEIGHTS_DIR, load_networks
+
+    for f in WEIGHTS_DIR.iterdir():
+        if f.is_file() and f.suffix != ".onnx":
+            (tmp_path / f.name).write_bytes(f.read_bytes())
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "tensorflow" else find_spec(name, *a))
+    with pytest.raises(ModelCardError, match=r"no ONNX export .* pip install 'bids_skullstrip\[train\]'") as err:
+        load_networks(tmp_path)
+    assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)

@@ -32,7 +32,8 @@ HEAD = DATA / "heads" / "colin27" / "T1w.nii.gz"  # 181x217x181, 1 mm
 PACKAGES = {"tensorflow": ["tensorflow", "keras", "tensorboard", "h5py", "ml_dtypes", "optree", "absl", "flatbuffers",
                            "google", "grpc", "libclang", "opt_einsum", "astunparse", "gast", "wrapt", "termcolor",
                            "namex", "rich"],
-            "litert": ["ai_edge_litert", "flatbuffers"], "onnxruntime": ["onnxruntime", "flatbuffers", "sympy", "mpmath"],
+            "litert": ["ai_edge_litert", "flatbuffers"],
+            "onnxruntime": ["onnxruntime", "flatbuffers", "sympy", "mpmath"],
             "openvino": ["openvino", "openvino_telemetry"]}
 
 

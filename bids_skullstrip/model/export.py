@@ -88,8 +88,9 @@ def onnx_bytes(network, architecture):
 def export_onnx(weights=None, *, networks=None):
     """Write ``<name>.onnx`` beside each network's ``<name>.weights.h5`` (``weights``: what ``ModelCard.load``
     takes; the bundled ones by default) and record their files and sha256 in the ``onnx`` entries of
-    ``model.json`` (top level: the segmenter; under ``locator``: the locator). ``networks``: the Keras ``BrainNetworks`` those files hold, if the caller has
-    them (training does), else they are loaded. Returns the segmenter's ONNX file."""
+    ``model.json`` (top level: the segmenter; under ``locator``: the locator). ``networks``: the Keras
+    ``BrainNetworks`` those files hold, if the caller has them (training does), else they are loaded. Returns
+    the segmenter's ONNX file."""
     from ..nifti import atomic_file, atomic_write_text
     from .card import ModelCard
     from .inference import load_model

@@ -2,13 +2,15 @@
 
 import functools
 import hashlib
+import importlib.util
 import logging
 import sys
 from dataclasses import dataclass
 
 import numpy as np
 
-from .card import CARD_NAME, LOCATOR_FILE_NAME, SEGMENTER_FILE_NAME, WEIGHTS_DIR, ModelCard  # noqa: F401
+from .card import (CARD_NAME, LOCATOR_FILE_NAME, SEGMENTER_FILE_NAME, WEIGHTS_DIR, ModelCard,  # noqa: F401
+                   ModelCardError)
 from .tf_runtime import import_tensorflow
 
 WEIGHTS_FILE = WEIGHTS_DIR / SEGMENTER_FILE_NAME
@@ -127,7 +129,8 @@ def _checked_onnx(folder, entry):
 def load_networks(weights=None, *, runtime=None, threads=None):
     """The two networks of ``weights`` (as ``load_model`` takes them) as inference runs them: their ONNX exports
     compiled by OpenVINO, or, with ``runtime="tensorflow"`` or where an export is missing or does not match its
-    checksum in model.json (a warning then says so), the Keras networks in TensorFlow. Cached like ``load_model``."""
+    checksum in model.json (a warning then says so), the Keras networks in TensorFlow (a ``ModelCardError``
+    where TensorFlow is not installed: inference needs only OpenVINO). Cached like ``load_model``."""
     card = weights if isinstance(weights, ModelCard) else ModelCard.load(weights)
     return _load_networks(card, runtime or DEFAULT_RUNTIME, threads or _threads)
 
@@ -141,9 +144,13 @@ def _load_networks(card, runtime, threads):
         files = [_checked_onnx(folder, card.locator.get("onnx")), _checked_onnx(folder, card.data.get("onnx"))]
         if all(files):
             return BrainNetworks(*(OnnxNetwork(f, threads) for f in files))
-        log.warning("%s: no ONNX export matching model.json beside these weights (python -m "
-                    "bids_skullstrip.model.export writes it): the networks run in TensorFlow, seconds slower",
-                    card.segmenter_file)
+        missing = f"{card.segmenter_file}: no ONNX export matching model.json beside these weights"
+        if importlib.util.find_spec("tensorflow") is None:
+            raise ModelCardError(f"{missing}, and no TensorFlow to run the Keras weights instead: pip install "
+                                 "'bids_skullstrip[train]', then python -m bids_skullstrip.model.export "
+                                 f"{card.path.parent}")
+        log.warning("%s (python -m bids_skullstrip.model.export writes it): the networks run in TensorFlow, "
+                    "seconds slower", missing)
     set_threads(threads)
     return load_model(card)
 
