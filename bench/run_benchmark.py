@@ -254,6 +254,7 @@ class Bench:
         for n in self.opts.scaling:
             m = self.participant_level(n, "scale")
             rows.append([n, m["wall_s"], m["wall_s"] / n, m["first_s"], m["tree_mb"], m["rss_mb"]])
+            print(f"  scaling: {n} heads, {m['wall_s']:.1f} s", flush=True)
         self.say(f"## Scaling: the BIDS app on 1..{max(self.opts.scaling)} heads (`--n-cpus {self.opts.threads}`)\n")
         self.say(table(["heads", "wall (s)", "per head (s)", "first image (s)", "peak RSS tree (MB)",
                         "peak RSS largest process (MB)"], rows))
