@@ -64,7 +64,7 @@ def measure(size, folder):
     from nipype.utils.filemanip import loadpkl
 
     from bids_skullstrip import execution
-    from bids_skullstrip.discovery import collect_t1w
+    from bids_skullstrip.discovery import collect_images
     from bids_skullstrip.multiproc import ImageFirstMultiProcPlugin
     from bids_skullstrip.workflows.base import _voxels, init_bids_skullstrip_wf, node_memory_gb
 
@@ -74,8 +74,8 @@ def measure(size, folder):
     execution.configure_nipype(work)
     nconfig.update_config({"monitoring": {"enabled": "true", "sample_frequency": "0.1"}})
     nconfig.enable_resource_monitor()
-    [t1w] = collect_t1w(folder / "bids", participant_labels=[label])
-    wf = init_bids_skullstrip_wf(t1w_inputs=[t1w], output_dir=folder / "out", bids_dir=folder / "bids",
+    [t1w] = collect_images(folder / "bids", participant_labels=[label])
+    wf = init_bids_skullstrip_wf(inputs=[t1w], output_dir=folder / "out", bids_dir=folder / "bids",
                                  work_dir=work, threshold=0.5, omp_nthreads=1)
     os.chdir(folder)  # the resource monitor writes its samples into the workers' working directory
     started = time.time()

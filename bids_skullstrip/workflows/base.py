@@ -20,8 +20,9 @@ from ..interfaces.n4 import N4BiasFieldCorrection
 from ..model.card import ModelCard
 
 # Memory of each node: a fixed part + bytes per native voxel, from the peaks bench/node_memory.py measured
-# (2 mm, 1 mm, 0.7 mm, 512x512x200; docs/hpc.md), rounded up. A MultiProc worker that ran an image holds
-# the interpreter, TensorFlow and the model (about 0.9 GB) for every node it runs later.
+# (2 mm, 1 mm, 0.7 mm, 512x512x200; docs/hpc.md) with TensorFlow, rounded up: OpenVINO's are 0.4-0.5 GB lower,
+# and these hold for either runtime. A MultiProc worker that ran an image keeps the interpreter, the runtime
+# and the model for every node it runs later.
 NODE_MEMORY = {  # name: (GB, bytes per voxel)
     "skullstrip": (0.85, 22),
     "n4": (1.0, 15),
