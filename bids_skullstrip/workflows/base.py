@@ -21,7 +21,7 @@ from ..model.card import ModelCard
 
 # Memory of each node: a fixed part + bytes per native voxel, from the peaks bench/node_memory.py measured
 # (2 mm, 1 mm, 0.7 mm, 512x512x200; docs/hpc.md) with TensorFlow, rounded up: OpenVINO's are 0.4-0.5 GB lower,
-# and these hold for either runtime. A MultiProc worker that ran an image keeps the interpreter, the runtime
+# and these hold for either. A MultiProc worker that ran an image keeps the interpreter, the runtime
 # and the model for every node it runs later.
 NODE_MEMORY = {  # name: (GB, bytes per voxel)
     "skullstrip": (0.85, 22),
