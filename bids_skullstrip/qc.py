@@ -7,6 +7,10 @@ The measures are computed on the bounding box of the mask (plus a margin), resam
 ~2 mm voxels, so they cost well under a second on a 256^3 head and mean the same thing at any resolution.
 They use the image, the probability map and the mask only (no reference mask, no orientation): intensities
 are read relative to the brain core of the image itself. docs/qc.md explains each measure and its limit.
+
+Two kinds of finding: a **flag** says "this mask probably failed" (``flag_image``, ``flag_group``); a **note**
+says "this image is unusual" (``note_image``, ``note_group``: the field of view cuts the brain, the image is
+noisier or darker inside the brain than its group) and does not count as a failure.
 """
 
 import math
@@ -33,7 +37,6 @@ EDGE_SEARCH_MAX_MM = 6.0  # the brain edge is searched at offsets up to this (th
 # bench/qc_flags.py; docs/qc.md gives the numbers and the reason for each limit.
 LIMITS = {
     "brain_volume_ml": (800.0, 2300.0, "ml", "brain volume"),
-    "fov_edge_fraction": (None, 0.002, "", "mask on the field-of-view edge (fraction of the mask on the faces)"),
     "extra_components_ml": (None, 10.0, "ml", "blobs of p>0.5 outside the brain"),
     "uncertain_fraction": (None, 0.45, "", "uncertain voxels (0.1<p<0.9) relative to the mask size"),
     "prob_mask_disagreement": (None, 0.10, "", "mask and p>0.5 disagree on a fraction of the mask"),
@@ -47,6 +50,14 @@ LIMITS = {
     "sphericity": (0.70, None, "", "mask sphericity"),
     "noise_ratio": (None, 0.15, "", "noise relative to brain intensity"),
 }
+
+# Absolute rules that describe the image, not the mask: outside [low, high] they add a note, never a flag.
+# A brain cut by the field of view is the image's problem: the 2D clinical scans of ../shared/data/contrasts
+# (3-4 mm slices) reach 0.014 (T2w) and 0.055 (T1w) with good masks, vrd-seg3d-mr (implanted grid) 0.044.
+NOTE_LIMITS = {
+    "fov_edge_fraction": (None, 0.02, "", "brain on the field-of-view edge (fraction of the mask's surface)"),
+}
+NOTE_HINTS = {("fov_edge_fraction", "high"): "the image's field of view cuts the brain"}
 
 # A hint added to a flag: (measure, "low" | "high") -> text.
 HINTS = {
@@ -71,7 +82,9 @@ EXPLAINED_BY_TOO_LARGE = {("extent_ratio", "low"), ("sphericity", "low"), ("outs
 MEASURE_HELP = {
     "brain_volume_ml": "volume of the brain mask",
     "brain_voxels": "number of voxels in the mask",
-    "fov_edge_fraction": "fraction of mask voxels on the faces of the image (brain cut by the field of view?)",
+    "fov_edge_fraction": "area of the mask on the faces of the image / the mask's surface area (brain cut by the "
+                         "field of view?)",
+    "resolution_mm": "largest voxel edge (the slice thickness of a 2D scan): what the edge measures can resolve",
     "uncertain_fraction": "voxels with 0.1<p<0.9 relative to the mask size (the model hesitates)",
     "prob_mask_disagreement": "voxels where p>0.5 and the final mask disagree, relative to the mask size",
     "n_extra_components": "number of blobs of p>0.5 (>= 1 ml) outside the main brain component",
@@ -99,20 +112,27 @@ GROUP_MEASURES = {
     "brain_volume_ml": (25.0, 0),
     "uncertain_fraction": (0.01, +1),
     "boundary_contrast": (0.02, -1),
-    "dark_fraction": (0.005, +1),
     "outside_brainlike_fraction": (0.02, +1),
     "outside_brainlike_max": (0.02, +1),
     "edge_offset_mm": (0.25, 0),
     "edge_offset_spread_mm": (0.5, +1),
     "extent_ratio": (0.01, 0),
     "sphericity": (0.005, 0),
+}
+# Group outliers of these say the image is unusual (noisier, more CSF: the atrophic heads of 92- and
+# 95-year-olds), not that its mask failed: a note.
+GROUP_NOTE_MEASURES = {
+    "dark_fraction": (0.005, +1),
     "noise_ratio": (0.003, +1),
 }
+# Measures that a coarse voxel blurs: an image's own spread is at least this share of its resolution_mm
+# (the 2D scans' per-side edge offsets differ by up to one slice thickness with good masks).
+RESOLUTION_SCALED = {"edge_offset_mm": 0.5, "edge_offset_spread_mm": 1.0}
 GROUP_MIN_IMAGES = 8
 GROUP_Z = 4.0
 
 MEASURE_KEYS = (
-    "brain_volume_ml", "brain_voxels", "fov_edge_fraction", "uncertain_fraction", "prob_mask_disagreement",
+    "brain_volume_ml", "brain_voxels", "resolution_mm", "fov_edge_fraction", "uncertain_fraction", "prob_mask_disagreement",
     "n_extra_components", "extra_components_ml", "boundary_contrast", "dark_fraction",
     "outside_brainlike_fraction", "outside_brainlike_max", "edge_offset_mm", "edge_offset_spread_mm",
     "edge_contrast", "noise_ratio", "sphericity", "extent_major_mm", "extent_minor_mm", "extent_ratio",
@@ -151,13 +171,19 @@ def qc_measures(t1w, probability, mask, voxel_mm):
     n_mask = int(np.count_nonzero(mask))
     out["brain_voxels"] = float(n_mask)
     out["brain_volume_ml"] = n_mask * float(np.prod(voxel_mm)) / 1000.0
+    out["resolution_mm"] = float(np.max(voxel_mm))
     if n_mask == 0:
         return out
 
-    # Field-of-view edge: mask voxels on the six faces of the image, relative to the mask size.
-    on_faces = sum(int(np.count_nonzero(f)) for f in (mask[0], mask[-1], mask[:, 0], mask[:, -1],
-                                                       mask[:, :, 0], mask[:, :, -1]))
-    out["fov_edge_fraction"] = on_faces / n_mask
+    # Field-of-view edge: the mask's area on the six faces of the image, relative to its surface area (both in
+    # mm^2, so that thick slices do not weigh more than thin ones).
+    on_faces = sum(int(np.count_nonzero(np.take(mask, i, axis=ax))) * float(np.prod(np.delete(voxel_mm, ax)))
+                   for ax in range(3) for i in (0, -1))
+    if on_faces:  # the surface at full resolution, on the mask's box (voxel faces, 2/3 for the staircase)
+        surface = _surface_area(mask[tuple(slice(a, b) for a, b in _bbox(mask))], voxel_mm) * (2.0 / 3.0)
+        out["fov_edge_fraction"] = on_faces / surface
+    else:
+        out["fov_edge_fraction"] = 0.0
 
     # Analysis grid: mask bounding box + margin, subsampled by integer strides towards TARGET_MM.
     step = _strides(voxel_mm)
@@ -346,13 +372,33 @@ def _fmt(v):
 
 def accepted_range(key):
     """The accepted range of a measure, e.g. "800 to 2300 ml", ">= 0.58" ("" for a measure without limits)."""
-    if key not in LIMITS:
+    rule = LIMITS.get(key) or NOTE_LIMITS.get(key)
+    if rule is None:
         return ""
-    low, high, unit, _ = LIMITS[key]
+    low, high, unit, _ = rule
     u = f" {unit}" if unit else ""
     if low is not None and high is not None:
         return f"{_fmt(low)} to {_fmt(high)}{u}"
     return f"{'>=' if low is not None else '<='} {_fmt(low if low is not None else high)}{u}"
+
+
+def _outside(measures, limits):
+    """{measure: (value, "low" | "high")} of the measures outside their ``limits``."""
+    outside = {}
+    for key, (low, high, _, _) in limits.items():
+        v = _as_float(measures.get(key))
+        if np.isfinite(v):
+            side = "low" if low is not None and v < low else "high" if high is not None and v > high else None
+            if side:
+                outside[key] = (v, side)
+    return outside
+
+
+def _finding(key, v, side, limits, hint):
+    unit, text = limits[key][2:]
+    u = f" {unit}" if unit else ""
+    value = f"{v:+.1f}" if key == "edge_offset_mm" else _fmt(v)
+    return f"{text}: {value}{u} (accepted {accepted_range(key)})" + (f" - {hint}" if hint else "")
 
 
 def flag_image(measures):
@@ -362,23 +408,17 @@ def flag_image(measures):
     vox = measures.get("brain_voxels")
     if vox is not None and vox == 0:
         return ["empty brain mask"]
-    outside = {}
-    for key, (low, high, _, _) in LIMITS.items():
-        v = _as_float(measures.get(key))
-        if np.isfinite(v):
-            side = "low" if low is not None and v < low else "high" if high is not None and v > high else None
-            if side:
-                outside[key] = (v, side)
+    outside = _outside(measures, LIMITS)
     too_large = any(outside.get(key, (None, None))[1] == side for key, side in TOO_LARGE)
-    flags = []
-    for key, (v, side) in outside.items():
-        unit, text = LIMITS[key][2:]
-        u = f" {unit}" if unit else ""
-        value = f"{v:+.1f}" if key == "edge_offset_mm" else _fmt(v)
-        accepted = accepted_range(key)
-        hint = TOO_LARGE_HINT if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side))
-        flags.append(f"{text}: {value}{u} (accepted {accepted})" + (f" - {hint}" if hint else ""))
-    return flags
+    return [_finding(key, v, side, LIMITS,
+                     TOO_LARGE_HINT if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side)))
+            for key, (v, side) in outside.items()]
+
+
+def note_image(measures):
+    """Absolute rules that describe the image (``NOTE_LIMITS``) -> list of notes: unusual, not failed."""
+    return [_finding(key, v, side, NOTE_LIMITS, NOTE_HINTS.get((key, side)))
+            for key, (v, side) in _outside(measures or {}, NOTE_LIMITS).items()]
 
 
 def robust_z(values, min_scale=0.0):
@@ -398,24 +438,46 @@ def robust_z(values, min_scale=0.0):
     return z
 
 
-def flag_group(rows):
-    """Flags for a group: each row's absolute flags plus robust z-score outliers (|z| > GROUP_Z).
-
-    ``rows`` is a sequence of dicts of measures (e.g. the ``qc`` dicts of the metrics JSON files, or rows that
-    contain those keys). Returns one list of flags per row, in order. z-score flags (on GROUP_MEASURES) are
-    added only when there are at least GROUP_MIN_IMAGES images.
-    """
-    rows = list(rows)
-    out = [flag_image(r) for r in rows]
+def _group_outliers(rows, measures):
+    """Per row, the group-outlier texts of ``measures`` (GROUP_MEASURES' shape) among ``rows`` (none below
+    GROUP_MIN_IMAGES rows). Measures of RESOLUTION_SCALED take at least that share of each image's own
+    resolution_mm as their spread: a 4 mm slice does not make a 4 mm difference an outlier."""
+    out = [[] for _ in rows]
     if len(rows) < GROUP_MIN_IMAGES:
         return out
-    for key, (min_scale, side) in GROUP_MEASURES.items():
-        vals = [_as_float(r.get(key)) for r in rows]
+    resolution = np.array([_as_float(r.get("resolution_mm")) for r in rows])
+    for key, (min_scale, side) in measures.items():
+        vals = np.array([_as_float(r.get(key)) for r in rows])
         z = robust_z(vals, min_scale)
+        if key in RESOLUTION_SCALED:
+            ok = np.isfinite(vals)
+            if ok.any():
+                scale = max(float(median_abs_deviation(vals[ok], scale="normal")), min_scale)
+                floor = np.where(np.isfinite(resolution), RESOLUTION_SCALED[key] * resolution, 0.0)
+                z = (vals - np.median(vals[ok])) / np.maximum(scale, floor)
         for i, zi in enumerate(z):
             if np.isfinite(zi) and (abs(zi) if side == 0 else side * zi) > GROUP_Z:
                 out[i].append(f"{key.replace('_', ' ')} {_fmt(vals[i])} is a group outlier (z = {zi:+.1f})")
     return out
+
+
+def flag_group(rows):
+    """Flags for a group: each row's absolute flags plus robust z-score outliers (|z| > GROUP_Z) of the
+    measures that say a mask failed (GROUP_MEASURES).
+
+    ``rows`` is a sequence of dicts of measures (e.g. the ``qc`` dicts of the metrics JSON files, or rows that
+    contain those keys). Returns one list of flags per row, in order. z-score flags are added only when there
+    are at least GROUP_MIN_IMAGES images.
+    """
+    rows = list(rows)
+    return [flag_image(r) + z for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES))]
+
+
+def note_group(rows):
+    """Notes for a group: each row's absolute notes plus the group outliers of the measures that describe the
+    image (GROUP_NOTE_MEASURES): "this image is unusual", not "this mask failed"."""
+    rows = list(rows)
+    return [note_image(r) + z for r, z in zip(rows, _group_outliers(rows, GROUP_NOTE_MEASURES))]
 
 
 def _as_float(v):

@@ -289,6 +289,6 @@ class Run:
 
         if not self.config.output_dir.is_dir():
             raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
-        paths = write_group_report(self.config.output_dir)
+        paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
         log.info("group report: %s", ", ".join(str(p) for p in paths))
         return OK

@@ -2,6 +2,7 @@
 written, then opened in headless Chromium (screenshot, every image loads, no console errors)."""
 
 import base64
+import csv
 import html as htmlmod
 import io
 import json
@@ -337,3 +338,85 @@ def test_output_names_of_every_contrast_come_from_one_spec(tmp_path):
         assert outputs.find_outputs(tmp_path, "mask", suffix=image.suffix) == sorted(
             outputs.derivative_path(tmp_path, i, "mask") for i in images if i.suffix == image.suffix)
     assert len(outputs.find_outputs(tmp_path, "metrics")) == len(images)
+
+
+def _metrics(out, name, *, threshold=0.55, qc_measures=None):
+    """A metrics JSON as the participant level writes it (only what the group level reads)."""
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+
+    image = StructuralInput.from_path(name)
+    path = outputs.derivative_path(out, image, "metrics")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    measures = qc_measures or {"brain_volume_ml": 1400.0, "edge_offset_mm": -2.0, "noise_ratio": 0.05}
+    path.write_text(json.dumps({"source": image.source_uri, "qc": measures, "flags": qc.flag_image(measures),
+                                "settings": {"threshold": threshold, "border_mm": 0.0, "model_sha256": "ab" * 32,
+                                             "software_version": "0.1.0"}}))
+    return image
+
+
+def test_group_level_when_every_image_failed(tmp_path):
+    """No crash (was: TypeError: ufunc 'invert' not supported), an HTML report, failed images not flagged."""
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+
+    for name in ("sub-01_T1w.nii.gz", "sub-02_T1w.nii.gz"):
+        outputs.record_failure(tmp_path, StructuralInput.from_path(name), f"{name}: not a readable NIfTI")
+    tsv, html = write_group_report(tmp_path)
+    with tsv.open() as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [(r["status"], r["n_flags"], r["flags"]) for r in rows] == [("failed", "0", "")] * 2
+    assert "not a readable NIfTI" in rows[0]["error"]
+    page = html.read_text()
+    assert "0 flagged · 2 failed" in page and "2 of 2 images failed" in page and "No mask is flagged" in page
+
+
+def test_group_report_shows_each_images_settings_and_warns_when_they_differ(tmp_path, caplog):
+    for i, threshold in enumerate((0.7, 0.7, 0.55), 1):
+        _metrics(tmp_path, f"sub-0{i}_T1w.nii.gz", threshold=threshold)
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        tsv, html = write_group_report(tmp_path, thumbnails=False)
+    with tsv.open() as fh:
+        rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
+    assert [rows[f"sub-0{i}"]["threshold"] for i in (1, 2, 3)] == ["0.7", "0.7", "0.55"]
+    assert {r["model_sha256"] for r in rows.values()} == {"ab" * 32} and rows["sub-01"]["border_mm"] == "0"
+    assert "not all processed with the same settings" in html.read_text()
+    assert "threshold: 0.7 (2 images), 0.55 (1 image)" in html.read_text()
+    assert any("not all processed with the same threshold: 0.7 (2), 0.55 (1)" in m for m in caplog.messages)
+    # the same settings everywhere: no warning
+    _metrics(tmp_path, "sub-03_T1w.nii.gz", threshold=0.7)
+    assert "not all processed" not in write_group_report(tmp_path, thumbnails=False)[1].read_text()
+
+
+def test_group_report_of_some_participants_only(tmp_path):
+    for i in (1, 2, 3):
+        _metrics(tmp_path, f"sub-0{i}_T1w.nii.gz")
+    _metrics(tmp_path, "sub-02_FLAIR.nii.gz")
+    paths = write_group_report(tmp_path, participants=["sub-02"], thumbnails=False)
+    assert sorted(p.name for p in paths) == ["group_FLAIR.html", "group_FLAIR.tsv", "group_T1w.html", "group_T1w.tsv"]
+    for tsv in (tmp_path / "group_T1w.tsv", tmp_path / "group_FLAIR.tsv"):
+        with tsv.open() as fh:
+            assert [r["participant_id"] for r in csv.DictReader(fh, delimiter="\t")] == ["sub-02"]
+    with pytest.raises(ReportError, match="participant"):
+        write_group_report(tmp_path, participants=["09"])
+
+
+def test_group_axes_read_plainly_when_values_cluster(tmp_path):
+    """Clustered values gave offset tick labels ('1e−6+3.246e−1') and ticks that overlapped."""
+    from bids_skullstrip.reports.group import plot_distributions
+
+    rows = [{"_status": "processed", "flags": [], "qc": {"brain_volume_ml": 1400.0 + i,
+                                                          "edge_contrast": 0.3246 + 1e-6 * i}} for i in range(9)]
+    svg = plot_distributions(rows, tmp_path / "d.svg").read_text()
+    labels = re.findall(r">([^<>]{1,40})</text>", svg)
+    assert not any(re.search(r"e[−-]\d", t) for t in labels), labels
+    ticks = [t for t in labels if t.startswith("0.3246")]
+    assert 2 <= len(ticks) <= 5, labels
+
+
+def test_thumbnail_cuts_through_the_middle_of_the_brain():
+    from bids_skullstrip.reports.reportlets import _cuts
+
+    mask = np.zeros((40, 50, 60), bool)
+    mask[10:31, 5:46, 20:41] = True
+    assert [_cuts(mask, axis, 1, n)[0] for axis, n in enumerate(mask.shape)] == [20, 25, 30]

@@ -159,7 +159,8 @@ def test_group_report_keeps_the_failed_images_and_joins_participants_tsv(mixed_r
     assert set(rows) == {f"sub-0{i}" for i in range(1, 8)}
     assert rows["sub-01"]["status"] == "processed" and rows["sub-01"]["session_id"] == "n/a"
     for label, problem in EXPECTED_PROBLEM.items():
-        assert rows[f"sub-{label}"]["status"] == "failed" and problem in rows[f"sub-{label}"]["flags"]
+        row = rows[f"sub-{label}"]
+        assert row["status"] == "failed" and problem in row["error"] and row["n_flags"] == "0", row
     html = (mixed_run["out"] / "group_T1w.html").read_text()
     assert all(f"sub-{label}_T1w" in html or f"sub-{label}" in html for label in EXPECTED_PROBLEM)
 

@@ -19,11 +19,12 @@ class _QCMetricsInputSpec(BaseInterfaceInputSpec):
 
 
 class _QCMetricsOutputSpec(TraitedSpec):
-    qc = traits.Dict(desc="brain volume, software and model, QC measures and flags (of the metrics JSON)")
+    qc = traits.Dict(desc="brain volume, software and model, QC measures, flags and notes (of the metrics JSON)")
 
 
 class QCMetrics(SimpleInterface):
-    """The QC part of the per-image metrics record: brain volume, model, QC measures and flags."""
+    """The QC part of the per-image metrics record: brain volume, model, QC measures, flags (the mask probably
+    failed) and notes (the image is unusual)."""
 
     input_spec = _QCMetricsInputSpec
     output_spec = _QCMetricsOutputSpec
@@ -45,6 +46,7 @@ class QCMetrics(SimpleInterface):
             model=card.record(),
             qc=measures,
             flags=qc.flag_image(measures),
+            notes=qc.note_image(measures),
         )
         return runtime
 

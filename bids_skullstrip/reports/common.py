@@ -70,6 +70,7 @@ def load_record(path, output_dir):
     qc = rec.get("qc") if isinstance(rec.get("qc"), dict) else {}
     rec["qc"] = {k: (float(v) if _is_number(v) else None) for k, v in qc.items()}
     rec["flags"] = _strings(rec.get("flags"))
+    rec["notes"] = _strings(rec.get("notes"))
     rec["warnings"] = _strings(rec.get("warnings"))
     rec["_runtime_total"] = runtime_total(rec.get("runtime_s"))
     figure, brain_figure = (outputs.figure_path(output_dir, image, kind) for kind in outputs.FIGURES)

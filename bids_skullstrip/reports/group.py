@@ -7,7 +7,9 @@ are compared among images of that contrast only."""
 import csv
 import datetime
 import io
+import logging
 import math
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -24,44 +26,66 @@ from .common import (  # noqa: E402
 
 FIG_DIR = "figures"  # <out>/figures/ (ignored by .bidsignore's "figures/")
 SKIP_COLUMNS = ("brain_voxels",)
+# what shaped each image's outputs (the metrics JSON's "settings"): a column each; a warning when they differ
+SETTINGS = ("threshold", "border_mm", "model_sha256", "software_version")
+
+log = logging.getLogger("bids_skullstrip")
 
 
 def _failed_records(output_dir, processed):
-    """Rows for the images whose last participant run failed (``outputs.record_failure``)."""
+    """Rows for the images whose last participant run failed (``outputs.record_failure``): failed, not flagged
+    (a flag judges a mask, and there is none)."""
     rows = []
     for image, error in outputs.recorded_failures(output_dir):
         if image.name in processed:
             continue
         rows.append({"bids_name": image.stem, "_name": image.name, "_suffix": image.suffix, "_image": image,
                      "_participant": image.subject, "_session": image.session, "_status": "failed",
-                     "_error": error, "qc": {}, "flags": [f"failed: {error}"], "_runtime_total": None,
+                     "_error": error, "qc": {}, "flags": [], "notes": [], "_runtime_total": None,
                      "_figure": None})
     return rows
 
 
-def _records(output_dir):
-    """{suffix: records}, each contrast's flagged by the group rule among its own images."""
+def _records(output_dir, participants=None):
+    """{suffix: records} of ``participants`` (all where None), each contrast's flagged (and noted) by the group
+    rule among its own images."""
     records = [load_record(p, output_dir) for p in outputs.find_outputs(output_dir, "metrics")]
     for r in records:
         r["_status"] = "processed"
-    failed = _failed_records(output_dir, {r["_name"] for r in records})
-    if not records and not failed:
+    records += _failed_records(output_dir, {r["_name"] for r in records})
+    if participants:
+        records = [r for r in records if r["_participant"] in participants]
+    if not records:
+        whose = f" of participant(s) {', '.join(sorted(participants))}" if participants else ""
         raise ReportError(
-            f"{output_dir}: no per-image metrics found (sub-*/[ses-*/]anat/*_desc-brain_metrics.json); "
+            f"{output_dir}: no per-image metrics{whose} found (sub-*/[ses-*/]anat/*_desc-brain_metrics.json); "
             "run the participant level first")
     by_suffix = {}
-    for suffix in sorted({r["_suffix"] for r in records + failed}):
-        processed = [r for r in records if r["_suffix"] == suffix]
-        group_flags = qcmod.flag_group([r["qc"] for r in processed])
-        for r, flags in zip(processed, group_flags):
+    for suffix in sorted({r["_suffix"] for r in records}):
+        processed = [r for r in records if r["_suffix"] == suffix and r["_status"] == "processed"]
+        rows = [r["qc"] for r in processed]
+        for r, flags, notes in zip(processed, qcmod.flag_group(rows), qcmod.note_group(rows)):
             if not r["qc"] and r["_error"]:
                 flags = [r["_error"]]
             # recomputed flags (current rules + group outliers) first, then any other stored flag
             r["flags"] = flags + [f for f in r["flags"] if f not in flags]
-        rows = processed + [r for r in failed if r["_suffix"] == suffix]
+            r["notes"] = notes + [n for n in r["notes"] if n not in notes]
+        rows = [r for r in records if r["_suffix"] == suffix]
         rows.sort(key=lambda r: (r["_status"] != "failed", -len(r["flags"]), r["bids_name"]))
         by_suffix[suffix] = rows
     return by_suffix
+
+
+def _setting(r, key):
+    settings = r.get("settings")
+    return settings.get(key) if isinstance(settings, dict) else None
+
+
+def mixed_settings(records):
+    """{setting: Counter of its values} for the settings that differ between the processed images."""
+    processed = [r for r in records if r["_status"] == "processed"]
+    counts = {key: Counter(_tsv_value(_setting(r, key)) for r in processed) for key in SETTINGS}
+    return {key: c for key, c in counts.items() if len(c) > 1}
 
 
 ENTITY_COLUMNS = (("acquisition", "acq_id"), ("ceagent", "ce_id"), ("reconstruction", "rec_id"), ("run", "run_id"))
@@ -89,7 +113,8 @@ def write_tsv(records, path):
     # participant_id / session_id (and the other entities) join participants.tsv and sessions.tsv
     header = (["bids_name", "participant_id", "session_id"] + [c for _, c in ENTITY_COLUMNS]
               + ["status", "brain_volume_ml", "brain_voxels", "size_x", "size_y", "size_z",
-                 "spacing_x", "spacing_y", "spacing_z", "orientation", "runtime_s"] + keys + ["n_flags", "flags"])
+                 "spacing_x", "spacing_y", "spacing_z", "orientation", "runtime_s", *SETTINGS] + keys
+              + ["n_flags", "flags", "notes", "error"])
     buf = io.StringIO()
     w = csv.writer(buf, delimiter="\t", lineterminator="\n")
     w.writerow(header)
@@ -101,28 +126,33 @@ def write_tsv(records, path):
         row = ([r["bids_name"], f"sub-{r['_participant']}", f"ses-{r['_session']}" if r["_session"] else None]
                + [ent.get(e) for e, _ in ENTITY_COLUMNS] + [r["_status"]]
                + [vol, r.get("brain_voxels", r["qc"].get("brain_voxels"))] + shape[:3] + vox[:3]
-               + [r.get("orientation"), r["_runtime_total"]] + [r["qc"].get(k) for k in keys]
-               + [len(r["flags"]), "; ".join(f.replace("\t", " ") for f in r["flags"])])
+               + [r.get("orientation"), r["_runtime_total"]] + [_setting(r, k) for k in SETTINGS]
+               + [r["qc"].get(k) for k in keys]
+               + [len(r["flags"])] + ["; ".join(f.replace("\t", " ") for f in r[k]) for k in ("flags", "notes")]
+               + [r["_error"] if r["_status"] == "failed" else None])
         w.writerow([_tsv_value(v) for v in row])
     return atomic_write_text(path, buf.getvalue())
 
 
 def plot_distributions(records, out_file):
-    """One strip plot per measure (brain volume first); flagged images red; absolute limits dashed."""
+    """One strip plot per measure (brain volume first); flagged images red; absolute limits dashed; the
+    group median a solid line. Plain tick labels (no offset notation), few enough not to overlap."""
+    from matplotlib.ticker import MaxNLocator, ScalarFormatter
+
     keys = ["brain_volume_ml"] + [k for k in _measure_keys(records) if k != "n_extra_components"]
     ncols = 4
     nrows = int(math.ceil(len(keys) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.3 * ncols, 1.25 * nrows + 0.2), squeeze=False)
     rng = np.random.default_rng(0)
     records = [r for r in records if r["_status"] == "processed"]
-    flagged = np.array([bool(r["flags"]) for r in records])
+    flagged = np.array([bool(r["flags"]) for r in records], dtype=bool)
     for ax, key in zip(axes.ravel(), keys):
         vals = np.array([r["qc"].get(key) if r["qc"].get(key) is not None else np.nan for r in records], float)
         ok = np.isfinite(vals)
         jitter = rng.uniform(-0.3, 0.3, len(vals))
         ax.scatter(vals[ok & ~flagged], jitter[ok & ~flagged], s=12, color="#1f5f99", alpha=0.75, lw=0)
         ax.scatter(vals[ok & flagged], jitter[ok & flagged], s=16, color="#d62728", alpha=0.9, lw=0)
-        low, high, unit, _ = qcmod.LIMITS.get(key, (None, None, "", ""))
+        low, high, unit, _ = qcmod.LIMITS.get(key) or qcmod.NOTE_LIMITS.get(key) or (None, None, "", "")
         for lim in (low, high):
             if lim is not None:
                 ax.axvline(lim, color="#888", ls="--", lw=0.8)
@@ -139,6 +169,10 @@ def plot_distributions(records, out_file):
         shown = key[: -len(unit) - 1] if unit and key.endswith("_" + unit) else key
         ax.set_title(shown.replace("_", " ") + (f" ({unit})" if unit else ""), fontsize=8.5, loc="left")
         ax.tick_params(labelsize=7)
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        formatter = ScalarFormatter(useOffset=False)
+        formatter.set_scientific(False)
+        ax.xaxis.set_major_formatter(formatter)
         for s in ("top", "right", "left"):
             ax.spines[s].set_visible(False)
     for ax in axes.ravel()[len(keys):]:
@@ -170,15 +204,19 @@ def _thumbnail(r, output_dir, fig_dir):
     return out
 
 
-def write_group_report(output_dir, *, thumbnails=True):
+def write_group_report(output_dir, *, participants=None, thumbnails=True):
     """Write ``group_<suffix>.tsv`` and ``group_<suffix>.html`` in ``output_dir`` for every contrast that has
-    images there; return their paths, (tsv, html) per contrast in turn.
+    images there (of ``participants`` only, labels with or without ``sub-``, where given); return their paths,
+    (tsv, html) per contrast in turn. Settings that differ between the images are logged as a warning.
 
     Raises ReportError when no per-image metrics JSON exists.
     """
+    from ..discovery import strip_prefix
+
     output_dir = Path(output_dir)
+    wanted = {strip_prefix(p, "sub-") for p in participants or ()}
     written = []
-    for suffix, records in _records(output_dir).items():
+    for suffix, records in _records(output_dir, wanted).items():
         written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails)
     return written
 
@@ -193,13 +231,22 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails):
         thumb = thumb or r["_figure"]
         r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
         r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['_name'])}"
+    mixed = mixed_settings(records)
+    for key, counts in mixed.items():
+        log.warning("%s: the %s images were not all processed with the same %s: %s", name, suffix, key,
+                    ", ".join(f"{v} ({n})" for v, n in counts.most_common()))
     html = environment().get_template("group.html").render(
         rows=records,
         contrast=suffix,
         measure_keys=_measure_keys(records),
+        settings=SETTINGS,
+        mixed={key: ", ".join(f"{v} ({n} image{'s' if n > 1 else ''})" for v, n in c.most_common())
+               for key, c in mixed.items()},
         n_flagged=sum(1 for r in records if r["flags"]),
+        n_noted=sum(1 for r in records if r["notes"]),
+        n_failed=sum(1 for r in records if r["_status"] == "failed"),
         n_participants=len({r["_participant"] for r in records}),
-        group_z=len(records) >= qcmod.GROUP_MIN_IMAGES,
+        group_z=sum(r["_status"] == "processed" for r in records) >= qcmod.GROUP_MIN_IMAGES,
         min_group=qcmod.GROUP_MIN_IMAGES,
         dist_url=rel_url(dist, output_dir),
         tsv_name=tsv_path.name,

@@ -22,9 +22,9 @@ from .common import (
 
 
 def _out_keys(measures):
-    """Measures outside their absolute limits (highlighted in the table)."""
+    """Measures outside their absolute limits, of a flag or of a note (highlighted in the table)."""
     keys = set()
-    for key, (low, high, _, _) in qcmod.LIMITS.items():
+    for key, (low, high, _, _) in {**qcmod.LIMITS, **qcmod.NOTE_LIMITS}.items():
         v = measures.get(key)
         if v is None:
             continue

@@ -80,7 +80,8 @@ def _cuts(mask, axis, n, size):
         lo, hi = int(idx[0]), int(idx[-1])
     else:
         lo, hi = 0, size - 1
-    return [int(round(lo + (hi - lo) * f)) for f in np.linspace(0.12, 0.88, n)]
+    # one cut: through the middle of the brain, where its contour says most (not near its edge)
+    return [int(round(lo + (hi - lo) * f)) for f in ([0.5] if n == 1 else np.linspace(0.12, 0.88, n))]
 
 
 def _slice(vol, axis, k):
@@ -298,7 +299,7 @@ def plot_thumbnail(t1w_path, mask_path, out_file):
     pal = np.asarray(_palette(), dtype=np.uint8).reshape(-1, 3)
     widths = [r["panels"][0]["w_mm"] for r in rows]
     height = max(r["panels"][0]["h_mm"] for r in rows)
-    scale = 0.0085  # inches per mm -> ~ 130 px high at dpi 100... kept small
+    scale = 0.013  # inches per mm: ~ 200 px high at dpi 100, big enough to see the contour
     fig = plt.figure(figsize=(sum(widths) * scale, height * scale), dpi=100)
     fig.patch.set_facecolor("black")
     x = 0.0
