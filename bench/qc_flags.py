@@ -1,12 +1,14 @@
-"""Do the QC flags catch broken masks, and how often do they fire on good ones?
+"""Do the QC flags catch broken masks, and how often do they fire on good ones, for every contrast?
 
-On every real head of ../shared/data/heads with a silver mask (T1w + mask_silver, read in place) this computes
-the QC measures (``bids_skullstrip.qc.qc_measures``) of
+On every real head of ../shared/data/heads with a silver mask (T1w + mask_silver, read in place) and, with
+``--contrasts``, on the FLAIR, T2w and 2D T1w images of ../shared/data/contrasts (image + mask_ref, evaluated
+inside fov.nii.gz: the image is zeroed outside it, where the reference is not defined) this computes the QC
+measures (``bids_skullstrip.qc.qc_measures``) of
 
 * the good mask (silver), with a proxy probability map (the mask smoothed by a 1.5 mm Gaussian);
 * masks broken on purpose: shifted 10 / 20 mm (along R, A or S, the direction and sign rotating over the
   heads), eroded / dilated 5 / 8 mm, the top third cut off, flipped A-P and S-I (the mask of a wrongly
-  oriented image), the mask of another head (the next head in sorted order, mostly another subject of the
+  oriented image), the mask of another head (the next head in sorted order of another subject, mostly of the
   same study, moved so that the two masks' centroids coincide: right place, wrong brain);
 * the good mask on the image with heavy Rician noise (sigma = 0.3 x brain median);
 * probability-map failures a model can produce (synthetic): a 30 ml blob of p > 0.5 outside the brain, a
@@ -24,6 +26,7 @@ ds000011 heads) to count group false alarms where a group is homogeneous.
     python bench/qc_flags.py --heads ds000011-sub-01 colin27
     python bench/qc_flags.py --model --model-cache ~/.cache/bids_skullstrip-bench/qc_model   # + the network
     python bench/qc_flags.py --cache /tmp/qc.json             # keep the measures; re-runs only re-evaluate
+    python bench/qc_flags.py --contrasts --model              # the 13 clinical images, one table per contrast
 
 The limits in ``bids_skullstrip.qc.LIMITS`` were calibrated on the good masks of all these heads (silver and
 the model's own) and on the corruptions below; docs/qc.md has the table this prints.
@@ -32,7 +35,6 @@ the model's own) and on the corruptions below; docs/qc.md has the table this pri
 import argparse
 import hashlib
 import json
-import os
 import sys
 import time
 from collections import defaultdict
@@ -40,9 +42,13 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from bids_skullstrip import qc
+from bids_skullstrip.metrics import dice
+from bids_skullstrip.nifti import atomic_write_text
+from bids_skullstrip.postproc import apply_border
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PROXY_SIGMA_MM = 1.5
@@ -64,10 +70,6 @@ CONDITIONS = {
     "prob_extra_blob": ("probability", True),
     "prob_blurred": ("probability", True),
 }
-
-
-def voxel_mm(affine):
-    return np.sqrt((np.asarray(affine)[:3, :3] ** 2).sum(0))
 
 
 def world_axis(affine, code):
@@ -95,18 +97,10 @@ def shift(mask, ax, n):
 
 
 def grow(mask, mm, vox):
-    """Dilate (mm > 0) or erode (mm < 0) by a distance in mm (distance transform on the mask's box)."""
-    pad = int(np.ceil(abs(mm) / vox.min())) + 2
-    idx = np.argwhere(mask)
-    lo = np.maximum(idx.min(0) - pad, 0)
-    hi = np.minimum(idx.max(0) + pad + 1, mask.shape)
-    box = tuple(slice(a, b) for a, b in zip(lo, hi))
-    m = mask[box]
+    """Dilate (mm > 0) or erode (mm < 0) by a distance in mm: the app's own border, on the mask's box."""
+    box = _box(mask, abs(mm), vox)
     out = mask.copy()
-    if mm > 0:
-        out[box] = m | (ndi.distance_transform_edt(~m, sampling=vox) <= mm)
-    else:
-        out[box] = ndi.distance_transform_edt(m, sampling=vox) > -mm
+    out[box] = apply_border(mask[box], mm, vox)
     return out
 
 
@@ -207,14 +201,9 @@ def corrupt(name, t1, mask, vox, affine, i, rng, other=None):
     return t1, proxy_probability(m, vox), m
 
 
-def dice(a, b):
-    a, b = a > 0, b > 0
-    s = a.sum() + b.sum()
-    return 2.0 * np.logical_and(a, b).sum() / s if s else 1.0
-
-
-def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None):
-    """Real model runs: (name, t1 used for QC, probability, mask, Dice against the right answer).
+def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None, fov=None):
+    """Real model runs: (name, t1 used for QC, probability, mask, Dice against the right answer; inside
+    ``fov`` where given).
 
     ``model_flipped_SI`` is an image whose data is upside down with respect to its header (a wrong
     orientation): the right mask is the silver mask flipped the same way, and the model's mask is a failure
@@ -226,6 +215,8 @@ def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None):
     out = []
     ax_s, _ = world_axis(affine, "S")
     flipped = np.flip(mask, axis=ax_s)
+    within = np.ones(mask.shape, bool) if fov is None else fov
+    inside = {"model_clean": within, "model_noise_heavy": within, "model_flipped_SI": np.flip(within, axis=ax_s)}
     for name, data, truth in (("model_clean", t1, mask), ("model_noise_heavy", add_noise(t1, mask, rng), mask),
                               ("model_flipped_SI", np.flip(t1, axis=ax_s).copy(), flipped)):
         saved = Path(model_cache) / f"{head}_{name}_{weights_tag}.npz" if model_cache else None
@@ -238,7 +229,7 @@ def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None):
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 np.savez_compressed(saved, probability=prob.astype(np.float16), mask=m)
-        out.append((name, data, prob, m, dice(m, truth)))
+        out.append((name, data, prob, m, dice(m & inside[name], truth & inside[name])))
     return out
 
 
@@ -246,62 +237,78 @@ MODEL_CONDITIONS = ("model_clean", "model_noise_heavy", "model_flipped_SI")
 
 
 def load_head(head):
-    img = nib.load(str(DATA / "heads" / head / "T1w.nii.gz"))
-    mask = np.asarray(nib.load(str(DATA / "heads" / head / "mask_silver.nii.gz")).dataobj) > 0
-    return img, mask
+    """(image, good mask, field of view where the mask is defined or None) of a head or a contrasts image."""
+    folder = DATA / "heads" / head
+    if folder.is_dir():
+        img = nib.load(str(folder / "T1w.nii.gz"))
+        return img, np.asarray(nib.load(str(folder / "mask_silver.nii.gz")).dataobj) > 0, None
+    folder = DATA / "contrasts" / head
+    img = nib.load(str(folder / "image.nii.gz"))
+    mask, fov = (np.asarray(nib.load(str(folder / f)).dataobj) > 0 for f in ("mask_ref.nii.gz", "fov.nii.gz"))
+    return img, mask, fov
 
 
-def all_heads():
-    return sorted(p.parent.name for p in (DATA / "heads").glob("*/mask_silver.nii.gz"))
+def all_heads(contrasts=False):
+    """{id: BIDS suffix} of the heads with a silver mask (T1w), or of the contrasts images."""
+    if contrasts:
+        return {p.parent.name: json.loads((p.parent / "meta.json").read_text())["bids_suffix"]
+                for p in sorted((DATA / "contrasts").glob("*/mask_ref.nii.gz"))}
+    return {p.parent.name: "T1w" for p in sorted((DATA / "heads").glob("*/mask_silver.nii.gz"))}
 
 
-def run(heads, use_model, cache, verbose=True, model_cache=None):
+def subject(head):
+    """Whose head it is: a contrasts image's patient (its other images are the same brain), else the head."""
+    meta = DATA / "contrasts" / head / "meta.json"
+    return json.loads(meta.read_text())["subject"] if meta.exists() else head
+
+
+def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False):
     """QC measures of every (head, condition); cached in ``cache`` (JSON) when given, so that re-running
     after a change of LIMITS only re-evaluates the flags. Delete the cache after a change of qc_measures."""
     results = json.loads(Path(cache).read_text()) if cache and Path(cache).exists() else {}
     splits = json.loads((DATA / "splits.json").read_text())
     split_of = {h: s for s, hs in splits.items() for h in hs}
-    everyone = all_heads()
+    everyone = all_heads(contrasts)
+    names = list(everyone)
     for head in heads:
-        i = everyone.index(head)  # fixed per head, whatever subset is run: same corruption, same seed
+        i = names.index(head)  # fixed per head, whatever subset is run: same corruption, same seed
         want = [c for c in CONDITIONS if f"{head}|{c}" not in results]
         want_model = [c for c in MODEL_CONDITIONS if use_model and f"{head}|{c}" not in results]
         if not (want or want_model):
             continue
-        img, mask = load_head(head)
+        img, mask, fov = load_head(head)
         t1 = img.get_fdata(dtype=np.float32)
-        vox = voxel_mm(img.affine)
+        # the corrupted masks are judged where the good one is defined: the image is zeroed outside that
+        shown = t1 if fov is None else t1 * fov
+        vox = voxel_sizes(img.affine)
         other = None
-        if "other_head" in want:  # the next head in sorted order (mostly: another subject of the same study)
-            o_img, o_mask = load_head(everyone[(i + 1) % len(everyone)])
+        if "other_head" in want:  # the next head in sorted order of another subject (mostly: the same study)
+            o_img, o_mask, _ = load_head(next(n for n in names[i + 1:] + names[:i] if subject(n) != subject(head)))
             other = (o_mask, o_img.affine)
+        info = {"head": head, "contrast": everyone[head], "split": split_of.get(head, "contrasts" if contrasts else "?")}
         for name in want:
             rng = np.random.default_rng([i, list(CONDITIONS).index(name)])
-            t, p, m = corrupt(name, t1, mask, vox, img.affine, i, rng, other=other)
+            t, p, m = corrupt(name, shown, mask, vox, img.affine, i, rng, other=other)
             t0 = time.perf_counter()
             meas = qc.qc_measures(t, p, m.astype(np.uint8), vox)
             dt = time.perf_counter() - t0
             d = float(dice(m, mask))
-            results[f"{head}|{name}"] = {"head": head, "split": split_of.get(head, "?"), "condition": name,
-                                         "failure": CONDITIONS[name][1], "dice": d, "seconds": dt, "qc": meas}
+            results[f"{head}|{name}"] = {**info, "condition": name, "failure": CONDITIONS[name][1], "dice": d,
+                                         "seconds": dt, "qc": meas}
             if verbose:
                 print(f"{head:18s} {name:16s} dice {d:.3f}  {dt:.2f}s  flags: {qc.flag_image(meas)}", flush=True)
         if want_model:
             rng = np.random.default_rng([i, 99])
-            for name, t, p, m, d in model_conditions(t1, mask, img.affine, vox, rng, head,
-                                                                  model_cache):
+            for name, t, p, m, d in model_conditions(t1, mask, img.affine, vox, rng, head, model_cache, fov):
                 if name not in want_model:
                     continue
                 meas = qc.qc_measures(t, p, m, vox)
-                results[f"{head}|{name}"] = {"head": head, "split": split_of.get(head, "?"), "condition": name,
-                                             "failure": bool(d < MODEL_FAIL_DICE), "dice": float(d), "seconds": 0.0,
-                                             "qc": meas}
+                results[f"{head}|{name}"] = {**info, "condition": name, "failure": bool(d < MODEL_FAIL_DICE),
+                                             "dice": float(d), "seconds": 0.0, "qc": meas}
                 if verbose:
                     print(f"{head:18s} {name:16s} dice {d:.3f}  flags: {qc.flag_image(meas)}", flush=True)
         if cache:
-            tmp = Path(f"{cache}.tmp-{os.getpid()}")
-            tmp.write_text(json.dumps(results))
-            os.replace(tmp, cache)
+            atomic_write_text(cache, json.dumps(results))
     return {k: r for k, r in results.items() if r["head"] in heads}
 
 
@@ -312,17 +319,18 @@ def evaluate(results):
     """Per condition: [n, flagged by the absolute rules, flagged by absolute + group rules, failures among n,
     flagged failures (abs+group)], the Dice values, and the reasons (which rule fired, abs+group)."""
     rows = list(results.values())
-    # the reference group of an image: the good images of all other heads (silver masks for the silver
-    # conditions, the model's outputs on the clean images for the model conditions)
-    ref = {"silver": {r["head"]: r["qc"] for r in rows if r["condition"] == "good"},
-           "model": {r["head"]: r["qc"] for r in rows if r["condition"] == "model_clean"}}
+    # the reference group of an image: the good images of all other heads of its contrast (silver masks for
+    # the silver conditions, the model's outputs on the clean images for the model conditions)
+    ref = {"silver": {r["head"]: r for r in rows if r["condition"] == "good"},
+           "model": {r["head"]: r for r in rows if r["condition"] == "model_clean"}}
     table = defaultdict(lambda: {"n": 0, "abs": 0, "grp": 0, "fail": 0, "fail_abs": 0, "fail_grp": 0, "dice": [],
                                  "low": 0, "low_abs": 0})
     reasons = defaultdict(lambda: defaultdict(int))
     for r in rows:
         flags_abs = qc.flag_image(r["qc"])
         family = ref["model" if r["condition"].startswith("model_") else "silver"]
-        group = [g for h, g in sorted(family.items()) if h != r["head"]] + [r["qc"]]
+        group = [g["qc"] for h, g in sorted(family.items())
+                 if h != r["head"] and g.get("contrast", "T1w") == r.get("contrast", "T1w")] + [r["qc"]]
         flags_grp = qc.flag_group(group)[-1]
         t = table[r["condition"]]
         t["n"] += 1
@@ -414,6 +422,8 @@ def print_table(table, reasons, study=None):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--heads", nargs="*", help="head ids (default: all with a silver mask)")
+    ap.add_argument("--contrasts", action="store_true", help="the FLAIR, T2w and 2D T1w images of "
+                                                             "../shared/data/contrasts instead: a table per contrast")
     ap.add_argument("--cache", default=None, help="JSON file to keep measures between runs (delete it after "
                                                    "changing qc_measures; LIMITS changes need no recompute)")
     ap.add_argument("--model", action="store_true", help="also run the bundled model (~10 s per head and run)")
@@ -422,21 +432,28 @@ def main(argv=None):
     ap.add_argument("--markdown", default=None, help="also write the table to this file")
     ap.add_argument("-q", "--quiet", action="store_true", help="no per-image lines")
     args = ap.parse_args(argv)
-    heads = args.heads or all_heads()
-    unknown = sorted(set(heads) - set(all_heads()))
+    everyone = all_heads(args.contrasts)
+    heads = args.heads or list(everyone)
+    unknown = sorted(set(heads) - set(everyone))
     if unknown:
-        sys.exit(f"no T1w + mask_silver for: {' '.join(unknown)} (in {DATA / 'heads'})")
+        sys.exit(f"no image + good mask for: {' '.join(unknown)} (in {DATA / ('contrasts' if args.contrasts else 'heads')})")
     if args.model:
         from bids_skullstrip.model.inference import WEIGHTS_FILE
         if not WEIGHTS_FILE.exists():
             sys.exit(f"--model: no weights at {WEIGHTS_FILE}")
-    results = run(heads, args.model, args.cache, verbose=not args.quiet, model_cache=args.model_cache)
+    results = run(heads, args.model, args.cache, verbose=not args.quiet, model_cache=args.model_cache,
+                  contrasts=args.contrasts)
     secs = [r["seconds"] for r in results.values() if r["seconds"]]
     print(f"\n{len(heads)} heads; qc_measures: median {np.median(secs):.2f} s, max {np.max(secs):.2f} s per image\n")
-    table, reasons = evaluate(results)
-    text = print_table(table, reasons, study_false_alarms(results))
+    texts = []
+    for contrast in sorted({r.get("contrast", "T1w") for r in results.values()}):
+        mine = {k: r for k, r in results.items() if r.get("contrast", "T1w") == contrast}
+        print(f"### {contrast} ({len({r['head'] for r in mine.values()})} images)\n")
+        table, reasons = evaluate(mine)
+        texts.append(f"### {contrast}\n\n" + print_table(table, reasons, study_false_alarms(mine)))
+        print()
     if args.markdown:
-        Path(args.markdown).write_text(text + "\n")
+        atomic_write_text(args.markdown, "\n\n".join(texts) + "\n")
 
 
 if __name__ == "__main__":
