@@ -336,10 +336,18 @@ def _edge_peak(profile):
 
     peaks = [k for k in range(n) if ok[k] and g[k] <= EDGE_SEARCH_MAX_MM and c[k] >= max(neighbours(k))]
     k = max(peaks, key=lambda i: c[i]) if peaks else int(np.nanargmax(c))
-    left, right = neighbours(k)
+    # the parabola's points: the nearest defined offsets on either side, up to two steps away (on an analysis
+    # grid coarser than the shells, e.g. 2.4 mm voxels of a 1.2 mm image, the shells next to the surface are
+    # empty: refining over the immediate neighbours only left the edge at exactly 0.0)
+    lo = next((i for i in (k - 1, k - 2) if i >= 0 and ok[i]), None)
+    hi = next((i for i in (k + 1, k + 2) if i < n and ok[i]), None)
     offset = g[k]
-    if np.isfinite(left) and np.isfinite(right) and left - 2 * c[k] + right < 0:
-        offset = g[k] + 0.5 * (g[1] - g[0]) * (left - right) / (left - 2 * c[k] + right)
+    if lo is not None and hi is not None:
+        (x0, y0), (x1, y1), (x2, y2) = (g[lo], c[lo]), (g[k], c[k]), (g[hi], c[hi])
+        num = (x1 - x0) ** 2 * (y1 - y2) - (x1 - x2) ** 2 * (y1 - y0)
+        den = (x1 - x0) * (y1 - y2) - (x1 - x2) * (y1 - y0)
+        if den > 0:  # a maximum (y1 above the chord), its vertex between the two points
+            offset = float(np.clip(x1 - 0.5 * num / den, x0, x2))
     return float(c[k]), float(offset)
 
 

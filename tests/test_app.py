@@ -188,6 +188,15 @@ def test_group_level(sample_run):
     assert (out / "group_T1w.html").is_file()
 
 
+def test_group_level_of_some_participants(sample_run):
+    out = sample_run["out"]
+    res = app(SAMPLE, out, "group", "--participant-label", "02")
+    assert res.returncode == 0, res.stderr
+    with (out / "group_T1w.tsv").open() as fh:
+        assert [r["participant_id"] for r in csv.DictReader(fh, delimiter="\t")] == ["sub-02"]
+    assert app(SAMPLE, out, "group").returncode == 0  # everyone again, for the other checks
+
+
 def test_rerun_skips_finished_images(sample_run):
     out = sample_run["out"]
     mask = derivative(out, SAMPLE, t1w_inputs(SAMPLE)[0], "desc-brain_mask.nii.gz")

@@ -417,3 +417,19 @@ def test_broken_masks_of_every_contrast_are_flagged(case):
               "shifted 20 mm": shifted(mask, ax, int(round(sign * 20 / vox[ax])))}
     missed = [what for what, m in broken.items() if not qc.flag_image(measures(t1, m, vox))]
     assert missed == [], f"{case}: {missed}"
+
+
+@needs_heads
+def test_the_brain_edge_is_found_between_offsets_on_a_coarse_grid():
+    """At 1.2 mm voxels the analysis grid is 2.4 mm, coarser than the 2 mm shells: the shells next to the mask
+    surface are empty, and the edge offset was read at the nearest lattice point (colin27: -4.0 mm at 1.2 mm,
+    -1.8 at 1 mm; the oblique sample image: 0.0, its unrotated source -1.9). The parabola now spans the
+    nearest defined offsets."""
+    t1, mask, vox, _ = load("colin27")
+    zoom = vox / 1.2
+    coarse = measures(ndi.zoom(t1, zoom, order=1), ndi.zoom(mask.astype(np.float32), zoom, order=1) > 0.5,
+                      np.full(3, 1.2))
+    assert abs(coarse["edge_offset_mm"] - measures(t1, mask, vox)["edge_offset_mm"]) < 0.5, coarse
+    nan = float("nan")  # the oblique sample image's profile (sub-01_ses-2_acq-oblique, its model mask)
+    profile = [0.018, 0.026, 0.052, 0.21, 0.283, nan, 0.296, nan, -0.233, -0.494, -0.457]
+    assert qc._edge_peak(profile)[1] == pytest.approx(-1.9, abs=0.05)
