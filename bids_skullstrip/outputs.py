@@ -315,5 +315,11 @@ def init_output_dir(output_dir, bids_dir):
     output_dir.mkdir(parents=True, exist_ok=True)
     _create_once(output_dir / "dataset_description.json",
                  json.dumps(dataset_description(bids_dir), indent=2) + "\n")
-    _create_once(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n")
+    if not _create_once(output_dir / ".bidsignore", "\n".join(BIDSIGNORE) + "\n"):
+        # an output folder of an earlier version ignores group_T1w.tsv only: the other contrasts' tables would
+        # be validator warnings. Its own lines are kept, the missing ones added (the same text from any run).
+        ignored = (output_dir / ".bidsignore").read_text().splitlines()
+        missing = [line for line in BIDSIGNORE if line not in ignored]
+        if missing:
+            atomic_write_text(output_dir / ".bidsignore", "\n".join(ignored + missing) + "\n")
     _create_once(output_dir / "README.md", README_TEXT)

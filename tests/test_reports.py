@@ -420,3 +420,14 @@ def test_thumbnail_cuts_through_the_middle_of_the_brain():
     mask = np.zeros((40, 50, 60), bool)
     mask[10:31, 5:46, 20:41] = True
     assert [_cuts(mask, axis, 1, n)[0] for axis, n in enumerate(mask.shape)] == [20, 25, 30]
+
+
+def test_an_earlier_output_folder_learns_to_ignore_every_contrasts_group_table(tmp_path):
+    from bids_skullstrip import outputs
+
+    (tmp_path / ".bidsignore").write_text("*.html\nfigures\n*_metrics.json\ngroup_T1w.tsv\nlogs\nmy_notes.txt\n")
+    outputs.init_output_dir(tmp_path, Path(__file__).parents[1] / "data" / "sample_bids")
+    lines = (tmp_path / ".bidsignore").read_text().splitlines()
+    assert "group_*.tsv" in lines and "my_notes.txt" in lines and len(lines) == len(set(lines))
+    outputs.init_output_dir(tmp_path, Path(__file__).parents[1] / "data" / "sample_bids")
+    assert (tmp_path / ".bidsignore").read_text().splitlines() == lines
