@@ -48,7 +48,12 @@ def plugin_settings(config):
 
 def plugin(name, args):
     """What ``Workflow.run`` gets as its plugin: for ``MultiProc``, this app's ``ImageFirstMultiProcPlugin``
-    (images finish one after another; a lost worker fails its image, not the run)."""
+    (images finish one after another; a lost worker fails its image, not the run); for ``SLURM``, its
+    ``SlurmPlugin`` (a job killed for memory fails its image with one line saying so)."""
+    if name == "SLURM":
+        from .slurm import SlurmPlugin
+
+        return SlurmPlugin(plugin_args=args)
     if name != "MultiProc":
         return name
     from .multiproc import ImageFirstMultiProcPlugin

@@ -11,6 +11,9 @@ machine; idempotent) -- or uses one that already answers ``sinfo`` (e.g. a CI ru
 and checks that the SLURM run really went through SLURM (new completed jobs in the job completion
 log) and that both runs wrote the same files with identical masks.
 
+A second run kills one image's job with SIGKILL (as the OOM killer would) and checks the one line that reports
+it, the other image finished and the rerun.
+
 Skipped when no cluster can be had, except when ``$CI`` is set: then it fails.
 """
 from __future__ import annotations
@@ -112,7 +115,9 @@ def test_slurm_plugin_matches_multiproc(slurm_cluster, tmp_path):
 
     # -- same files, identical masks
     ignore = re.compile(r"(^|/)(logs/|.*\.html$|figures/)")  # timings, logs and pictures may differ
-    f_slurm, f_mp = _files(out_slurm), _files(out_mp)
+    run_log = re.compile(r"^logs/run-")  # named by the run's id
+    f_slurm = {f for f in _files(out_slurm) if not run_log.match(f)}
+    f_mp = {f for f in _files(out_mp) if not run_log.match(f)}
     assert f_slurm == f_mp, f"only SLURM: {sorted(f_slurm - f_mp)}; only MultiProc: {sorted(f_mp - f_slurm)}"
     masks = sorted(f for f in f_slurm if f.endswith("_mask.nii.gz") and not ignore.search(f))
     assert len(masks) == len(inputs), masks
@@ -120,3 +125,87 @@ def test_slurm_plugin_matches_multiproc(slurm_cluster, tmp_path):
         a, b = nib.load(out_slurm / rel), nib.load(out_mp / rel)
         assert np.array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj)), f"{rel} differs"
         assert np.array_equal(a.affine, b.affine), rel
+
+
+def _job_process(pattern: re.Pattern, timeout_s: float):
+    """The Python process of the SLURM job whose nipype script matches ``pattern``, and its job id."""
+    import psutil
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        for proc in psutil.process_iter(["cmdline"]):
+            cmdline = proc.info["cmdline"] or []
+            if cmdline and "python" in Path(cmdline[0]).name and pattern.search(cmdline[-1]):
+                try:
+                    return proc, proc.environ()["SLURM_JOB_ID"]
+                except (psutil.Error, KeyError):
+                    continue
+        time.sleep(0.2)
+    return None, None
+
+
+def test_a_job_killed_by_signal_9_fails_its_image_in_one_line_and_the_others_finish(slurm_cluster, tmp_path):
+    """The Python process of one image's skull-strip job is SIGKILLed while it runs, as the kernel's OOM killer
+    does (memory cannot be exceeded for real here: the test cluster has no cgroups and does not enforce
+    ``--mem``). The job ends FAILED with exit code 137:0. The run reports that image in one line naming the job and
+    signal 9 as most likely out of memory, records it in logs/failed/, finishes the other image and exits 1; a rerun
+    processes only the failed image."""
+    cfgdir = tmp_path / "cfg"
+    cfgdir.mkdir()
+    (cfgdir / "nipype.cfg").write_text("[execution]\npoll_sleep_duration = 0.5\n")
+    env = {**os.environ, "NIPYPE_NO_ET": "1"}
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [*_app(), str(SAMPLE), str(out), "participant", "-w", str(work), "--participant-label", "02", "03",
+           "--plugin", "SLURM", "--plugin-args", json.dumps({"sbatch_args": SBATCH_ARGS})]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cfgdir)
+    try:
+        proc, jobid = _job_process(re.compile(r"sub_02_T1w_wf_skullstrip\.py$"), timeout_s=300)
+        assert proc is not None, "sub-02's skullstrip job was not seen running"
+        time.sleep(1.0)  # into its work
+        proc.kill()
+        console, _ = run.communicate(timeout=600)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 1, f"exit status {run.returncode}\n{console[-6000:]}"
+    lines = [line for line in console.splitlines() if "sub-02_T1w.nii.gz:" in line and "SLURM job" in line]
+    assert len(lines) >= 1, console[-6000:]
+    line = lines[-1]
+    assert (f"the SLURM job {jobid} running its skullstrip step was killed by signal 9" in line
+            and "exit code 137:0" in line and "most likely out of memory" in line
+            and "raise the job's --mem in --plugin-args sbatch_args" in line), line
+    print(line)
+    assert "Traceback" not in console and "results file does not exist" not in console, console[-6000:]
+    failed = {p.name: json.loads(p.read_text())["error"] for p in (out / "logs" / "failed").glob("*.json")}
+    assert len(failed) == 1 and "sub-02" in next(iter(failed)), failed
+    assert f"SLURM job {jobid} running its skullstrip step was killed by signal 9" in next(iter(failed.values()))
+    assert list(out.glob("sub-03/anat/sub-03_run-1_*desc-brain_mask.nii.gz")), "sub-03 did not finish"
+    assert not list(out.glob("sub-02/anat/*_mask.nii.gz")), "sub-02 has a mask despite its killed job"
+
+    rerun = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=cfgdir, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-6000:] + rerun.stderr[-6000:]
+    assert "1 processed in this run, 1 already finished, 0 failed" in rerun.stdout + rerun.stderr
+
+
+@pytest.mark.parametrize("record, output, expected", [
+    # what a cgroup-enforcing cluster reports for a job its OOM killer ended
+    ({"JobState": "OUT_OF_MEMORY", "ExitCode": "0:125", "MinMemoryNode": "1126M"},
+     "slurmstepd: error: Detected 1 oom_kill event in StepId=7.batch. Some of the step tasks have been OOM Killed.",
+     "was killed for using more memory than it asked for (job state OUT_OF_MEMORY, exit code 0:125): raise the "
+     "job's --mem in --plugin-args sbatch_args (it asked for 1126M)"),
+    ({"JobState": "FAILED", "ExitCode": "0:9"}, "", "was killed by signal 9 (job state FAILED, exit code 0:9), "
+     "most likely out of memory"),
+    ({"JobState": "CANCELLED", "ExitCode": "0:15"}, "", "was cancelled (job state CANCELLED, exit code 0:15;"),
+    ({"JobState": "TIMEOUT", "ExitCode": "0:0"}, "", "reached its time limit (job state TIMEOUT, exit code 0:0): "
+     "raise --time"),
+    ({"JobState": "FAILED", "ExitCode": "139:0"}, "", "was killed by signal 11 (SIGSEGV; job state FAILED, exit "
+     "code 139:0): a crash in native code"),
+    ({"StdOut": "/w/batch/slurm-7.out"}, "", "ended without a result (SLURM no longer knows the job): see its output "
+     "/w/batch/slurm-7.out"),
+])
+def test_job_fate_says_how_a_job_ended_without_a_result(record, output, expected):
+    """The states a cluster with cgroups and accounting reports, which the test cluster cannot produce."""
+    from bids_skullstrip.slurm import job_fate
+
+    line = job_fate(7, "skullstrip", record, output)
+    assert line.startswith("the SLURM job 7 running its skullstrip step ") and expected in line, line
