@@ -69,6 +69,16 @@ def stop_workers(timeout=5.0):
     psutil.wait_procs(alive, timeout=timeout)
 
 
+def signal_cause(sig):
+    """(name, likely cause) of a process's death by signal ``sig``, for one other than SIGKILL."""
+    try:
+        name = signal.Signals(sig).name
+    except ValueError:
+        name = "unknown signal"
+    native = sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL)
+    return name, "a crash in native code" if native else "stopped from outside"
+
+
 def death_message(exitcode, node_name, *, held_gb, pool_gb, memory_gb, n_procs):
     """One line: how a worker ended (``exitcode`` as ``multiprocessing`` gives it) and what to try.
     ``held_gb``: its memory when last seen (None if never), ``pool_gb``: all workers' then."""
@@ -76,13 +86,8 @@ def death_message(exitcode, node_name, *, held_gb, pool_gb, memory_gb, n_procs):
     if exitcode is None or exitcode >= 0:
         return f"the worker process exited unexpectedly (status {exitcode}) {step}"
     sig = -exitcode
-    try:
-        name = signal.Signals(sig).name
-    except ValueError:
-        name = "unknown signal"
+    name, cause = signal_cause(sig)
     if sig != signal.SIGKILL:
-        cause = "a crash in native code" if sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL) \
-            else "stopped from outside"
         return f"the worker process was killed by signal {sig} ({name}) {step}: {cause}"
     free = psutil.virtual_memory().available / 2**30
     seen = ", ".join(([f"it held {held_gb:.1f} GB"] if held_gb else [])

@@ -18,8 +18,7 @@ from pathlib import Path
 
 from nipype.pipeline.plugins.slurm import SLURMPlugin
 
-NATIVE_CRASH = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL)
-
+from .multiproc import signal_cause
 
 def _ask(cmd):
     try:
@@ -63,11 +62,7 @@ def job_fate(jobid, node_name, record, output=""):
     if signum == signal.SIGKILL:
         return f"{job} was killed by signal 9 ({seen}), most likely out of memory: {more_mem}"
     if signum:
-        try:
-            name = signal.Signals(signum).name
-        except ValueError:
-            name = "unknown signal"
-        cause = "a crash in native code" if signum in NATIVE_CRASH else "stopped from outside"
+        name, cause = signal_cause(signum)
         return f"{job} was killed by signal {signum} ({name}; {seen}): {cause}"
     where = f": see its output {record['StdOut']}" if record.get("StdOut") else ""
     return f"{job} ended without a result ({seen}){where}"
