@@ -127,6 +127,7 @@ def core_worker(threads, repeats, files):
 
     from bids_skullstrip.model.inference import set_threads
     from bids_skullstrip.model.predictor import Skullstripper
+    from bids_skullstrip.qc import qc_measures
 
     set_threads(threads)
     stripper = Skullstripper()
@@ -140,8 +141,14 @@ def core_worker(threads, repeats, files):
             t, cpu = time.perf_counter(), time.process_time()
             result = stripper.mask(data, img.affine)
             runs.append((time.perf_counter() - t, result.timings, time.process_time() - cpu))
+        qc_runs = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            qc_measures(data, result.probability, result.mask, img.header.get_zooms()[:3])
+            qc_runs.append(time.perf_counter() - t)
         out["heads"][f] = {"shape": list(data.shape), "core_s": median([r[0] for r in runs[1:]]),
-                           "cpu_s": median([r[2] for r in runs[1:]]), "first_s": runs[0][0], "stages": runs[-1][1]}
+                           "cpu_s": median([r[2] for r in runs[1:]]), "first_s": runs[0][0], "stages": runs[-1][1],
+                           "qc_s": median(qc_runs)}
     out["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps(out))
 
@@ -174,9 +181,10 @@ class Bench:
             st = h["stages"]
             rows.append([Path(f).parent.name, "x".join(map(str, h["shape"])), h["first_s"], h["core_s"], h["cpu_s"],
                          st.get("locate", 0.0), st.get("inference", 0.0),
-                         st.get("conform", 0.0) + st.get("to_native", 0.0), st.get("postprocess", 0.0)])
+                         st.get("conform", 0.0) + st.get("to_native", 0.0), st.get("postprocess", 0.0), h["qc_s"]])
         self.say(table(["head", "shape", "first call (s)", "core (s)", "core CPU (s, all threads)", "locate",
-                        "segmenter inference", "resampling", "post-processing"], rows))
+                        "segmenter inference", "resampling", "post-processing", "QC measures (s, not in core)"],
+                       rows))
         self.say(f"\nimport + load both networks: {res['import_and_load_s']:.2f} s; "
                  f"worker peak RSS {res['rss_mb']:.0f} MB\n")
         core = median([h["core_s"] for h in res["heads"].values()])
