@@ -744,6 +744,15 @@ def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     assert src.read_bytes() == SMALL_HEAD.read_bytes()
 
 
+@pytest.mark.parametrize("args, problem", [((), "nothing to write"),
+                                           (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1")])
+def test_skullstrip_cli_usage_errors_exit_2_in_one_line_writing_nothing(args, problem, tmp_path):
+    res = skullstrip("-i", SMALL_HEAD, *[tmp_path / "m.nii.gz" if a == "MASK" else a for a in args])
+    assert res.returncode == 2, res.stderr
+    assert problem in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @needs(REPO.parent / "shared" / "data" / "brains", "the shared brains")
 def test_already_skull_stripped_input(tmp_path):
     """A skull-stripped brain (no head around it) gets its own non-zero region as mask, with a warning."""

@@ -13,14 +13,20 @@ from pathlib import Path
 from .. import __version__
 
 
-EXIT_FLAGGED = 3
+EXIT_ERROR, EXIT_USAGE, EXIT_FLAGGED = 1, 2, 3
+
+
+def _fail(message, status):
+    print(f"skullstrip: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return status
 
 
 def build_parser():
     p = argparse.ArgumentParser(prog="skullstrip", description=__doc__.splitlines()[0],
                                 epilog="Exit status: 0 done (QC flags, if any, printed as warnings); 1 an error "
-                                       "(one line, nothing written); 3 with --fail-on-flag when QC flagged the mask "
-                                       "(the outputs are written).",
+                                       "(one line, nothing written); 2 a usage error (nothing to write, a threshold "
+                                       "outside 0-1; nothing read or written); 3 with --fail-on-flag when QC flagged "
+                                       "the mask (the outputs are written).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path, help="T1w image (NIfTI, any orientation)")
     p.add_argument("-m", "--mask", type=Path, help="output brain mask (uint8, same grid as the input)")
@@ -44,14 +50,17 @@ def build_parser():
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     t_start = time.perf_counter()
-    try:
-        if not (opts.mask or opts.output or opts.probseg):
-            raise ValueError("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg")
-        from ..strip import check_outputs, check_threshold, skullstrip_file
+    if not (opts.mask or opts.output or opts.probseg):
+        return _fail("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg", EXIT_USAGE)
+    from ..strip import check_outputs, check_threshold, skullstrip_file
 
+    try:
+        check_threshold(opts.threshold)
+    except ValueError as exc:
+        return _fail(exc, EXIT_USAGE)
+    try:
         # every check before the networks load, and again inside skullstrip_file (cheap)
         check_outputs(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg)
-        check_threshold(opts.threshold)
         from ..model.inference import set_threads
         from ..model.predictor import Skullstripper
 
@@ -64,8 +73,7 @@ def main(argv=None):
         flags = result.qc_flags()
         qc_s = time.perf_counter() - t
     except (ValueError, OSError) as exc:
-        print(f"skullstrip: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return 1
+        return _fail(exc, EXIT_ERROR)
     if opts.verbose:
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         print(f"core {result.core_s:.2f} s ({stages}); QC {qc_s:.2f} s; total {time.perf_counter() - t_start:.2f} s; "
