@@ -22,7 +22,6 @@ moved; for LPI the mask is reoriented back).
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -87,7 +86,7 @@ def per_contrast(rows):
 def print_report(results):
     for split, rows in results["splits"].items():
         print(f"\n## {split}: worst first")
-        print(f"| head | Dice | HD95 mm | vol diff % | QC flags |\n|---|---|---|---|---|")
+        print("| head | Dice | HD95 mm | vol diff % | QC flags |\n|---|---|---|---|---|")
         for r in sorted(rows, key=lambda r: r["dice"]):
             print(f"| {r['name']} | {r['dice']:.4f} | {r['hd95_mm']:.2f} | {r['volume_diff_pct']:+.1f} | "
                   f"{'; '.join(r['flags']) or '-'} |")

@@ -223,7 +223,7 @@ def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_pa
     assert "thresholded at 0.7," in text and "thresholded at 0.55" not in text.split("**")[0]
     assert "**The images were not all processed with the same settings**" in text
     assert f"- 3 image(s) thresholded at 0.7, border 0 mm, model sha256 `{card.sha256[:12]}`" in text
-    assert f"- 1 image(s) thresholded at 0.55, border 2 mm" in text and t1ws[3].path.name in text  # the raw file
+    assert "- 1 image(s) thresholded at 0.55, border 2 mm" in text and t1ws[3].path.name in text  # the raw file
 
 
 def test_the_methods_text_names_weights_that_are_not_the_bundled_ones(tmp_path):

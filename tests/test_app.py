@@ -7,8 +7,6 @@ One participant-level run and one group-level run are shared by the checks of th
 import csv
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import time

@@ -9,12 +9,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .card import (CARD_NAME, LOCATOR_FILE_NAME, SEGMENTER_FILE_NAME, WEIGHTS_DIR, ModelCard,  # noqa: F401
+from .card import (LOCATOR_FILE_NAME, SEGMENTER_FILE_NAME, WEIGHTS_DIR, ModelCard,  # noqa: F401
                    ModelCardError)
 from .tf_runtime import import_tensorflow
 
 WEIGHTS_FILE = WEIGHTS_DIR / SEGMENTER_FILE_NAME
-CARD_FILE = WEIGHTS_DIR / CARD_NAME
 
 
 def normalize(volume, *, hi_scale=1.0):
