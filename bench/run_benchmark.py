@@ -8,7 +8,8 @@
 Sections: ``core`` (Skullstripper.mask on 1 mm heads, 2 threads, warm), ``cli`` (``skullstrip`` against
 ``deepbet-cli`` on the same file, alternating), ``participants`` (the BIDS app on a dataset of N heads against
 deepbet-cli on a folder of the same heads), ``scaling`` (the BIDS app on 1..50 heads: cost per head, peak
-memory, time to the first finished image). Every tool runs in its own process: wall time includes the imports
+memory, time to the first finished image), ``slurm`` (the largest of them through nipype's SLURM plugin; not run
+by default: it needs a cluster). Every tool runs in its own process: wall time includes the imports
 a user waits for; peak RSS is the kernel's (largest process) and the polled sum over the process tree.
 Heads are read in place; whatever the run writes goes to a temporary folder, deleted at the end.
 """
@@ -220,12 +221,12 @@ class Bench:
         self.summary.append(["single-file CLI peak RSS (MB)", app["rss_mb"], peer_rss, "",
                              f"<= {GOALS['cli_rss_mb']} MB", verdict(app["rss_mb"], GOALS["cli_rss_mb"])])
 
-    def participant_level(self, n, tag):
+    def participant_level(self, n, tag, *options):
         files = [head_file(h, self.opts.data) for h in DATASET_HEADS]
         bids = build_bids(self.tmp / f"bids_{tag}_{n}", files, n)
         out = self.tmp / f"out_{tag}_{n}"
         cmd = [self.app / "bids_skullstrip", bids, out, "participant", "--n-cpus", self.opts.threads,
-               "--skip-bids-validation", "-w", self.tmp / f"work_{tag}_{n}"]
+               "--skip-bids-validation", "-w", self.tmp / f"work_{tag}_{n}", *options]
         return run_measured(cmd, log=self.log(f"app_{tag}_{n}"), env=self.env, first=(out, "*_desc-brain_mask.nii.gz"))
 
     def peer_folder(self, n):
@@ -270,6 +271,19 @@ class Bench:
             (n0, w0), (n1, w1) = (rows[0][0], rows[0][1]), (rows[-1][0], rows[-1][1])
             self.say(f"\nmarginal cost: {(w1 - w0) / (n1 - n0):.2f} s per head between {n0} and {n1} heads\n")
 
+    def slurm(self):
+        """The same heads through nipype's SLURM plugin (a job per node) on the cluster ``sinfo`` answers for."""
+        if subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+            sys.exit("slurm section: no cluster answers sinfo (../shared/slurm/start-slurm.sh starts one)")
+        n = max(self.opts.scaling)
+        args = json.dumps({"sbatch_args": "-t 120", "max_jobs": 2 * self.opts.threads})
+        m = self.participant_level(n, "slurm", "--plugin", "SLURM", "--plugin-args", args)
+        self.say(f"## SLURM: the BIDS app on {n} heads through `--plugin SLURM` (one job per node, this machine's "
+                 "single-node cluster)\n")
+        self.say(table(["heads", "wall (s)", "per head (s)", "first image (s)",
+                        "peak RSS of the submitting tree (MB; jobs run under slurmd)"],
+                       [[n, m["wall_s"], m["wall_s"] / n, m["first_s"], m["tree_mb"]]]) + "\n")
+
     def run(self):
         import psutil
 
@@ -299,7 +313,7 @@ def write_docs(lines):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sections", nargs="+", default=["core", "cli", "participants", "scaling"],
-                   choices=["core", "cli", "participants", "scaling"])
+                   choices=["core", "cli", "participants", "scaling", "slurm"])
     p.add_argument("--peer", type=Path, help="deepbet-cli of the peer's own venv (bench/README.md); without it the "
                                              "app runs alone")
     p.add_argument("--data", type=Path, default=DATA, help="a folder with heads/<id>/T1w.nii.gz")

@@ -174,7 +174,7 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
         reach = [int(np.ceil(4.0 * s)) + 2 for s in sigma]
         crop = tuple(slice(int(np.clip(np.floor(c.min()) - r, 0, n)), int(np.clip(np.ceil(c.max()) + r + 1, 0, n)))
                      for c, r, n in zip(coords, reach, volume.shape))
-        out = volume[crop]
+        out = np.ascontiguousarray(volume[crop], dtype=np.float32)  # the gathers below run 2x faster on it
         for axis in np.argsort([o / i for o, i in zip(output_shape, volume.shape)]):  # shrink first
             op = _axis_operator(out.shape[axis], coords[axis] - crop[axis].start, sigma[axis], mode)
             out = _apply_along(op, out, axis)
