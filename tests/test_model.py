@@ -174,6 +174,30 @@ def test_the_probability_does_not_depend_on_the_threshold_and_the_masks_do():
                           stripper.mask(data, affine, threshold=stripper.threshold).mask)
 
 
+@pytest.mark.parametrize("border_mm", [-3.0, 0.0, 2.0, 5.0])
+@pytest.mark.parametrize("threshold", [0.3, 0.7])
+def test_the_mask_is_cleaned_in_a_box_as_on_the_whole_grid(border_mm, threshold):
+    """mask() cleans the probability in the box of the voxels above the threshold (plus the border): the same
+    components, holes and border as the whole grid, also where the brain reaches the probability's block."""
+    from bids_skullstrip.model.predictor import Prediction
+    from bids_skullstrip.postproc import clean_mask
+
+    rng = np.random.default_rng(7)
+    prob = ndi.gaussian_filter(rng.random((60, 70, 50)), 3.0)
+    prob = np.clip((prob - prob.mean()) / (6 * prob.std()) + 0.5, 0, 1).astype(np.float32)
+    prob[20:24, 30:34, 20:24] = 0.0  # a hole
+    block = (slice(5, 52), slice(3, 66), slice(0, 50))  # touching the grid's edge on the last axis
+    outside = np.ones(prob.shape, bool)
+    outside[block] = False
+    prob[outside] = 0.0
+    affine = np.diag([1.0, 1.2, 1.5, 1.0])
+    stripper = Skullstripper(networks=BrainNetworks(Threshold(0.5), Soft()))
+    mask = stripper.mask(None, affine, threshold=threshold, border_mm=border_mm,
+                         prediction=Prediction(prob, block)).mask
+    whole = clean_mask(prob, threshold=threshold, border_mm=border_mm, voxel_mm=voxel_sizes(affine))
+    assert mask.any() and np.array_equal(mask.astype(bool), whole)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the bundled networks on wide-field heads of the wild split (never trained on)
 WIDE_FIELD = ["nichart-trio-mprage", "nichart-demo-subj21"]

@@ -187,12 +187,16 @@ class Skullstripper:
         t = time.perf_counter()
         shape, voxel_mm = prediction.probability.shape, voxel_sizes(affine)
         mask = np.zeros(shape, np.uint8)
-        if prediction.block is not None:
-            # the probability is zero outside its block: a block grown by the border holds the whole mask
-            grow = int(np.ceil(max(border_mm, 0.0) / voxel_mm.min()))
-            block = tuple(slice(max(0, s.start - grow), min(n, s.stop + grow)) for s, n in zip(prediction.block, shape))
-            # an already skull-stripped image's probability is 0/1: any threshold gives its non-zero region
-            level = 0.5 if prediction.stripped_input else threshold
+        # an already skull-stripped image's probability is 0/1: any threshold gives its non-zero region
+        level = 0.5 if prediction.stripped_input else threshold
+        found = None if prediction.block is None else geometry.voxel_box(
+            prediction.probability[prediction.block] >= level)
+        if found is not None:
+            # the mask is cleaned in the box of the voxels above the threshold, grown by the border and one voxel
+            # of background: its components, holes and border are those of the whole grid
+            grow = int(np.ceil(max(border_mm, 0.0) / voxel_mm.min())) + 1
+            block = tuple(slice(max(0, s.start + lo - grow), min(n, s.start + hi + 1 + grow))
+                          for s, lo, hi, n in zip(prediction.block, *found, shape))
             mask[block] = clean_mask(prediction.probability[block], threshold=level, border_mm=border_mm,
                                      voxel_mm=voxel_mm)
         timings["post_native"] = time.perf_counter() - t
