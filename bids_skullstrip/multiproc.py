@@ -98,6 +98,12 @@ def death_message(exitcode, node_name, *, held_gb, pool_gb, memory_gb, n_procs):
             f"now): try {fewer}--mem {int(min(memory_gb, free) * 1024 * 0.8)} (MB), or give the run more memory")
 
 
+def image_of(node):
+    """The image a node works for: its image's crash-file folder (each image's workflow sets one), else the
+    node's place in the graph."""
+    return node.config.get("execution", {}).get("crashdump_dir") or node._hierarchy
+
+
 class ImageFirstMultiProcPlugin(MultiProcPlugin):
     """``MultiProc`` that finishes images one after another and survives the loss of a worker."""
 
@@ -129,16 +135,12 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
         config = {**config, "execution": {**config["execution"], "poll_sleep_duration": 0.2}}
         return super().run(graph, config, updatehash=updatehash)
 
-    @staticmethod
-    def _image_of(node):
-        return node.config.get("execution", {}).get("crashdump_dir") or node._hierarchy
-
     def _sort_jobs(self, jobids, scheduler=None):
         unstarted = len(self._image_rank)
-        return sorted(jobids, key=lambda j: (self._image_rank.get(self._image_of(self.procs[j]), unstarted), j))
+        return sorted(jobids, key=lambda j: (self._image_rank.get(image_of(self.procs[j]), unstarted), j))
 
     def _submit_job(self, node, updatehash=False):
-        self._image_rank.setdefault(self._image_of(node), len(self._image_rank))
+        self._image_rank.setdefault(image_of(node), len(self._image_rank))
         self._taskid += 1
         if getattr(node.interface, "terminal_output", "") == "stream":
             node.interface.terminal_output = "allatonce"

@@ -16,9 +16,10 @@ import signal
 import subprocess
 from pathlib import Path
 
+from nipype.pipeline.plugins.base import _graph_to_lil_matrix
 from nipype.pipeline.plugins.slurm import SLURMPlugin
 
-from .multiproc import signal_cause
+from .multiproc import image_of, signal_cause
 
 def _ask(cmd):
     try:
@@ -69,11 +70,24 @@ def job_fate(jobid, node_name, record, output=""):
 
 
 class SlurmPlugin(SLURMPlugin):
-    """``SLURM`` that reports a job that ended without a result by its fate, in one line."""
+    """``SLURM`` that reports a job that ended without a result by its fate, in one line, and submits the ready
+    jobs of the image started first first: with nipype's ``max_jobs`` capping the jobs in the queue, the images
+    finish one after another instead of all at the end."""
 
     def __init__(self, plugin_args=None):
         super().__init__(plugin_args=plugin_args)
         self._jobs = {}  # job id: (node name, nipype's default output file of the job)
+
+    def _generate_dependency_list(self, graph):
+        super()._generate_dependency_list(graph)
+        # nipype submits ready jobs in the order of self.procs (any order is valid: readiness is counted in
+        # depidx): the graph's topological order is all N4s first, so order it by image, then as it was
+        rank = {}
+        for node in self.procs:
+            rank.setdefault(image_of(node), len(rank))
+        self.procs = [node for _, _, node in sorted((rank[image_of(n)], i, n) for i, n in enumerate(self.procs))]
+        self.depidx = _graph_to_lil_matrix(graph, nodelist=self.procs)
+        self.refidx = self.depidx.astype(int)
 
     def _submit_batchtask(self, scriptfile, node):
         if self._sbatch_args and node.plugin_args.get("sbatch_args") and not node.plugin_args.get("overwrite"):

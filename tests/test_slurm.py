@@ -100,7 +100,8 @@ def test_slurm_plugin_matches_multiproc(slurm_cluster, tmp_path):
 
     out_slurm, out_mp = tmp_path / "out_slurm", tmp_path / "out_multiproc"
     t_slurm = _run_participant(out_slurm, tmp_path / "work_slurm",
-                               ["--plugin", "SLURM", "--plugin-args", json.dumps({"sbatch_args": SBATCH_ARGS})],
+                               ["--plugin", "SLURM",
+                                "--plugin-args", json.dumps({"sbatch_args": SBATCH_ARGS, "max_jobs": 2})],
                                env, cfgdir)
     new = _jobcomp_entries(jobcomp)[before:]
     t_mp = _run_participant(out_mp, tmp_path / "work_multiproc", [], env, cfgdir)
@@ -112,6 +113,17 @@ def test_slurm_plugin_matches_multiproc(slurm_cluster, tmp_path):
     states = [re.search(r"JobState=(\S+)", line) for line in new]
     assert len(new) >= len(inputs), f"expected >= {len(inputs)} SLURM jobs, jobcomp.log gained {len(new)}"
     assert all(s and s.group(1) == "COMPLETED" for s in states), "\n".join(new)
+
+    # -- images one after another: with two jobs in the queue at most, every job of the image started first was
+    # submitted (job ids grow with submission) before the first job of the image started last (nipype's own
+    # order submits all N4 jobs first)
+    jobs = {}  # image workflow: its job ids
+    for line in new:
+        jobid, name = re.search(r"JobId=(\d+)", line), re.search(r"Name=([^.\s]+)\.([^.\s]+)", line)
+        image = name.group(2).removeprefix("ds_")  # an image's outputs are written by its ds_<image> workflow
+        jobs.setdefault(image, []).append(int(jobid.group(1)))
+    by_start = sorted(jobs.values(), key=min)
+    assert len(by_start) == len(inputs) and max(by_start[0]) < min(by_start[-1]), jobs
 
     # -- same files, identical masks
     ignore = re.compile(r"(^|/)(logs/|.*\.html$|figures/)")  # timings, logs and pictures may differ
