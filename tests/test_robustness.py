@@ -437,9 +437,12 @@ def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
 
 
 def _start(args, **kw):
-    """The app in a session of its own (its process group = its session, as a job step or a terminal's)."""
+    """The app in a session of its own (its process group = its session, as a job step or a terminal's), with
+    Ctrl-C not ignored, as in a terminal: a shell that starts the tests in the background (`cmd &`) makes them,
+    and everything they start, ignore SIGINT, and Python then never turns it into KeyboardInterrupt."""
     return subprocess.Popen([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *map(str, args)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **kw)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), **kw)
 
 
 def _session(sid):
