@@ -273,7 +273,7 @@ class Bench:
 
     def slurm(self):
         """The same heads through nipype's SLURM plugin (a job per node) on the cluster ``sinfo`` answers for."""
-        if subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
+        if not shutil.which("sinfo") or subprocess.run(["sinfo", "-h"], capture_output=True).returncode != 0:
             sys.exit("slurm section: no cluster answers sinfo (../shared/slurm/start-slurm.sh starts one)")
         n = max(self.opts.scaling)
         args = json.dumps({"sbatch_args": "-t 120", "max_jobs": 2 * self.opts.threads})

@@ -68,7 +68,8 @@ def voxel_box(mask):
     """(first, last) voxel index along each axis of the True voxels of ``mask``, or None if it has none."""
     mask = np.asarray(mask, dtype=bool)
     # projections onto each axis: 20x faster than ndi.find_objects, which needs an integer copy
-    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis))) for axis in range(mask.ndim)]
+    spans = [np.flatnonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))
+             for axis in range(mask.ndim)]
     if spans[0].size == 0:
         return None
     return np.array([span[0] for span in spans]), np.array([span[-1] for span in spans])

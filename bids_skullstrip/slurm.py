@@ -21,6 +21,7 @@ from nipype.pipeline.plugins.slurm import SLURMPlugin
 
 from .multiproc import image_of, signal_cause
 
+
 def _ask(cmd):
     try:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
