@@ -8,6 +8,7 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
     python bench/model_eval.py --masks work/masks/HEAD            # also save every mask (bit-for-bit diffs)
     python bench/model_eval.py --views 0                         # other segmenter views: one pass, the box as it is
     python bench/model_eval.py --views 0 0m 1 1m                 # ... four: shifts in mm, "m" mirrored left-right
+    python bench/model_eval.py --splits contrasts --peer /work/peer-venv/bin/deepbet-cli  # deepbet beside ours
 
 The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
 
@@ -17,12 +18,18 @@ image's ``fov.nii.gz`` and summarised per contrast. Stability: a wide-field head
 about the left-right axis, and the same head reoriented to LPI in its voxels; Dice of each copy's mask to
 the original's, voxel for voxel (for the rotated copy the data and the grid are unchanged, only the world
 moved; for LPI the mask is reoriented back).
+
+``--peer``: deepbet-cli (bench/README.md installs it in a venv of its own) run on every head of the same splits,
+its masks scored by the same scorer, and the medians and worst cases printed beside ours.
 """
 
 import argparse
 import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -83,6 +90,31 @@ def per_contrast(rows):
     return dict(sorted(table.items(), key=lambda item: item[1]["median_dice"]))
 
 
+def peer_masks(cli, folder):
+    """``score_heads``'s ``mask_of`` for deepbet-cli: one process per head (as a user runs it), CPU only."""
+    def mask_of(head, data, affine):
+        mask = Path(folder) / f"{head.name}_mask.nii.gz"
+        brain = mask.with_name(f"{head.name}_brain.nii.gz")
+        subprocess.run([str(cli), "-i", str(head.image), "-m", str(mask), "-o", str(brain), "--no_gpu"], check=True,
+                       capture_output=True)
+        return SimpleNamespace(mask=np.asarray(nib.load(str(mask)).dataobj) > 0)
+    return mask_of
+
+
+def print_beside_peer(results):
+    print(f"\n## beside {results['peer']['command']} (median / worst Dice, worst image)")
+    print("| split or contrast | n | ours | peer |\n|---|---|---|---|")
+    groups = [(split, rows, results["peer"]["splits"][split]) for split, rows in results["splits"].items()]
+    if "contrasts" in results["splits"]:
+        ours, peer = results["splits"]["contrasts"], results["peer"]["splits"]["contrasts"]
+        groups += [(f"contrasts {c}", [r for r in ours if r["contrast"] == c], [r for r in peer if r["contrast"] == c])
+                   for c in sorted({r["contrast"] for r in ours})]
+    for label, ours, peer in groups:
+        a, b = summary(ours), summary(peer)
+        print(f"| {label} | {a['n']} | {a['median_dice']:.4f} / {a['worst_dice']:.4f} ({a['worst_head']}) | "
+              f"{b['median_dice']:.4f} / {b['worst_dice']:.4f} ({b['worst_head']}) |")
+
+
 def print_report(results):
     for split, rows in results["splits"].items():
         print(f"\n## {split}: worst first")
@@ -121,6 +153,8 @@ def main(argv=None):
     p.add_argument("--json", help="write every number here")
     p.add_argument("--masks", metavar="DIR", help="save every mask here as <head>.nii.gz (to compare revisions "
                                                    "voxel for voxel)")
+    p.add_argument("--peer", type=Path, metavar="DEEPBET_CLI",
+                   help="also score deepbet-cli's masks of the same heads (its own venv) and print them beside ours")
     p.add_argument("--views", nargs="+", type=parse_view, metavar="SHIFT_MM[m]",
                    help="the segmenter's views instead of the predictor's (0 1m): the lattice shift in mm, 'm' for "
                         "mirrored left-right")
@@ -139,7 +173,14 @@ def main(argv=None):
     results["summary"] = {split: summary(rows) for split, rows in results["splits"].items()}
     if "contrasts" in results["splits"]:
         results["summary"]["per_contrast"] = per_contrast(results["splits"]["contrasts"])
+    if args.peer:
+        with tempfile.TemporaryDirectory() as folder:
+            results["peer"] = {"command": args.peer.name, "splits": {
+                split: score_heads(find_labelled_heads(args.data, split=split), peer_masks(args.peer, folder))
+                for split in args.splits}}
     print_report(results)
+    if args.peer:
+        print_beside_peer(results)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1, default=float) + "\n")
     return 0
