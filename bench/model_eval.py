@@ -104,13 +104,12 @@ def peer_masks(cli, folder):
 def print_beside_peer(results):
     print(f"\n## beside {results['peer']['command']} (median / worst Dice, worst image)")
     print("| split or contrast | n | ours | peer |\n|---|---|---|---|")
-    groups = [(split, rows, results["peer"]["splits"][split]) for split, rows in results["splits"].items()]
-    if "contrasts" in results["splits"]:
-        ours, peer = results["splits"]["contrasts"], results["peer"]["splits"]["contrasts"]
-        groups += [(f"contrasts {c}", [r for r in ours if r["contrast"] == c], [r for r in peer if r["contrast"] == c])
-                   for c in sorted({r["contrast"] for r in ours})]
-    for label, ours, peer in groups:
-        a, b = summary(ours), summary(peer)
+    ours, peer = results["splits"], results["peer"]["splits"]
+    groups = [(split, summary(ours[split]), summary(peer[split])) for split in ours]
+    if "contrasts" in ours:
+        theirs = per_contrast(peer["contrasts"])
+        groups += [(f"contrasts {c}", s, theirs[c]) for c, s in per_contrast(ours["contrasts"]).items()]
+    for label, a, b in groups:
         print(f"| {label} | {a['n']} | {a['median_dice']:.4f} / {a['worst_dice']:.4f} ({a['worst_head']}) | "
               f"{b['median_dice']:.4f} / {b['worst_dice']:.4f} ({b['worst_head']}) |")
 
