@@ -3,6 +3,7 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
 
     python bench/model_eval.py                                  # the bundled weights, ~6 min on 2 cores
     python bench/model_eval.py --weights work/train/final/unet.weights.h5 --json eval.json
+    python bench/model_eval.py --splits contrasts --contrast-weights work/rc/final  # candidate any-contrast nets
     python bench/model_eval.py --splits val wild --stability-heads   # fewer splits, no stability copies
     python bench/model_eval.py --splits contrasts --stability-heads  # FLAIR/T2w/2D T1w, scored inside fov
     python bench/model_eval.py --masks work/masks/HEAD            # also save every mask (bit-for-bit diffs)
@@ -11,6 +12,8 @@ the stability checks of a rotated and a reoriented copy. A script that prints nu
     python bench/model_eval.py --splits contrasts --peer /work/peer-venv/bin/deepbet-cli  # deepbet beside ours
 
 The "before" tables of docs/model_card.md come from this script run in a worktree of the earlier revision.
+Each head is stripped as the app strips it: T1w heads by the bundled T1w networks, other contrasts by the bundled
+any-contrast ones (``ModelCard.bundled_for``); ``--weights`` replaces both, ``--contrast-weights`` the second.
 
 Per head: Dice, HD95 and volume difference against the silver mask, and the QC flags of the mask
 (``qc.flag_image``). The ``contrasts`` split (real 2D FLAIR, T2w and T1w; validation only) is scored inside each
@@ -38,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bids_skullstrip.metrics import dice, score_heads  # noqa: E402
+from bids_skullstrip.model.card import T1W_SUFFIXES, ModelCard  # noqa: E402
 from bids_skullstrip.model.predictor import Skullstripper, View  # noqa: E402
 from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
 
@@ -146,7 +150,9 @@ def print_report(results):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them)")
+    p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them) for every head")
+    p.add_argument("--contrast-weights", help="the same for the heads whose contrast is not T1w (default: the "
+                                              "bundled any-contrast networks)")
     p.add_argument("--splits", nargs="+", default=list(SPLITS))
     p.add_argument("--stability-heads", nargs="*", default=["nichart-trio-mprage", "xa30-tfl-2mm"])
     p.add_argument("--json", help="write every number here")
@@ -160,12 +166,19 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.masks:
         Path(args.masks).mkdir(parents=True, exist_ok=True)
-    stripper = Skullstripper(args.weights, **({"views": args.views} if args.views else {}))
-    results = {"weights": args.weights or "bundled", "threshold": stripper.threshold,
+    options = {"views": args.views} if args.views else {}
+    stripper = Skullstripper(args.weights or ModelCard.bundled_for("T1w"), **options)
+    other = Skullstripper(args.weights or args.contrast_weights or ModelCard.bundled_for("FLAIR"), **options)
+
+    def mask_of(head, data, affine):
+        return (stripper if head.contrast in T1W_SUFFIXES else other).mask(data, affine)
+
+    results = {"weights": args.weights or "bundled", "contrast_weights": args.contrast_weights,
+               "threshold": stripper.threshold, "contrast_threshold": other.threshold,
+               "model_sha256": {"T1w": stripper.card.sha256, "other": other.card.sha256},
                "views": [vars(v) for v in stripper.views], "splits": {}}
     for split in args.splits:
-        results["splits"][split] = score_heads(find_labelled_heads(args.data, split=split),
-                                               lambda head, data, affine: stripper.mask(data, affine), qc=True,
+        results["splits"][split] = score_heads(find_labelled_heads(args.data, split=split), mask_of, qc=True,
                                                masks_dir=args.masks)
     heads = {h.name: h for h in find_labelled_heads(args.data)}
     results["stability"] = [stability(heads[n], stripper) for n in args.stability_heads]

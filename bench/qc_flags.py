@@ -33,7 +33,6 @@ the model's own) and on the corruptions below; docs/qc.md has the table this pri
 """
 
 import argparse
-import hashlib
 import json
 import sys
 import time
@@ -201,17 +200,18 @@ def corrupt(name, t1, mask, vox, affine, i, rng, other=None):
     return t1, proxy_probability(m, vox), m
 
 
-def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None, fov=None):
-    """Real model runs: (name, t1 used for QC, probability, mask, Dice against the right answer; inside
-    ``fov`` where given).
+def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None, fov=None, contrast="T1w"):
+    """Real model runs, by the bundled networks of ``contrast`` as the app runs them: (name, t1 used for QC,
+    probability, mask, Dice against the right answer; inside ``fov`` where given).
 
     ``model_flipped_SI`` is an image whose data is upside down with respect to its header (a wrong
     orientation): the right mask is the silver mask flipped the same way, and the model's mask is a failure
     only if it misses that one (QC cannot know, and should not care, that the header is wrong)."""
-    from bids_skullstrip.model.inference import WEIGHTS_FILE, default_threshold
+    from bids_skullstrip.model.card import ModelCard
     from bids_skullstrip.model.predictor import Skullstripper
 
-    weights_tag = hashlib.sha256(WEIGHTS_FILE.read_bytes()).hexdigest()[:12] + f"-t{default_threshold():g}"
+    card = ModelCard.bundled_for(contrast)
+    weights_tag = card.sha256[:12] + f"-t{card.threshold:g}"
     out = []
     ax_s, _ = world_axis(affine, "S")
     flipped = np.flip(mask, axis=ax_s)
@@ -224,7 +224,7 @@ def model_conditions(t1, mask, affine, vox, rng, head="", model_cache=None, fov=
             with np.load(saved) as z:
                 prob, m = z["probability"].astype(np.float32), z["mask"]
         else:
-            res = Skullstripper().mask(data, affine)
+            res = Skullstripper(card).mask(data, affine)
             prob, m = res.probability, res.mask
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
@@ -299,7 +299,8 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
                 print(f"{head:18s} {name:16s} dice {d:.3f}  {dt:.2f}s  flags: {qc.flag_image(meas)}", flush=True)
         if want_model:
             rng = np.random.default_rng([i, 99])
-            for name, t, p, m, d in model_conditions(t1, mask, img.affine, vox, rng, head, model_cache, fov):
+            for name, t, p, m, d in model_conditions(t1, mask, img.affine, vox, rng, head, model_cache, fov,
+                                                            everyone[head]):
                 if name not in want_model:
                     continue
                 meas = qc.qc_measures(t, p, m, vox)

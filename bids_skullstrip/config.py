@@ -11,10 +11,11 @@ class UsageError(ValueError):
 
 
 def resolve_threshold(value):
-    """``value`` as a probability threshold, or the one calibrated for the bundled weights where it is None."""
-    from .model.inference import default_threshold
-
-    threshold = default_threshold() if value is None else float(value)
+    """``value`` as a probability threshold; None stays None: each image gets the threshold calibrated for the
+    networks of its contrast (``ModelCard.bundled_for``)."""
+    if value is None:
+        return None
+    threshold = float(value)
     if not 0.0 < threshold < 1.0:
         raise UsageError(f"--threshold {value}: must be between 0 and 1")
     return threshold
@@ -72,7 +73,7 @@ class RunConfig:
     output_dir: Path
     analysis_level: str
     work_dir: Path
-    threshold: float
+    threshold: float | None  # None: each image's networks' calibrated threshold
     border_mm: float = 0.0
     save_probseg: bool = False
     contrasts: tuple = ("T1w",)

@@ -6,6 +6,7 @@ Every problem is a ``DiscoveryError`` with a one-line message naming the dataset
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -18,6 +19,17 @@ from pathlib import Path
 CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw")
 DEFAULT_CONTRASTS = ("T1w",)
 ANAT_QUERY = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
+
+
+def contrast_of(path, given=None):
+    """The contrast of an image: ``given`` (``--contrast``), else the structural BIDS suffix its file name ends
+    with (``sub-01_FLAIR.nii.gz``, ``flair.nii``: FLAIR), else T1w. Known suffixes are matched in any case.
+    (A split of the name, not pybids: importing it would cost ``skullstrip`` half a second per file.)"""
+    known = {c.lower(): c for c in CONTRASTS}
+    if given:
+        return known.get(given.lower(), given)
+    stem = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
+    return known.get(stem.rsplit("_", 1)[-1].lower(), "T1w")
 
 
 class DiscoveryError(ValueError):

@@ -187,13 +187,14 @@ def is_finished(output_dir, image, *, save_probseg=False):
     return all(derivative_path(output_dir, image, k).is_file() for k in required_kinds(save_probseg))
 
 
-def run_settings(*, threshold, border_mm):
-    """Everything that shapes an image's outputs; recorded in its metrics JSON, compared on a rerun."""
-    from .model.inference import model_card
+def run_settings(image, *, threshold, border_mm):
+    """Everything that shapes ``image``'s outputs (its contrast's bundled networks; ``threshold`` None: theirs);
+    recorded in its metrics JSON, compared on a rerun."""
+    from .model.card import ModelCard
 
-    card = model_card()
-    return {"threshold": float(threshold), "border_mm": float(border_mm), "model_sha256": card.get("sha256"),
-            "locator_sha256": (card.get("locator") or {}).get("sha256"), "software_version": __version__}
+    card = ModelCard.bundled_for(image.suffix)
+    return {"threshold": float(card.threshold if threshold is None else threshold), "border_mm": float(border_mm),
+            "model_sha256": card.sha256, "locator_sha256": card.locator_sha256, "software_version": __version__}
 
 
 def read_metrics(output_dir, image):

@@ -166,10 +166,10 @@ class Run:
         config = self.config
         failures = [(t, problem) for t in t1ws if (problem := missing_content(t))]
         absent = {t for t, _ in failures}
-        settings = outputs.run_settings(threshold=config.threshold, border_mm=config.border_mm)
         done = [t for t in t1ws if t not in absent and not config.overwrite
                 and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
-        stale = {t: changed for t in done if (changed := outputs.changed_settings(config.output_dir, t, settings))}
+        stale = {t: changed for t in done if (changed := outputs.changed_settings(
+            config.output_dir, t, outputs.run_settings(t, threshold=config.threshold, border_mm=config.border_mm)))}
         todo = [t for t in t1ws if t not in absent and (t not in done or t in stale)]
         finished = len(done) - len(stale)
         log.info("bids_skullstrip %s: %d image(s) of %d participant(s); %d already finished%s", __version__,

@@ -91,7 +91,7 @@ def check_threshold(threshold):
 
 
 def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=None, threshold=None, border_mm=0.0,
-                    stripper=None):
+                    contrast=None, stripper=None):
     """Skull-strip one image file and write the outputs asked for, on the input's exact grid.
 
     Parameters
@@ -102,7 +102,11 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         Where to write the brain mask (uint8), the skull-stripped image and the brain probability (float32).
         Each is written atomically: a file either is complete or is not there.
     weights : str or Path, optional
-        The networks to use (a folder with ``model.json``, or a model card file); default: the bundled ones.
+        The networks to use (a folder with ``model.json``, or a model card file); default: the bundled ones for
+        ``contrast``.
+    contrast : str, optional
+        The image's BIDS suffix (``T1w``, ``FLAIR``, ...); default: the one its file name ends with, else T1w
+        (``discovery.contrast_of``). T1w images get the bundled T1w networks, others the any-contrast ones.
     threshold : float, optional
         Brain probability threshold; default: the one calibrated for the weights.
     border_mm : float
@@ -121,11 +125,13 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         One line naming the file and the problem (``nifti.InputError`` for an unusable input), before
         anything is written.
     """
+    from .discovery import contrast_of
+    from .model.card import ModelCard
     from .model.predictor import Skullstripper
 
     outputs = check_outputs(in_file, mask=mask, brain=brain, probseg=probseg)
     check_threshold(threshold)
-    stripper = stripper or Skullstripper(weights)
+    stripper = stripper or Skullstripper(weights or ModelCard.bundled_for(contrast_of(in_file, contrast)))
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # collected, each names the file
         warnings.simplefilter("always")

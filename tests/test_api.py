@@ -90,6 +90,27 @@ def test_the_model_card_is_read_once_whichever_way_it_is_named(tiny_weights):
     assert ModelCard.load().contrasts == ("T1w",)  # a card that does not say: trained on T1w heads
 
 
+def test_each_contrast_gets_its_bundled_networks():
+    """T1w images (any entities) the T1w networks; every other suffix the any-contrast ones, whose lineage painted
+    the training heads with random contrasts."""
+    t1w, other = ModelCard.bundled_for("T1w"), ModelCard.bundled_for("FLAIR")
+    assert t1w is ModelCard.load() and t1w.bundled and other.bundled and t1w.sha256 != other.sha256
+    assert all(ModelCard.bundled_for(s) is other for s in ("T2w", "PDw", "T2starw", "MP2RAGE"))
+    assert other.painted_contrasts and not t1w.painted_contrasts
+    assert other.path.parent.name == "weights_any_contrast" and other.segmenter_file.is_file()
+
+
+def test_a_files_contrast_comes_from_the_option_else_its_bids_suffix_else_t1w():
+    from bids_skullstrip.discovery import contrast_of
+
+    names = {"sub-01_FLAIR.nii.gz": "FLAIR", "flair.nii": "FLAIR", "sub-01.v2_acq-tse_T2w.NII.GZ": "T2w",
+             "sub-01_ce-gadolinium_T1w.nii.gz": "T1w", "t1.nii.gz": "T1w", "brain_mask.nii.gz": "T1w",
+             "/data/sub-01_FLAIR/head.nii": "T1w", "x_pdw.nii.gz": "PDw"}
+    assert {name: contrast_of(name) for name in names} == names
+    assert (contrast_of("head.nii", "flair"), contrast_of("x_FLAIR.nii", "T1w"), contrast_of("h.nii", "MP2RAGE")) == (
+        "FLAIR", "T1w", "MP2RAGE")
+
+
 def test_weights_that_are_not_there_are_one_line_naming_the_path(tmp_path):
     with pytest.raises(ModelCardError, match=f"^{tmp_path / 'nowhere'}: no model weights there") as caught:
         ModelCard.load(tmp_path / "nowhere")

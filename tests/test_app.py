@@ -305,6 +305,29 @@ def test_every_contrast_is_processed_with_unique_names(contrasts_run):
     assert all(f'id="{image.name}"' in report for image in images)
 
 
+def test_each_contrast_is_stripped_by_its_networks_at_their_threshold(contrasts_run):
+    """T1w images (ce- too) by the bundled T1w networks, the other contrasts by the any-contrast ones, each at the
+    threshold calibrated for them; the methods text names both and does not call that mixed settings."""
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+    from bids_skullstrip.model.card import ModelCard
+
+    out, anat = contrasts_run["out"], contrasts_run["bids"] / "sub-01" / "anat"
+    t1w_card, other_card = ModelCard.bundled_for("T1w"), ModelCard.bundled_for("FLAIR")
+    assert t1w_card.sha256 != other_card.sha256
+    for name in CONTRAST_IMAGES:
+        image = StructuralInput.from_path(anat / name, contrasts_run["bids"])
+        card = t1w_card if image.suffix == "T1w" else other_card
+        metrics = json.loads(outputs.derivative_path(out, image, "metrics").read_text())
+        assert metrics["model"]["sha256"] == metrics["settings"]["model_sha256"] == card.sha256, name
+        assert metrics["settings"]["threshold"] == card.threshold, name
+        sidecar = json.loads(outputs.sidecar_path(outputs.derivative_path(out, image, "mask")).read_text())
+        assert sidecar["Threshold"] == card.threshold, name
+    methods = (out / "logs" / "CITATION.md").read_text()
+    assert t1w_card.sha256 in methods and other_card.sha256 in methods and "not all processed" not in methods
+    assert "The T1w images were skull-stripped by" in methods and "; the FLAIR, PDw and T2w images by" in methods
+
+
 def test_pybids_finds_each_mask_by_its_source_suffix(contrasts_run):
     from bids import BIDSLayout
     from bids.layout import Query

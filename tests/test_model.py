@@ -250,19 +250,22 @@ def test_the_networks_are_loaded_once_however_the_weights_are_named():
 
 # ---------------------------------------------------------------------------------------------------
 # the inference runtime: the shipped ONNX export in OpenVINO, TensorFlow the reference
-def test_the_shipped_onnx_export_is_the_export_of_the_shipped_weights():
+@pytest.mark.parametrize("contrast", ["T1w", "FLAIR"])
+def test_the_shipped_onnx_export_is_the_export_of_the_shipped_weights(contrast):
     """New weights shipped without ``python -m bids_skullstrip.model.export`` would leave the old export beside
-    them (the checksum in model.json would then send every run to the TensorFlow fallback)."""
+    them (the checksum in model.json would then send every run to the TensorFlow fallback); both bundled sets."""
     import hashlib
 
+    from bids_skullstrip.model.card import ModelCard
     from bids_skullstrip.model.export import onnx_bytes
-    from bids_skullstrip.model.inference import WEIGHTS_DIR, load_model, model_card
+    from bids_skullstrip.model.inference import load_model
 
-    card, networks = model_card(), load_model()
+    bundled = ModelCard.bundled_for(contrast)
+    card, networks = bundled.data, load_model(bundled)
     for entry, network in ((card, networks.segmenter), (card["locator"], networks.locator)):
         data = onnx_bytes(network, entry["architecture"] if entry is not card else card["architecture"])
         assert hashlib.sha256(data).hexdigest() == entry["onnx"]["sha256"]
-        assert (WEIGHTS_DIR / entry["onnx"]["file"]).read_bytes() == data
+        assert (bundled.path.parent / entry["onnx"]["file"]).read_bytes() == data
 
 
 REFERENCE_HEADS = [HEADS / "ds000011-sub-13" / "T1w.nii.gz", HEADS / "nichart-trio-mprage" / "T1w.nii.gz",
@@ -274,13 +277,16 @@ REFERENCE_HEADS = [HEADS / "ds000011-sub-13" / "T1w.nii.gz", HEADS / "nichart-tr
 def test_the_default_runtime_gives_tensorflows_probabilities_and_masks(path):
     """A validation head, a wide-field wild head and a FLAIR (bench/studies/runtimes.py --dice: every head of
     every split, Dice >= 0.99999 against TensorFlow)."""
+    from bids_skullstrip.model.card import ModelCard
     from bids_skullstrip.model.inference import OnnxNetwork, load_networks
 
     img = nib.load(str(path))
     data = np.asarray(img.dataobj, np.float32)
-    served = Skullstripper()
+    card = ModelCard.bundled_for("FLAIR" if "flair" in path.parent.name else "T1w")  # the networks the app uses
+    served = Skullstripper(card)
     assert isinstance(served.networks.segmenter, OnnxNetwork)
-    reference = Skullstripper(networks=load_networks(runtime="tensorflow"))
+    reference = Skullstripper(networks=load_networks(card, runtime="tensorflow"), threshold=card.threshold,
+                              views=served.views)
     got, want = served.mask(data, img.affine), reference.mask(data, img.affine)
     assert np.abs(got.probability - want.probability).max() < 1e-3
     assert compare_masks(got.mask, want.mask, voxel_sizes(img.affine))["dice"] >= 0.999

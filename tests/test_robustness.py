@@ -652,6 +652,26 @@ def test_skullstrip_cli_outputs(tmp_path):
     assert np.array_equal(np.asanyarray(brain.dataobj)[m], np.asanyarray(src.dataobj)[m])
 
 
+@needs(REPO.parent / "shared" / "data" / "contrasts", "../shared/data/contrasts")
+def test_skullstrip_cli_strips_each_contrast_with_its_networks(tmp_path):
+    """A FLAIR (by its BIDS name, or --contrast) gets the bundled any-contrast networks; --contrast T1w the T1w
+    ones."""
+    flair = tmp_path / "sub-01_FLAIR.nii.gz"
+    flair.symlink_to(REPO.parent / "shared" / "data" / "contrasts" / "openms-p01-s1-flair" / "image.nii.gz")
+    plain = tmp_path / "flair-of-patient-1.nii.gz"
+    plain.symlink_to(flair)
+    weights = REPO / "bids_skullstrip" / "model" / "weights_any_contrast"
+    runs = {"name": [flair], "option": [plain, "--contrast", "FLAIR"], "weights": [plain, "--weights", weights],
+            "t1w": [flair, "--contrast", "T1w"]}
+    probs = {}
+    for key, (image, *options) in runs.items():
+        res = skullstrip("-i", image, "-p", tmp_path / f"{key}.nii.gz", *options)
+        assert res.returncode == 0, res.stderr
+        probs[key] = np.asarray(nib.load(tmp_path / f"{key}.nii.gz").dataobj)
+    assert np.array_equal(probs["name"], probs["weights"]) and np.array_equal(probs["option"], probs["weights"])
+    assert np.abs(probs["t1w"] - probs["weights"]).max() > 0.1  # the other networks
+
+
 @pytest.mark.parametrize("writer, problem", [(truncated, "truncated or corrupt"), (not_nifti, "not a readable NIfTI")])
 def test_skullstrip_cli_bad_input(writer, problem, tmp_path):
     bad = tmp_path / "bad_T1w.nii.gz"
@@ -794,9 +814,8 @@ def test_fmriprep_spellings_of_the_options(tmp_path):
                                       "--stop-on-first-crash"])
     config = RunConfig.from_args(opts)
     assert (config.n_cpus, config.omp_nthreads, config.session_label, config.stop_on_first_crash) == (3, 1, ("1",), True)
-    from bids_skullstrip.model.inference import default_threshold
-
-    assert config.mem_gb == 3.0 and config.threshold == default_threshold() and config.work_dir.is_absolute()
+    # no --threshold: each image gets its networks' calibrated one (ModelCard.bundled_for)
+    assert config.mem_gb == 3.0 and config.threshold is None and config.work_dir.is_absolute()
     plugin, args = plugin_settings(config)
     assert plugin == "MultiProc" and args["n_procs"] == 3 and args["memory_gb"] == 3.0
     assert "(default: None)" not in build_parser().format_help() and "``" not in build_parser().format_help()

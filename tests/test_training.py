@@ -149,6 +149,24 @@ def test_patches_painted_from_labels_are_any_contrast_and_keep_the_brain_label(t
     assert synthesize_from_labels(np.random.default_rng(0), np.zeros((16, 16, 16), np.uint8)).mean() < 0.12
 
 
+def test_the_fine_bias_field_varies_within_a_lobe_and_leaves_other_streams_alone(tmp_path):
+    """``fine_bias_prob``: a second multiplicative field ~16 mm fine on top of the smooth one; at 0 (every recipe
+    before it) the patch stream is exactly what it was, so resumed and reproduced runs do not change."""
+    head = find_labelled_heads(SHARED, split="train")[0]
+    loaded = TrainingHead.load(head, MODEL_VOXEL_MM)
+    options = {"size": (48, 56, 48), "thick_prob": 0.0, "synth_prob": 0.0}
+    plain = [training_patch(loaded, np.random.default_rng([7, s]), **options) for s in range(6)]
+    again = [training_patch(loaded, np.random.default_rng([7, s]), fine_bias_prob=0.0, **options) for s in range(6)]
+    fine = [training_patch(loaded, np.random.default_rng([7, s]), fine_bias_prob=1.0, **options) for s in range(6)]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(plain, again))
+    assert all(np.array_equal(a[1], f[1]) for a, f in zip(plain, fine))  # the label is untouched
+    assert sum(not np.allclose(a[0], f[0], atol=1e-3) for a, f in zip(plain, fine)) >= 5
+    # the field itself: neighbouring control points ~16 mm apart on the 2 mm grid differ, a field 4 voxels
+    # apart barely does
+    field = _smooth_field(np.random.default_rng(0), (80, 96, 80), 10, 0.2)
+    assert np.abs(field[::8][1:] - field[::8][:-1]).mean() > 4 * np.abs(field[1:] - field[:-1]).mean()
+
+
 def test_score_heads_scores_inside_the_field_of_view_only():
     """``contrasts`` images are scored inside their fov.nii.gz: a mask grown outside it scores as the reference
     does, grown inside it does not; each row names its contrast."""
@@ -377,8 +395,8 @@ def test_one_command_runs_the_whole_recipe_and_a_rerun_resumes_it(tmp_path):
     """A recipe of every kind of step (scratch, a cycle from it, a mean, a contrast stage painted from tissue
     label maps): each step in its folder, the last one's export in final/ with the recipe and the whole lineage in
     its card; a rerun finds every step done and changes nothing; bad recipes are one-line errors."""
-    from bids_skullstrip.cli.train import main
-    from bids_skullstrip.training.recipe import RECIPE, estimate_hours
+    from bids_skullstrip.cli.train import _recipe, build_parser, main
+    from bids_skullstrip.training.recipe import ANY_CONTRAST_RECIPE, RECIPE, RECIPES, estimate_hours
 
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
@@ -422,8 +440,11 @@ def test_one_command_runs_the_whole_recipe_and_a_rerun_resumes_it(tmp_path):
     assert main(argv) == 2
     recipe_file.write_text("{}")
     assert main(argv) == 2
-    # the shipped recipe, at the step times measured on this machine, fits in 4 h
+    # the shipped recipes, at the step times measured on this machine, fit in 4 h each; both are named
     assert 2.0 < estimate_hours(RECIPE, segmenter_s=1.0, locator_s=0.3) < 4.0
+    assert 2.0 < estimate_hours(ANY_CONTRAST_RECIPE, segmenter_s=1.0, locator_s=0.3) < 4.0
+    assert _recipe(build_parser().parse_args(["d", "o", "--recipe", "any-contrast"])) is ANY_CONTRAST_RECIPE
+    assert RECIPES["t1w"] is RECIPE is _recipe(build_parser().parse_args(["d", "o"]))
 
 
 def _eval_rows(capsys, argv, csv_path):

@@ -26,7 +26,7 @@ def build_parser():
     p.add_argument("--split", help="only this split of a heads/ + splits.json layout (e.g. val; contrasts: the "
                                    "FLAIR/T2w/T1w images, scored inside their field of view)")
     p.add_argument("--predictions", help="score existing masks from this folder instead of running the model")
-    p.add_argument("--weights", help="model weights (default: the bundled ones)")
+    p.add_argument("--weights", help="model weights for every head (default: the bundled ones of each head's contrast)")
     p.add_argument("--threshold", type=float, default=None,
                    help="probability threshold (default: the one in the model.json beside the weights)")
     p.add_argument("--csv", help="write the per-image table here")
@@ -44,10 +44,17 @@ def _find_prediction(folder, name):
 def evaluate(heads, *, predictions=None, weights=None, threshold=None):
     if predictions is not None:
         return score_heads(heads, lambda head, data, affine: _Saved(_find_prediction(predictions, head.name)))
+    from ..model.card import ModelCard
     from ..model.predictor import Skullstripper
 
-    stripper = Skullstripper(weights, threshold=threshold)
-    return score_heads(heads, lambda head, data, affine: stripper.mask(data, affine))
+    strippers = {}  # by contrast: ``weights`` for every head, else the bundled networks of the head's contrast
+
+    def mask_of(head, data, affine):
+        if head.contrast not in strippers:
+            strippers[head.contrast] = Skullstripper(weights or ModelCard.bundled_for(head.contrast),
+                                                     threshold=threshold)
+        return strippers[head.contrast].mask(data, affine)
+    return score_heads(heads, mask_of)
 
 
 class _Saved:

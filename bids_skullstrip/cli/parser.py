@@ -42,7 +42,8 @@ def build_parser():
                    help="pybids database of the input, built on the first run and reused (large datasets)")
     g = p.add_argument_group("model")
     g.add_argument("--threshold", type=float, default=None,
-                   help="brain probability threshold (0-1); default: the one calibrated for the bundled model")
+                   help="brain probability threshold (0-1); default: the one calibrated for the networks of each "
+                        "image's contrast")
     g.add_argument("--border", type=float, default=0.0, metavar="MM",
                    help="grow (>0) or shrink (<0) the mask by this distance in mm")
     g.add_argument("--save-probseg", action="store_true", help="also write the brain probability map")

@@ -1,7 +1,7 @@
-"""``skullstrip``: skull-strip one T1w image file (the way mri_synthstrip and deepbet-cli are used).
+"""``skullstrip``: skull-strip one structural image file (the way mri_synthstrip and deepbet-cli are used).
 
     skullstrip -i T1w.nii.gz -m mask.nii.gz [-o brain.nii.gz] [-p probseg.nii.gz] [--threshold T] [--border MM]
-               [--weights DIR] [--fail-on-flag]
+               [--contrast SUFFIX] [--weights DIR] [--fail-on-flag]
 """
 
 import argparse
@@ -28,7 +28,8 @@ def build_parser():
                                        "outside 0-1; nothing read or written); 3 with --fail-on-flag when QC flagged "
                                        "the mask (the outputs are written).",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("-i", "--input", required=True, type=Path, help="T1w image (NIfTI, any orientation)")
+    p.add_argument("-i", "--input", required=True, type=Path,
+                   help="structural image: T1w, T2w, FLAIR, PDw, ... (NIfTI, any orientation)")
     p.add_argument("-m", "--mask", type=Path, help="output brain mask (uint8, same grid as the input)")
     p.add_argument("-o", "--output", type=Path, help="output skull-stripped image")
     p.add_argument("-p", "--probseg", type=Path, help="output brain probability map (float32)")
@@ -36,9 +37,13 @@ def build_parser():
                    help="brain probability threshold (0-1); default: the one calibrated for the weights")
     p.add_argument("--border", type=float, default=0.0, metavar="MM",
                    help="grow (>0) or shrink (<0) the mask by this distance in mm")
+    p.add_argument("--contrast", metavar="SUFFIX", default=None,
+                   help="the image's contrast as a BIDS suffix (T1w, T2w, FLAIR, PDw, ...): T1w images get the "
+                        "bundled T1w networks, any other the any-contrast ones; default: the suffix of a BIDS "
+                        "file name (..._FLAIR.nii.gz), else T1w")
     p.add_argument("--weights", type=Path, default=None,
                    help="the networks: a folder with model.json and the weights files, or its model card; "
-                        "default: the bundled ones")
+                        "default: the bundled ones for the contrast")
     p.add_argument("--fail-on-flag", action="store_true",
                    help="exit with status 3 when QC flags the mask (the flags are printed as warnings either way)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
@@ -61,11 +66,13 @@ def main(argv=None):
     try:
         # every check before the networks load, and again inside skullstrip_file (cheap)
         check_outputs(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg)
+        from ..discovery import contrast_of
+        from ..model.card import ModelCard
         from ..model.inference import set_threads
         from ..model.predictor import Skullstripper
 
         set_threads(max(1, opts.threads))
-        stripper = Skullstripper(opts.weights)
+        stripper = Skullstripper(opts.weights or ModelCard.bundled_for(contrast_of(opts.input, opts.contrast)))
         stripper.networks  # loaded before the core's clock starts, so that it times the skull-strip itself
         result = skullstrip_file(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg,
                                  threshold=opts.threshold, border_mm=opts.border, stripper=stripper)

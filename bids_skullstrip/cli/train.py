@@ -1,7 +1,7 @@
 """``bids_skullstrip-train``: make the two networks (locator, then segmenter) on labelled heads.
 
-``bids_skullstrip-train DATA OUT`` runs the whole recipe that made the bundled weights (``training.recipe.RECIPE``;
-``--recipe FILE.json`` another), resumable: rerun the same command to continue. Any of ``--fine-tune``,
+``bids_skullstrip-train DATA OUT`` runs the whole recipe that made the bundled T1w networks
+(``training.recipe.RECIPE``; ``--recipe any-contrast`` the any-contrast ones', ``--recipe FILE.json`` another), resumable: rerun the same command to continue. Any of ``--fine-tune``,
 ``--init-weights``, ``--steps`` and the other step options runs that one step instead, ``--average`` one mean."""
 
 import argparse
@@ -16,7 +16,7 @@ from ..training.data import find_brains, find_labelled_heads
 
 # Options of one step (``train.train`` keyword arguments): given, they replace the recipe by that one step.
 STEP_OPTIONS = ("steps", "locator_steps", "seed", "synth_prob", "labels_prob",
-                "thick_prob", "thickness_mm", "composite_prob", "composite_size", "frozen_bn_fraction", "peak_lr",
+                "thick_prob", "thickness_mm", "fine_bias_prob", "composite_prob", "composite_size", "frozen_bn_fraction", "peak_lr",
                 "until", "hard_head_fraction", "init_weights", "fine_tune")
 
 
@@ -28,9 +28,9 @@ def build_parser():
                                 "(*_T1w + *_brainmask) or a BIDS dataset with desc-brain_mask files")
     p.add_argument("out_dir", help="checkpoints, history.csv, train.log and final/ weights go here; "
                                    "rerunning with the same out_dir resumes")
-    p.add_argument("--recipe", type=Path, metavar="JSON",
-                   help="the steps to run (a JSON list of training.recipe.Step fields; default: the bundled "
-                        "weights' recipe)")
+    p.add_argument("--recipe", metavar="NAME|JSON",
+                   help="the steps to run: 't1w' (the bundled T1w networks' recipe, the default), 'any-contrast' "
+                        "(the bundled any-contrast networks') or a JSON list of training.recipe.Step fields")
     p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
     p.add_argument("--steps", type=int, help="segmenter steps (one step: default 4000)")
     p.add_argument("--locator-steps", type=int,
@@ -47,6 +47,8 @@ def build_parser():
     p.add_argument("--thick-prob", type=float, help="share of patches acquired in thick 2D slices (0.3)")
     p.add_argument("--thickness-mm", type=float, nargs=2, metavar=("LO", "HI"),
                    help="their slice thickness (default: 1.25-3 voxels of each network's grid)")
+    p.add_argument("--fine-bias-prob", type=float,
+                   help="share of patches given a second bias field ~16 mm fine (clinical 2D images; default 0)")
     p.add_argument("--composite-prob", type=float,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
     p.add_argument("--composite-size", type=float, nargs=2, metavar=("LO", "HI"),
@@ -137,7 +139,7 @@ def _train(args, out):
 
 def _recipe(args):
     """The steps to run: ``--average`` or the step options make one step; else ``--recipe`` or the bundled one."""
-    from ..training.recipe import BUNDLED, RECIPE, Step, load_recipe
+    from ..training.recipe import BUNDLED, RECIPE, RECIPES, Step, load_recipe
 
     if getattr(args, "average", None):
         missing = [str(e) for e in args.average if not e.is_file()]
@@ -147,7 +149,8 @@ def _recipe(args):
                      shares=None if args.shares is None else tuple(args.shares)),)
     given = {k: v for k, v in vars(args).items() if k in STEP_OPTIONS}
     if not given:
-        return load_recipe(args.recipe) if getattr(args, "recipe", None) else RECIPE
+        recipe = getattr(args, "recipe", None)
+        return RECIPE if recipe is None else RECIPES.get(recipe) or load_recipe(recipe)
     init = BUNDLED if given.pop("fine_tune", False) else given.pop("init_weights", None)
     if given.get("hard_head_fraction") and not init:
         raise ValueError("--hard-head-fraction needs starting weights (--fine-tune or --init-weights): the heads "

@@ -81,7 +81,7 @@ class DerivativesSink(SimpleInterface):
                    "warnings": list(self.inputs.warnings),
                    "runtime_s": {**self.inputs.runtime_s, **self.inputs.n4_runtime_s}, **self.inputs.qc,
                    "outputs": [Path(p).relative_to(out_dir).as_posix() for p in written],
-                   "settings": outputs.run_settings(threshold=self.inputs.threshold,
+                   "settings": outputs.run_settings(image, threshold=self.inputs.threshold,
                                                     border_mm=self.inputs.border_mm)}
         atomic_write_text(dest, json.dumps(metrics, indent=1) + "\n")
         written.append(str(dest))

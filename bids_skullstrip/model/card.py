@@ -6,6 +6,12 @@ threshold), the QC record (checksums) and the methods text, so none of them can 
     card = ModelCard.load()                         # the bundled weights
     card = ModelCard.load("my_weights/")            # a folder holding model.json and the weights files
     card = ModelCard.load("my_weights/model.json")  # or its card (any name), or the segmenter's .h5 file
+    card = ModelCard.bundled_for("FLAIR")           # the bundled networks for an image of that BIDS suffix
+
+Two sets of networks are bundled. T1w images get the T1w networks (``weights/``): trained on real T1w heads, they
+are the most accurate there. Every other suffix (T2w, FLAIR, PDw, ...) gets the any-contrast networks
+(``weights_any_contrast/``), trained on the same heads painted with random contrasts from their tissue label
+maps as well: better on FLAIR and T2w, worse on T1w heads with necks in view (docs/model_card.md).
 """
 
 import functools
@@ -16,6 +22,9 @@ from pathlib import Path
 from .. import geometry
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
+ANY_CONTRAST_WEIGHTS_DIR = Path(__file__).parent / "weights_any_contrast"
+# The suffixes the T1w networks are bundled for; any other suffix gets the any-contrast networks.
+T1W_SUFFIXES = ("T1w",)
 CARD_NAME = "model.json"
 SEGMENTER_FILE_NAME = "unet.weights.h5"
 LOCATOR_FILE_NAME = "locator.weights.h5"
@@ -58,6 +67,11 @@ class ModelCard:
         if segmenter == card_file.parent / SEGMENTER_FILE_NAME:  # one card object however it is named
             segmenter = None
         return _load(card_file, segmenter, version)
+
+    @classmethod
+    def bundled_for(cls, suffix="T1w"):
+        """The bundled networks for an image of BIDS ``suffix`` (``T1w``, ``FLAIR``, ...; any ``ce-``/``acq-``)."""
+        return cls.load(WEIGHTS_DIR if suffix in T1W_SUFFIXES else ANY_CONTRAST_WEIGHTS_DIR)
 
     # What the networks are and how they see the image
     @property
@@ -115,8 +129,20 @@ class ModelCard:
         return tuple(self.data.get("contrasts") or DEFAULT_CONTRASTS)
 
     @property
+    def painted_contrasts(self):
+        """Whether the training painted heads with random contrasts from their tissue label maps (any step of the
+        lineage: ``labels_prob`` > 0), so that the networks are meant for any structural contrast."""
+        training, seen = self.data.get("training") or {}, []
+        while isinstance(training, dict) and training not in seen:
+            seen.append(training)
+            if training.get("labels_prob"):
+                return True
+            training = (training.get("fine_tuned_from") or {}).get("training")
+        return False
+
+    @property
     def bundled(self):
-        return self.path.parent == WEIGHTS_DIR.resolve()
+        return self.path.parent in (WEIGHTS_DIR.resolve(), ANY_CONTRAST_WEIGHTS_DIR.resolve())
 
     def record(self):
         """What an output records of the model that made it (the metrics JSON's ``model``)."""

@@ -1,9 +1,9 @@
 """The methods text users paste into a paper (fMRIPrep's CITATION files): what was done, with which versions
 and references; written to ``<out>/logs/CITATION.md`` and ``.html`` after every participant run.
 
-It describes what the outputs hold (each image's threshold, border and model, from its metrics JSON), not the
-last command line, and says so when the images were not all made the same way. The model's part comes from
-its ``ModelCard``, so it cannot drift from the weights.
+It describes what the outputs hold (each image's contrast, threshold, border and model, from its metrics JSON),
+not the last command line, and says so when images of one contrast were not all made the same way. The model's
+part comes from its ``ModelCard``, so it cannot drift from the weights.
 """
 
 import importlib.metadata
@@ -41,8 +41,8 @@ def _version(distribution):
 
 
 def recorded_settings(output_dir):
-    """{raw file name: (threshold, border_mm, model sha256)} of every image whose outputs are in ``output_dir``,
-    read from its metrics JSON (the model that made the mask, as the QC recorded it)."""
+    """{raw file name: (suffix, threshold, border_mm, model sha256)} of every image whose outputs are in
+    ``output_dir``, read from its metrics JSON (the model that made the mask, as the QC recorded it)."""
     from ..outputs import find_outputs
 
     found = {}
@@ -51,7 +51,7 @@ def recorded_settings(output_dir):
             metrics = json.loads(path.read_text())
             settings, model = metrics.get("settings") or {}, metrics.get("model") or {}
             found[Path(metrics.get("source") or path.name).name] = (  # unique across contrasts
-                float(settings["threshold"]), float(settings.get("border_mm", 0.0)),
+                str(metrics.get("suffix") or "T1w"), float(settings["threshold"]), float(settings.get("border_mm", 0.0)),
                 model.get("sha256") or settings.get("model_sha256"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # an unreadable record: the group report names it
@@ -63,9 +63,10 @@ def _border(border_mm):
             f", then shrunk by {-border_mm:g} mm" if border_mm < 0 else "")
 
 
-def _model_text(card, sha256):
-    """The networks that made the masks, from their model card where it is at hand (the bundled one)."""
-    if sha256 != card.sha256:
+def _model_text(sha256):
+    """The networks that made the masks, from their model card where it is at hand (the bundled ones)."""
+    card = next((c for c in _bundled_cards() if c.sha256 == sha256), None)
+    if card is None:
         return (f"3D U-Nets [unet] whose weights (sha256 `{sha256}`) are not the ones bundled with this version; "
                 "their model card describes them")
     seg, loc = card.architecture, card.locator_architecture
@@ -73,8 +74,10 @@ def _model_text(card, sha256):
     views = [" ".join(filter(None, ["mirrored left-right" if v.get("mirror") else "",
                                     f"on a lattice shifted by {v['shift_mm']:g} mm" if v.get("shift_mm") else ""]))
              or "as it is" for v in card.views]
+    painted = (", also painted with random contrasts from their tissue label maps"
+               if card.painted_contrasts else "")
     return (f"two 3D U-Nets [unet] trained by the bids_skullstrip project on public {', '.join(card.contrasts)} "
-            f"heads ({card.name}; weights sha256 `{card.sha256}`, locator sha256 `{card.locator_sha256}`). The "
+            f"heads{painted} ({card.name}; weights sha256 `{card.sha256}`, locator sha256 `{card.locator_sha256}`). The "
             f"*locator* ({loc.get('levels', 4)} levels, {loc.get('base_filters', '?')} base filters) found the brain on "
             f"a {card.locator_voxel_mm:g} mm grid covering the image's whole field of view; the *segmenter* "
             f"({seg.get('levels', 4)} levels, {seg.get('base_filters', '?')} base filters) then estimated the brain "
@@ -84,27 +87,53 @@ def _model_text(card, sha256):
                else ""))
 
 
+def _bundled_cards():
+    return ModelCard.bundled_for("T1w"), ModelCard.bundled_for("FLAIR")
+
+
+def _suffixes(names):
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
 def methods_markdown(*, threshold, border_mm, recorded=None):
-    """The methods text for images made with ``recorded`` settings ({name: (threshold, border_mm, sha256)});
-    with none recorded yet, for the settings of this run (``threshold``, ``border_mm``, the bundled model)."""
-    card = ModelCard.load()
-    recorded = recorded or {"": (float(threshold), float(border_mm), card.sha256)}
+    """The methods text for images made with ``recorded`` settings ({name: (suffix, threshold, border_mm,
+    sha256)}); with none recorded yet, for the settings of this run (``threshold``, None for the calibrated one,
+    ``border_mm``, the bundled T1w model)."""
+    if not recorded:
+        card = ModelCard.bundled_for("T1w")
+        recorded = {"": ("T1w", card.threshold if threshold is None else float(threshold), float(border_mm),
+                         card.sha256)}
     groups = Counter(recorded.values())
-    (main_threshold, main_border, main_sha), _ = groups.most_common(1)[0]
+    # per model, the settings most of its images have, and the contrasts it stripped
+    models = {}
+    for suffix, t, b, sha in sorted(groups, key=groups.get, reverse=True):
+        model = models.setdefault(sha, {"settings": (t, b), "suffixes": []})
+        if suffix not in model["suffixes"]:
+            model["suffixes"].append(suffix)
+    if len(models) == 1:
+        [(sha, model)] = models.items()
+        stripped = f"Each image was skull-stripped by {_model_text(sha)}."
+        thresholds = f"{model['settings'][0]:g}"
+    else:
+        (sha, first), *others = models.items()
+        stripped = (f"The {_suffixes(first['suffixes'])} images were skull-stripped by {_model_text(sha)}"
+                    + "".join(f"; the {_suffixes(m['suffixes'])} images by {_model_text(s)}" for s, m in others) + ".")
+        thresholds = " and ".join(f"{m['settings'][0]:g} ({_suffixes(m['suffixes'])})" for m in models.values())
+    main_border = next(iter(models.values()))["settings"][1]
     text = f"""# Methods: brain extraction with bids_skullstrip {__version__}
 
 Brain masks were computed with *bids_skullstrip* {__version__} [bids_skullstrip], which is based on *Nipype*
 {_version("nipype")} [nipype] and finds the images of the dataset with *PyBIDS* {_version("pybids")} [pybids].
-Each image was skull-stripped by {_model_text(card, main_sha)}. The probability was mapped back onto the native
-grid, thresholded at {main_threshold:g}, reduced to its largest connected component and hole-filled{_border(main_border)}.
+{stripped} The probability was mapped back onto the native
+grid, thresholded at {thresholds}, reduced to its largest connected component and hole-filled{_border(main_border)}.
 The image was corrected for intensity non-uniformity with N4 [n4] as implemented in ANTsPy
 {_version("antspyx")} (ANTs [ants]), estimated inside the brain mask, and multiplied by the mask to give the
 skull-stripped image. Masks and images keep the exact voxel grid of the input.
 """
-    if len(groups) > 1:
+    if len({suffix for suffix, *_ in groups}) < len(groups) or len({b for _, _, b, _ in groups}) > 1:
         lines = []
-        for (t, b, sha), n in sorted(groups.items(), key=lambda item: -item[1]):
-            names = sorted(name for name, value in recorded.items() if value == (t, b, sha))
+        for (suffix, t, b, sha), n in sorted(groups.items(), key=lambda item: -item[1]):
+            names = sorted(name for name, value in recorded.items() if value == (suffix, t, b, sha))
             shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
             lines.append(f"- {n} image(s) thresholded at {t:g}, border {b:g} mm, model sha256 `{str(sha)[:12]}`: "
                          f"{shown}")

@@ -178,7 +178,7 @@ def _thick_slices(rng, image, voxel_mm, thickness_mm=None):
 
 def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=MODEL_VOXEL_MM, synth_prob=0.25,
                    brains=(), composite_prob=0.2, composite_size=COMPOSITE_SIZE, labels_prob=0.0,
-                   thick_prob=0.3, thickness_mm=None):
+                   thick_prob=0.3, thickness_mm=None, fine_bias_prob=0.0):
     """One (image, label) pair, float32 (size) each: image and soft brain label.
 
     The patch is what the network sees at inference: the whole field of view for the ``locator`` stage,
@@ -186,7 +186,10 @@ def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=
     ``labels_prob``: the share of patches painted from the head's tissue label map (``synthesize_from_labels``;
     ``head.labels`` must be loaded) instead of the head's own T1w intensities; ``synth_prob``: of the others, the
     share repainted from intensity quantiles of the patch. ``thick_prob``: the share acquired in 2D slices of
-    ``thickness_mm`` (``_thick_slices``)."""
+    ``thickness_mm`` (``_thick_slices``). ``fine_bias_prob``: the share given a second, finer bias field (10 control
+    points across the patch, ~16 mm apart on the 2 mm grid): the non-uniformity of clinical 2D FLAIR and T2w images
+    within a lobe, finer than the 4-point field every patch may get (a frontal pole darker than the rest of the
+    cortex)."""
     world = _sample_world(head, rng, size, voxel_mm, stage)
     (image, label), coords = _sample((head.image, head.mask), head.affine, world, size)
     from_labels = rng.random() < labels_prob
@@ -206,6 +209,8 @@ def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=
         image = _synthetic_contrast(rng, image, label)
     if rng.random() < 0.7:
         image = image * np.exp(_smooth_field(rng, size, 4, rng.uniform(0.1, 0.4)))
+    if fine_bias_prob and rng.random() < fine_bias_prob:  # drawn only when asked: older recipes' streams stay
+        image = image * np.exp(_smooth_field(rng, size, 10, rng.uniform(0.05, 0.2)))
     if rng.random() < thick_prob:
         image = _thick_slices(rng, image, voxel_mm, thickness_mm)
     if rng.random() < 0.6:

@@ -51,6 +51,21 @@ RECIPE = (
     Step("mean", average=("cycle2", "hard-heads")),
 )
 
+# The any-contrast networks' lineage (``weights_any_contrast/``, for every suffix but T1w; docs/model_card.md, "Two
+# sets of networks"): the same kind of steps with patches painted from tissue label maps and acquired in 3-7 mm
+# slices in every step, then a longer third cycle with more real T1w patches.
+_PAINTED = {"thick_prob": 0.35, "thickness_mm": [3.0, 7.0], "labels_prob": 0.3}
+ANY_CONTRAST_RECIPE = (
+    Step("scratch", options={"steps": 4000, "locator_steps": 2000, "peak_lr": 1e-3, **_PAINTED}),
+    Step("cycle2", init="scratch", options={"steps": 1500, "locator_steps": 0, "peak_lr": 3e-4, **_PAINTED}),
+    Step("hard-heads", init="cycle2", options={"steps": 600, "locator_steps": 0, "peak_lr": 1e-4,
+                                                "hard_head_fraction": 0.5, "seed": 20261203, **_PAINTED}),
+    Step("mean", average=("cycle2", "hard-heads")),
+    Step("cycle3", init="mean", options={"steps": 2000, "locator_steps": 0, "peak_lr": 3e-4, "seed": 20261206,
+                                         **_PAINTED, "labels_prob": 0.2, "thick_prob": 0.3}),
+)
+RECIPES = {"t1w": RECIPE, "any-contrast": ANY_CONTRAST_RECIPE}
+
 
 def load_recipe(path):
     """A recipe from a JSON file: a list of steps as ``Step`` fields."""

@@ -65,7 +65,8 @@ def _node(interface, name, n_voxels, n_procs=1):
     return node
 
 
-def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, omp_nthreads=1, n_voxels=256**3, name="t1w_wf"):
+def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, contrast="T1w", omp_nthreads=1, n_voxels=256**3,
+                name="t1w_wf"):
     """Skull-strip one image: brain mask, probability, N4-corrected and skull-stripped images, QC, mosaic.
 
     Any NIfTI file name will do: BIDS entities, where the name has them, only title the figure.
@@ -78,7 +79,10 @@ def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, omp_nthreads=1, 
         Grow (> 0) or shrink (< 0) the mask by this distance.
     weights : str or Path, optional
         The networks: a folder with ``model.json`` and the weights files, or a model card file; default: the
-        bundled ones. The QC record names them by checksum.
+        bundled ones for ``contrast``. The QC record names them by checksum.
+    contrast : str
+        The image's BIDS suffix (``T1w``, ``T2w``, ``FLAIR``, ...): which bundled networks strip it
+        (``ModelCard.bundled_for``).
     omp_nthreads : int
         Threads of the network and of N4.
     n_voxels : int
@@ -118,10 +122,10 @@ def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, omp_nthreads=1, 
         skullstrip.inputs.threshold = threshold
     n4 = _node(N4BiasFieldCorrection(num_threads=omp_nthreads), "n4", n_voxels, omp_nthreads)
     qc = _node(QCMetrics(), "qc", n_voxels)
-    if weights is not None:
-        # the nodes get the card file: a bad path fails here, in one line, and nipype's cache (which hashes a file
-        # by its time stamp) is redone when weights are exported again in place
-        skullstrip.inputs.weights = qc.inputs.weights = str(ModelCard.load(weights).path)
+    # the nodes get the card file: a bad path fails here, in one line, and nipype's cache (which hashes a file by
+    # its time stamp) is redone when weights are exported again in place
+    card = ModelCard.bundled_for(contrast) if weights is None else ModelCard.load(weights)
+    skullstrip.inputs.weights = qc.inputs.weights = str(card.path)
     mosaic = _node(MaskMosaic(), "mosaic", n_voxels)
     wf.connect([
         (inputnode, skullstrip, [("t1w", "in_file")]),
@@ -204,7 +208,7 @@ def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold
     output_dir, bids_dir, work_dir : str or Path
         The derivatives dataset, the raw dataset and nipype's work folder.
     threshold, border_mm, save_probseg, omp_nthreads
-        As for ``init_t1w_wf`` and ``init_ds_t1w_wf``.
+        As for ``init_t1w_wf`` and ``init_ds_t1w_wf`` (``threshold`` None: each image's networks' own).
 
     The workflow has no input or output node: every image's path is set on its branch, and what it makes is
     written under ``output_dir``.
@@ -214,10 +218,11 @@ def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold
         sub_wf = pe.Workflow(name=f"sub_{node_name(subject)}_wf")
         for image in items:
             n_voxels = _voxels(image.path)
-            image_wf = init_t1w_wf(threshold=threshold, border_mm=border_mm, omp_nthreads=omp_nthreads,
-                                   n_voxels=n_voxels, name=f"{node_name(image.name)}_wf")
+            image_threshold = ModelCard.bundled_for(image.suffix).threshold if threshold is None else threshold
+            image_wf = init_t1w_wf(threshold=image_threshold, border_mm=border_mm, contrast=image.suffix,
+                                   omp_nthreads=omp_nthreads, n_voxels=n_voxels, name=f"{node_name(image.name)}_wf")
             image_wf.inputs.inputnode.t1w = str(image.path)
-            ds_wf = init_ds_t1w_wf(output_dir=output_dir, bids_dir=bids_dir, threshold=threshold,
+            ds_wf = init_ds_t1w_wf(output_dir=output_dir, bids_dir=bids_dir, threshold=image_threshold,
                                    border_mm=border_mm, save_probseg=save_probseg, n_voxels=n_voxels,
                                    name=f"ds_{node_name(image.name)}_wf")
             sub_wf.connect([
