@@ -248,12 +248,17 @@ class Run:
         as resolved: every default filled in, the plugin and its arguments)."""
         logs = self.config.output_dir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
+        from .model.card import ModelCard
         from .nifti import atomic_write_text
 
         resolved = {key: (str(value) if isinstance(value, Path) else value)
                     for key, value in asdict(self.config).items()}
+        # the networks of each contrast asked for, and (without --threshold) their calibrated thresholds
+        cards = {contrast: ModelCard.bundled_for(contrast) for contrast in self.config.contrasts}
+        if self.config.threshold is None:
+            resolved["threshold"] = {contrast: card.threshold for contrast, card in cards.items()}
         resolved.update(version=__version__, run_id=self.run_id, command=sys.argv, plugin=self.plugin,
-                        plugin_args=self.plugin_args)
+                        plugin_args=self.plugin_args, model_sha256={c: card.sha256 for c, card in cards.items()})
         atomic_write_text(logs / f"run-{self.run_id}_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
         handler = logging.FileHandler(logs / f"run-{self.run_id}.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

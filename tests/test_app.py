@@ -326,6 +326,9 @@ def test_each_contrast_is_stripped_by_its_networks_at_their_threshold(contrasts_
     methods = (out / "logs" / "CITATION.md").read_text()
     assert t1w_card.sha256 in methods and other_card.sha256 in methods and "not all processed" not in methods
     assert "The T1w images were skull-stripped by" in methods and "; the FLAIR, PDw and T2w images by" in methods
+    report = (out / "sub-01.html").read_text()  # "About this run" names the networks of each contrast
+    assert f"T1w: {t1w_card.name} (sha256 {t1w_card.sha256[:12]}, threshold {t1w_card.threshold})" in report
+    assert f"(sha256 {other_card.sha256[:12]}, threshold {other_card.threshold})" in report
 
 
 def test_pybids_finds_each_mask_by_its_source_suffix(contrasts_run):

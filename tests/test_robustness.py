@@ -854,7 +854,11 @@ def test_run_logs_work_dir_size_node_local_warning_and_clean_workdir(small_datas
     [config_file] = (out / "logs").glob("run-*_config.json")
     config = json.loads(config_file.read_text())
     assert config["plugin"] == "MultiProc" and config["plugin_args"]["n_procs"] == 1
-    assert config["work_dir"] == str(work) and config["threshold"] > 0 and config["run_id"] in log_file.name
+    from bids_skullstrip.model.card import ModelCard
+
+    t1w = ModelCard.bundled_for("T1w")  # no --threshold: the calibrated one of each contrast's networks
+    assert config["threshold"] == {"T1w": t1w.threshold} and config["model_sha256"] == {"T1w": t1w.sha256}
+    assert config["work_dir"] == str(work) and config["run_id"] in log_file.name
     res = app(small_dataset, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "1",
               "--overwrite", "--clean-workdir")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -47,13 +47,22 @@ def participant_records(output_dir, label):
     return records
 
 
-def run_about():
-    """The command line, the model and the environment, for the report's "About this run"."""
-    card = model_card()
+def run_about(records=()):
+    """The command line, the networks that made the report's masks (per contrast, as their metrics JSON record
+    them; the bundled T1w ones before any) and the environment, for the report's "About this run"."""
+    used = {}
+    for r in records:
+        model, settings = (r.get(k) if isinstance(r.get(k), dict) else {} for k in ("model", "settings"))
+        if model:
+            key = (model.get("name") or "?", str(model.get("sha256") or "")[:12], settings.get("threshold", "?"))
+            used.setdefault(key, {})[r["_suffix"]] = None
+    if not used:
+        card = model_card()
+        used = {(card.get("name", "?"), str(card.get("sha256", ""))[:12], card.get("threshold", "?")): {"T1w": None}}
     container = os.environ.get("BIDS_SKULLSTRIP_CONTAINER")
     return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "model": f"{card.get('name', '?')} (sha256 {str(card.get('sha256', ''))[:12]}, "
-                     f"threshold {card.get('threshold', '?')})",
+            "model": "; ".join(f"{', '.join(suffixes)}: {name} (sha256 {sha}, threshold {threshold})"
+                               for (name, sha, threshold), suffixes in used.items()),
             "environment": f"Python {platform.python_version()} on {platform.platform()}"
                            + (f", container {container}" if container else "")}
 
@@ -76,7 +85,7 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
                 if str(outputs.parse_name(f.name).get("subject", label)) == label:
                     others.append({"name": f.name, "url": rel_url(f, output_dir)})
     html = environment().get_template("participant.html").render(
-        about=run_about(),
+        about=run_about(records),
         label=label,
         records=records,
         n_flagged=sum(1 for r in records if r["flags"]),
