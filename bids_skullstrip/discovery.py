@@ -23,9 +23,10 @@ ANAT_QUERY = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
 
 def contrast_of(path, given=None):
     """The contrast of an image: ``given`` (``--contrast``), else the structural BIDS suffix its file name ends
-    with (``sub-01_FLAIR.nii.gz``, ``flair.nii``: FLAIR), else T1w. Known suffixes are matched in any case.
+    with (``sub-01_FLAIR.nii.gz``, ``flair.nii``, ``t2_flair.nii``: FLAIR; the common ``T1``, ``T2``, ``PD`` and
+    ``T2star`` too), else T1w. Known suffixes are matched in any case.
     (A split of the name, not pybids: importing it would cost ``skullstrip`` half a second per file.)"""
-    known = {c.lower(): c for c in CONTRASTS}
+    known = {c.lower(): c for c in CONTRASTS} | {"t1": "T1w", "t2": "T2w", "pd": "PDw", "t2star": "T2starw"}
     if given:
         return known.get(given.lower(), given)
     stem = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)

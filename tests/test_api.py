@@ -105,7 +105,8 @@ def test_a_files_contrast_comes_from_the_option_else_its_bids_suffix_else_t1w():
 
     names = {"sub-01_FLAIR.nii.gz": "FLAIR", "flair.nii": "FLAIR", "sub-01.v2_acq-tse_T2w.NII.GZ": "T2w",
              "sub-01_ce-gadolinium_T1w.nii.gz": "T1w", "t1.nii.gz": "T1w", "brain_mask.nii.gz": "T1w",
-             "/data/sub-01_FLAIR/head.nii": "T1w", "x_pdw.nii.gz": "PDw"}
+             "/data/sub-01_FLAIR/head.nii": "T1w", "x_pdw.nii.gz": "PDw", "T2.nii.gz": "T2w", "t2_flair.nii": "FLAIR",
+             "patient3_pd.nii.gz": "PDw", "t1_post.nii.gz": "T1w", "head.nii.gz": "T1w"}
     assert {name: contrast_of(name) for name in names} == names
     assert (contrast_of("head.nii", "flair"), contrast_of("x_FLAIR.nii", "T1w"), contrast_of("h.nii", "MP2RAGE")) == (
         "FLAIR", "T1w", "MP2RAGE")

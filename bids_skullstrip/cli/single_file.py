@@ -39,8 +39,8 @@ def build_parser():
                    help="grow (>0) or shrink (<0) the mask by this distance in mm")
     p.add_argument("--contrast", metavar="SUFFIX", default=None,
                    help="the image's contrast as a BIDS suffix (T1w, T2w, FLAIR, PDw, ...): T1w images get the "
-                        "bundled T1w networks, any other the any-contrast ones; default: the suffix of a BIDS "
-                        "file name (..._FLAIR.nii.gz), else T1w")
+                        "bundled T1w networks, any other the any-contrast ones; default: the last part of the "
+                        "file name (sub-01_FLAIR.nii.gz, t2_flair.nii, T2.nii.gz, pd.nii), else T1w")
     p.add_argument("--weights", type=Path, default=None,
                    help="the networks: a folder with model.json and the weights files, or its model card; "
                         "default: the bundled ones for the contrast")
