@@ -819,6 +819,10 @@ def test_fmriprep_spellings_of_the_options(tmp_path):
     plugin, args = plugin_settings(config)
     assert plugin == "MultiProc" and args["n_procs"] == 3 and args["memory_gb"] == 3.0
     assert "(default: None)" not in build_parser().format_help() and "``" not in build_parser().format_help()
+    from bids_skullstrip.cli.single_file import build_parser as skullstrip_parser
+
+    assert "(default: None)" not in skullstrip_parser().format_help()
+    assert "(default: 0.0)" in skullstrip_parser().format_help()  # --border: a default worth showing
 
 
 def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):

@@ -21,13 +21,20 @@ def _fail(message, status):
     return status
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where there is one: an option whose default is None says in its help what happens."""
+
+    def _get_help_string(self, action):
+        return action.help if action.default is None else super()._get_help_string(action)
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="skullstrip", description=__doc__.splitlines()[0],
                                 epilog="Exit status: 0 done (QC flags, if any, printed as warnings); 1 an error "
                                        "(one line, nothing written); 2 a usage error (nothing to write, a threshold "
                                        "outside 0-1; nothing read or written); 3 with --fail-on-flag when QC flagged "
                                        "the mask (the outputs are written).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path,
                    help="structural image: T1w, T2w, FLAIR, PDw, ... (NIfTI, any orientation)")
     p.add_argument("-m", "--mask", type=Path, help="output brain mask (uint8, same grid as the input)")
