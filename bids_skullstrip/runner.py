@@ -108,7 +108,8 @@ class Run:
         config, output_dir = self.config, self.config.output_dir
         if config.boilerplate_only:
             check_writable(output_dir, "output folder")
-            written = write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm)
+            written = write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,
+                                        contrasts=config.contrasts)
             log.info("methods text: %s", ", ".join(map(str, written)))
             return OK
         t1ws = select_images(config)
@@ -133,7 +134,8 @@ class Run:
         for t1w in t1ws:
             if t1w not in failed:
                 outputs.clear_failure(output_dir, t1w)
-        write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm)  # of what they hold
+        write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
+                          contrasts=config.contrasts)
 
         reports = {}
         for subject in sorted({t.subject for t in t1ws}):

@@ -831,6 +831,19 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert res.returncode == 0, res.stderr
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
         "logs/CITATION.html", "logs/CITATION.md"]
+    from bids_skullstrip.model.card import ModelCard
+
+    t1w, other = ModelCard.bundled_for("T1w"), ModelCard.bundled_for("FLAIR")
+    text = (out / "logs" / "CITATION.md").read_text()
+    assert "Each image was skull-stripped by" in text and t1w.sha256 in text and other.sha256 not in text
+    # the methods of a run of other contrasts, before any output: their networks and thresholds
+    res = app(small_dataset, tmp_path / "out2", "participant", "--boilerplate-only", "--skip-bids-validation",
+              "--contrasts", "T1w", "FLAIR", "T2w")
+    assert res.returncode == 0, res.stderr
+    text = (tmp_path / "out2" / "logs" / "CITATION.md").read_text()
+    assert "The T1w images were skull-stripped by" in text and "; the FLAIR and T2w images by" in text
+    thresholds = f"thresholded at {t1w.threshold:g} (T1w) and {other.threshold:g} (FLAIR and T2w)"
+    assert other.sha256 in text and thresholds in text
     res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
     assert res.returncode == 0, res.stderr
     assert (out / "sub-01.html").is_file() and not (out / "sub-01" / "anat").exists()

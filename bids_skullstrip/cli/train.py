@@ -1,8 +1,9 @@
 """``bids_skullstrip-train``: make the two networks (locator, then segmenter) on labelled heads.
 
 ``bids_skullstrip-train DATA OUT`` runs the whole recipe that made the bundled T1w networks
-(``training.recipe.RECIPE``; ``--recipe any-contrast`` the any-contrast ones', ``--recipe FILE.json`` another), resumable: rerun the same command to continue. Any of ``--fine-tune``,
-``--init-weights``, ``--steps`` and the other step options runs that one step instead, ``--average`` one mean."""
+(``training.recipe.RECIPE``; ``--recipe any-contrast`` the any-contrast ones, ``--recipe FILE.json`` another),
+resumable: rerun the same command to continue. Any of ``--fine-tune``, ``--init-weights``, ``--steps`` and the
+other step options runs that one step instead, ``--average`` one mean."""
 
 import argparse
 import logging
@@ -15,9 +16,9 @@ from ..training.data import find_brains, find_labelled_heads
 
 
 # Options of one step (``train.train`` keyword arguments): given, they replace the recipe by that one step.
-STEP_OPTIONS = ("steps", "locator_steps", "seed", "synth_prob", "labels_prob",
-                "thick_prob", "thickness_mm", "fine_bias_prob", "composite_prob", "composite_size", "frozen_bn_fraction", "peak_lr",
-                "until", "hard_head_fraction", "init_weights", "fine_tune")
+STEP_OPTIONS = ("steps", "locator_steps", "seed", "synth_prob", "labels_prob", "thick_prob", "thickness_mm",
+                "fine_bias_prob", "composite_prob", "composite_size", "frozen_bn_fraction", "peak_lr", "until",
+                "hard_head_fraction", "init_weights", "fine_tune")
 
 
 def build_parser():

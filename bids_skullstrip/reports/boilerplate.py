@@ -92,17 +92,18 @@ def _bundled_cards():
 
 
 def _suffixes(names):
+    names = sorted(names)
     return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
-def methods_markdown(*, threshold, border_mm, recorded=None):
+def methods_markdown(*, threshold, border_mm, recorded=None, contrasts=("T1w",)):
     """The methods text for images made with ``recorded`` settings ({name: (suffix, threshold, border_mm,
     sha256)}); with none recorded yet, for the settings of this run (``threshold``, None for the calibrated one,
-    ``border_mm``, the bundled T1w model)."""
+    ``border_mm``, the bundled networks of each of its ``contrasts``)."""
     if not recorded:
-        card = ModelCard.bundled_for("T1w")
-        recorded = {"": ("T1w", card.threshold if threshold is None else float(threshold), float(border_mm),
-                         card.sha256)}
+        cards = {contrast: ModelCard.bundled_for(contrast) for contrast in contrasts}
+        recorded = {contrast: (contrast, card.threshold if threshold is None else float(threshold), float(border_mm),
+                               card.sha256) for contrast, card in cards.items()}
     groups = Counter(recorded.values())
     # per model, the settings most of its images have, and the contrasts it stripped
     models = {}
@@ -149,11 +150,13 @@ def _html_page(markdown_text):
     return f'<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Methods</title></head><body>\n{body}</body></html>\n'
 
 
-def write_boilerplate(output_dir, *, threshold, border_mm):
+def write_boilerplate(output_dir, *, threshold, border_mm, contrasts=("T1w",)):
     """Write ``<out>/logs/CITATION.md`` and ``CITATION.html`` (atomically: job arrays write them at once) from
-    what the outputs in ``output_dir`` hold; ``threshold`` and ``border_mm`` describe a folder without any yet."""
+    what the outputs in ``output_dir`` hold; ``threshold``, ``border_mm`` and ``contrasts`` describe a folder
+    without any yet."""
     logs = Path(output_dir) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    text = methods_markdown(threshold=threshold, border_mm=border_mm, recorded=recorded_settings(output_dir))
+    text = methods_markdown(threshold=threshold, border_mm=border_mm, recorded=recorded_settings(output_dir),
+                            contrasts=contrasts)
     return (atomic_write_text(logs / "CITATION.md", text),
             atomic_write_text(logs / "CITATION.html", _html_page(text)))
