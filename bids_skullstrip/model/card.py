@@ -23,6 +23,7 @@ from .. import geometry
 
 WEIGHTS_DIR = Path(__file__).parent / "weights"
 ANY_CONTRAST_WEIGHTS_DIR = Path(__file__).parent / "weights_any_contrast"
+BUNDLED_DIRS = (WEIGHTS_DIR, ANY_CONTRAST_WEIGHTS_DIR)
 # The suffixes the T1w networks are bundled for; any other suffix gets the any-contrast networks.
 T1W_SUFFIXES = ("T1w",)
 CARD_NAME = "model.json"
@@ -131,18 +132,17 @@ class ModelCard:
     @property
     def painted_contrasts(self):
         """Whether the training painted heads with random contrasts from their tissue label maps (any step of the
-        lineage: ``labels_prob`` > 0), so that the networks are meant for any structural contrast."""
-        training, seen = self.data.get("training") or {}, []
-        while isinstance(training, dict) and training not in seen:
-            seen.append(training)
-            if training.get("labels_prob"):
-                return True
-            training = (training.get("fine_tuned_from") or {}).get("training")
-        return False
+        lineage, fine-tuned or averaged: ``labels_prob`` > 0), so that the networks are meant for any contrast."""
+        def painted(training):
+            if not isinstance(training, dict):
+                return False
+            parents = [training.get("fine_tuned_from") or {}, *(training.get("average_of") or [])]
+            return bool(training.get("labels_prob")) or any(painted(p.get("training")) for p in parents)
+        return painted(self.data.get("training"))
 
     @property
     def bundled(self):
-        return self.path.parent in (WEIGHTS_DIR.resolve(), ANY_CONTRAST_WEIGHTS_DIR.resolve())
+        return self.path.parent in {d.resolve() for d in BUNDLED_DIRS}
 
     def record(self):
         """What an output records of the model that made it (the metrics JSON's ``model``)."""

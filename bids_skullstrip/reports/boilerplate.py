@@ -12,7 +12,7 @@ from collections import Counter
 from pathlib import Path
 
 from .. import __version__, geometry
-from ..model.card import ModelCard
+from ..model.card import BUNDLED_DIRS, ModelCard
 from ..nifti import atomic_write_text
 
 REFERENCES = {
@@ -51,8 +51,8 @@ def recorded_settings(output_dir):
             metrics = json.loads(path.read_text())
             settings, model = metrics.get("settings") or {}, metrics.get("model") or {}
             found[Path(metrics.get("source") or path.name).name] = (  # unique across contrasts
-                str(metrics.get("suffix") or "T1w"), float(settings["threshold"]), float(settings.get("border_mm", 0.0)),
-                model.get("sha256") or settings.get("model_sha256"))
+                str(metrics.get("suffix") or "T1w"), float(settings["threshold"]),
+                float(settings.get("border_mm", 0.0)), model.get("sha256") or settings.get("model_sha256"))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue  # an unreadable record: the group report names it
     return found
@@ -65,7 +65,7 @@ def _border(border_mm):
 
 def _model_text(sha256):
     """The networks that made the masks, from their model card where it is at hand (the bundled ones)."""
-    card = next((c for c in _bundled_cards() if c.sha256 == sha256), None)
+    card = next((c for c in map(ModelCard.load, BUNDLED_DIRS) if c.sha256 == sha256), None)
     if card is None:
         return (f"3D U-Nets [unet] whose weights (sha256 `{sha256}`) are not the ones bundled with this version; "
                 "their model card describes them")
@@ -85,10 +85,6 @@ def _model_text(sha256):
             f"neck, face and shoulders stayed outside its view"
             + (f", averaging the probabilities of {len(views)} views of it ({'; '.join(views)})" if len(views) > 1
                else ""))
-
-
-def _bundled_cards():
-    return ModelCard.bundled_for("T1w"), ModelCard.bundled_for("FLAIR")
 
 
 def _suffixes(names):
