@@ -6,16 +6,24 @@ numbers, not a test.
     python bench/stress_eval.py                          # the bundled weights, val + wild, every change (~40 min)
     python bench/stress_eval.py --changes 3mm gamma0.6 --splits val
     python bench/stress_eval.py --weights work/train/final/unet.weights.h5 --json stress.json
+    python bench/stress_eval.py --splits contrasts wild --changes mass-bright mass-dark mass-ring   # ~12 min
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
-field, Rician noise, and a field of view that cuts the top of the head. The row ``none`` is the same heads as
-they are; each other row also gives the largest drop of one head's Dice from its ``none`` value.
+field, Rician noise, a field of view that cuts the top of the head, enhancing dura and sinuses (post-contrast
+T1w), and a tumour-like mass at the cortex (bright, dark, or a dark core in a bright rim; 22 mm in radius,
+centred 12 mm under the brain's surface, inside the brain only: the reference stays the same, and the share of
+the mass each mask keeps is printed). The row ``none`` is the same heads as they are; each other row also
+gives the largest drop of one head's Dice from its ``none`` value.
+
+Heads are stripped as the app strips them (``ModelCard.bundled_for`` their contrast), so
+``--splits contrasts`` measures the any-contrast networks on FLAIR and T2w (scored inside each ``fov``).
 """
 
 import argparse
 import json
 import sys
+import tempfile
 from pathlib import Path
 
 import nibabel as nib
@@ -29,7 +37,9 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bids_skullstrip.metrics import score_heads  # noqa: E402
+from bids_skullstrip.model.card import T1W_SUFFIXES, ModelCard  # noqa: E402
 from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
+from bids_skullstrip.training.augment import ball_distance, enhancing_shell  # noqa: E402
 from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
 from model_eval import summary  # noqa: E402
 from qc_flags import world_axis  # noqa: E402
@@ -115,6 +125,49 @@ def crop_top(mm):
     return change
 
 
+MASS_RADIUS_MM = 22.0
+MASS_DEPTH_MM = 12.0
+
+
+def mass_region(affine, mask, rng):
+    """Where ``mass`` puts its mass: a ball of ``MASS_RADIUS_MM`` around a point ``MASS_DEPTH_MM`` under the
+    surface of ``mask``, inside ``mask`` (the same for the same ``rng`` state), and every voxel's distance (mm)
+    from its centre."""
+    vox = voxel_sizes(affine)
+    depth = ndi.distance_transform_edt(mask, sampling=vox)
+    centres = np.argwhere(np.abs(depth - MASS_DEPTH_MM) < 1.0)
+    distance = ball_distance(mask.shape, centres[rng.integers(len(centres))], vox)
+    return mask & (distance < MASS_RADIUS_MM), distance
+
+
+def mass(kind):
+    """A tumour-like mass (``mass_region``) relative to the brain's median intensity: ``bright`` (1.8×: oedema
+    in FLAIR/T2w, enhancement), ``dark`` (0.3×: necrosis, a cyst, a resection cavity) or ``ring`` (a 0.3× core
+    in a 2× rim 7 mm thick: an enhancing glioblastoma). The reference is unchanged: the mass is brain."""
+    def change(data, affine, mask, rng):
+        region, distance = mass_region(affine, mask, rng)
+        level = float(np.median(data[mask]))
+        data = data.astype(np.float32, copy=True)
+        texture = 1.0 + 0.05 * rng.standard_normal(int(region.sum()))
+        if kind == "ring":
+            data[region] = np.where(distance[region] < MASS_RADIUS_MM - 7.0, 0.3, 2.0) * level * texture
+        else:
+            data[region] = {"bright": 1.8, "dark": 0.3}[kind] * level * texture
+        return data, affine, mask
+    return change
+
+
+def gadolinium(level):
+    """Post-contrast T1w: the dura and the sinuses next to the brain (``augment.enhancing_shell`` of the
+    reference) brightened to ``level`` × the brain's median; the reference is unchanged."""
+    def change(data, affine, mask, rng):
+        shell = enhancing_shell(rng, data, mask, voxel_sizes(affine))
+        data = data.astype(np.float32, copy=True)
+        data[shell] = level * float(np.median(data[mask])) * (1.0 + 0.1 * rng.standard_normal(int(shell.sum())))
+        return data, affine, mask
+    return change
+
+
 CHANGES = {
     "none": lambda data, affine, mask, rng: (data, affine, mask),
     "3mm": regrid((3.0, 3.0, 3.0)),
@@ -125,27 +178,54 @@ CHANGES = {
     "bias0.5": bias(0.5),
     "noise5%": rician(0.05),
     "croptop15mm": crop_top(15.0),
+    "mass-bright": mass("bright"),
+    "mass-dark": mass("dark"),
+    "mass-ring": mass("ring"),
+    "gadolinium": gadolinium(1.4),
 }
+
+
+def mass_kept(heads, masks_dir):
+    """Per head, the share of the mass of ``mass`` (the same region: the same seed) inside its saved mask."""
+    shares = {}
+    for i, head in enumerate(heads):
+        reference = nib.load(str(head.mask))
+        region, _ = mass_region(reference.affine, np.asarray(reference.dataobj) > 0, np.random.default_rng(SEED + i))
+        mask = np.asarray(nib.load(str(Path(masks_dir) / f"{head.name}.nii.gz")).dataobj) > 0
+        shares[head.name] = float((mask & region).sum() / region.sum())
+    return shares
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them)")
+    p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them) for every head")
+    p.add_argument("--contrast-weights", help="the same for the heads whose contrast is not T1w (default: the "
+                                              "bundled any-contrast networks)")
     p.add_argument("--splits", nargs="+", default=["val", "wild"])
     p.add_argument("--changes", nargs="+", default=list(CHANGES), choices=list(CHANGES))
     p.add_argument("--json", help="write every number here")
     args = p.parse_args(argv)
-    stripper = Skullstripper(args.weights)
+    stripper = Skullstripper(args.weights or ModelCard.bundled_for("T1w"))
+    other = Skullstripper(args.weights or args.contrast_weights or ModelCard.bundled_for("FLAIR"))
+
+    def mask_of(head, data, affine):
+        return (stripper if head.contrast in T1W_SUFFIXES else other).mask(data, affine)
+
     heads = [h for split in args.splits for h in find_labelled_heads(args.data, split=split)]
     changes = ["none"] + [c for c in args.changes if c != "none"]
-    rows = {}
+    rows, kept = {}, {}
     for name in changes:
-        rows[name] = score_heads(heads, lambda head, data, affine: stripper.mask(data, affine), change=CHANGES[name],
-                                 qc=True, seed=SEED)
+        with tempfile.TemporaryDirectory() as masks_dir:
+            rows[name] = score_heads(heads, mask_of, change=CHANGES[name], qc=True, seed=SEED, masks_dir=masks_dir)
+            if name.startswith("mass-"):
+                kept[name] = mass_kept(heads, masks_dir)
         print(f"{name}: done", file=sys.stderr, flush=True)
     clean = {r["name"]: r["dice"] for r in rows["none"]}
-    print(f"{len(heads)} heads ({', '.join(args.splits)}), threshold {stripper.threshold}\n")
+    thresholds = sorted({h.contrast: (stripper if h.contrast in T1W_SUFFIXES else other).threshold
+                         for h in heads}.items())
+    print(f"{len(heads)} heads ({', '.join(args.splits)}), threshold "
+          f"{', '.join(f'{t} ({c})' for c, t in thresholds)}\n")
     print("| change | median Dice | worst Dice (head) | largest drop from `none` (head) | max HD95 mm | "
           "volume diff min / max | QC-flagged |\n|---|---|---|---|---|---|---|")
     for name in changes:
@@ -156,13 +236,19 @@ def main(argv=None):
         print(f"| {name} | {s['median_dice']:.4f} | {s['worst_dice']:.4f} ({s['worst_head']}) | "
               f"{drop:+.4f} ({dropped}) | {s['max_hd95_mm']:.1f} | {min(vols):+.1f} / {max(vols):+.1f} % | "
               f"{s['flagged']} |")
+    if kept:
+        print("\n| mass | share kept in the mask: median | worst (head) |\n|---|---|---|")
+        for name, shares in kept.items():
+            worst = min(shares, key=shares.get)
+            print(f"| {name} | {np.median(list(shares.values())):.3f} | {shares[worst]:.3f} ({worst}) |")
     for name in changes:
         for r in rows[name]:
             if r["flags"]:
                 print(f"{name} {r['name']}: QC flags {'; '.join(r['flags'])}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"weights": args.weights or "bundled", "rows": rows}, indent=1,
-                                              default=float) + "\n")
+        Path(args.json).write_text(json.dumps({"weights": args.weights or "bundled",
+                                               "contrast_weights": args.contrast_weights, "rows": rows,
+                                               "mass_kept": kept}, indent=1, default=float) + "\n")
     return 0
 
 

@@ -12,8 +12,8 @@ from scipy import ndimage as ndi
 
 from bids_skullstrip.geometry import LOCATOR_VOXEL_MM, MODEL_VOXEL_MM
 from bids_skullstrip.metrics import score_heads
-from bids_skullstrip.training.augment import (_composite_brain, _sample, _sample_world, _smooth_field,
-                                              synthesize_from_labels, training_patch)
+from bids_skullstrip.training.augment import (_composite_brain, _enhance, _mass, _sample, _sample_world,
+                                              _smooth_field, synthesize_from_labels, training_patch)
 from bids_skullstrip.training.data import (NEAR_BRAIN_MM, TISSUES, TrainingHead, find_brains, find_labelled_heads,
                                            tissue_labels)
 from bids_skullstrip.training.train import hard_head_weights, learning_rate, training_dtype
@@ -165,6 +165,35 @@ def test_the_fine_bias_field_varies_within_a_lobe_and_leaves_other_streams_alone
     # apart barely does
     field = _smooth_field(np.random.default_rng(0), (80, 96, 80), 10, 0.2)
     assert np.abs(field[::8][1:] - field[::8][:-1]).mean() > 4 * np.abs(field[1:] - field[:-1]).mean()
+
+
+def test_masses_paint_the_brain_enhancement_the_dura_and_at_zero_neither_changes_the_stream():
+    """``mass_prob``: a tumour-like mass painted inside the brain, which stays brain in the label;
+    ``enhance_prob``: a bright shell outside it (the dura of a post-contrast T1w), which stays not brain. At 0
+    (every recipe before them) the patch stream is exactly what it was."""
+    head = find_labelled_heads(SHARED, split="train")[0]
+    loaded = TrainingHead.load(head, MODEL_VOXEL_MM)
+    options = {"size": (48, 56, 48), "thick_prob": 0.0, "synth_prob": 0.0}
+    plain = [training_patch(loaded, np.random.default_rng([8, s]), **options) for s in range(6)]
+    again = [training_patch(loaded, np.random.default_rng([8, s]), mass_prob=0.0, enhance_prob=0.0, **options)
+             for s in range(6)]
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(plain, again))
+    rng = np.random.default_rng(3)
+    image, label = plain[0]
+    brain = label > 0.5
+    near = ndi.binary_dilation(brain, np.ones((3, 3, 3)), iterations=2)
+    changed = brightened = 0
+    for _ in range(8):
+        massed = _mass(rng, image, label, MODEL_VOXEL_MM)
+        moved = np.abs(massed - image) > 1e-3
+        assert massed.dtype == np.float32 and np.isfinite(massed).all()
+        assert not (moved & ~near).any()  # inside the brain; outside only its soft edge, 2 voxels at most
+        changed += moved.sum() > 500
+        enhanced = _enhance(rng, image, label, MODEL_VOXEL_MM)
+        lit = enhanced > image + 1e-3
+        assert not (lit & brain).any() and not (lit & ~near).any()  # outside the brain, within 3 mm of it
+        brightened += lit.sum() > 100 and enhanced[lit].mean() > np.median(image[brain])
+    assert changed >= 6 and brightened >= 6
 
 
 def test_score_heads_scores_inside_the_field_of_view_only():

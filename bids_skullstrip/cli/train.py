@@ -17,8 +17,8 @@ from ..training.data import find_brains, find_labelled_heads
 
 # Options of one step (``train.train`` keyword arguments): given, they replace the recipe by that one step.
 STEP_OPTIONS = ("steps", "locator_steps", "seed", "synth_prob", "labels_prob", "thick_prob", "thickness_mm",
-                "fine_bias_prob", "composite_prob", "composite_size", "frozen_bn_fraction", "peak_lr", "until",
-                "hard_head_fraction", "init_weights", "fine_tune")
+                "fine_bias_prob", "mass_prob", "enhance_prob", "composite_prob", "composite_size",
+                "frozen_bn_fraction", "peak_lr", "until", "hard_head_fraction", "init_weights", "fine_tune")
 
 
 def build_parser():
@@ -50,6 +50,12 @@ def build_parser():
                    help="their slice thickness (default: 1.25-3 voxels of each network's grid)")
     p.add_argument("--fine-bias-prob", type=float,
                    help="share of patches given a second bias field ~16 mm fine (clinical 2D images; default 0)")
+    p.add_argument("--mass-prob", type=float,
+                   help="share of patches given a tumour-, cyst- or cavity-like mass inside the brain, labelled "
+                        "brain (default 0)")
+    p.add_argument("--enhance-prob", type=float,
+                   help="share of patches given enhancing dura and sinuses next to the brain (post-contrast T1w), "
+                        "labelled not brain (default 0)")
     p.add_argument("--composite-prob", type=float,
                    help="share of patches whose brain is replaced by one of DATA/brains/*.nii.gz (if any)")
     p.add_argument("--composite-size", type=float, nargs=2, metavar=("LO", "HI"),

@@ -3,8 +3,9 @@
 Every patch is drawn from one seeded generator, so the stream is reproducible and resumable.
 Spatial: rotation, anisotropic scaling, left-right flip, smooth elastic warp, random field of view.
 Acquisition: thick slices, bias field, Rician noise, gamma, intensity scaling. Synthesis: real
-skull-stripped brains composited into the real head shells (new brain shapes and textures), and the
-head's tissue classes repainted with random intensities (contrast-agnostic shapes, after SynthStrip).
+skull-stripped brains composited into the real head shells (new brain shapes and textures), the
+head's tissue classes repainted with random intensities (contrast-agnostic shapes, after SynthStrip),
+tumour-like masses inside the brain (still brain), and enhancing dura next to it (not brain).
 """
 
 import functools
@@ -162,6 +163,61 @@ def synthesize_from_labels(rng, labels, *, prior_prob=0.5):
     return ndi.gaussian_filter(np.clip(image, 0, None), rng.uniform(0.4, 1.0)).astype(np.float32)
 
 
+def ball_distance(shape, centre, voxel_mm, stretch=(1.0, 1.0, 1.0)):
+    """The distance in mm (each axis divided by ``stretch``) of every voxel of ``shape`` from voxel ``centre``."""
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+    return np.sqrt(sum(((g - c) * v / k) ** 2 for g, c, v, k in zip(grids, centre, np.broadcast_to(voxel_mm, 3),
+                                                                     stretch)))
+
+
+def enhancing_shell(rng, image, brain, voxel_mm):
+    """Where gadolinium lights up the dura and the sinuses: 0.5-3 mm outside ``brain``, darker than the brain,
+    in patches (a smooth random field decides where: enhancement is not even)."""
+    vox = np.broadcast_to(voxel_mm, 3)
+    outside = ndi.distance_transform_edt(~brain, sampling=vox)
+    patches = ndi.gaussian_filter(rng.standard_normal(image.shape), 8.0 / vox) > 0
+    return (outside > 0.5) & (outside < 3.0) & (image < np.median(image[brain])) & patches
+
+
+def _enhance(rng, image, label, voxel_mm):
+    """A post-contrast T1w: ``enhancing_shell`` brightened to 1.1-1.6 times the brain's median, labelled not
+    brain (the dura is outside the brain mask, however bright)."""
+    brain = label > 0.5
+    if brain.sum() < 1000 or brain.all():
+        return image
+    shell = enhancing_shell(rng, image, brain, voxel_mm)
+    image = image.copy()
+    image[shell] = rng.uniform(1.1, 1.6) * np.median(image[brain]) * (1.0 + 0.1 * rng.standard_normal(shell.sum()))
+    return image
+
+
+def _mass(rng, image, label, voxel_mm):
+    """A tumour-, cyst- or cavity-like mass inside the brain, labelled brain: a ball 8-25 mm in radius (each axis
+    stretched 0.7-1.3 times) centred under the brain's surface by less than its radius, so that it reaches the
+    cortex, cut to the brain, painted 0.05-2 times the brain's median intensity or as a dark core in a bright
+    rim 3-8 mm thick (an enhancing glioblastoma), with soft edges. At the cortex a network taught only healthy
+    brains takes a dark mass for CSF and a bright one for scalp; deeper ones are filled as holes anyway."""
+    brain = label > 0.5
+    if brain.sum() < 1000:
+        return image
+    depth = ndi.distance_transform_edt(brain) * voxel_mm
+    radius = rng.uniform(8.0, 25.0)
+    centres = np.argwhere(np.abs(depth - rng.uniform(2.0, radius)) < voxel_mm)
+    if len(centres) == 0:
+        return image
+    distance = ball_distance(image.shape, centres[rng.integers(len(centres))], voxel_mm, rng.uniform(0.7, 1.3, 3))
+    region = brain & (distance < radius)
+    level = float(np.median(image[brain]))
+    if rng.random() < 0.3:
+        rim = rng.uniform(3.0, 8.0)
+        value = np.where(distance < radius - rim, rng.uniform(0.05, 0.6), rng.uniform(1.2, 2.0)) * level
+    else:
+        value = np.full(image.shape, rng.uniform(0.05, 2.0) * level, np.float32)
+    value = value * (1.0 + 0.05 * rng.standard_normal(image.shape))
+    weight = ndi.gaussian_filter(region.astype(np.float32), rng.uniform(0.3, 1.0), truncate=2.0)
+    return (image * (1.0 - weight) + value * weight).astype(np.float32)
+
+
 def _thick_slices(rng, image, voxel_mm, thickness_mm=None):
     """A 2D acquisition: slices ``thickness_mm`` thick (sharp in-plane) along one axis of the patch; by default
     1.25-3 voxels (2.5-6 mm on the 2 mm grid, 5-12 mm on the 4 mm one)."""
@@ -178,7 +234,8 @@ def _thick_slices(rng, image, voxel_mm, thickness_mm=None):
 
 def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=MODEL_VOXEL_MM, synth_prob=0.25,
                    brains=(), composite_prob=0.2, composite_size=COMPOSITE_SIZE, labels_prob=0.0,
-                   thick_prob=0.3, thickness_mm=None, fine_bias_prob=0.0):
+                   thick_prob=0.3, thickness_mm=None, fine_bias_prob=0.0, mass_prob=0.0,
+                   enhance_prob=0.0):
     """One (image, label) pair, float32 (size) each: image and soft brain label.
 
     The patch is what the network sees at inference: the whole field of view for the ``locator`` stage,
@@ -189,7 +246,8 @@ def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=
     ``thickness_mm`` (``_thick_slices``). ``fine_bias_prob``: the share given a second, finer bias field (10 control
     points across the patch, ~16 mm apart on the 2 mm grid): the non-uniformity of clinical 2D FLAIR and T2w images
     within a lobe, finer than the 4-point field every patch may get (a frontal pole darker than the rest of the
-    cortex)."""
+    cortex). ``mass_prob``: the share given a tumour-like mass inside the brain (``_mass``); ``enhance_prob``: the
+    share given enhancing dura and sinuses next to it (``_enhance``: post-contrast T1w)."""
     world = _sample_world(head, rng, size, voxel_mm, stage)
     (image, label), coords = _sample((head.image, head.mask), head.affine, world, size)
     from_labels = rng.random() < labels_prob
@@ -199,6 +257,10 @@ def training_patch(head, rng, *, size=(80, 96, 80), stage="segmenter", voxel_mm=
     elif brains and rng.random() < composite_prob:
         image, label = _composite_brain(rng, head, brains[rng.integers(len(brains))], world, size, image, label,
                                         size_range=composite_size)
+    if mass_prob and rng.random() < mass_prob:  # drawn only when asked, as fine_bias_prob
+        image = _mass(rng, image, label, voxel_mm)
+    if enhance_prob and rng.random() < enhance_prob:
+        image = _enhance(rng, image, label, voxel_mm)
     if rng.random() < 0.3:
         outside = _crop_field_of_view(rng, coords, head.image.shape)
         image[outside] = 0.0

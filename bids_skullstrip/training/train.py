@@ -355,8 +355,8 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
           patch_size=(80, 96, 80), synth_prob=0.25, composite_prob=0.2, composite_size=COMPOSITE_SIZE,
           base_filters=16, levels=4, voxel_mm=MODEL_VOXEL_MM, peak_lr=1e-3,
           checkpoint_every=200, validate_every=1000, init_weights=None, threads=None, export_only=False,
-          until=None, frozen_bn_fraction=0.3, left_out=(), precision="auto", hard_head_fraction=0.0, labels_prob=0.0, thick_prob=0.3, thickness_mm=None,
-          fine_bias_prob=0.0):
+          until=None, frozen_bn_fraction=0.3, left_out=(), precision="auto", hard_head_fraction=0.0,
+          labels_prob=0.0, thick_prob=0.3, thickness_mm=None, fine_bias_prob=0.0, mass_prob=0.0, enhance_prob=0.0):
     """Train (or resume) the locator to ``locator_steps``, then the segmenter to ``steps`` (``until`` stops
     the segmenter's run earlier), calibrate the threshold on the training heads and export both networks (one
     step of a ``recipe``).
@@ -377,7 +377,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     augmentation = {"synth_prob": synth_prob, "composite_prob": composite_prob,
                     "composite_size": tuple(composite_size), "labels_prob": labels_prob, "thick_prob": thick_prob,
                     "thickness_mm": None if thickness_mm is None else tuple(thickness_mm),
-                    "fine_bias_prob": fine_bias_prob}
+                    "fine_bias_prob": fine_bias_prob, "mass_prob": mass_prob, "enhance_prob": enhance_prob}
     common = {"brains": brains, "seed": seed, "augmentation": augmentation,
               "peak_lr": peak_lr, "checkpoint_every": checkpoint_every, "validate_every": validate_every,
               "frozen_bn_fraction": frozen_bn_fraction, "export_only": export_only, "dtype": dtype}
@@ -415,7 +415,8 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
             "seed": seed, "synth_prob": synth_prob, "composite_prob": composite_prob,
             "composite_size": list(composite_size), "labels_prob": labels_prob, "thick_prob": thick_prob,
             "thickness_mm": None if thickness_mm is None else list(thickness_mm), "fine_bias_prob": fine_bias_prob,
-            "frozen_bn_fraction": frozen_bn_fraction, "peak_lr": peak_lr, "precision": dtype,
+            "mass_prob": mass_prob, "enhance_prob": enhance_prob, "frozen_bn_fraction": frozen_bn_fraction,
+            "peak_lr": peak_lr, "precision": dtype,
             "locator": record(locator_stage, locator, locator_steps),
             "segmenter": record(segmenter_stage, segmenter, steps),
             "cpu_hours": locator.cpu_hours + segmenter.cpu_hours,
