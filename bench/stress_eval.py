@@ -216,10 +216,13 @@ def main(argv=None):
     changes = ["none"] + [c for c in args.changes if c != "none"]
     rows, kept = {}, {}
     for name in changes:
-        with tempfile.TemporaryDirectory() as masks_dir:
-            rows[name] = score_heads(heads, mask_of, change=CHANGES[name], qc=True, seed=SEED, masks_dir=masks_dir)
-            if name.startswith("mass-"):
+        if name.startswith("mass-"):  # the masks are kept (for the share of the mass in them) only here
+            with tempfile.TemporaryDirectory() as masks_dir:
+                rows[name] = score_heads(heads, mask_of, change=CHANGES[name], qc=True, seed=SEED,
+                                         masks_dir=masks_dir)
                 kept[name] = mass_kept(heads, masks_dir)
+        else:
+            rows[name] = score_heads(heads, mask_of, change=CHANGES[name], qc=True, seed=SEED)
         print(f"{name}: done", file=sys.stderr, flush=True)
     clean = {r["name"]: r["dice"] for r in rows["none"]}
     thresholds = sorted({h.contrast: (stripper if h.contrast in T1W_SUFFIXES else other).threshold
