@@ -11,6 +11,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -168,13 +169,24 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
     found = [StructuralInput.from_path(f, bids_dir) for f in sorted(set(files))]
     if not found:
         names = "/".join(contrasts)
-        others = layout.get(return_type="file", **dict(ANAT_QUERY, suffix=["UNIT1", "MP2RAGE", "T1map"], **selection))
-        seen = (f" (it has {len(others)} UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes "
-                f"{', '.join(CONTRASTS)})") if others else ""
         raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{names}.nii[.gz]) for "
                              f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
-                             + seen)
+                             + _what_else_is_there(layout, contrasts, selection))
     return found
+
+
+def _what_else_is_there(layout, contrasts, selection):
+    """The hint for a selection that found nothing: the other contrasts the participants do have (a dataset of
+    FLAIR and T2w run with the default ``--contrasts T1w``), else their MP2RAGE-family images, which are not
+    stripped."""
+    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection)))
+    present = [s for s in CONTRASTS if s not in contrasts and counts.get(s)]
+    if present:
+        listed = ", ".join(f"{counts[s]} {s}" for s in present)
+        return f" (it has {listed} image(s): strip them with --contrasts {' '.join(present)} or all)"
+    unit1 = sum(counts.get(s, 0) for s in ("UNIT1", "MP2RAGE", "T1map"))
+    return (f" (it has {unit1} UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes {', '.join(CONTRASTS)})"
+            if unit1 else "")
 
 
 def missing_content(image):

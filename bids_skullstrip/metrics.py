@@ -62,11 +62,11 @@ def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0
     import nibabel as nib
     from nibabel.affines import voxel_sizes
 
-    from .nifti import load_t1w
+    from .nifti import load_image
 
     rows = []
     for i, head in enumerate(heads):
-        img, data = load_t1w(head.image)
+        img, data = load_image(head.image)
         affine = img.affine
         reference = np.asarray(nib.load(str(head.mask)).dataobj) > 0
         if change is not None:

@@ -1,6 +1,7 @@
-"""Reading T1w images defensively and writing outputs atomically on the input's exact grid.
+"""Reading structural images (T1w, T2w, FLAIR, ...) defensively and writing outputs atomically on the input's
+exact grid.
 
-``load_t1w`` either returns a usable 3D volume or raises ``InputError`` whose message is one line that
+``load_image`` either returns a usable 3D volume or raises ``InputError`` whose message is one line that
 names the file and the problem; it never lets another exception type escape (this is fuzz-tested in
 ``tests/test_fuzz.py``). Doubts that do not stop processing are issued as ``warnings.warn`` messages,
 each naming the file. See ``docs/robustness.md`` for every case and the exact message.
@@ -21,9 +22,9 @@ import numpy as np
 # core path is a small multiple of this (see docs/robustness.md), so it stays bounded on absurd inputs.
 MAX_VOXELS = 2**27
 MIN_VOXEL_MM = 1e-3
-MAX_VOXEL_MM = 100.0  # a "T1w" with 10 cm voxels is a broken header, not a scan
-_SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are not T1w intensities
-# A T1w has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
+MAX_VOXEL_MM = 100.0  # a head image with 10 cm voxels is a broken header, not a scan
+_SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are not MR magnitudes
+# A head image has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
 LABEL_IMAGE_LEVELS = 16
 _TMP_PREFIX = ".tmp-"
 
@@ -84,8 +85,8 @@ def _spatial_shape(shape):
     return shape if len(shape) == 3 else None
 
 
-def load_t1w(path):
-    """Load a T1w NIfTI as (image, float32 3D data); raise InputError with a one-line reason.
+def load_image(path):
+    """Load a structural NIfTI (any contrast) as (image, float32 3D data); raise InputError with a one-line reason.
 
     - a 4D image with one volume (or trailing singleton dimensions) is treated as 3D;
     - NaN/infinite voxels are set to 0 with a warning (all of them: error);
@@ -123,13 +124,13 @@ def load_t1w(path):
     except Exception as exc:
         raise InputError(f"{path}: unreadable data type in the header ({_short(exc)})") from None
     if dtype.kind not in _SUPPORTED_KINDS:
-        raise InputError(f"{path}: unsupported voxel data type {dtype} (a T1w needs integer or float "
-                         "intensities)")
+        raise InputError(f"{path}: unsupported voxel data type {dtype} (a structural image needs "
+                         "integer or float intensities)")
 
     shape = _spatial_shape(img.shape)
     if shape is None and len(img.shape) >= 4:
         raise InputError(f"{path}: {len(img.shape)}D image of shape {tuple(img.shape)} with "
-                         f"{math.prod(img.shape[3:])} volumes; a T1w must be a single 3D volume")
+                         f"{math.prod(img.shape[3:])} volumes; a structural image must be a single 3D volume")
     if shape is None or min(shape) < 2:
         raise InputError(f"{path}: image of shape {tuple(img.shape)} is not a 3D volume")
     if math.prod(shape) > MAX_VOXELS:
@@ -171,7 +172,7 @@ def load_t1w(path):
         raise InputError(f"{path}: image has no positive intensities (max = {hi:g})")
     levels = np.unique(data[::3, ::3, ::3]).size  # a subsample: a 256^3 image in ~30 ms
     if levels <= LABEL_IMAGE_LEVELS:
-        warnings.warn(f"{path}: only {levels} distinct intensities: a mask or label image rather than a T1w?",
+        warnings.warn(f"{path}: only {levels} distinct intensities: a mask or label image rather than a structural image?",
                       stacklevel=2)
     return img, data
 

@@ -16,7 +16,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 
-from .nifti import atomic_save, geometry_warnings, like, load_t1w
+from .nifti import atomic_save, geometry_warnings, like, load_image
 
 OUTPUT_KINDS = ("mask", "brain", "probseg")
 
@@ -135,7 +135,7 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # collected, each names the file
         warnings.simplefilter("always")
-        img, data = load_t1w(in_file)
+        img, data = load_image(in_file)
     doubts = [str(w.message) for w in caught] + [f"{in_file}: {m}" for m in geometry_warnings(img)]
     timings = {"load": time.perf_counter() - t}
 

@@ -1,4 +1,4 @@
-"""Fuzzing the input-loading path: whatever the bytes, ``load_t1w`` returns a valid 3D image or raises
+"""Fuzzing the input-loading path: whatever the bytes, ``load_image`` returns a valid 3D image or raises
 ``InputError`` with a one-line message naming the file -- never another exception.
 
 Time-bounded: the default example counts keep the whole module under ~60 s on a busy 2-core machine.
@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from bids_skullstrip.discovery import DiscoveryError
-from bids_skullstrip.nifti import MAX_VOXELS, InputError, load_t1w
+from bids_skullstrip.nifti import MAX_VOXELS, InputError, load_image
 
 SCALE = float(os.environ.get("FUZZ_SCALE", "1"))
 REGRESSIONS = Path(__file__).parent / "regressions"
@@ -56,7 +56,7 @@ def check_load(path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            img, data = load_t1w(path)
+            img, data = load_image(path)
         except InputError as exc:
             msg = str(exc)
             assert str(path) in msg, msg
@@ -237,7 +237,7 @@ def test_regressions():
 # ---------------------------------------------------------------------------------------------------
 # crashes found by fuzzing (before io.py was hardened), kept as tiny generated files
 def _regression_cases():
-    """name -> bytes. Each crashed ``load_t1w`` with a non-InputError exception at some point."""
+    """name -> bytes. Each crashed ``load_image`` with a non-InputError exception at some point."""
     n1 = "nifti1"
     cases = {
         # memmap offset overflow: OverflowError("Python int too large to convert to C long")

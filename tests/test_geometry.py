@@ -215,7 +215,7 @@ def test_48_orientations_same_mask_and_exact_grid(perm, flips, tmp_path):
     ref = reference_run(target_mm=3.0)
     vol, new_affine = reorient(data, affine, perm, flips)
     img = nifti(vol, new_affine, dtype=np.float32, qcode=1, scode=2)
-    loaded, loaded_data = io.load_t1w(_save(img, tmp_path / "in.nii"))
+    loaded, loaded_data = io.load_image(_save(img, tmp_path / "in.nii"))
     result = Skullstripper(networks=BlobModel()).mask(loaded_data, loaded.affine)
     check_result(result, vol.shape)
     # every orientation is computed on the same RAS-ordered voxels: bit-identical results
@@ -346,7 +346,7 @@ def test_header_codes_and_oblique_kept_exactly(case, oblique, tmp_path):
     data, affine, _ = head()
     aff = _oblique(affine) if oblique else affine
     img = nifti(data, aff, dtype=np.int16, **HEADER_CASES[case])
-    loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
+    loaded, vol = io.load_image(_save(img, tmp_path / "in.nii.gz"))
     result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, vol.shape)
     assert result.mask.sum() > 1000
@@ -361,7 +361,7 @@ def test_contradictory_qform_sform_uses_sform(tmp_path):
     shifted = affine.copy()
     shifted[:3, 3] += [30.0, -20.0, 10.0]
     img.header.set_qform(_oblique(shifted), 1)  # the qform says something else
-    loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
+    loaded, vol = io.load_image(_save(img, tmp_path / "in.nii.gz"))
     assert np.allclose(loaded.affine, affine)
     assert any("sform was used" in m for m in io.geometry_warnings(loaded))
     result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
@@ -373,7 +373,7 @@ def test_contradictory_qform_sform_uses_sform(tmp_path):
 def test_4d_single_volume_gives_3d_outputs_on_same_grid(tmp_path):
     data, affine, _ = head()
     img = nifti(data[..., None], affine, dtype=np.int16, qcode=1, scode=1)
-    loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
+    loaded, vol = io.load_image(_save(img, tmp_path / "in.nii.gz"))
     assert vol.shape == data.shape
     result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     for out in roundtrip_outputs(loaded, result, tmp_path):
@@ -405,7 +405,7 @@ def test_dtypes(name, tmp_path):
         stored = np.clip(np.round((scaled - scaling[1]) / scaling[0]), *_range(dtype))
         img = nifti(stored.astype(dtype), affine, qcode=1, scode=1)
         img.header.set_slope_inter(*scaling)
-    loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
+    loaded, vol = io.load_image(_save(img, tmp_path / "in.nii.gz"))
     assert vol.dtype == np.float32
     if scaling:
         assert np.allclose(vol, stored * scaling[0] + scaling[1], rtol=1e-5, atol=1e-3)
@@ -482,7 +482,7 @@ def test_anisotropic_voxels(voxel_mm, rotation_deg, tmp_path):
     new_affine, shape = grid_covering(lo, hi, rot, np.array(voxel_mm))
     vol = resample_to(data, affine, new_affine, shape)
     img = nifti(vol, new_affine, dtype=np.float32, qcode=1, scode=1)
-    loaded, v = io.load_t1w(_save(img, tmp_path / "in.nii"))
+    loaded, v = io.load_image(_save(img, tmp_path / "in.nii"))
     result = Skullstripper(networks=BlobModel()).mask(v, loaded.affine)
     check_result(result, shape)
     for out in roundtrip_outputs(loaded, result, tmp_path):
@@ -502,7 +502,7 @@ def test_tiny_fields_of_view(shape, tmp_path):
     shift = np.eye(4)
     shift[:3, 3] = start
     img = nifti(block, affine @ shift, dtype=np.float32, qcode=1, scode=1)
-    loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii.gz"))
+    loaded, vol = io.load_image(_save(img, tmp_path / "in.nii.gz"))
     result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, block.shape)
     for out in roundtrip_outputs(loaded, result, tmp_path):
@@ -520,7 +520,7 @@ def test_large_field_of_view_zero_padded(tmp_path):
     shift[:3, 3] = -off
     big_affine = affine @ shift
     img = nifti(big, big_affine, dtype=np.float32, qcode=1, scode=1)
-    loaded, vol = io.load_t1w(_save(img, tmp_path / "in.nii"))
+    loaded, vol = io.load_image(_save(img, tmp_path / "in.nii"))
     result = Skullstripper(networks=BlobModel()).mask(vol, loaded.affine)
     check_result(result, big.shape)
     inner = result.mask[off[0] : off[0] + data.shape[0], off[1] : off[1] + data.shape[1],

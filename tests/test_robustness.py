@@ -22,7 +22,7 @@ import psutil
 import pytest
 from _ci import needs
 
-from bids_skullstrip.nifti import geometry_warnings, load_t1w
+from bids_skullstrip.nifti import geometry_warnings, load_image
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample_bids"
@@ -185,6 +185,8 @@ def small_dataset(tmp_path):
     ("filter_matches_nothing", 2, "no T1w images"),
     ("derivative_dataset", 2, "a BIDS-Derivatives dataset"),
     ("unit1_only", 2, "UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w"),
+    ("flair_only", 2, "no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for participant(s) 01 (it has 1 FLAIR "
+                      "image(s): strip them with --contrasts FLAIR or all)"),
     ("unknown_plugin", 2, "--plugin Foo: not a nipype plugin (one of"),
 ])
 def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
@@ -218,16 +220,17 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
             {"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
     elif case == "unknown_plugin":
         extra += ["--plugin", "Foo"]
-    elif case == "unit1_only":
+    elif case in ("unit1_only", "flair_only"):
         t1w = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
-        t1w.rename(t1w.with_name("sub-01_UNIT1.nii.gz"))
+        t1w.rename(t1w.with_name("sub-01_UNIT1.nii.gz" if case == "unit1_only" else "sub-01_FLAIR.nii.gz"))
     before = snapshot(small_dataset) if small_dataset.exists() else {}
     res = app(bids, out, "participant", *extra)
     assert res.returncode == expected_rc, (res.returncode, res.stdout, res.stderr)
     assert expected in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert_one_line_errors(res)
-    if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only"):
+    if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only",
+                    "flair_only"):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
@@ -737,7 +740,7 @@ def test_a_mask_given_as_the_t1w_is_named_but_a_uint8_head_is_not(tmp_path):
     def label_doubts(path):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            load_t1w(path)
+            load_image(path)
         return [str(w.message) for w in caught if "distinct intensities" in str(w.message)]
 
     said = label_doubts(mask_file)
@@ -764,12 +767,12 @@ def _hdr_img_pair(path):
     ("T1w.img", _hdr_img_pair, "a .hdr/.img pair: convert it to a single .nii or .nii.gz file"),
 ])
 def test_images_in_the_wrong_format_say_what_to_do(name, writer, problem, tmp_path):
-    from bids_skullstrip.nifti import InputError, load_t1w
+    from bids_skullstrip.nifti import InputError, load_image
 
     path = tmp_path / name
     writer(path)
     with pytest.raises(InputError) as err:
-        load_t1w(path)
+        load_image(path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
 
