@@ -169,7 +169,8 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
     found = [StructuralInput.from_path(f, bids_dir) for f in sorted(set(files))]
     if not found:
         names = "/".join(contrasts)
-        raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{names}.nii[.gz]) for "
+        pattern = contrasts[0] if len(contrasts) == 1 else "{" + ",".join(contrasts) + "}"
+        raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{pattern}.nii[.gz]) for "
                              f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
                              + _what_else_is_there(layout, contrasts, selection))
     return found

@@ -187,6 +187,8 @@ def small_dataset(tmp_path):
     ("unit1_only", 2, "UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w"),
     ("flair_only", 2, "no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for participant(s) 01 (it has 1 FLAIR "
                       "image(s): strip them with --contrasts FLAIR or all)"),
+    ("other_contrasts_absent", 2, "no T2w/FLAIR images (sub-*/[ses-*/]anat/*_{T2w,FLAIR}.nii[.gz]) for participant(s) "
+                                  "01 (it has 1 T1w image(s): strip them with --contrasts T1w or all)"),
     ("unknown_plugin", 2, "--plugin Foo: not a nipype plugin (one of"),
 ])
 def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
@@ -220,6 +222,8 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
             {"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
     elif case == "unknown_plugin":
         extra += ["--plugin", "Foo"]
+    elif case == "other_contrasts_absent":
+        extra += ["--contrasts", "flair", "T2w"]
     elif case in ("unit1_only", "flair_only"):
         t1w = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
         t1w.rename(t1w.with_name("sub-01_UNIT1.nii.gz" if case == "unit1_only" else "sub-01_FLAIR.nii.gz"))
