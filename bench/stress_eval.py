@@ -7,14 +7,16 @@ numbers, not a test.
     python bench/stress_eval.py --changes 3mm gamma0.6 --splits val
     python bench/stress_eval.py --weights work/train/final/unet.weights.h5 --json stress.json
     python bench/stress_eval.py --splits contrasts wild --changes mass-bright mass-dark mass-ring   # ~12 min
+    python bench/stress_eval.py --changes paint-T2w paint-FLAIR paint-PDw     # T1w heads as 2D T2w/FLAIR/PDw
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
 field, Rician noise, a field of view that cuts the top of the head, enhancing dura and sinuses (post-contrast
 T1w), and a tumour-like mass at the cortex (bright, dark, or a dark core in a bright rim; 22 mm in radius,
 centred 12 mm under the brain's surface, inside the brain only: the reference stays the same, and the share of
-the mass each mask keeps is printed). The row ``none`` is the same heads as they are; each other row also
-gives the largest drop of one head's Dice from its ``none`` value.
+the mass each mask keeps is printed), and the head painted as a 2D T2w, FLAIR or PDw image from its tissue label
+map (stripped by those contrasts' networks: the only PDw measurement ../shared/data allows). The row ``none`` is
+the same heads as they are; each other row also gives the largest drop of one head's Dice from its ``none`` value.
 
 Heads are stripped as the app strips them (``ModelCard.bundled_for`` their contrast), so
 ``--splits contrasts`` measures the any-contrast networks on FLAIR and T2w (scored inside each ``fov``).
@@ -39,8 +41,8 @@ sys.path.insert(0, str(REPO / "bench"))
 from bids_skullstrip.metrics import score_heads  # noqa: E402
 from bids_skullstrip.model.card import T1W_SUFFIXES, ModelCard  # noqa: E402
 from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
-from bids_skullstrip.training.augment import ball_distance, enhancing_shell  # noqa: E402
-from bids_skullstrip.training.data import find_labelled_heads  # noqa: E402
+from bids_skullstrip.training.augment import ball_distance, enhancing_shell, synthesize_from_labels  # noqa: E402
+from bids_skullstrip.training.data import find_labelled_heads, tissue_labels  # noqa: E402
 from model_eval import summary  # noqa: E402
 from qc_flags import world_axis  # noqa: E402
 
@@ -168,6 +170,20 @@ def gadolinium(level):
     return change
 
 
+def painted(contrast, thickness_mm=4.0):
+    """The head as a clinical 2D ``contrast`` image: painted within ``augment.CONTRAST_PRIORS[contrast]`` from its
+    tissue label map (``data.tissue_labels``: the training's way of making other contrasts, here on heads it never
+    painted) and acquired in ``thickness_mm`` axial slices. For T1w heads (val, wild); stripped by the networks of
+    ``contrast``. ../shared/data has no real PD image: this is the PDw measurement there is, synthetic."""
+    slices = thick_axial(thickness_mm)
+
+    def change(data, affine, mask, rng):
+        labels = tissue_labels(data, mask.astype(np.float32), affine)
+        return slices(1000.0 * synthesize_from_labels(rng, labels, contrast=contrast), affine, mask, rng)
+    return change
+
+
+PAINTED = {f"paint-{c}": c for c in ("T2w", "FLAIR", "PDw")}
 CHANGES = {
     "none": lambda data, affine, mask, rng: (data, affine, mask),
     "3mm": regrid((3.0, 3.0, 3.0)),
@@ -182,6 +198,7 @@ CHANGES = {
     "mass-dark": mass("dark"),
     "mass-ring": mass("ring"),
     "gadolinium": gadolinium(1.4),
+    **{name: painted(c) for name, c in PAINTED.items()},
 }
 
 
@@ -209,8 +226,11 @@ def main(argv=None):
     stripper = Skullstripper(args.weights or ModelCard.bundled_for("T1w"))
     other = Skullstripper(args.weights or args.contrast_weights or ModelCard.bundled_for("FLAIR"))
 
-    def mask_of(head, data, affine):
-        return (stripper if head.contrast in T1W_SUFFIXES else other).mask(data, affine)
+    def networks(contrast):
+        return stripper if contrast in T1W_SUFFIXES else other
+
+    def mask_of_change(name):  # a painted head is stripped as an image of its painted contrast
+        return lambda head, data, affine: networks(PAINTED.get(name, head.contrast)).mask(data, affine)
 
     heads = [h for split in args.splits for h in find_labelled_heads(args.data, split=split)]
     changes = ["none"] + [c for c in args.changes if c != "none"]
@@ -218,15 +238,15 @@ def main(argv=None):
     for name in changes:
         if name.startswith("mass-"):  # the masks are kept (for the share of the mass in them) only here
             with tempfile.TemporaryDirectory() as masks_dir:
-                rows[name] = score_heads(heads, mask_of, change=CHANGES[name], qc=True, seed=SEED,
+                rows[name] = score_heads(heads, mask_of_change(name), change=CHANGES[name], qc=True, seed=SEED,
                                          masks_dir=masks_dir)
                 kept[name] = mass_kept(heads, masks_dir)
         else:
-            rows[name] = score_heads(heads, mask_of, change=CHANGES[name], qc=True, seed=SEED)
+            rows[name] = score_heads(heads, mask_of_change(name), change=CHANGES[name], qc=True, seed=SEED)
         print(f"{name}: done", file=sys.stderr, flush=True)
     clean = {r["name"]: r["dice"] for r in rows["none"]}
-    thresholds = sorted({h.contrast: (stripper if h.contrast in T1W_SUFFIXES else other).threshold
-                         for h in heads}.items())
+    contrasts = {h.contrast for h in heads} | {PAINTED[c] for c in changes if c in PAINTED}
+    thresholds = sorted((c, networks(c).threshold) for c in contrasts)
     print(f"{len(heads)} heads ({', '.join(args.splits)}), threshold "
           f"{', '.join(f'{t} ({c})' for c, t in thresholds)}\n")
     print("| change | median Dice | worst Dice (head) | largest drop from `none` (head) | max HD95 mm | "

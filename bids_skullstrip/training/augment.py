@@ -139,14 +139,15 @@ CONTRAST_PRIORS = {
 WHITE = 3
 
 
-def synthesize_from_labels(rng, labels, *, prior_prob=0.5):
+def synthesize_from_labels(rng, labels, *, prior_prob=0.5, contrast=None):
     """An image painted from a tissue label map (after SynthStrip): each class a random mean (drawn within one of
-    ``CONTRAST_PRIORS`` with ``prior_prob``, else anywhere in [0, 1]) with its own noise and smooth texture,
-    lesion-like blobs in the white matter for some, then blurred by a partial-volume kernel. The label map is on
-    the patch grid; background stays near zero."""
+    ``CONTRAST_PRIORS`` with ``prior_prob``, else anywhere in [0, 1]; within ``contrast``'s if given) with its own
+    noise and smooth texture, lesion-like blobs in the white matter for some, then blurred by a partial-volume
+    kernel. The label map is on the patch grid; background stays near zero."""
     n = int(labels.max()) + 1
-    if rng.random() < prior_prob:
-        ranges = np.array(CONTRAST_PRIORS[list(CONTRAST_PRIORS)[rng.integers(len(CONTRAST_PRIORS))]], float)
+    if contrast is not None or rng.random() < prior_prob:
+        contrast = contrast or list(CONTRAST_PRIORS)[rng.integers(len(CONTRAST_PRIORS))]
+        ranges = np.array(CONTRAST_PRIORS[contrast], float)
         ranges = np.vstack([ranges, np.tile(ranges[-1], (max(0, n - len(ranges)), 1))])
         means = rng.uniform(ranges[:, 0], ranges[:, 1])
     else:
