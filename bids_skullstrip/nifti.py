@@ -172,8 +172,8 @@ def load_image(path):
         raise InputError(f"{path}: image has no positive intensities (max = {hi:g})")
     levels = np.unique(data[::3, ::3, ::3]).size  # a subsample: a 256^3 image in ~30 ms
     if levels <= LABEL_IMAGE_LEVELS:
-        warnings.warn(f"{path}: only {levels} distinct intensities: a mask or label image rather than a structural image?",
-                      stacklevel=2)
+        warnings.warn(f"{path}: only {levels} distinct intensities: a mask or label image rather than a "
+                      "structural image?", stacklevel=2)
     return img, data
 
 
