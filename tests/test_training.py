@@ -2,6 +2,8 @@
 
 import csv
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -530,9 +532,6 @@ def test_a_training_run_is_bit_for_bit_reproducible(tmp_path):
     """The same command twice, each in a fresh process as users run it: the same weights, checksum for checksum,
     so that what a recipe produces can be checked against what ships. (Ops run side by side would add a
     step's float sums in varying order and the runs would differ in the last bits.)"""
-    import subprocess
-    import sys
-
     data = tmp_path / "nfbs"
     _small_head("ds000011-sub-02", data, "nfbs")
     checksums = []

@@ -371,7 +371,7 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
         tf.config.threading.set_intra_op_parallelism_threads(threads)
     # One op at a time (each still on ``threads`` cores): ops run side by side add a step's float sums in varying
     # order, and two runs of one command differed in the last bits of every weight. One at a time they are
-    # identical, at the same speed (0.86 s per segmenter step either way on this machine's two cores).
+    # identical, and no slower (0.85-0.87 s per segmenter step against 0.87-0.94 s on this machine's two cores).
     try:
         tf.config.threading.set_inter_op_parallelism_threads(1)
     except RuntimeError:  # TensorFlow already ran in this process (a caller's own inference)
