@@ -31,7 +31,19 @@ def import_tensorflow(threads=None):
 
         tf.constant(0.0) + 1.0  # the second start-up notice comes with the first op
     if threads:
-        with contextlib.suppress(RuntimeError):
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(1)
+        set_threads(tf, threads)
     return tf
+
+
+def set_threads(tf, threads=None):
+    """Each op on ``threads`` cores (all of them if None), one op at a time: ops run side by side add their float
+    sums in varying order, so two runs of the same computation differ in the last bits (training: every weight);
+    one at a time they are identical, and no slower on this project's 2-core machine. Returns False where
+    TensorFlow already ran in this process with other settings, which then stay."""
+    try:
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(1)
+    except RuntimeError:
+        return False
+    return True

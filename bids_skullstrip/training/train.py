@@ -27,6 +27,7 @@ from ..model.inference import (LOCATOR_FILE_NAME, WEIGHTS_FILE, BrainNetworks, d
                                model_card)
 from ..model.export import export_onnx
 from ..model.predictor import Skullstripper, default_views
+from ..model.tf_runtime import set_threads
 from ..nifti import atomic_file, atomic_write_text
 from .augment import COMPOSITE_SIZE, training_patch
 from .data import TrainingHead
@@ -367,15 +368,10 @@ def train(train_heads, val_heads, out_dir, *, brains=(), steps=4000, locator_ste
     ``precision``: see ``training_dtype``; the exported, validated and calibrated networks are float32."""
     import tensorflow as tf
 
-    if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(threads)
-    # One op at a time (each still on ``threads`` cores): ops run side by side add a step's float sums in varying
-    # order, and two runs of one command differed in the last bits of every weight. One at a time they are
-    # identical, and no slower (0.85-0.87 s per segmenter step against 0.87-0.94 s on this machine's two cores).
-    try:
-        tf.config.threading.set_inter_op_parallelism_threads(1)
-    except RuntimeError:  # TensorFlow already ran in this process (a caller's own inference)
-        log.warning("TensorFlow already runs ops side by side in this process: the run is not bit-reproducible")
+    # one op at a time: the same command gives the same weights (0.85-0.87 s per segmenter step, 0.87-0.94 s side
+    # by side); TensorFlow may have run already in a caller's process (its own inference)
+    if not set_threads(tf, threads):
+        log.warning("TensorFlow already ran in this process with its own threads: the run is not bit-reproducible")
     out_dir = Path(out_dir)
     locator_stage, segmenter_stage = stage_list = stages(patch_size=patch_size, base_filters=base_filters,
                                                          levels=levels, voxel_mm=voxel_mm)
