@@ -11,7 +11,8 @@ numbers, not a test.
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
-field, Rician noise, a field of view that cuts the top of the head, enhancing dura and sinuses (post-contrast
+field, Rician noise, a field of view that cuts the top of the head (also as a 2D stack of 4 mm slices whose last
+slice is full of brain, as clinical axial stacks planned to the vertex are), enhancing dura and sinuses (post-contrast
 T1w), and a tumour-like mass at the cortex (bright, dark, or a dark core in a bright rim; 22 mm in radius,
 centred 12 mm under the brain's surface, inside the brain only: the reference stays the same, and the share of
 the mass each mask keeps is printed), and the head painted as a 2D T2w, FLAIR or PDw image from its tissue label
@@ -127,6 +128,13 @@ def crop_top(mm):
     return change
 
 
+def stack_to_vertex(thickness_mm, below_mm):
+    """A clinical 2D stack that ends inside the brain: ``thickness_mm`` axial slices, the last one ``below_mm``
+    under the top of the brain (``crop_top``, then ``thick_axial``), so that brain fills the edge slice."""
+    crop, slices = crop_top(below_mm), thick_axial(thickness_mm)
+    return lambda data, affine, mask, rng: slices(*crop(data, affine, mask, rng), rng)
+
+
 MASS_RADIUS_MM = 22.0
 MASS_DEPTH_MM = 12.0
 
@@ -194,6 +202,7 @@ CHANGES = {
     "bias0.5": bias(0.5),
     "noise5%": rician(0.05),
     "croptop15mm": crop_top(15.0),
+    "stack4mm-top6mm": stack_to_vertex(4.0, 6.0),
     "mass-bright": mass("bright"),
     "mass-dark": mass("dark"),
     "mass-ring": mass("ring"),

@@ -133,11 +133,21 @@ def _axis_operator(n_in, coords, sigma, mode):
     """The 1-D linear operator (n_out, n_in) of sampling at ``coords`` (input voxel units) with linear
     interpolation after Gaussian smoothing: the very scipy routines of the general path, applied to the
     identity, so the separable path computes the same thing."""
+    if mode == "box":
+        coords = _edge_voxel_faces(coords, n_in)
+        mode = "constant"
     op = np.eye(n_in)
     if sigma > 0:
         op = ndi.gaussian_filter1d(op, sigma, axis=0, mode="nearest")
     where = np.stack(np.broadcast_arrays(coords[:, None], np.arange(n_in)[None, :]))
     return ndi.map_coordinates(op, where, order=1, mode=mode, cval=0.0, prefilter=False)
+
+
+def _edge_voxel_faces(coords, n):
+    """``coords`` (voxel units) between an outermost voxel's centre and its outer face moved onto the centre:
+    the edge voxel's value fills its whole voxel, as the slab of a 2D acquisition does."""
+    inside = np.clip(coords, 0, n - 1)
+    return np.where(np.abs(coords - inside) <= 0.5, inside, coords)
 
 
 def _apply_along(op, volume, axis):
@@ -162,6 +172,9 @@ def _apply_along(op, volume, axis):
 
 def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
     """Gaussian smoothing (``sigma`` voxels per axis) then linear sampling at ``vox`` @ output voxels.
+
+    ``mode``: scipy's ``"constant"`` (zero beyond the outermost voxel centres) or ``"nearest"``, or ``"box"``:
+    each outermost voxel's value reaches to its outer face, zero beyond (``_edge_voxel_faces``).
 
     When the output axes are the input axes (every image that is not oblique to the world, after RAS
     ordering) the whole resampling is separable: three small per-axis operators instead of a 3D filter and a
@@ -188,8 +201,19 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
     volume = np.asarray(volume, dtype=np.float32)
     if max(sigma) > 0:
         volume = ndi.gaussian_filter(volume, sigma, mode="nearest")
-    return ndi.affine_transform(volume, matrix, vox[:3, 3], output_shape=output_shape, order=1, mode=mode,
-                                cval=0.0, prefilter=False)
+    if mode != "box":
+        return ndi.affine_transform(volume, matrix, vox[:3, 3], output_shape=output_shape, order=1, mode=mode,
+                                    cval=0.0, prefilter=False)
+    # "nearest" reads the edge values beyond the edges, then everything beyond the outer faces is cut away
+    out = ndi.affine_transform(volume, matrix, vox[:3, 3], output_shape=output_shape, order=1, mode="nearest",
+                               prefilter=False)
+    i, j, k = np.ogrid[tuple(slice(0, n) for n in output_shape)]
+    inside = np.ones(output_shape, bool)
+    for axis, n in enumerate(volume.shape):  # within [-0.5, n - 0.5] voxels: shifted by half a voxel, [0, n]
+        shifted = matrix[axis, 0] * i + matrix[axis, 1] * j + (vox[axis, 3] + 0.5) + matrix[axis, 2] * k
+        inside &= (shifted >= 0) & (shifted <= n)
+    out *= inside
+    return out
 
 
 def block_reduce(data, affine, voxel_mm):
@@ -251,7 +275,9 @@ def to_model_grid(data, affine=None, grid=None, *, voxel_mm=MODEL_VOXEL_MM):
     if grid is None:
         grid = model_grid_for(data, affine, voxel_mm=voxel_mm)
     vox = np.linalg.inv(affine) @ grid.affine
-    out = _resample(data, vox, grid.shape, mode="constant", sigma=antialias_sigma(affine, voxel_mm))
+    # "box": the first and last slices of a 2D stack are whole slabs, not half of one blurred into the zeros
+    # outside, where the brain often fills them (an axial stack ending at the vertex)
+    out = _resample(data, vox, grid.shape, mode="box", sigma=antialias_sigma(affine, voxel_mm))
     return out.astype(np.float32, copy=False), grid
 
 

@@ -270,6 +270,56 @@ def test_separable_resampling_of_a_part_and_of_a_view(zoom, shift, sigma):
     assert np.abs(fast - reference).max() < 1e-5
 
 
+@pytest.mark.parametrize("oblique", [False, True], ids=["separable", "oblique"])
+@pytest.mark.parametrize("zoom,shift,sigma", [((2.0, 2.0, 2.0), (-0.4, 0.5, 7.0), (0.5, 0.5, 0.5)),
+                                              ((0.5, 0.75, 1.0), (-1.3, 2.2, -0.4), (0.0, 0.0, 0.0))])
+def test_box_resampling_reads_each_edge_voxel_up_to_its_outer_face(oblique, zoom, shift, sigma):
+    """``mode="box"``, both paths: points between an outermost voxel's centre and its outer face read that
+    voxel (the sample moved onto its centre), points further out read zero."""
+    from bids_skullstrip.geometry import _resample
+
+    volume = 1.0 + ndi.gaussian_filter(np.random.default_rng(3).random((23, 31, 17)), 1.5).astype(np.float32)
+    vox = np.eye(4)
+    vox[:3, :3] = np.diag(zoom)
+    vox[:3, 3] = shift
+    if oblique:
+        vox[0, 1], vox[2, 0] = 0.053, -0.097  # no sample exactly on a face (a rounding tie)
+    out_shape = (19, 13, 21)
+    coords = (vox[:3, :3] @ np.indices(out_shape).reshape(3, -1) + vox[:3, 3:]).astype(np.float64)
+    for axis, n in enumerate(volume.shape):
+        inside = np.clip(coords[axis], 0, n - 1)
+        coords[axis] = np.where(np.abs(coords[axis] - inside) <= 0.5, inside, coords[axis])
+    reference = ndi.map_coordinates(ndi.gaussian_filter(volume, sigma, mode="nearest"), coords, order=1,
+                                    mode="constant", prefilter=False).reshape(out_shape)
+    got = _resample(volume, vox, out_shape, mode="box", sigma=sigma)
+    assert np.abs(got - reference).max() < 1e-5
+    assert (got > 0).sum() > (_resample(volume, vox, out_shape, mode="constant", sigma=sigma) > 0).sum()
+
+
+@pytest.mark.parametrize("rotation_deg", [0.0, 7.0])
+def test_a_2d_stacks_edge_slices_reach_the_model_grid_as_whole_slabs(rotation_deg):
+    """A stack of 4 mm slices (an axial FLAIR ending at the vertex): on the 2 mm model grid the image reaches
+    the outer faces of its first and last slices, not only their centres, so brain that fills an edge slice is
+    seen over the slice's whole thickness."""
+    from bids_skullstrip.geometry import to_model_grid
+
+    shape, voxel = (40, 48, 9), np.array([2.5, 2.5, 4.0])
+    affine = np.diag([*voxel, 1.0])
+    affine[:3, 3] = (0.3, -0.7, 1.0)  # model voxel centres a quarter slab off the slabs' faces
+    if rotation_deg:
+        a = np.deg2rad(rotation_deg)
+        affine[:3, :3] = np.array([[1, 0, 0], [0, np.cos(a), -np.sin(a)], [0, np.sin(a), np.cos(a)]]) @ affine[:3, :3]
+    volume, grid = to_model_grid(np.ones(shape, np.float32), affine)
+    world = grid.affine @ np.vstack([np.indices(grid.shape).reshape(3, -1), np.ones((1, volume.size))])
+    native = (np.linalg.inv(affine) @ world)[:3].reshape(3, *grid.shape)
+    deep = np.all((native >= -0.45) & (native <= np.array(shape)[:, None, None, None] - 0.55), axis=0)
+    beyond = np.any((native < -0.55) | (native > np.array(shape)[:, None, None, None] - 0.45), axis=0)
+    past_centres = deep & ((native[2] < 0) | (native[2] > shape[2] - 1))  # the half slabs outside the centres
+    assert past_centres.sum() > 0.05 * deep.sum()
+    np.testing.assert_allclose(volume[deep], 1.0, atol=1e-5)
+    assert np.all(volume[beyond] == 0.0)
+
+
 @pytest.mark.parametrize("dtype", [np.float32, np.uint8])
 def test_block_reduce_is_the_block_mean(dtype):
     from bids_skullstrip.geometry import block_reduce
