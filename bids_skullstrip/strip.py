@@ -47,9 +47,17 @@ class FileResult:
 
     def qc_flags(self):
         """The QC flags of the mask ("this mask probably failed"), one short line each; [] when none."""
-        from .qc import flag_image
+        return self.qc_findings()[0]
 
-        return flag_image(self.qc_measures()) if self.mask.any() else ["empty brain mask"]
+    def qc_findings(self):
+        """(flags, notes) of the QC: the flags of ``qc_flags`` and the notes ("this image is unusual": a field of
+        view that cuts the brain, a noisy image), one short line each, from one computation of the measures."""
+        from .qc import flag_image, note_image
+
+        if not self.mask.any():
+            return ["empty brain mask"], []
+        measures = self.qc_measures()
+        return flag_image(measures), note_image(measures)
 
 
 def check_outputs(in_file, **outputs):

@@ -84,7 +84,7 @@ def main(argv=None):
         result = skullstrip_file(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg,
                                  threshold=opts.threshold, border_mm=opts.border, stripper=stripper)
         t = time.perf_counter()
-        flags = result.qc_flags()
+        flags, notes = result.qc_findings()
         qc_s = time.perf_counter() - t
     except (ValueError, OSError) as exc:
         return _fail(exc, EXIT_ERROR)
@@ -95,6 +95,8 @@ def main(argv=None):
     doubts = result.warnings + [f"{opts.input}: QC: {flag}" for flag in flags if flag != "empty brain mask"]
     for doubt in dict.fromkeys(doubts):
         print(f"skullstrip: warning: {' '.join(doubt.split())}", file=sys.stderr)
+    for note in notes:
+        print(f"skullstrip: note: {opts.input}: QC: {' '.join(note.split())}", file=sys.stderr)
     return EXIT_FLAGGED if flags and opts.fail_on_flag else 0
 
 
