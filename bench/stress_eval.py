@@ -8,6 +8,7 @@ numbers, not a test.
     python bench/stress_eval.py --weights work/train/final/unet.weights.h5 --json stress.json
     python bench/stress_eval.py --splits contrasts wild --changes mass-bright mass-dark mass-ring   # ~12 min
     python bench/stress_eval.py --changes paint-T2w paint-FLAIR paint-PDw     # T1w heads as 2D T2w/FLAIR/PDw
+    python bench/stress_eval.py --changes paint-T2w-skull paint-PDw-skull     # ... with a dark skull
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
@@ -43,7 +44,7 @@ from bids_skullstrip.metrics import score_heads  # noqa: E402
 from bids_skullstrip.model.card import T1W_SUFFIXES, ModelCard  # noqa: E402
 from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
 from bids_skullstrip.training.augment import ball_distance, enhancing_shell, synthesize_from_labels  # noqa: E402
-from bids_skullstrip.training.data import find_labelled_heads, tissue_labels  # noqa: E402
+from bids_skullstrip.training.data import TISSUES, find_labelled_heads, tissue_labels  # noqa: E402
 from model_eval import summary  # noqa: E402
 from qc_flags import world_axis  # noqa: E402
 
@@ -178,20 +179,29 @@ def gadolinium(level):
     return change
 
 
-def painted(contrast, thickness_mm=4.0):
+def painted(contrast, thickness_mm=4.0, skull_mm=None):
     """The head as a clinical 2D ``contrast`` image: painted within ``augment.CONTRAST_PRIORS[contrast]`` from its
     tissue label map (``data.tissue_labels``: the training's way of making other contrasts, here on heads it never
     painted) and acquired in ``thickness_mm`` axial slices. For T1w heads (val, wild); stripped by the networks of
-    ``contrast``. ../shared/data has no real PD image: this is the PDw measurement there is, synthetic."""
+    ``contrast``. ../shared/data has no real PD image: this is the PDw measurement there is, synthetic.
+
+    The label map's dark class near the brain holds CSF, dura and bone alike, so T2w and PDw paint a shell of
+    CSF-bright tissue up to ``data.NEAR_BRAIN_MM`` around the brain, which no real T2w or PD image has.
+    ``skull_mm``: beyond that distance from the brain that class is painted as the dark class (bone and dura are
+    dark in every contrast), leaving the CSF next to the brain bright."""
     slices = thick_axial(thickness_mm)
 
     def change(data, affine, mask, rng):
         labels = tissue_labels(data, mask.astype(np.float32), affine)
+        if skull_mm is not None:
+            beyond = ndi.distance_transform_edt(~mask.astype(bool), sampling=voxel_sizes(affine)) > skull_mm
+            labels[(labels == TISSUES.index("dark_near_brain")) & beyond] = TISSUES.index("dark")
         return slices(1000.0 * synthesize_from_labels(rng, labels, contrast=contrast), affine, mask, rng)
     return change
 
 
-PAINTED = {f"paint-{c}": c for c in ("T2w", "FLAIR", "PDw")}
+SKULL_MM = 2.0
+PAINTED = {**{f"paint-{c}": c for c in ("T2w", "FLAIR", "PDw")}, **{f"paint-{c}-skull": c for c in ("T2w", "PDw")}}
 CHANGES = {
     "none": lambda data, affine, mask, rng: (data, affine, mask),
     "3mm": regrid((3.0, 3.0, 3.0)),
@@ -207,7 +217,7 @@ CHANGES = {
     "mass-dark": mass("dark"),
     "mass-ring": mass("ring"),
     "gadolinium": gadolinium(1.4),
-    **{name: painted(c) for name, c in PAINTED.items()},
+    **{name: painted(c, skull_mm=SKULL_MM if name.endswith("-skull") else None) for name, c in PAINTED.items()},
 }
 
 
