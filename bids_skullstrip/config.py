@@ -100,11 +100,14 @@ class RunConfig:
     def from_args(cls, opts):
         """The parsed command line (``cli.parser``), its folders checked and every default resolved."""
         bids_dir, output_dir = check_folders(opts.bids_dir, opts.output_dir)
+        work_dir = Path(opts.work_dir or default_work_dir(output_dir)).resolve()
+        if work_dir.is_relative_to(bids_dir):  # the input is only read (as fMRIPrep: no work folder inside it)
+            raise UsageError(f"{work_dir}: the work directory is inside the input dataset; use a folder outside it")
         if opts.n_cpus < 1:
             raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
         mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
         return cls(bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level,
-                   work_dir=Path(opts.work_dir or default_work_dir(output_dir)).resolve(),
+                   work_dir=work_dir,
                    threshold=resolve_threshold(opts.threshold), border_mm=opts.border,
                    save_probseg=opts.save_probseg, contrasts=resolve_contrasts(opts.contrasts),
                    participant_label=tuple(opts.participant_label or ()),

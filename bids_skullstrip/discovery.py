@@ -5,6 +5,7 @@ Every problem is a ``DiscoveryError`` with a one-line message naming the dataset
 """
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -87,11 +88,16 @@ def strip_prefix(label, prefix):
     return label[len(prefix):] if label.startswith(prefix) else label
 
 
+# Entities a filter may not set: the key of the filter chooses the contrast, and the images are NIfTI files of anat/
+FIXED_ENTITIES = ("suffix", "datatype", "extension")
+
+
 def load_bids_filters(path):
     """fMRIPrep-style filter file, one key per contrast: ``{"t1w": {"acquisition": "mprage"}, "flair": {...}}``;
-    returns {suffix: filters} for the keys it has (a key is the suffix in lower case). As in fMRIPrep, ``null``
+    returns {suffix: filters} for the keys it has (a key is the suffix, in any case). As in fMRIPrep, ``null``
     means "the entity is absent" (``{"t1w": {"ceagent": null}}``: no contrast-enhanced T1w) and ``"*"`` "any
-    value"."""
+    value". Keys of other kinds of images (an fMRIPrep filter file's ``bold``, ``fmap``) are ignored with a
+    warning; ``subject`` and ``session`` narrow ``--participant-label`` and ``--session-label``."""
     from bids.layout import Query
 
     path = Path(path)
@@ -101,9 +107,49 @@ def load_bids_filters(path):
         raise DiscoveryError(f"{path}: cannot read the BIDS filter file ({' '.join(str(exc).split())})") from None
     if not isinstance(filters, dict) or not all(isinstance(v, dict) for v in filters.values()):
         raise DiscoveryError(f'{path}: a BIDS filter file is a JSON object like {{"t1w": {{"session": "1"}}}}')
+    by_key = {}
+    for key in filters:
+        by_key.setdefault(key.lower(), []).append(key)
+    twice = [" and ".join(map(repr, keys)) for keys in by_key.values() if len(keys) > 1]
+    if twice:
+        raise DiscoveryError(f"{path}: keys {twice[0]} name the same contrast; give one")
+    other = sorted(k for k in filters if k.lower() not in {c.lower() for c in CONTRASTS})
+    if other:
+        logging.getLogger("bids_skullstrip").warning(
+            "%s: filters for %s ignored: not a structural contrast bids_skullstrip strips (keys: %s)", path,
+            ", ".join(map(repr, other)), ", ".join(c.lower() for c in CONTRASTS))
     special = {None: Query.NONE, "*": Query.ANY}
-    return {c: {k: special.get(v, v) if not isinstance(v, (list, dict)) else v for k, v in filters[c.lower()].items()}
-            for c in CONTRASTS if c.lower() in filters}
+    selected = {}
+    for contrast in CONTRASTS:
+        if contrast.lower() not in by_key:
+            continue
+        key = by_key[contrast.lower()][0]
+        fixed = [k for k in filters[key] if k in FIXED_ENTITIES]
+        if fixed:
+            raise DiscoveryError(f"{path}: the filter {key!r} sets {fixed[0]!r}; the key chooses the contrast "
+                                 "(and --contrasts which keys apply): leave it out")
+        selected[contrast] = {k: special.get(v, v) if not isinstance(v, (list, dict)) else v
+                              for k, v in filters[key].items()}
+    return selected
+
+
+def _narrowed(selection, filters):
+    """The pybids query of a contrast: ``selection`` (participants, sessions) narrowed by the contrast's
+    ``filters``; None when the two leave nothing (a filter's subject or session not among those selected)."""
+    from bids.layout import Query
+
+    query = dict(ANAT_QUERY, **selection)
+    for key, value in filters.items():
+        if key not in selection:
+            query[key] = value
+        elif value is not Query.ANY:
+            prefix = {"subject": "sub-", "session": "ses-"}[key]
+            wanted = {strip_prefix(v, prefix) for v in (value if isinstance(value, list) else [value])
+                      if isinstance(v, (str, int))}
+            query[key] = [v for v in selection[key] if v in wanted]
+            if not query[key]:
+                return None
+    return query
 
 
 def _layout(bids_dir, database_dir=None):
@@ -160,13 +206,17 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
         selection["session"] = sessions
     files = []
     for suffix in contrasts:
-        query = dict(ANAT_QUERY, **(bids_filters or {}).get(suffix, {}), suffix=suffix, **selection)
+        query = _narrowed(selection, (bids_filters or {}).get(suffix, {}))
+        if query is None:
+            continue
         try:
-            files += layout.get(return_type="file", **query)
+            files += layout.get(return_type="file", **query, suffix=suffix)
         except Exception as exc:
             raise DiscoveryError(f"{bids_dir}: invalid BIDS query for {suffix} "
                                  f"({' '.join(str(exc).split())[:200]})") from None
-    found = [StructuralInput.from_path(f, bids_dir) for f in sorted(set(files))]
+    # one image per name: the same image as .nii and .nii.gz is one input (``twin_of`` fails it in the run)
+    by_name = {re.sub(r"\.nii(\.gz)?$", "", f): f for f in sorted(set(files))}
+    found = [StructuralInput.from_path(f, bids_dir) for f in sorted(by_name.values())]
     if not found:
         names = "/".join(contrasts)
         pattern = contrasts[0] if len(contrasts) == 1 else "{" + ",".join(contrasts) + "}"
@@ -195,8 +245,12 @@ def missing_content(image):
 
     A DataLad dataset after ``datalad clone`` without ``datalad get`` has every file as a symbolic link
     into ``.git/annex/objects`` that dangles until its content is fetched; the images that are present
-    are processed and each missing one is reported on its own."""
+    are processed and each missing one is reported on its own. A file the pybids database of an earlier run
+    (``--bids-database-dir``) still lists may be gone too."""
     path = image.path
+    if not path.is_symlink() and not path.exists():
+        return (f"{image.relpath}: file not found (listed by the pybids database of an earlier run? delete the "
+                "--bids-database-dir folder to index the dataset again)")
     if not path.is_symlink() or path.exists():
         return None
     target = os.readlink(path)
@@ -205,9 +259,25 @@ def missing_content(image):
     return f"{image.relpath}: broken symbolic link (its target {target} does not exist)"
 
 
+def twin_of(image):
+    """Why ``image`` cannot be processed because the same image name is there twice (``.nii`` and ``.nii.gz``:
+    which one is meant is not for this app to guess, and both would get the same output names), or None."""
+    name = image.path.name
+    other = name[:-3] if name.endswith(".gz") else f"{name}.gz"
+    if os.path.lexists(image.path.with_name(other)):
+        return f"{image.relpath}: the image is there twice, as {name} and {other}: remove one"
+    return None
+
+
+# Validator issues about an image's own content: the app reads every image itself and fails an unreadable one on
+# its own, in one line, while the others are processed; the validator cannot read DataLad's annexed images at all.
+JUDGED_BY_THE_APP = ("NIFTI_HEADER_UNREADABLE",)
+
+
 def _read_by_run(issue, reads):
     """Does a validator issue concern what the run reads: the selected images and their sidecars (also
-    the ones they inherit from the top level), and ``dataset_description.json`` as a JSON object?
+    the ones they inherit from the top level), and ``dataset_description.json`` as a JSON object? Issues of
+    an image's content (``JUDGED_BY_THE_APP``) do not stop the run.
 
     Other files at the top level (stray files, ``participants.tsv``) are not read; a field of
     ``dataset_description.json`` in the wrong format (a string where the schema wants a list) does not
@@ -216,6 +286,8 @@ def _read_by_run(issue, reads):
     location = (issue.get("location") or "").lstrip("/")
     if not location:
         return True
+    if issue.get("code") in JUDGED_BY_THE_APP:
+        return False
     if location == "dataset_description.json":
         return issue.get("code") != "JSON_SCHEMA_VALIDATION_ERROR"
     stems = {r[: r.rindex(".nii")] for r in reads}  # e.g. sub-01/anat/sub-01_FLAIR

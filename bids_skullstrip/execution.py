@@ -153,15 +153,18 @@ def crash_message(crash_file):
     return message
 
 
-def failure_of(t1w, work_dir, since):
+def failure_of(t1w, work_dir, since, *, stopped_early=False):
     """Why ``t1w`` failed: the message of the first crash file written since ``since`` in its own crash folder
-    (the nodes after the one that failed do not run)."""
+    (the nodes after the one that failed do not run). Without one: not run, when ``stopped_early``
+    (``--stop-on-first-crash`` and another image failed), else nipype's log says why."""
     from .workflows.base import crash_dir
 
     folder = crash_dir(work_dir, t1w)
     crashes = sorted((p for p in folder.glob("crash-*.txt") if p.stat().st_mtime >= since),
                      key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not crashes and stopped_early:
+        return f"{t1w.relpath}: not processed: the run stopped at the first failure (--stop-on-first-crash)"
     if not crashes:
-        return f"{t1w.relpath}: processing failed (see the crash files in {folder})"
+        return f"{t1w.relpath}: processing failed without a crash file (see {Path(work_dir) / 'nipype.log'})"
     message = crash_message(crashes[0])
     return message if str(t1w.path) in message else f"{t1w.relpath}: {message}"

@@ -187,6 +187,12 @@ def is_finished(output_dir, image, *, save_probseg=False):
     return all(derivative_path(output_dir, image, k).is_file() for k in required_kinds(save_probseg))
 
 
+def unmark_finished(output_dir, image):
+    """Remove the metrics JSON, written last, that marks ``image`` as finished: before its outputs are redone, so
+    that a run stopped or failing half-way leaves it to redo, never old and new files under one record."""
+    derivative_path(output_dir, image, "metrics").unlink(missing_ok=True)
+
+
 def run_settings(image, *, threshold, border_mm):
     """Everything that shapes ``image``'s outputs (its contrast's bundled networks; ``threshold`` None: theirs);
     recorded in its metrics JSON, compared on a rerun."""

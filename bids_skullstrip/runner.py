@@ -42,7 +42,7 @@ def _interrupt_in(main_pid):
 
 def select_images(config):
     """The images of the selection, after the BIDS validator has judged the files the run reads."""
-    from .discovery import DiscoveryError, collect_images, load_bids_filters, validate_dataset
+    from .discovery import DiscoveryError, collect_images, load_bids_filters, missing_content, validate_dataset
 
     filters = load_bids_filters(config.bids_filter_file) if config.bids_filter_file else None
     t1ws = collect_images(config.bids_dir, contrasts=config.contrasts,
@@ -50,7 +50,9 @@ def select_images(config):
                           session_labels=config.session_label or None, bids_filters=filters,
                           database_dir=config.bids_database_dir)
     if not config.skip_bids_validation:
-        errors, ignored = validate_dataset(config.bids_dir, reads=[t.relpath for t in t1ws])
+        # an image whose content is missing (not fetched, gone) fails on its own in the run, with how to get it
+        present = [t.relpath for t in t1ws if not missing_content(t)]
+        errors, ignored = validate_dataset(config.bids_dir, reads=present)
         if ignored:
             log.info("BIDS validator: %d error(s) in files this run does not read were ignored", ignored)
         if errors:
@@ -163,10 +165,10 @@ class Run:
         """(the images to process, (image, message) for those that cannot be): finished images are skipped
         unless their outputs were made with other settings (or ``--overwrite``)."""
         from . import outputs
-        from .discovery import missing_content
+        from .discovery import missing_content, twin_of
 
         config = self.config
-        failures = [(t, problem) for t in t1ws if (problem := missing_content(t))]
+        failures = [(t, problem) for t in t1ws if (problem := missing_content(t) or twin_of(t))]
         absent = {t for t, _ in failures}
         done = [t for t in t1ws if t not in absent and not config.overwrite
                 and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
@@ -213,6 +215,8 @@ class Run:
                                      work_dir=config.work_dir, threshold=config.threshold,
                                      border_mm=config.border_mm, save_probseg=config.save_probseg,
                                      omp_nthreads=self.omp_nthreads(len(todo), plugin_args.get("n_procs")))
+        for t1w in todo:  # redone: until its new outputs are complete, an image is not finished
+            outputs.unmark_finished(config.output_dir, t1w)
         log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), self.plugin,
                  config.work_dir)
         started = time.time()
@@ -228,7 +232,9 @@ class Run:
             progress.join()
         log.info("workflow finished in %.0f s", time.time() - started)
         failed = [t for t in todo if not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
-        return [(t, execution.failure_of(t, config.work_dir, since=started - 1)) for t in failed]
+        stopped_early = config.stop_on_first_crash and bool(failed)
+        return [(t, execution.failure_of(t, config.work_dir, since=started - 1, stopped_early=stopped_early))
+                for t in failed]
 
     def report_progress(self, stop, todo, started, every_s=2.0):
         """One console line each time more images are finished: done of total, elapsed time."""

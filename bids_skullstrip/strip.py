@@ -86,8 +86,9 @@ def check_outputs(in_file, **outputs):
 def brain_image(img, data, mask):
     """The input with the skull removed: the input's integer type when it has no scaling, else float32."""
     dtype = np.dtype(img.get_data_dtype())
-    slope, inter = img.header.get_slope_inter()
-    if dtype.kind in "iu" and slope in (None, 1.0) and inter in (None, 0.0):
+    # nibabel moves the header's scaling onto the data proxy when it loads a file (the header then says none)
+    slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
+    if dtype.kind in "iu" and slope == 1.0 and inter == 0.0:
         return like(img, np.where(mask > 0, np.rint(data), 0), dtype)
     return like(img, data * mask, np.float32)
 

@@ -220,7 +220,8 @@ def _record(output_dir, t1w, threshold, border_mm, sha256):
 
     path = outputs.derivative_path(output_dir, t1w, "metrics")
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"source": t1w.source_uri, "bids_name": t1w.stem, "model": {"sha256": sha256},
+    path.write_text(json.dumps({"source": t1w.source_uri, "bids_name": t1w.stem, "suffix": t1w.suffix,
+                                "model": {"sha256": sha256},
                                 "settings": {"threshold": threshold, "border_mm": border_mm, "model_sha256": sha256}}))
 
 
@@ -249,6 +250,25 @@ def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_pa
     assert "**The images were not all processed with the same settings**" in text
     assert f"- 3 image(s) thresholded at 0.7, border 0 mm, model sha256 `{card.sha256[:12]}`" in text
     assert "- 1 image(s) thresholded at 0.55, border 2 mm" in text and t1ws[3].path.name in text  # the raw file
+
+
+def test_the_methods_text_gives_each_contrasts_threshold(tmp_path):
+    """One network set strips FLAIR, T2w and PDw: a threshold given for FLAIR and T2w in a later run leaves PDw's
+    as it was, and the text says which contrast got which."""
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+    from bids_skullstrip.reports.boilerplate import write_boilerplate
+
+    out = tmp_path / "out"
+    outputs.init_output_dir(out, SAMPLE)
+    any_contrast = ModelCard.bundled_for("FLAIR").sha256
+    for suffix, threshold, sha in (("T1w", 0.55, ModelCard.load().sha256), ("FLAIR", 0.7, any_contrast),
+                                   ("T2w", 0.7, any_contrast), ("PDw", 0.6, any_contrast)):
+        _record(out, StructuralInput.from_path(SAMPLE / "sub-01" / "anat" / f"sub-01_{suffix}.nii.gz"), threshold,
+                0.0, sha)
+    text = write_boilerplate(out, threshold=None, border_mm=0.0)[0].read_text()
+    said = re.search(r"thresholded at (.*?), reduced", text).group(1)
+    assert sorted(re.split(r", | and (?=\d)", said)) == ["0.55 (T1w)", "0.6 (PDw)", "0.7 (FLAIR and T2w)"], said
 
 
 def test_the_methods_text_names_weights_that_are_not_the_bundled_ones(tmp_path):

@@ -362,6 +362,43 @@ def test_a_group_report_per_contrast(contrasts_run):
     assert not (out / "group_T2starw.tsv").exists()
 
 
+def test_filters_narrow_labels_in_any_key_case_and_misplaced_keys_are_named(tmp_path, caplog):
+    """A filter's subject or session narrows --participant-label / --session-label (they used to clash in one
+    pybids call: a TypeError); keys match the suffix in any case; a key of another kind of image (an fMRIPrep
+    filter file's bold) is ignored with a warning; a filter that sets the suffix is a one-line error."""
+    from bids_skullstrip.discovery import DiscoveryError, collect_images, load_bids_filters
+
+    bids = tmp_path / "bids"
+    (bids / "sub-01").mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "names", "BIDSVersion": "1.10.0"}))
+    for sub in ("01", "02"):
+        for ses in ("1", "2"):
+            anat = bids / f"sub-{sub}" / f"ses-{ses}" / "anat"
+            anat.mkdir(parents=True)
+            for suffix in ("T1w", "FLAIR"):
+                (anat / f"sub-{sub}_ses-{ses}_{suffix}.nii.gz").write_bytes(b"")  # pybids reads names only
+
+    def names(spec, **kwargs):
+        (tmp_path / "f.json").write_text(json.dumps(spec))
+        filters = load_bids_filters(tmp_path / "f.json")
+        return [i.path.name for i in collect_images(bids, bids_filters=filters, **kwargs)]
+
+    assert names({"T1W": {"session": "2"}}, session_labels=["1", "2"]) == [
+        "sub-01_ses-2_T1w.nii.gz", "sub-02_ses-2_T1w.nii.gz"]
+    assert names({"t1w": {"subject": "sub-02"}, "flair": {"session": ["1"]}}, contrasts=("T1w", "FLAIR"),
+                 participant_labels=["01", "02"], session_labels=["2"]) == ["sub-02_ses-2_T1w.nii.gz"]
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        assert names({"t1w": {"session": "1"}, "bold": {"task": "rest"}}, participant_labels=["01"]) == [
+            "sub-01_ses-1_T1w.nii.gz"]
+    assert "'bold' ignored: not a structural contrast" in caplog.text
+    with pytest.raises(DiscoveryError, match="no T1w images .* with the given filters"):
+        names({"t1w": {"session": "3"}}, session_labels=["1"])
+    with pytest.raises(DiscoveryError, match="the filter 't1w' sets 'suffix'"):
+        names({"t1w": {"suffix": "T2w"}})
+    with pytest.raises(DiscoveryError, match="keys 't1w' and 'T1w' name the same contrast"):
+        names({"t1w": {}, "T1w": {}})
+
+
 @needs(CONTRASTS_DATA, "../shared/data/contrasts")
 def test_contrasts_and_per_contrast_filters_choose_the_images(tmp_path):
     from bids_skullstrip.discovery import collect_images, load_bids_filters

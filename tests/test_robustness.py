@@ -80,6 +80,12 @@ def nan_image(path):
     nifti(np.full((40, 40, 40), np.nan, np.float32))(path)
 
 
+def twins(path):
+    """The image twice: as .nii.gz and as .nii."""
+    copy_head(path)
+    nib.save(nib.load(SMALL_HEAD), path.with_suffix(""))
+
+
 def snapshot(folder):
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*") if p.is_file()}
 
@@ -102,6 +108,7 @@ def mixed_run(tmp_path_factory):
         "05": nifti(np.zeros((40, 40, 40), np.int16)),  # all zero
         "06": nan_image,
         "07": nifti(rng.random((30, 30, 30, 3), dtype=np.float32) * 100),  # 4D time series
+        "08": twins,
     })
     before = snapshot(root / "bids")
     out = root / "out"
@@ -116,6 +123,7 @@ EXPECTED_PROBLEM = {
     "05": "constant",
     "06": "NaN",
     "07": "volumes",
+    "08": "the image is there twice, as sub-08_T1w.nii.gz and sub-08_T1w.nii: remove one",
 }
 
 
@@ -127,7 +135,7 @@ def test_bad_images_fail_alone_with_one_line_each(mixed_run):
     for label, problem in EXPECTED_PROBLEM.items():
         lines = [line for line in text.splitlines() if f"sub-{label}_T1w.nii.gz" in line and problem in line]
         assert lines, f"no one-line error for sub-{label} ({problem!r}) in:\n{text[-3000:]}"
-    assert f"{len(EXPECTED_PROBLEM)} of 7 image(s) failed" in text
+    assert f"{len(EXPECTED_PROBLEM)} of 8 image(s) failed" in text
 
 
 def test_good_image_finished_bad_ones_left_no_output(mixed_run):
@@ -156,7 +164,7 @@ def test_group_report_keeps_the_failed_images_and_joins_participants_tsv(mixed_r
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     with (mixed_run["out"] / "group_T1w.tsv").open() as fh:
         rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
-    assert set(rows) == {f"sub-0{i}" for i in range(1, 8)}
+    assert set(rows) == {f"sub-0{i}" for i in range(1, 9)}
     assert rows["sub-01"]["status"] == "processed" and rows["sub-01"]["session_id"] == "n/a"
     for label, problem in EXPECTED_PROBLEM.items():
         row = rows[f"sub-{label}"]
@@ -175,6 +183,7 @@ def small_dataset(tmp_path):
 @pytest.mark.parametrize("case, expected_rc, expected", [
     ("same_dir", 2, "must not be the input dataset"),
     ("inside", 2, "inside the input dataset"),
+    ("work_inside", 2, "the work directory is inside the input dataset; use a folder outside it"),
     ("unknown_label", 2, "participant label(s) not found: 99"),
     ("not_writable", 2, "not writable"),
     ("output_is_a_file", 2, "the output folder is a file, not a folder"),
@@ -197,6 +206,8 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         out = bids
     elif case == "inside":
         out = bids / "sub-01" / "out"
+    elif case == "work_inside":
+        extra += ["-w", bids / "work"]
     elif case == "unknown_label":
         extra += ["--participant-label", "sub-99"]
     elif case == "not_writable":
@@ -233,6 +244,8 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     assert expected in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     assert_one_line_errors(res)
+    if case == "work_inside":
+        assert not (bids / "work").exists()
     if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only",
                     "flair_only"):
         assert snapshot(small_dataset) == before
@@ -286,6 +299,8 @@ def test_what_the_run_reads_from_the_top_level():
     not_read = [{"location": "/sub-02/anat/sub-02_T1w.json", "code": "JSON_INVALID"},
                 {"location": "/task-rest_bold.json", "code": "JSON_INVALID"},
                 {"location": "/annex-uuid", "code": "NOT_INCLUDED"},
+                # an image's content: the app reads it itself and fails that image alone
+                {"location": "/sub-01/anat/sub-01_acq-mp_T1w.nii.gz", "code": "NIFTI_HEADER_UNREADABLE"},
                 {"location": "/dataset_description.json", "code": "JSON_SCHEMA_VALIDATION_ERROR"}]
     assert all(_read_by_run(i, reads) for i in read)
     assert not any(_read_by_run(i, reads) for i in not_read)
@@ -346,6 +361,15 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     again = app(*args, "--threshold", "0.3", "--border", "3")
     assert again.returncode == 0 and "1 already finished" in again.stdout and "redoing" not in again.stdout
     assert mask.stat().st_mtime_ns == mtime
+    # the outputs deleted, the work directory kept (nipype's cache): written again, not "failed"
+    shutil.rmtree(out)
+    res = app(*args, "--threshold", "0.3", "--border", "3")
+    assert res.returncode == 0 and "1 processed in this run" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    assert mask.is_file() and json.loads(metrics.read_text())["settings"]["border_mm"] == 3.0
+    mask.write_bytes(b"garbage")  # --overwrite rewrites every output
+    res = app(*args, "--threshold", "0.3", "--border", "3", "--overwrite")
+    assert res.returncode == 0 and "1 processed in this run" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    assert int((np.asanyarray(nib.load(mask).dataobj) > 0).sum()) > volume
 
 
 # ------------------------------------------------------------------------------- DataLad datasets
@@ -366,7 +390,8 @@ def _annexed(root, label, *, present):
 
 def test_datalad_dataset_with_missing_content(tmp_path):
     """After ``datalad clone`` without ``datalad get``: the present images are processed (their outputs are
-    regular files), each absent one gets one line saying how to fetch it, and the run exits 1."""
+    regular files), each absent one gets one line saying how to fetch it, and the run exits 1. The BIDS
+    validator (on: the default) does not stop the run for the absent one."""
     bids = tmp_path / "bids"
     bids.mkdir()
     (bids / "dataset_description.json").write_text(json.dumps({"Name": "annexed", "BIDSVersion": "1.10.0"}))
@@ -374,7 +399,7 @@ def test_datalad_dataset_with_missing_content(tmp_path):
     _annexed(bids, "02", present=False)
     before = snapshot(bids)
     out = tmp_path / "out"
-    res = app(bids, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation", "--n-cpus", "2")
+    res = app(bids, out, "participant", "-w", tmp_path / "work", "--n-cpus", "2")
     assert res.returncode == 1, res.stdout[-3000:] + res.stderr[-3000:]
     assert_one_line_errors(res)
     lines = [line for line in (res.stdout + res.stderr).splitlines() if "sub-02_T1w.nii.gz" in line]
@@ -657,6 +682,22 @@ def test_skullstrip_cli_outputs(tmp_path):
     assert np.array_equal(np.asanyarray(brain.dataobj)[m], np.asanyarray(src.dataobj)[m])
 
 
+@pytest.mark.parametrize("slope, inter", [(400.0, 0.0), (0.5, 0.0), (1.0, 0.25)])
+def test_the_brain_of_a_scaled_integer_image_keeps_its_intensities(slope, inter, tmp_path):
+    """An integer image with scl_slope/scl_inter (nibabel moves them from the header to the data on load): the
+    skull-stripped image holds the real intensities, not the stored integers wrapped or rounded."""
+    from bids_skullstrip.strip import brain_image
+
+    head = nib.load(SMALL_HEAD)
+    scaled = nib.Nifti1Image(np.asanyarray(head.dataobj).astype(np.int16), head.affine)
+    scaled.header.set_slope_inter(slope, inter)
+    nib.save(scaled, tmp_path / "scaled.nii.gz")
+    img, data = load_image(tmp_path / "scaled.nii.gz")
+    mask = (data > np.percentile(data, 60)).astype(np.uint8)
+    nib.save(brain_image(img, data, mask), tmp_path / "brain.nii.gz")
+    assert np.allclose(nib.load(tmp_path / "brain.nii.gz").get_fdata(), data * mask)
+
+
 @needs(REPO.parent / "shared" / "data" / "contrasts", "../shared/data/contrasts")
 def test_skullstrip_cli_strips_each_contrast_with_its_networks(tmp_path):
     """A FLAIR (by its BIDS name, or --contrast) gets the bundled any-contrast networks; --contrast T1w the T1w
@@ -787,8 +828,11 @@ def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     assert src.read_bytes() == SMALL_HEAD.read_bytes()
 
 
-@pytest.mark.parametrize("args, problem", [((), "nothing to write"),
-                                           (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1")])
+@pytest.mark.parametrize("args, problem", [
+    ((), "nothing to write"),
+    (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1"),
+    (("-m", "MASK", "--contrast", "bold"), "--contrast bold: unknown contrast (one of T1w, T2w, FLAIR, PDw, T2starw)"),
+])
 def test_skullstrip_cli_usage_errors_exit_2_in_one_line_writing_nothing(args, problem, tmp_path):
     res = skullstrip("-i", SMALL_HEAD, *[tmp_path / "m.nii.gz" if a == "MASK" else a for a in args])
     assert res.returncode == 2, res.stderr

@@ -65,3 +65,32 @@ def test_graph_has_one_branch_per_t1w_wired_to_one_sink(tmp_path):
         # each image's crash files go to a folder of its own, under its participant's
         assert {nodes[n].config["execution"]["crashdump_dir"] for n in nodes if n.startswith(mine)} == {
             str(crash_dir(tmp_path / "work", t1w))}
+
+
+def test_the_sink_always_runs_and_one_stopped_half_way_leaves_its_image_unfinished(tmp_path):
+    """The sink's files are outside nipype's cache: it runs again whenever its node does (outputs deleted,
+    --overwrite). Redoing an image first removes its metrics JSON (the "finished" mark), so a sink that stops
+    half-way leaves an image to redo, not new files under the old record."""
+    import json
+
+    import pytest
+
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+    from bids_skullstrip.interfaces.bids import DerivativesSink
+
+    assert DerivativesSink.always_run
+    source = SAMPLE / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    image, out = StructuralInput.from_path(source, SAMPLE), tmp_path / "out"
+    metrics = outputs.derivative_path(out, image, "metrics")
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"settings": {"threshold": 0.55}}))  # finished before, with other settings
+    broken = tmp_path / "mask.nii.gz"
+    broken.write_bytes(b"not an image")
+    sink = DerivativesSink(output_dir=str(out), bids_dir=str(SAMPLE), source_file=str(source), threshold=0.7,
+                           border_mm=0.0, geometry={}, warnings=[], runtime_s={}, n4_runtime_s={}, qc={},
+                           **{kind: str(broken) for kind in ("mask", "preproc", "brain", "probseg", "figure",
+                                                             "brain_figure")})
+    with pytest.raises(Exception):
+        sink.run(cwd=str(tmp_path))
+    assert not metrics.exists()

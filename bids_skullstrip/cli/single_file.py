@@ -32,8 +32,8 @@ def build_parser():
     p = argparse.ArgumentParser(prog="skullstrip", description=__doc__.splitlines()[0],
                                 epilog="Exit status: 0 done (QC flags, if any, printed as warnings); 1 an error "
                                        "(one line, nothing written); 2 a usage error (nothing to write, a threshold "
-                                       "outside 0-1; nothing read or written); 3 with --fail-on-flag when QC flagged "
-                                       "the mask (the outputs are written).",
+                                       "outside 0-1, an unknown --contrast; nothing read or written); 3 with "
+                                       "--fail-on-flag when QC flagged the mask (the outputs are written).",
                                 formatter_class=_HelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path,
                    help="structural image: T1w, T2w, FLAIR, PDw, ... (NIfTI, any orientation)")
@@ -64,16 +64,18 @@ def main(argv=None):
     t_start = time.perf_counter()
     if not (opts.mask or opts.output or opts.probseg):
         return _fail("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg", EXIT_USAGE)
+    from ..discovery import CONTRASTS, contrast_of
     from ..strip import check_outputs, check_threshold, skullstrip_file
 
     try:
         check_threshold(opts.threshold)
     except ValueError as exc:
         return _fail(exc, EXIT_USAGE)
+    if opts.contrast and contrast_of(opts.input, opts.contrast) not in CONTRASTS:
+        return _fail(f"--contrast {opts.contrast}: unknown contrast (one of {', '.join(CONTRASTS)})", EXIT_USAGE)
     try:
         # every check before the networks load, and again inside skullstrip_file (cheap)
         check_outputs(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg)
-        from ..discovery import contrast_of
         from ..model.card import ModelCard
         from ..model.inference import set_threads
         from ..model.predictor import Skullstripper

@@ -54,11 +54,15 @@ class DerivativesSink(SimpleInterface):
 
     input_spec = _DerivativesSinkInputSpec
     output_spec = _DerivativesSinkOutputSpec
+    # its work is the files under output_dir, which nipype's cache does not see (as for nipype's DataSink): a run
+    # asked to redo an image whose outputs were deleted or are redone with --overwrite writes them again
+    always_run = True
 
     def _run_interface(self, runtime):
         image = StructuralInput.from_path(self.inputs.source_file, self.inputs.bids_dir)
         out_dir = Path(self.inputs.output_dir)
         reference = nib.load(self.inputs.source_file)
+        outputs.unmark_finished(out_dir, image)
         written = []
         for kind in outputs.required_kinds(self.inputs.save_probseg):
             if kind == "metrics":

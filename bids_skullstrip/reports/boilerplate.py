@@ -87,9 +87,12 @@ def _model_text(sha256):
                else ""))
 
 
+def _listed(items):
+    return " and ".join([", ".join(items[:-1]), items[-1]] if len(items) > 1 else items)
+
+
 def _suffixes(names):
-    names = sorted(names)
-    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+    return _listed(sorted(names))
 
 
 def methods_markdown(*, threshold, border_mm, recorded=None, contrasts=("T1w",)):
@@ -101,22 +104,24 @@ def methods_markdown(*, threshold, border_mm, recorded=None, contrasts=("T1w",))
         recorded = {contrast: (contrast, card.threshold if threshold is None else float(threshold), float(border_mm),
                                card.sha256) for contrast, card in cards.items()}
     groups = Counter(recorded.values())
-    # per model, the settings most of its images have, and the contrasts it stripped
-    models = {}
+    # the contrasts each model stripped, and each contrast's threshold (that of most of its images; the others are
+    # listed below): most images first
+    models, thresholded = {}, {}
     for suffix, t, b, sha in sorted(groups, key=groups.get, reverse=True):
-        model = models.setdefault(sha, {"settings": (t, b), "suffixes": []})
-        if suffix not in model["suffixes"]:
-            model["suffixes"].append(suffix)
+        if suffix not in models.setdefault(sha, []):
+            models[sha].append(suffix)
+        if all(suffix not in suffixes for suffixes in thresholded.values()):
+            thresholded.setdefault((sha, t), []).append(suffix)
     if len(models) == 1:
-        [(sha, model)] = models.items()
+        [(sha, suffixes)] = models.items()
         stripped = f"Each image was skull-stripped by {_model_text(sha)}."
-        thresholds = f"{model['settings'][0]:g}"
     else:
         (sha, first), *others = models.items()
-        stripped = (f"The {_suffixes(first['suffixes'])} images were skull-stripped by {_model_text(sha)}"
-                    + "".join(f"; the {_suffixes(m['suffixes'])} images by {_model_text(s)}" for s, m in others) + ".")
-        thresholds = " and ".join(f"{m['settings'][0]:g} ({_suffixes(m['suffixes'])})" for m in models.values())
-    main_border = next(iter(models.values()))["settings"][1]
+        stripped = (f"The {_suffixes(first)} images were skull-stripped by {_model_text(sha)}"
+                    + "".join(f"; the {_suffixes(m)} images by {_model_text(s)}" for s, m in others) + ".")
+    thresholds = (f"{next(iter(thresholded))[1]:g}" if len(thresholded) == 1 else
+                  _listed([f"{t:g} ({_suffixes(suffixes)})" for (_, t), suffixes in thresholded.items()]))
+    main_border = max(groups, key=groups.get)[2]
     text = f"""# Methods: brain extraction with bids_skullstrip {__version__}
 
 Brain masks were computed with *bids_skullstrip* {__version__} [bids_skullstrip], which is based on *Nipype*
