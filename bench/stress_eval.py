@@ -9,6 +9,7 @@ numbers, not a test.
     python bench/stress_eval.py --splits contrasts wild --changes mass-bright mass-dark mass-ring   # ~12 min
     python bench/stress_eval.py --changes paint-T2w paint-FLAIR paint-PDw     # T1w heads as 2D T2w/FLAIR/PDw
     python bench/stress_eval.py --changes paint-T2w-skull paint-PDw-skull     # ... with a dark skull
+    python bench/stress_eval.py --changes paint-T2w-3d paint-FLAIR-3d paint-PDw-3d   # ... as 3D images, dark skull
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
@@ -182,14 +183,15 @@ def gadolinium(level):
 def painted(contrast, thickness_mm=4.0, skull_mm=None):
     """The head as a clinical 2D ``contrast`` image: painted within ``augment.CONTRAST_PRIORS[contrast]`` from its
     tissue label map (``data.tissue_labels``: the training's way of making other contrasts, here on heads it never
-    painted) and acquired in ``thickness_mm`` axial slices. For T1w heads (val, wild); stripped by the networks of
-    ``contrast``. ../shared/data has no real PD image: this is the PDw measurement there is, synthetic.
+    painted) and acquired in ``thickness_mm`` axial slices (None: on its own grid, as a 3D research acquisition).
+    For T1w heads (val, wild); stripped by the networks of ``contrast``. ../shared/data has no real PD image and
+    no 3D T2w or FLAIR: this is the measurement there is, synthetic.
 
     The label map's dark class near the brain holds CSF, dura and bone alike, so T2w and PDw paint a shell of
     CSF-bright tissue up to ``data.NEAR_BRAIN_MM`` around the brain, which no real T2w or PD image has.
     ``skull_mm``: beyond that distance from the brain that class is painted as the dark class (bone and dura are
     dark in every contrast), leaving the CSF next to the brain bright."""
-    slices = thick_axial(thickness_mm)
+    slices = thick_axial(thickness_mm) if thickness_mm else (lambda data, affine, mask, rng: (data, affine, mask))
 
     def change(data, affine, mask, rng):
         labels = tissue_labels(data, mask.astype(np.float32), affine)
@@ -201,7 +203,8 @@ def painted(contrast, thickness_mm=4.0, skull_mm=None):
 
 
 SKULL_MM = 2.0
-PAINTED = {**{f"paint-{c}": c for c in ("T2w", "FLAIR", "PDw")}, **{f"paint-{c}-skull": c for c in ("T2w", "PDw")}}
+PAINTED = {**{f"paint-{c}": c for c in ("T2w", "FLAIR", "PDw")}, **{f"paint-{c}-skull": c for c in ("T2w", "PDw")},
+           **{f"paint-{c}-3d": c for c in ("T2w", "FLAIR", "PDw")}}
 CHANGES = {
     "none": lambda data, affine, mask, rng: (data, affine, mask),
     "3mm": regrid((3.0, 3.0, 3.0)),
@@ -217,7 +220,8 @@ CHANGES = {
     "mass-dark": mass("dark"),
     "mass-ring": mass("ring"),
     "gadolinium": gadolinium(1.4),
-    **{name: painted(c, skull_mm=SKULL_MM if name.endswith("-skull") else None) for name, c in PAINTED.items()},
+    **{name: painted(c, thickness_mm=None if name.endswith("-3d") else 4.0,
+                     skull_mm=SKULL_MM if name.endswith(("-skull", "-3d")) else None) for name, c in PAINTED.items()},
 }
 
 
