@@ -51,15 +51,29 @@ def check_folders(bids_dir, output_dir):
     return bids_dir, output_dir
 
 
-def check_writable(folder, what):
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"{folder}: the {what} is a file, not a folder")
+def check_writable(*folders):
+    """Create each (folder, what) and check that it takes a file; on the first that does not, a UsageError naming
+    it, and the folders this call created are removed again (a run that cannot start leaves nothing behind)."""
+    created = []
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
-            pass
-    except OSError as exc:
-        raise UsageError(f"{folder}: the {what} is not writable ({exc.strerror or exc})") from None
+        for folder, what in folders:
+            if folder.exists() and not folder.is_dir():
+                raise UsageError(f"{folder}: the {what} is a file, not a folder")
+            missing = [p for p in (folder, *folder.parents) if not p.exists()]
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+                created += missing
+                with tempfile.NamedTemporaryFile(dir=folder, prefix=".tmp-write-check-"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"{folder}: the {what} is not writable ({exc.strerror or exc})") from None
+    except UsageError:
+        for folder in created:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                pass
+        raise
 
 
 def default_work_dir(output_dir):

@@ -109,7 +109,7 @@ class Run:
 
         config, output_dir = self.config, self.config.output_dir
         if config.boilerplate_only:
-            check_writable(output_dir, "output folder")
+            check_writable((output_dir, "output folder"))
             written = write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,
                                         contrasts=config.contrasts)
             log.info("methods text: %s", ", ".join(map(str, written)))
@@ -119,8 +119,7 @@ class Run:
             for subject in sorted({t.subject for t in t1ws}):
                 log.info("report: %s", write_participant_report(output_dir, subject))
             return OK
-        check_writable(output_dir, "output folder")
-        check_writable(config.work_dir, "work directory")
+        check_writable((output_dir, "output folder"), (config.work_dir, "work directory"))
         outputs.init_output_dir(output_dir, config.bids_dir)
         self.write_log_and_config()
         self.warn_if_work_dir_is_node_local()

@@ -186,6 +186,7 @@ def small_dataset(tmp_path):
     ("work_inside", 2, "the work directory is inside the input dataset; use a folder outside it"),
     ("unknown_label", 2, "participant label(s) not found: 99"),
     ("not_writable", 2, "not writable"),
+    ("work_not_writable", 2, "the work directory is not writable"),
     ("output_is_a_file", 2, "the output folder is a file, not a folder"),
     ("no_description", 2, "not a BIDS dataset"),
     ("missing_dir", 2, "BIDS dataset folder not found"),
@@ -213,6 +214,10 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     elif case == "not_writable":
         (tmp_path / "a_file").write_text("x")
         out = tmp_path / "a_file" / "out"
+    elif case == "work_not_writable":  # the output folder it created is removed again
+        (tmp_path / "a_file").write_text("x")
+        extra += ["-w", tmp_path / "a_file" / "work"]
+        out = tmp_path / "new" / "out"
     elif case == "output_is_a_file":
         out = tmp_path / "a_file"
         out.write_text("x")
@@ -246,6 +251,8 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     assert_one_line_errors(res)
     if case == "work_inside":
         assert not (bids / "work").exists()
+    if case == "work_not_writable":
+        assert not (tmp_path / "new").exists()
     if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only",
                     "flair_only"):
         assert snapshot(small_dataset) == before
