@@ -216,6 +216,17 @@ def test_mask_of_another_head_is_flagged():
 
 
 @needs_heads
+def test_a_background_that_is_not_dark_is_read_as_the_networks_read_it():
+    """The same head with a constant added to every voxel: the measures of its good mask are those of the head
+    (the offset taken off first, as before the networks); read as it is, everything outside looked brain-like."""
+    t1, mask, vox, _ = load("ds000011-sub-13")
+    plain, shifted_up = measures(t1, mask, vox), measures(t1 + np.float32(500.0), mask, vox)
+    assert qc.flag_image(shifted_up) == [], shifted_up
+    for key in ("outside_brainlike_fraction", "edge_offset_mm", "dark_fraction", "boundary_contrast"):
+        assert shifted_up[key] == pytest.approx(plain[key], abs=0.02), key
+
+
+@needs_heads
 def test_a_noisy_image_gets_a_note_and_its_good_mask_no_flag():
     """Noise describes the image: the networks' masks stay good well past the note's limit, and the masks they
     fail on are flagged by their own measures (docs/qc.md)."""

@@ -14,6 +14,7 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from .. import geometry
+from ..intensity import background_offset
 from ..postproc import clean_mask, largest_component
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
@@ -124,10 +125,16 @@ class Skullstripper:
     def probability(self, data, affine):
         """The brain probability of ``data`` (3D, native grid, voxel-to-world ``affine``) as a ``Prediction``."""
         shape = tuple(int(s) for s in data.shape[:3])
+        warnings = []
+        offset = background_offset(data)
+        if offset:
+            data = data - np.float32(offset)
+            warnings.append(f"the background is not dark (intensity {offset:.4g} where air is about 0): that much "
+                            "was taken off every voxel before the networks")
         if looks_skull_stripped(data, voxel_sizes(affine)):
             return Prediction((data != 0).astype(np.float32), tuple(slice(0, s) for s in shape),
-                              warnings=[NO_NETWORK], stripped_input=True)
-        networks, timings, warnings = self.networks, {}, []
+                              warnings=[*warnings, NO_NETWORK], stripped_input=True)
+        networks, timings = self.networks, {}
         t = time.perf_counter()
         ras = geometry.RasVolume.of(data, affine)  # shared by the locator and every view
         box = locate_brain(ras, affine, networks.locator)
