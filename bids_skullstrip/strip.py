@@ -76,6 +76,8 @@ def check_outputs(in_file, **outputs):
             raise ValueError(f"{p}: an output would overwrite the input")
         if not p.name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"{p}: output names must end in .nii or .nii.gz")
+        if p.is_dir():
+            raise ValueError(f"{p}: a folder is there; an output must be a file name")
         if not p.parent.is_dir():
             raise ValueError(f"{p.parent}: output folder not found")
         if not os.access(p.parent, os.W_OK):
@@ -160,8 +162,16 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
     images = {"mask": lambda: like(img, result.mask, np.uint8),
               "probseg": lambda: like(img, result.probability, np.float32),
               "brain": lambda: brain_image(img, data, result.mask)}
-    for kind, path in outputs.items():
-        atomic_save(images[kind](), path)
+    created = []
+    try:
+        for kind, path in outputs.items():
+            new = not path.exists()
+            atomic_save(images[kind](), path)
+            created += [path] if new else []
+    except BaseException:  # all the outputs asked for, or none of those this call made
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
     timings["write"] = time.perf_counter() - t
     return FileResult(image=img, data=data, mask=result.mask, probability=result.probability,
                       threshold=stripper.threshold if threshold is None else float(threshold),

@@ -386,6 +386,15 @@ def test_group_report_shows_each_images_settings_and_warns_when_they_differ(tmp_
     # the same settings everywhere: no warning
     _metrics(tmp_path, "sub-03_T1w.nii.gz", threshold=0.7)
     assert "not all processed" not in write_group_report(tmp_path, thumbnails=False)[1].read_text()
+    # an unreadable metrics file is named, not counted as a setting of its own ("n/a")
+    (tmp_path / "sub-04" / "anat").mkdir(parents=True)
+    (tmp_path / "sub-04" / "anat" / "sub-04_desc-brain_metrics.json").write_text('{"settings": {"thresh')
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        html = write_group_report(tmp_path, thumbnails=False)[1].read_text()
+    assert "not all processed" not in html and not any("not all processed" in m for m in caplog.messages)
+    named = [m for m in caplog.messages if "sub-04_desc-brain_metrics.json: unreadable metrics file" in m]
+    assert named, caplog.messages
 
 
 def test_group_report_of_some_participants_only(tmp_path):

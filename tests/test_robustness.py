@@ -835,6 +835,33 @@ def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     assert src.read_bytes() == SMALL_HEAD.read_bytes()
 
 
+def test_skullstrip_cli_an_output_that_is_a_folder_is_one_line_and_nothing_is_written(tmp_path):
+    (tmp_path / "brain.nii.gz").mkdir()
+    res = skullstrip("-i", SMALL_HEAD, "-m", tmp_path / "mask.nii.gz", "-o", tmp_path / "brain.nii.gz")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"skullstrip: error: {tmp_path / 'brain.nii.gz'}: a folder is there; an output must be a file name"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.nii.gz"]
+
+
+def test_outputs_are_all_written_or_none_of_those_the_call_made(tmp_path, monkeypatch):
+    """A write that fails after another output was written (a full disk, a folder gone) takes the outputs this
+    call made with it: no mask without the brain image asked for beside it."""
+    import bids_skullstrip.strip as strip
+
+    calls = []
+
+    def second_write_fails(image, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise OSError(28, "No space left on device")
+        nib.save(image, path)
+
+    monkeypatch.setattr(strip, "atomic_save", second_write_fails)
+    with pytest.raises(OSError, match="No space left"):
+        strip.skullstrip_file(SMALL_HEAD, mask=tmp_path / "mask.nii.gz", brain=tmp_path / "brain.nii.gz")
+    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, problem", [
     ((), "nothing to write"),
     (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1"),

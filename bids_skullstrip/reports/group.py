@@ -82,8 +82,9 @@ def _setting(r, key):
 
 
 def mixed_settings(records):
-    """{setting: Counter of its values} for the settings that differ between the processed images."""
-    processed = [r for r in records if r["_status"] == "processed"]
+    """{setting: Counter of its values} for the settings that differ between the processed images (those whose
+    metrics JSON records them: an unreadable one is named on its own)."""
+    processed = [r for r in records if r["_status"] == "processed" and isinstance(r.get("settings"), dict)]
     counts = {key: Counter(_tsv_value(_setting(r, key)) for r in processed) for key in SETTINGS}
     return {key: c for key, c in counts.items() if len(c) > 1}
 
@@ -231,6 +232,9 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails):
         thumb = thumb or r["_figure"]
         r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
         r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['_name'])}"
+    for r in records:
+        if r["_status"] == "processed" and r["_error"]:
+            log.warning("%s: %s (flagged; rerun the participant level with --overwrite for it)", name, r["_error"])
     mixed = mixed_settings(records)
     for key, counts in mixed.items():
         log.warning("%s: the %s images were not all processed with the same %s: %s", name, suffix, key,
