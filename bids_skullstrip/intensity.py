@@ -2,22 +2,28 @@
 
 import numpy as np
 
-# The networks learned air as the darkest intensity of a head. A constant added to every voxel (a background that
-# is not ~0, as some converters' and scanners' scalings leave it) made the whole field of view look like head:
-# masks of 2000-6000 ml at an offset of a quarter of the brain's intensity. The 1st percentile of a real head is its
-# air: at most 0.7 % of the 98th percentile on the 65 images of ../shared/data, so a 1st percentile above
-# BACKGROUND_OFFSET_FRACTION of it is an offset, taken off before the networks and the QC measures (the outputs
-# keep the input as it is).
+# The networks learned air as the darkest intensity of a head, about 0. A constant added to every voxel (a background
+# that is not ~0, as some converters' and scanners' scalings leave it) made the whole field of view look like head:
+# masks of 2000-6000 ml at an offset of a quarter of the brain's intensity. Such a background is a plateau: most of
+# the voxels on the faces of the field of view (air around the head) share one value, the darkest of the image. It
+# is recognised as that (at least 40 % of the face voxels within BACKGROUND_OFFSET_FRACTION of the 98th percentile
+# of one another, at the image's dark end, above that fraction of it; none of the 67 images of ../shared/data and
+# data/sample_bids, nor a brain cropped without air around it, whose faces are tissue) and taken off before the
+# networks and the QC measures (the outputs keep the input as it is).
 BACKGROUND_OFFSET_FRACTION = 0.05
 
 
 def background_offset(data):
-    """The intensity of a background that is not dark (the 1st percentile, where it is above
+    """The intensity of a background that is not dark (an air plateau on the faces of the field of view, above
     ``BACKGROUND_OFFSET_FRACTION`` of the 98th percentile of the positive voxels), else 0; from about 2e5 voxels."""
     step = max(1, int(round((data.size / 2e5) ** (1 / 3))))
     sample = data[::step, ::step, ::step]
-    low = float(np.percentile(sample, 1))
     positive = sample[sample > 0]
-    if low <= 0 or positive.size == 0:
+    if positive.size == 0:
         return 0.0
-    return low if low > BACKGROUND_OFFSET_FRACTION * float(np.percentile(positive, 98)) else 0.0
+    bright = float(np.percentile(positive, 98))
+    faces = np.concatenate([np.take(sample, i, axis=a).ravel() for a in range(3) for i in (0, -1)])
+    p10, level, p40 = (float(v) for v in np.percentile(faces, [10, 25, 40]))
+    tolerance = BACKGROUND_OFFSET_FRACTION * bright
+    plateau = p40 - p10 <= tolerance and level - float(np.percentile(sample, 1)) <= tolerance
+    return level if plateau and level > tolerance else 0.0

@@ -234,11 +234,16 @@ def test_a_background_that_is_not_dark_is_taken_off_before_the_networks(offset):
     img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
     data = np.asarray(img.dataobj, np.float32)
     assert background_offset(data) == 0.0
+    # a brain cropped without air around it has no background to take off (its faces are tissue): a 1st
+    # percentile rule took its CSF for one and lost 0.025 of Dice
+    centre = np.argwhere(data > np.percentile(data, 90)).mean(0).astype(int)
+    assert background_offset(data[tuple(slice(c - 32, c + 32) for c in centre)]) == 0.0
     stripper = Skullstripper()
     plain = stripper.mask(data, img.affine)
     shifted = stripper.mask(data + np.float32(offset), img.affine)
     assert compare_masks(shifted.mask, plain.mask, voxel_sizes(img.affine))["dice"] >= 0.99
-    assert any("the background is not dark" in w and f"{offset:g}" in w for w in shifted.warnings), shifted.warnings
+    assert any("the background is not dark" in w for w in shifted.warnings), shifted.warnings
+    assert background_offset(data + np.float32(offset)) == pytest.approx(offset, abs=2.0)  # air: about 1 here
     assert not any("background" in w for w in plain.warnings)
 
 
