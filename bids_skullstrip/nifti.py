@@ -46,18 +46,25 @@ def _nibabel_messages():
 
     class _Collect(logging.Handler):
         def emit(self, record):
-            if record.levelno >= logging.WARNING:
+            if record.levelno >= logging.WARNING or QFAC_FIX in record.getMessage():
                 collected.append(" ".join(record.getMessage().split()))
 
-    saved_handlers, saved_propagate = list(logger.handlers), logger.propagate
+    saved_handlers, saved_propagate, saved_level = list(logger.handlers), logger.propagate, logger.level
     handler = _Collect(level=logging.DEBUG)
     logger.handlers = [handler]
     logger.propagate = False
+    logger.setLevel(logging.INFO)  # nibabel's qfac fix is an INFO record
     try:
         yield collected
     finally:
         logger.handlers = saved_handlers
         logger.propagate = saved_propagate
+        logger.setLevel(saved_level)
+
+
+# nibabel reads a qfac (pixdim[0]) of 0 as 1, as the NIfTI standard says, and logs it at INFO. It is named when the
+# qform is what orients the image (no sform): with a qfac that should have been -1 the head is read upside down.
+QFAC_FIX = "(qfac) should be 1 (default) or -1"
 
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -116,8 +123,13 @@ def load_image(path):
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         hint = _CONVERT_HINTS.get(type(img).__name__, "convert it to a single .nii or .nii.gz file first")
         raise InputError(f"{path}: not a NIfTI image but {type(img).__name__}; {hint}")
+    qform_orients = isinstance(img.header, nib.Nifti1Header) and int(img.header["sform_code"]) == 0
     for msg in dict.fromkeys(fixes):
-        warnings.warn(f"{path}: invalid header field fixed on load: {msg}", stacklevel=2)
+        if QFAC_FIX not in msg:
+            warnings.warn(f"{path}: invalid header field fixed on load: {msg}", stacklevel=2)
+        elif qform_orients:
+            warnings.warn(f"{path}: invalid header field fixed on load: {msg}; the qform orients this image (no "
+                          "sform): check that the head is not upside down", stacklevel=2)
 
     try:
         dtype = np.dtype(img.get_data_dtype())

@@ -757,6 +757,32 @@ def test_skullstrip_cli_doubts_are_one_line_warnings_naming_the_file(tmp_path):
     assert nib.load(tmp_path / "m.nii.gz").shape == src.shape
 
 
+@pytest.mark.parametrize("sform_code", [0, 1])
+def test_a_qfac_of_0_is_named_where_the_qform_orients_the_image(sform_code, tmp_path):
+    """nibabel reads pixdim[0] = 0 as 1 (the NIfTI standard) and logs it at INFO only; where no sform orients the
+    image, a qfac that should have been -1 turns the head upside down without a word (a red-team pass: Dice 0.86)."""
+    import struct
+
+    head = nib.load(SMALL_HEAD)
+    img = nib.Nifti1Image(np.asanyarray(head.dataobj), head.affine)
+    img.set_qform(head.affine, 1)
+    img.set_sform(head.affine, sform_code)
+    path = tmp_path / "qfac0.nii"
+    nib.save(img, path)
+    with path.open("r+b") as fh:  # pixdim[0], which nibabel will not write as 0
+        fh.seek(76)
+        fh.write(struct.pack("<f", 0.0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_image(path)
+    named = [str(w.message) for w in caught if "qfac" in str(w.message)]
+    if sform_code:
+        assert named == []  # the sform orients it: the qfac does not matter
+    else:
+        assert len(named) == 1 and named[0].startswith(f"{path}: invalid header field fixed on load: ")
+        assert "check that the head is not upside down" in named[0] and "\n" not in named[0]
+
+
 def test_a_header_with_wrong_voxel_sizes_is_named_in_one_line_warnings_and_the_mask_keeps_its_grid(tmp_path):
     """Voxel sizes ten times too large (a header written in cm, say) make a 2 m "head": the tool still writes a
     mask on the input's grid, and says why it is not to be trusted: the field of view and the mask volume."""
