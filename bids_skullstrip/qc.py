@@ -37,7 +37,7 @@ EDGE_SEARCH_MAX_MM = 6.0  # the brain edge is searched at offsets up to this (th
 # own masks of the same heads (no false alarm on either), and checked against the corruptions of
 # bench/qc_flags.py; docs/qc.md gives the numbers and the reason for each limit.
 LIMITS = {
-    "brain_volume_ml": (800.0, 2300.0, "ml", "brain volume"),
+    "brain_volume_ml": (350.0, 2300.0, "ml", "brain volume"),
     "extra_components_ml": (None, 10.0, "ml", "blobs of p>0.5 outside the brain"),
     "uncertain_fraction": (None, 0.45, "", "uncertain voxels (0.1<p<0.9) relative to the mask size"),
     "prob_mask_disagreement": (None, 0.10, "", "mask and p>0.5 disagree on a fraction of the mask"),
@@ -58,11 +58,15 @@ LIMITS = {
 # and every mask they fail on at more noise (from 0.34) is flagged by the mask's own measures (volume, extent,
 # uncertainty), while a noise flag above 0.15 fired on the good ones (20 of 27 heads with 5 % Rician noise;
 # bench/stress_eval.py, docs/qc.md).
+# A brain smaller than an adult's (800 ml) is a child's as often as a mask cut short, which the mask's own measures
+# (extent, edge, brain-like band) flag: a note down to about a newborn's brain (350 ml), a flag below it.
 NOTE_LIMITS = {
+    "brain_volume_ml": (800.0, None, "ml", "brain volume"),
     "fov_edge_fraction": (None, 0.02, "", "brain on the field-of-view edge (fraction of the mask's surface)"),
     "noise_ratio": (None, 0.15, "", "noise relative to brain intensity"),
 }
-NOTE_HINTS = {("fov_edge_fraction", "high"): "the image's field of view cuts the brain",
+NOTE_HINTS = {("brain_volume_ml", "low"): "small for an adult: a child's brain, or a mask cut short? look at it",
+              ("fov_edge_fraction", "high"): "the image's field of view cuts the brain",
               ("noise_ratio", "high"): "a noisy image: look at the mask"}
 
 # A hint added to a flag: (measure, "low" | "high") -> text.
@@ -385,9 +389,10 @@ def _fmt(v):
     return f"{v:.3g}"
 
 
-def accepted_range(key):
-    """The accepted range of a measure, e.g. "800 to 2300 ml", ">= 0.58" ("" for a measure without limits)."""
-    rule = LIMITS.get(key) or NOTE_LIMITS.get(key)
+def accepted_range(key, limits=None):
+    """The accepted range of a measure, e.g. "350 to 2300 ml", ">= 0.58" ("" for a measure without limits), by
+    ``limits`` (default: the flags' rule, else the notes')."""
+    rule = (limits or {}).get(key) or LIMITS.get(key) or NOTE_LIMITS.get(key)
     if rule is None:
         return ""
     low, high, unit, _ = rule
@@ -413,7 +418,7 @@ def _finding(key, v, side, limits, hint):
     unit, text = limits[key][2:]
     u = f" {unit}" if unit else ""
     value = f"{v:+.1f}" if key == "edge_offset_mm" else _fmt(v)
-    return f"{text}: {value}{u} (accepted {accepted_range(key)})" + (f" - {hint}" if hint else "")
+    return f"{text}: {value}{u} (accepted {accepted_range(key, limits)})" + (f" - {hint}" if hint else "")
 
 
 def flag_image(measures):
@@ -431,9 +436,11 @@ def flag_image(measures):
 
 
 def note_image(measures):
-    """Absolute rules that describe the image (``NOTE_LIMITS``) -> list of notes: unusual, not failed."""
+    """Absolute rules that describe the image (``NOTE_LIMITS``) -> list of notes: unusual, not failed (a measure
+    that a flag's rule judges as well is noted only while no flag is raised on it)."""
+    flagged = _outside(measures or {}, LIMITS)
     return [_finding(key, v, side, NOTE_LIMITS, NOTE_HINTS.get((key, side)))
-            for key, (v, side) in _outside(measures or {}, NOTE_LIMITS).items()]
+            for key, (v, side) in _outside(measures or {}, NOTE_LIMITS).items() if key not in flagged]
 
 
 def robust_z(values, min_scale=0.0):

@@ -289,6 +289,25 @@ def test_empty_and_degenerate_inputs():
     assert qc.flag_image({}) == ["no QC measures"]
 
 
+@needs_heads
+def test_a_childs_brain_is_a_note_and_a_far_smaller_mask_a_flag():
+    """A good mask of a head 0.8x an adult's (a child's, 0.51x the volume) raised "brain volume" as a flag on every
+    image of a paediatric study; the volume floor caught no corruption of bench/qc_flags.py that the mask's own
+    measures did not (566/624 and 609/624 either way). Below 800 ml it is a note; below 350 ml a flag."""
+    t1, mask, vox, _ = load("ds000011-sub-13")
+    child = measures(t1, mask, 0.8 * vox)
+    assert 500 < child["brain_volume_ml"] < 800
+    assert qc.flag_image(child) == [], child
+    notes = qc.note_image(child)
+    assert [n for n in notes if n.startswith("brain volume")] == [
+        f"brain volume: {child['brain_volume_ml']:.0f} ml (accepted >= 800 ml) - small for an adult: a child's brain, "
+        "or a mask cut short? look at it"], notes
+    tiny = {**child, "brain_volume_ml": 300.0}
+    assert [f for f in qc.flag_image(tiny) if f.startswith("brain volume")] == [
+        "brain volume: 300 ml (accepted 350 to 2300 ml) - mask too small or brain cut?"]
+    assert not any(n.startswith("brain volume") for n in qc.note_image(tiny))
+
+
 def test_each_rule_fires_outside_its_limits_only():
     """Every absolute limit: just inside -> no flag; just outside -> one flag naming the value and limit."""
     for key, (low, high, unit, text) in qc.LIMITS.items():
