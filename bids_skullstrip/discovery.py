@@ -217,13 +217,29 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
     # one image per name: the same image as .nii and .nii.gz is one input (``twin_of`` fails it in the run)
     by_name = {re.sub(r"\.nii(\.gz)?$", "", f): f for f in sorted(set(files))}
     found = [StructuralInput.from_path(f, bids_dir) for f in sorted(by_name.values())]
+    miscased = _miscased(layout, contrasts, selection)
     if not found:
         names = "/".join(contrasts)
         pattern = contrasts[0] if len(contrasts) == 1 else "{" + ",".join(contrasts) + "}"
         raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{pattern}.nii[.gz]) for "
                              f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
-                             + _what_else_is_there(layout, contrasts, selection))
+                             + (f" ({miscased})" if miscased else _what_else_is_there(layout, contrasts, selection)))
+    if miscased:
+        logging.getLogger("bids_skullstrip").warning("%s: %s", bids_dir, miscased)
     return found
+
+
+def _miscased(layout, contrasts, selection):
+    """The images named with a chosen contrast's suffix in another case (``_flair``, ``_t1w``), which BIDS and
+    pybids do not take for it, said in words; "" when there are none."""
+    wanted = {c.lower(): c for c in contrasts}
+    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection)))
+    odd = sorted((s, n) for s, n in counts.items() if s and s not in CONTRASTS and s.lower() in wanted)
+    if not odd:
+        return ""
+    listed = ", ".join(f"{n} named *_{s}" for s, n in odd)
+    return (f"{listed} image(s) skipped: BIDS suffixes are case-sensitive; rename them "
+            f"{', '.join(f'*_{wanted[s.lower()]}' for s, _ in odd)}")
 
 
 def _what_else_is_there(layout, contrasts, selection):

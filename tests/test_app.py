@@ -399,6 +399,23 @@ def test_filters_narrow_labels_in_any_key_case_and_misplaced_keys_are_named(tmp_
         names({"t1w": {}, "T1w": {}})
 
 
+def test_a_suffix_in_the_wrong_case_is_named_not_skipped_silently(tmp_path, caplog):
+    from bids_skullstrip.discovery import DiscoveryError, collect_images
+
+    bids = tmp_path / "bids"
+    anat = bids / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "names", "BIDSVersion": "1.10.0"}))
+    (anat / "sub-01_flair.nii.gz").write_bytes(b"")  # pybids reads names only
+    with pytest.raises(DiscoveryError, match=r"no FLAIR images .*\(1 named \*_flair image\(s\) skipped: BIDS "
+                                             r"suffixes are case-sensitive; rename them \*_FLAIR\)"):
+        collect_images(bids, contrasts=("FLAIR",))
+    (anat / "sub-01_T2w.nii.gz").write_bytes(b"")
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        assert [i.path.name for i in collect_images(bids, contrasts=("T2w", "FLAIR"))] == ["sub-01_T2w.nii.gz"]
+    assert "1 named *_flair image(s) skipped" in caplog.text
+
+
 @needs(CONTRASTS_DATA, "../shared/data/contrasts")
 def test_contrasts_and_per_contrast_filters_choose_the_images(tmp_path):
     from bids_skullstrip.discovery import collect_images, load_bids_filters
