@@ -21,6 +21,15 @@ def resolve_threshold(value):
     return threshold
 
 
+def resolve_border(value):
+    from .postproc import check_border
+
+    try:
+        return check_border(value)
+    except ValueError as exc:
+        raise UsageError(f"--border {value}: {str(exc).split(': ', 1)[1]}") from None
+
+
 def resolve_contrasts(values):
     """``--contrasts`` as BIDS suffixes, in ``discovery.CONTRASTS`` order (``all``: every one; any case)."""
     from .discovery import CONTRASTS, DEFAULT_CONTRASTS
@@ -122,7 +131,7 @@ class RunConfig:
         mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
         return cls(bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level,
                    work_dir=work_dir,
-                   threshold=resolve_threshold(opts.threshold), border_mm=opts.border,
+                   threshold=resolve_threshold(opts.threshold), border_mm=resolve_border(opts.border),
                    save_probseg=opts.save_probseg, contrasts=resolve_contrasts(opts.contrasts),
                    participant_label=tuple(opts.participant_label or ()),
                    session_label=tuple(opts.session_label or ()), bids_filter_file=opts.bids_filter_file,

@@ -26,9 +26,16 @@ def plugin_settings(config):
             raise UsageError(f"{config.plugin_file}: cannot read the plugin file ({' '.join(str(exc).split())})") from None
         if not isinstance(settings, dict) or "plugin" not in settings:
             raise UsageError(f"{config.plugin_file}: a plugin file needs a `plugin:` key (and optional `plugin_args:`)")
-        plugin, args = settings["plugin"], dict(settings.get("plugin_args") or {})
+        plugin, args = settings["plugin"], settings.get("plugin_args") or {}
+        given = f"{config.plugin_file}: plugin_args"
     else:
-        plugin, args = config.plugin, dict(config.plugin_args or {})
+        plugin, args, given = config.plugin, config.plugin_args or {}, "--plugin-args"
+    if not isinstance(args, dict) or not all(isinstance(k, str) for k in args):
+        raise UsageError(f"{given} {json.dumps(args)}: plugin arguments are a JSON object, e.g. "
+                         '{"sbatch_args": "-p short -t 30"}')
+    args = dict(args)
+    if not isinstance(args.get("sbatch_args", ""), str):
+        raise UsageError(f"{given}: sbatch_args {json.dumps(args['sbatch_args'])} must be a string of sbatch options")
     from nipype.pipeline import plugins
 
     if not hasattr(plugins, f"{plugin}Plugin"):

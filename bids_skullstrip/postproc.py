@@ -1,7 +1,37 @@
 """From a probability map to a clean brain mask: threshold, largest component, holes, border."""
 
+import math
+
 import numpy as np
 from scipy import ndimage as ndi
+
+# A border grows or shrinks the mask by a few millimetres (a margin of CSF, a tighter mask); beyond this it is the
+# head or nothing.
+MAX_BORDER_MM = 20.0
+
+
+def check_threshold(threshold):
+    """``threshold`` as a float in (0, 1), or None (the calibrated one); a ValueError naming it otherwise."""
+    if threshold is None:
+        return None
+    try:
+        value = float(threshold)
+    except (TypeError, ValueError):
+        raise ValueError(f"threshold {threshold!r}: not a number") from None
+    if not 0.0 < value < 1.0:
+        raise ValueError(f"threshold {threshold}: must be between 0 and 1")
+    return value
+
+
+def check_border(border_mm):
+    """``border_mm`` as a float within +-MAX_BORDER_MM; a ValueError naming it otherwise."""
+    try:
+        value = float(border_mm)
+    except (TypeError, ValueError):
+        raise ValueError(f"border {border_mm!r} mm: not a number") from None
+    if not (math.isfinite(value) and abs(value) <= MAX_BORDER_MM):
+        raise ValueError(f"border {border_mm} mm: must be between -{MAX_BORDER_MM:g} and {MAX_BORDER_MM:g} mm")
+    return value
 
 
 def largest_component(mask):

@@ -301,6 +301,7 @@ class Run:
 
         if not self.config.output_dir.is_dir():
             raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
+        check_writable((self.config.output_dir, "output folder"))  # the group tables and reports go there
         paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
         log.info("group report: %s", ", ".join(str(p) for p in paths))
         return OK

@@ -17,6 +17,7 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 
 from .nifti import atomic_save, geometry_warnings, like, load_image
+from .postproc import check_border, check_threshold
 
 OUTPUT_KINDS = ("mask", "brain", "probseg")
 
@@ -95,12 +96,6 @@ def brain_image(img, data, mask):
     return like(img, data * mask, np.float32)
 
 
-def check_threshold(threshold):
-    if threshold is not None and not 0.0 < float(threshold) < 1.0:
-        raise ValueError(f"threshold {threshold}: must be between 0 and 1")
-    return threshold
-
-
 def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=None, threshold=None, border_mm=0.0,
                     contrast=None, stripper=None):
     """Skull-strip one image file and write the outputs asked for, on the input's exact grid.
@@ -142,6 +137,7 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
 
     outputs = check_outputs(in_file, mask=mask, brain=brain, probseg=probseg)
     check_threshold(threshold)
+    check_border(border_mm)
     stripper = stripper or Skullstripper(weights or ModelCard.bundled_for(contrast_of(in_file, contrast)))
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # collected, each names the file

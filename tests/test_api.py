@@ -367,3 +367,44 @@ def test_the_group_report_explains_each_measure_in_itself(tmp_path):
 def test_weights_that_are_not_there_stop_the_graph_being_built(tmp_path):
     with pytest.raises(ModelCardError, match=f"^{tmp_path / 'nowhere'}: no model weights there"):
         init_t1w_wf(weights=tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s, d, a: s.mask("T1w.nii.gz", a), TypeError, "a 3D volume of real numbers is needed"),
+    (lambda s, d, a: s.mask(d[..., None].repeat(2, -1), a), ValueError, "a 3D volume is needed"),
+    (lambda s, d, a: s.mask(d[..., 0], a), ValueError, "a 3D volume is needed"),
+    (lambda s, d, a: s.mask(d > 0, a), TypeError, "of type bool"),
+    (lambda s, d, a: s.mask(d, np.full((4, 4), np.nan)), ValueError, "invertible 4x4"),
+    (lambda s, d, a: s.mask(d, a[:3, :3]), ValueError, "4x4"),
+    (lambda s, d, a: s.mask(d, None), ValueError, "4x4"),
+    (lambda s, d, a: s.mask(d, a, threshold=1), ValueError, "threshold 1: must be between 0 and 1"),
+    (lambda s, d, a: s.mask(d, a, threshold="a"), ValueError, "threshold 'a': not a number"),
+    (lambda s, d, a: s.mask(d, a, border_mm=-500), ValueError, "border -500 mm"),
+    (lambda s, d, a: s.mask(d, a, border_mm=float("inf")), ValueError, "border inf mm"),
+])
+def test_the_array_api_says_what_is_wrong_in_one_line(call, error, message):
+    """Wrong arguments to ``Skullstripper`` get a one-line error naming the problem, before the networks run
+    (a red-team pass met numpy's and TensorFlow's own errors, and silent empty or whole-field masks)."""
+    from bids_skullstrip import Skullstripper
+
+    img = nib.load(SMALL_HEAD)
+    with pytest.raises(error, match=re.escape(message)) as caught:
+        call(Skullstripper(), np.asarray(img.dataobj), img.affine)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_few_nan_voxels_in_an_array_are_set_to_0_with_a_warning():
+    """10 NaN voxels of 629,280 emptied the mask, and the warning blamed the locator."""
+    from bids_skullstrip import Skullstripper
+
+    img = nib.load(SMALL_HEAD)
+    data = np.asarray(img.dataobj, np.float32)
+    stripper = Skullstripper()
+    clean = stripper.mask(data, img.affine)
+    holed = data.copy()
+    holed.flat[np.random.default_rng(0).choice(data.size, 10, replace=False)] = np.nan
+    result = stripper.mask(holed, img.affine)
+    assert result.warnings == ["10 NaN/infinite voxels set to 0"]
+    assert (result.mask != clean.mask).sum() < 0.001 * clean.mask.sum()
+    with pytest.raises(ValueError, match="threshold 2: must be between 0 and 1"):
+        Skullstripper(threshold=2)

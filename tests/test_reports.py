@@ -369,6 +369,10 @@ def test_group_level_when_every_image_failed(tmp_path):
     assert "not a readable NIfTI" in rows[0]["error"]
     page = html.read_text()
     assert "0 flagged · 2 failed" in page and "2 of 2 images failed" in page and "No mask is flagged" in page
+    # no participant report yet (a participant run still going): no link to it; then a link to its errors
+    assert 'href="sub-01.html' not in page
+    (tmp_path / "sub-01.html").write_text("<html></html>")
+    assert 'href="sub-01.html#errors"' in write_group_report(tmp_path)[1].read_text()
 
 
 def test_group_report_shows_each_images_settings_and_warns_when_they_differ(tmp_path, caplog):

@@ -184,6 +184,8 @@ def small_dataset(tmp_path):
     ("same_dir", 2, "must not be the input dataset"),
     ("inside", 2, "inside the input dataset"),
     ("work_inside", 2, "the work directory is inside the input dataset; use a folder outside it"),
+    ("border_inf", 2, "--border inf: must be between -20 and 20 mm"),  # every image failed, the outputs made
+    ("plugin_args_list", 2, '--plugin-args ["-p ci"]: plugin arguments are a JSON object'),  # a ValueError, 1
     ("unknown_label", 2, "participant label(s) not found: 99"),
     ("not_writable", 2, "not writable"),
     ("work_not_writable", 2, "the work directory is not writable"),
@@ -209,6 +211,10 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         out = bids / "sub-01" / "out"
     elif case == "work_inside":
         extra += ["-w", bids / "work"]
+    elif case == "border_inf":
+        extra += ["--border", "inf"]
+    elif case == "plugin_args_list":
+        extra += ["--plugin-args", '["-p ci"]']
     elif case == "unknown_label":
         extra += ["--participant-label", "sub-99"]
     elif case == "not_writable":
@@ -258,7 +264,7 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
-    if case == "unknown_plugin":
+    if case in ("unknown_plugin", "border_inf", "plugin_args_list"):
         assert not out.exists()
 
 
@@ -892,6 +898,9 @@ def test_outputs_are_all_written_or_none_of_those_the_call_made(tmp_path, monkey
     ((), "nothing to write"),
     (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1"),
     (("-m", "MASK", "--contrast", "bold"), "--contrast bold: unknown contrast (one of T1w, T2w, FLAIR, PDw, T2starw)"),
+    (("-m", "MASK", "--border", "inf"), "border inf mm: must be between -20 and 20 mm"),  # was a traceback
+    (("-m", "MASK", "--border", "nan"), "border nan mm: must be between -20 and 20 mm"),
+    (("-m", "MASK", "--border", "-500"), "border -500.0 mm: must be between -20 and 20 mm"),  # was an empty mask
 ])
 def test_skullstrip_cli_usage_errors_exit_2_in_one_line_writing_nothing(args, problem, tmp_path):
     res = skullstrip("-i", SMALL_HEAD, *[tmp_path / "m.nii.gz" if a == "MASK" else a for a in args])
@@ -1093,6 +1102,19 @@ def test_read_only_output_mount_is_one_line_before_anything_runs(small_dataset, 
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "not writable" in res.stderr and "Read-only file system" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_group_level_on_a_read_only_output_folder_is_one_line(small_dataset, tmpfs, tmp_path):
+    """The group tables and reports go into the output folder: one line and status 2 (an OSError and 1 before)."""
+    point = tmpfs(1024)
+    metrics = point / "sub-01" / "anat" / "sub-01_desc-brain_metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text("{}")
+    subprocess.run(["mount", "-o", "remount,ro", str(point)], check=True)
+    res = app(small_dataset, point, "group")
+    assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
+    assert res.stderr.strip().splitlines() == [
+        f"bids_skullstrip: error: {point}: the output folder is not writable (Read-only file system)"], res.stderr
 
 
 def test_paths_with_spaces_and_non_ascii_letters(tmp_path):

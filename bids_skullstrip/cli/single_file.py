@@ -65,10 +65,12 @@ def main(argv=None):
     if not (opts.mask or opts.output or opts.probseg):
         return _fail("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg", EXIT_USAGE)
     from ..discovery import CONTRASTS, contrast_of
-    from ..strip import check_outputs, check_threshold, skullstrip_file
+    from ..postproc import check_border, check_threshold
+    from ..strip import check_outputs, skullstrip_file
 
     try:
         check_threshold(opts.threshold)
+        check_border(opts.border)
     except ValueError as exc:
         return _fail(exc, EXIT_USAGE)
     if opts.contrast and contrast_of(opts.input, opts.contrast) not in CONTRASTS:

@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 
 from .. import geometry
 from ..intensity import background_offset
-from ..postproc import clean_mask, largest_component
+from ..postproc import check_border, check_threshold, clean_mask, largest_component
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
 
@@ -75,6 +75,30 @@ class SkullstripResult:
     warnings: list = field(default_factory=list)
 
 
+def checked_volume(data, affine):
+    """(float32 3D volume with NaN/inf set to 0, 4x4 affine, warnings) of what a caller passed, or a ValueError /
+    TypeError in one line naming the problem (``load_image`` does this and more for files)."""
+    data = np.asarray(data)
+    if data.dtype.kind not in "iuf":
+        raise TypeError(f"data of type {data.dtype}: a 3D volume of real numbers is needed")
+    while data.ndim > 3 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 3 or min(data.shape) < 1:
+        raise ValueError(f"data of shape {data.shape}: a 3D volume is needed")
+    try:
+        affine = np.asarray(affine, dtype=float)
+    except (TypeError, ValueError):
+        raise TypeError(f"affine {affine!r}: a 4x4 voxel-to-world matrix is needed") from None
+    if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
+        raise ValueError(f"affine of shape {affine.shape}: a finite, invertible 4x4 voxel-to-world matrix is needed")
+    data, warnings = data.astype(np.float32, copy=False), []
+    finite = np.isfinite(data)
+    if not finite.all():
+        warnings.append(f"{data.size - int(finite.sum())} NaN/infinite voxels set to 0")
+        data = np.where(finite, data, np.float32(0))
+    return data, affine, warnings
+
+
 def looks_skull_stripped(data, voxel_mm):
     nonzero = int(np.count_nonzero(data))
     volume_ml = nonzero * float(np.prod(voxel_mm)) / 1000.0
@@ -114,7 +138,7 @@ class Skullstripper:
         self.views = tuple(views or recorded or default_views(self.voxel_mm))
         self._networks = BrainNetworks.of(networks) if networks is not None else None
         calibrated = (self.card or ModelCard.load()).threshold
-        self.threshold = calibrated if threshold is None else float(threshold)
+        self.threshold = calibrated if threshold is None else check_threshold(threshold)
 
     @property
     def networks(self):
@@ -124,8 +148,8 @@ class Skullstripper:
 
     def probability(self, data, affine):
         """The brain probability of ``data`` (3D, native grid, voxel-to-world ``affine``) as a ``Prediction``."""
-        shape = tuple(int(s) for s in data.shape[:3])
-        warnings = []
+        data, affine, warnings = checked_volume(data, affine)
+        shape = tuple(int(s) for s in data.shape)
         offset = background_offset(data)
         if offset:
             data = data - np.float32(offset)
@@ -188,8 +212,10 @@ class Skullstripper:
         """The brain mask of ``data`` (p >= ``threshold``, largest component, holes filled, grown or shrunk by
         ``border_mm``) with its probability, as a ``SkullstripResult``; ``prediction``: the ``probability()``
         of the same volume, if the caller has it already."""
+        threshold = self.threshold if threshold is None else check_threshold(threshold)
+        border_mm = check_border(border_mm)
         prediction = prediction or self.probability(data, affine)
-        threshold = self.threshold if threshold is None else float(threshold)
+        affine = np.asarray(affine, dtype=float)
         timings = dict(prediction.timings)
         t = time.perf_counter()
         shape, voxel_mm = prediction.probability.shape, voxel_sizes(affine)

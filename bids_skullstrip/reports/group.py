@@ -231,7 +231,11 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails):
         thumb = _thumbnail(r, output_dir, fig_dir) if thumbnails and r["_status"] == "processed" else None
         thumb = thumb or r["_figure"]
         r["_thumb_url"] = rel_url(thumb, output_dir) if thumb else None
-        r["_report_url"] = f"sub-{r['_participant']}.html#{slug(r['_name'])}"
+        # the image's section of its participant's report; a failed image is listed under that report's errors;
+        # no link while the report is not written yet (the group level run during a participant run)
+        report = f"sub-{r['_participant']}.html"
+        anchor = "errors" if r["_status"] == "failed" else slug(r["_name"])
+        r["_report_url"] = f"{report}#{anchor}" if (output_dir / report).is_file() else None
     for r in records:
         if r["_status"] == "processed" and r["_error"]:
             log.warning("%s: %s (flagged; rerun the participant level with --overwrite for it)", name, r["_error"])
