@@ -50,6 +50,12 @@ def plugin_settings(config):
     if plugin in SCHEDULER_PLUGINS:
         # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
         os.environ.setdefault("LOGNAME", _login_name())
+    if plugin in ("SLURM", "SLURMGraph"):  # before anything is made: nipype's failed sbatch is an IndexError
+        from .slurm import sbatch_refuses
+
+        refused = sbatch_refuses(args.get("sbatch_args", ""))
+        if refused:
+            raise UsageError(f"{given}: sbatch refuses sbatch_args {args.get('sbatch_args', '')!r}: {refused}")
     return plugin, args
 
 

@@ -91,9 +91,13 @@ class Run:
             return self.participant() if self.config.analysis_level == "participant" else self.group()
         except (KeyboardInterrupt, Interrupted) as exc:
             from .multiproc import stop_workers
+            from .slurm import cancel_submitted_jobs
 
             name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
             stop_workers()
+            cancelled = cancel_submitted_jobs()
+            if cancelled:
+                log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, cancelled)))
             log.info("interrupted (%s) after the workers were stopped", name)
             print(f"bids_skullstrip: interrupted ({name}): the images finished so far are kept and no output was "
                   "left half-written; rerun the same command to resume", file=sys.stderr)

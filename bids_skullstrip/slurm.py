@@ -12,6 +12,8 @@ so that a ``--mem`` given there, as that line advises, wins.
 """
 
 import re
+import shlex
+import shutil
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +22,33 @@ from nipype.pipeline.plugins.base import _graph_to_lil_matrix
 from nipype.pipeline.plugins.slurm import SLURMPlugin
 
 from .multiproc import image_of, signal_cause
+
+
+def sbatch_refuses(sbatch_args):
+    """What sbatch says against ``sbatch_args`` (a partition that does not exist, an unknown option), asked with
+    ``--test-only`` (no job is submitted); "" when it takes them, or when there is no sbatch to ask."""
+    if not shutil.which("sbatch"):
+        return ""
+    try:
+        res = subprocess.run(["sbatch", "--test-only", *shlex.split(sbatch_args), "--wrap", "true"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, ValueError, subprocess.TimeoutExpired) as exc:
+        return str(exc)
+    return "" if res.returncode == 0 else " ".join((res.stderr or res.stdout).split())[:300]
+
+
+# The jobs the run's plugins submitted and have not seen end: cancelled when the run is stopped (SIGTERM, Ctrl-C),
+# which otherwise leaves them queued, to run after the run is gone.
+SUBMITTED = set()
+
+
+def cancel_submitted_jobs():
+    """``scancel`` every job of this run that is still queued or running; returns their ids."""
+    jobs = sorted(SUBMITTED)
+    if jobs and shutil.which("scancel"):
+        subprocess.run(["scancel", *map(str, jobs)], capture_output=True, timeout=60)
+    SUBMITTED.clear()
+    return jobs
 
 
 def _ask(cmd):
@@ -96,6 +125,7 @@ class SlurmPlugin(SLURMPlugin):
                                 "sbatch_args": f"{node.plugin_args['sbatch_args']} {self._sbatch_args}"}
         jobid = super()._submit_batchtask(scriptfile, node)
         self._jobs[jobid] = (node.name, Path(scriptfile).parent / f"slurm-{jobid}.out")
+        SUBMITTED.add(jobid)
         return jobid
 
     def _get_result(self, taskid):
@@ -113,3 +143,4 @@ class SlurmPlugin(SLURMPlugin):
     def _clear_task(self, taskid):
         super()._clear_task(taskid)
         self._jobs.pop(taskid, None)
+        SUBMITTED.discard(taskid)

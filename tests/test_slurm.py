@@ -22,6 +22,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -221,3 +222,50 @@ def test_job_fate_says_how_a_job_ended_without_a_result(record, output, expected
 
     line = job_fate(7, "skullstrip", record, output)
     assert line.startswith("the SLURM job 7 running its skullstrip step ") and expected in line, line
+
+
+def test_sbatch_arguments_sbatch_refuses_are_one_line_before_anything_is_made(slurm_cluster, tmp_path):
+    """A partition that does not exist: nipype's failed sbatch call was an IndexError (status 1) after the output
+    folder was made; now sbatch is asked first (``--test-only``, no job submitted)."""
+    out = tmp_path / "out"
+    res = subprocess.run([*_app(), str(SAMPLE), str(out), "participant", "-w", str(tmp_path / "work"),
+                          "--plugin", "SLURM", "--plugin-args", json.dumps({"sbatch_args": "-p nosuchpartition"})],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stdout[-3000:] + res.stderr[-3000:]
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "sbatch refuses sbatch_args '-p nosuchpartition'" in lines[0], res.stderr
+    assert "invalid partition" in lines[0].lower() and not out.exists()
+
+
+def _queued(name_part: str) -> list[str]:
+    res = subprocess.run(["squeue", "-h", "-o", "%i %j"], capture_output=True, text=True, timeout=30)
+    return [line for line in res.stdout.splitlines() if name_part in line]
+
+
+def test_sigterm_to_a_slurm_run_cancels_its_jobs(slurm_cluster, tmp_path):
+    """A run stopped while its jobs are queued or running (SIGTERM: a time limit of the job that drives the run)
+    cancels them: they ran on after the run was gone, writing into its work folder."""
+    cfgdir = tmp_path / "cfg"
+    cfgdir.mkdir()
+    (cfgdir / "nipype.cfg").write_text("[execution]\npoll_sleep_duration = 0.5\n")
+    out, work = tmp_path / "out", tmp_path / "work"
+    cmd = [*_app(), str(SAMPLE), str(out), "participant", "-w", str(work), "--participant-label", "02", "03",
+           "--plugin", "SLURM", "--plugin-args", json.dumps({"sbatch_args": SBATCH_ARGS})]
+    run = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cfgdir,
+                           env={**os.environ, "NIPYPE_NO_ET": "1"})
+    try:
+        deadline = time.monotonic() + 300
+        while not _queued("sub_0") and time.monotonic() < deadline:  # nipype names the jobs after the nodes
+            time.sleep(0.2)
+        assert _queued("sub_0"), "no job of the run was seen in the queue"
+        run.send_signal(signal.SIGTERM)
+        console, _ = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert run.returncode == 143, console[-3000:]
+    assert "cancelled the run's SLURM jobs" in console, console[-3000:]
+    deadline = time.monotonic() + 30
+    while _queued("sub_0") and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _queued("sub_0") == [], _queued("sub_0")
