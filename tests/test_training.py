@@ -544,3 +544,16 @@ def test_a_training_run_is_bit_for_bit_reproducible(tmp_path):
         card = json.loads((out / "final" / "model.json").read_text())
         checksums.append((card["sha256"], card["locator"]["sha256"]))
     assert checksums[0] == checksums[1]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{shared}", "--split", "nope"], "no split 'nope' (splits.json has"),  # was: error: 'nope'
+    (["{shared}", "--threshold", "2"], "threshold 2.0: must be between 0 and 1"),  # ran: Dice 0.0000
+    (["{tmp}/nowhere"], "nowhere: data folder not found"),
+])
+def test_eval_usage_errors_say_what_is_wrong(argv, message, tmp_path, capsys):
+    from bids_skullstrip.cli.evaluate import main
+
+    assert main([a.format(shared=SHARED, tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -13,6 +13,7 @@ import nibabel as nib
 import numpy as np
 
 from ..nifti import InputError
+from ..postproc import check_threshold
 from ..metrics import score_heads
 from ..training.data import find_labelled_heads
 
@@ -79,6 +80,9 @@ def format_table(rows):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
+        check_threshold(args.threshold)
+        if not Path(args.data).is_dir():
+            raise InputError(f"{args.data}: data folder not found")
         heads = find_labelled_heads(args.data, split=args.split)
         if not heads:
             raise InputError(f"{args.data}: no image/mask pairs found")

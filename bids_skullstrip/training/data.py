@@ -44,7 +44,11 @@ def find_labelled_heads(root, *, split=None):
     if heads_dir.is_dir():
         names = sorted(p.name for p in heads_dir.iterdir() if (p / "T1w.nii.gz").exists())
         if split is not None:
-            names = json.loads((root / "splits.json").read_text())[split]
+            splits = json.loads((root / "splits.json").read_text())
+            if split not in splits:
+                known = sorted(splits) + (["contrasts"] if (root / "contrasts").is_dir() else [])
+                raise ValueError(f"{root}: no split {split!r} (splits.json has {', '.join(known)})")
+            names = splits[split]
         return [LabelledHead(n, heads_dir / n / "T1w.nii.gz", heads_dir / n / "mask_silver.nii.gz")
                 for n in names]
     pairs = []
