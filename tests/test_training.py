@@ -557,3 +557,22 @@ def test_eval_usage_errors_say_what_is_wrong(argv, message, tmp_path, capsys):
     assert main([a.format(shared=SHARED, tmp=tmp_path) for a in argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["{tmp}/nowhere", "{tmp}/out"], "data folder {tmp}/nowhere: folder not found"),
+    (["{shared}", "{tmp}/out", "--steps", "-1"], "--steps -1: must be 0 or more"),  # training started
+    (["{shared}", "{tmp}/out", "--val-data", "{tmp}/nowhere"], "--val-data {tmp}/nowhere: folder not found"),
+    (["{shared}", "{tmp}/out", "--recipe", "nope"], "--recipe nope: neither t1w nor any-contrast nor a JSON file"),
+    (["{shared}", "{tmp}/out", "--recipe", "{tmp}/bad.json"], "{tmp}/bad.json: not a JSON recipe"),
+    (["{shared}", "{tmp}/out", "--labels-prob", "1.5"], "--labels-prob 1.5: must be between 0 and 1"),
+])
+def test_train_arguments_are_judged_before_anything_is_made_or_loaded(argv, message, tmp_path, capsys):
+    from bids_skullstrip.cli.train import main
+
+    (tmp_path / "bad.json").write_text("[{name: scratch}]")
+    argv = [a.format(shared=SHARED, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
+    assert not (tmp_path / "out").exists()  # train.log and the folder were made before

@@ -45,7 +45,7 @@ def build_parser():
                    help="brain probability threshold (0-1); default: the one calibrated for the networks of each "
                         "image's contrast")
     g.add_argument("--border", type=float, default=0.0, metavar="MM",
-                   help="grow (>0) or shrink (<0) the mask by this distance in mm")
+                   help="grow (>0) or shrink (<0) the mask by this distance in mm (at most 20)")
     g.add_argument("--save-probseg", action="store_true", help="also write the brain probability map")
     g.add_argument("--fail-on-flag", action="store_true",
                    help="exit with status 3 when QC flags an image (and none failed); by default flagged "

@@ -43,7 +43,7 @@ def build_parser():
     p.add_argument("--threshold", type=float, default=None,
                    help="brain probability threshold (0-1); default: the one calibrated for the weights")
     p.add_argument("--border", type=float, default=0.0, metavar="MM",
-                   help="grow (>0) or shrink (<0) the mask by this distance in mm")
+                   help="grow (>0) or shrink (<0) the mask by this distance in mm (at most 20)")
     p.add_argument("--contrast", metavar="SUFFIX", default=None,
                    help="the image's contrast as a BIDS suffix (T1w, T2w, FLAIR, PDw, ...): T1w images get the "
                         "bundled T1w networks, any other the any-contrast ones; default: the last part of the "

@@ -97,6 +97,11 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    try:  # every argument judged before anything is made or loaded
+        _check(args)
+        recipe = _recipe(args)
+    except (ValueError, FileNotFoundError) as err:
+        return _error(str(err))
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     handlers = [logging.StreamHandler(), logging.FileHandler(out / "train.log")]
@@ -107,14 +112,32 @@ def main(argv=None):
         handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
         log.addHandler(handler)
     try:
-        return _train(args, out)
+        return _train(args, out, recipe)
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
 
 
-def _train(args, out):
+def _check(args):
+    """A ValueError naming the first argument that cannot be right."""
+    for folder, option in ((args.data, "data folder"), (getattr(args, "val_data", None), "--val-data")):
+        if folder is not None and not Path(folder).is_dir():
+            raise ValueError(f"{option} {folder}: folder not found")
+    for name in ("steps", "locator_steps", "until"):
+        if (getattr(args, name, None) or 0) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    for name in ("checkpoint_every", "validate_every"):
+        if getattr(args, name, 1) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
+    for name in ("synth_prob", "labels_prob", "thick_prob", "fine_bias_prob", "mass_prob", "enhance_prob",
+                 "composite_prob", "frozen_bn_fraction", "hard_head_fraction"):
+        value = getattr(args, name, None)
+        if value is not None and not 0.0 <= value <= 1.0:
+            raise ValueError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+
+
+def _train(args, out, recipe):
     has_splits = (Path(args.data) / "splits.json").exists()
     train_heads = find_labelled_heads(args.data, split="train" if has_splits else None)
     if getattr(args, "val_data", None):
@@ -133,7 +156,7 @@ def _train(args, out):
     from ..training import recipe as recipes
 
     try:
-        final = recipes.run_recipe(_recipe(args), train_heads, val_heads, out, brains=find_brains(args.data),
+        final = recipes.run_recipe(recipe, train_heads, val_heads, out, brains=find_brains(args.data),
                                    patch_size=tuple(args.patch_size), voxel_mm=args.voxel_mm,
                                    checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                                    threads=args.threads, export_only=args.export_only,
@@ -157,6 +180,8 @@ def _recipe(args):
     given = {k: v for k, v in vars(args).items() if k in STEP_OPTIONS}
     if not given:
         recipe = getattr(args, "recipe", None)
+        if recipe is not None and recipe not in RECIPES and not Path(recipe).is_file():
+            raise ValueError(f"--recipe {recipe}: neither {' nor '.join(RECIPES)} nor a JSON file")
         return RECIPE if recipe is None else RECIPES.get(recipe) or load_recipe(recipe)
     init = BUNDLED if given.pop("fine_tune", False) else given.pop("init_weights", None)
     if given.get("hard_head_fraction") and not init:

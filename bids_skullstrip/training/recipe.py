@@ -69,7 +69,10 @@ RECIPES = {"t1w": RECIPE, "any-contrast": ANY_CONTRAST_RECIPE}
 
 def load_recipe(path):
     """A recipe from a JSON file: a list of steps as ``Step`` fields."""
-    specs = json.loads(Path(path).read_text())
+    try:
+        specs = json.loads(Path(path).read_text())
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a JSON recipe ({exc})") from None
     if not isinstance(specs, list) or not specs:
         raise ValueError(f"{path}: a recipe is a non-empty JSON list of steps")
     return tuple(Step.from_dict(spec) for spec in specs)
