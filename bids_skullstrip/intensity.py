@@ -7,7 +7,7 @@ import numpy as np
 # masks of 2000-6000 ml at an offset of a quarter of the brain's intensity. Such a background is a plateau: most of
 # the voxels on the faces of the field of view (air around the head) share one value, the darkest of the image. It
 # is recognised as that (at least 40 % of the face voxels within BACKGROUND_OFFSET_FRACTION of the 98th percentile
-# of one another, at the image's dark end, above that fraction of it; none of the 67 images of ../shared/data and
+# of one another, at the image's dark end, above that fraction of it; none of the 69 images of ../shared/data and
 # data/sample_bids, nor a brain cropped without air around it, whose faces are tissue) and taken off before the
 # networks and the QC measures (the outputs keep the input as it is).
 BACKGROUND_OFFSET_FRACTION = 0.05
