@@ -22,22 +22,51 @@ log = logging.getLogger("bids_skullstrip")
 
 # exit status: every image processed / an image failed / the run could not start / --fail-on-flag and a QC flag
 OK, FAILED, USAGE, FLAGGED = 0, 1, 2, 3
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)  # SIGINT arrives as KeyboardInterrupt
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+# An exception raised by a signal handler while a finalizer or a weakref callback runs (SQLAlchemy's, pybids') is
+# printed as "Exception ignored" and dropped, and the run went on (seen once in CI with SIGTERM): if the process is
+# still here this long after the signal, a timer stops it the same way.
+STOP_GRACE_S = 3.0
+_STOPPING = threading.Lock()
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
 
 
 class Interrupted(BaseException):
-    """SIGTERM or SIGHUP (what schedulers send at a job's time limit or on preemption, what a closed terminal
-    sends), raised in the main thread. A BaseException, so that no ``except Exception`` swallows it."""
+    """SIGTERM, SIGHUP or Ctrl-C (what schedulers send at a job's time limit or on preemption, what a closed
+    terminal sends), raised in the main thread. A BaseException, so that no ``except Exception`` swallows it."""
 
 
 def _interrupt_in(main_pid):
     def interrupt(signum, frame):
         if os.getpid() != main_pid:  # a process forked from this one before its own handlers were set: stop
             os._exit(128 + signum)
-        raise Interrupted(signal.Signals(signum).name)
+        name = signal.Signals(signum).name
+        watchdog = threading.Timer(STOP_GRACE_S, stop_now, args=(name,))
+        watchdog.daemon = True
+        watchdog.start()
+        raise Interrupted(name)
     return interrupt
+
+
+def stop_now(name):
+    """Stop every worker and job of the run, say how to resume and leave at once (128 + the signal's number); the
+    first caller does it (the unwound main thread, or the watchdog of a signal whose exception was dropped)."""
+    if not _STOPPING.acquire(blocking=False):
+        return
+    from .multiproc import stop_workers
+    from .slurm import cancel_submitted_jobs
+
+    stop_workers()
+    cancelled = cancel_submitted_jobs()
+    if cancelled:
+        log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, cancelled)))
+    log.info("interrupted (%s) after the workers were stopped", name)
+    print(f"bids_skullstrip: interrupted ({name}): the images finished so far are kept and no output was "
+          "left half-written; rerun the same command to resume", file=sys.stderr)
+    sys.stderr.flush()
+    # leave at once: a clean interpreter exit would wait for nipype's threads
+    os._exit(128 + signal.Signals[name].value)
 
 
 def select_images(config):
@@ -90,20 +119,7 @@ class Run:
         try:
             return self.participant() if self.config.analysis_level == "participant" else self.group()
         except (KeyboardInterrupt, Interrupted) as exc:
-            from .multiproc import stop_workers
-            from .slurm import cancel_submitted_jobs
-
-            name = str(exc) if isinstance(exc, Interrupted) else "SIGINT"
-            stop_workers()
-            cancelled = cancel_submitted_jobs()
-            if cancelled:
-                log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, cancelled)))
-            log.info("interrupted (%s) after the workers were stopped", name)
-            print(f"bids_skullstrip: interrupted ({name}): the images finished so far are kept and no output was "
-                  "left half-written; rerun the same command to resume", file=sys.stderr)
-            sys.stderr.flush()
-            # leave at once: a clean interpreter exit would wait for nipype's threads
-            os._exit(128 + signal.Signals[name].value)
+            stop_now(str(exc) if isinstance(exc, Interrupted) else "SIGINT")
 
     # ------------------------------------------------------------------------------------------- participant
     def participant(self):

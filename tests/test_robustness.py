@@ -604,6 +604,31 @@ def test_sigterm_to_the_main_process_stops_every_worker_keeps_finished_images_an
         _assert_outputs_complete(out, label)
 
 
+def test_a_stop_signal_whose_exception_is_dropped_still_stops_the_run(tmp_path):
+    """A signal that arrives while a finalizer or a weakref callback runs: the handler's exception is printed as
+    "Exception ignored" and dropped (SQLAlchemy's cleanup under pybids, seen in CI: the SIGTERMed run finished its
+    images and exited 0). A watchdog the handler starts stops the run all the same."""
+    script = tmp_path / "dropped.py"
+    script.write_text(
+        "import os, signal, time, weakref\n"
+        "from bids_skullstrip import runner\n"
+        "signal.signal(signal.SIGTERM, runner._interrupt_in(os.getpid()))\n"
+        "class Held: pass\n"
+        "def cleanup():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(0.5)  # the handler runs here, inside the callback\n"
+        "held = Held()\n"
+        "weakref.finalize(held, cleanup)\n"
+        "del held\n"
+        "time.sleep(20)\n"
+        "print('went on')\n")
+    t0 = time.monotonic()
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 143 and "went on" not in res.stdout, (res.returncode, res.stdout, res.stderr)
+    assert "Exception ignored" in res.stderr and "bids_skullstrip: interrupted (SIGTERM)" in res.stderr, res.stderr
+    assert time.monotonic() - t0 < 15
+
+
 @pytest.mark.parametrize("signum, to_group, status", [
     (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground process group
     (signal.SIGHUP, False, 129),  # the terminal closed
