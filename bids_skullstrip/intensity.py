@@ -15,15 +15,14 @@ BACKGROUND_OFFSET_FRACTION = 0.05
 
 def background_offset(data):
     """The intensity of a background that is not dark (an air plateau on the faces of the field of view, above
-    ``BACKGROUND_OFFSET_FRACTION`` of the 98th percentile of the positive voxels), else 0; from about 2e5 voxels."""
-    step = max(1, int(round((data.size / 2e5) ** (1 / 3))))
+    ``BACKGROUND_OFFSET_FRACTION`` of the 98th percentile of the positive voxels), else 0; from about 5e4 voxels."""
+    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
     sample = data[::step, ::step, ::step]
-    positive = sample[sample > 0]
-    if positive.size == 0:
-        return 0.0
-    bright = float(np.percentile(positive, 98))
     faces = np.concatenate([np.take(sample, i, axis=a).ravel() for a in range(3) for i in (0, -1)])
     p10, level, p40 = (float(v) for v in np.percentile(faces, [10, 25, 40]))
-    tolerance = BACKGROUND_OFFSET_FRACTION * bright
+    if level <= 0:  # most heads: air at 0 or below
+        return 0.0
+    positive = sample[sample > 0]
+    tolerance = BACKGROUND_OFFSET_FRACTION * float(np.percentile(positive, 98))
     plateau = p40 - p10 <= tolerance and level - float(np.percentile(sample, 1)) <= tolerance
     return level if plateau and level > tolerance else 0.0

@@ -91,11 +91,12 @@ def checked_volume(data, affine):
         raise TypeError(f"affine {affine!r}: a 4x4 voxel-to-world matrix is needed") from None
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"affine of shape {affine.shape}: a finite, invertible 4x4 voxel-to-world matrix is needed")
-    data, warnings = data.astype(np.float32, copy=False), []
-    finite = np.isfinite(data)
-    if not finite.all():
-        warnings.append(f"{data.size - int(finite.sum())} NaN/infinite voxels set to 0")
-        data = np.where(finite, data, np.float32(0))
+    floats, data, warnings = data.dtype.kind == "f", data.astype(np.float32, copy=False), []
+    if floats and not np.isfinite(data.sum()):  # one pass without a temporary; NaN and inf make the sum so
+        finite = np.isfinite(data)
+        if not finite.all():
+            warnings.append(f"{data.size - int(finite.sum())} NaN/infinite voxels set to 0")
+            data = np.where(finite, data, np.float32(0))
     return data, affine, warnings
 
 
