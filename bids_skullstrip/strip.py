@@ -131,14 +131,17 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         One line naming the file and the problem (``nifti.InputError`` for an unusable input), before
         anything is written.
     """
-    from .discovery import contrast_of
+    from .discovery import CONTRASTS, contrast_of
     from .model.card import ModelCard
     from .model.predictor import Skullstripper
 
     outputs = check_outputs(in_file, mask=mask, brain=brain, probseg=probseg)
     check_threshold(threshold)
     check_border(border_mm)
-    stripper = stripper or Skullstripper(weights or ModelCard.bundled_for(contrast_of(in_file, contrast)))
+    contrast = contrast_of(in_file, contrast)
+    if contrast not in CONTRASTS:
+        raise ValueError(f"contrast {contrast!r}: unknown (one of {', '.join(CONTRASTS)})")
+    stripper = stripper or Skullstripper(weights or ModelCard.bundled_for(contrast))
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # collected, each names the file
         warnings.simplefilter("always")

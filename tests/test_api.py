@@ -408,3 +408,12 @@ def test_a_few_nan_voxels_in_an_array_are_set_to_0_with_a_warning():
     assert (result.mask != clean.mask).sum() < 0.001 * clean.mask.sum()
     with pytest.raises(ValueError, match="threshold 2: must be between 0 and 1"):
         Skullstripper(threshold=2)
+
+
+def test_skullstrip_file_refuses_an_unknown_contrast(tmp_path):
+    """``contrast="T3w"`` fell back to the any-contrast networks silently (the command line says so since 0.2.0)."""
+    from bids_skullstrip import skullstrip_file
+
+    with pytest.raises(ValueError, match=r"contrast 'T3w': unknown \(one of T1w, T2w, FLAIR, PDw, T2starw\)"):
+        skullstrip_file(SMALL_HEAD, mask=tmp_path / "m.nii.gz", contrast="T3w")
+    assert list(tmp_path.iterdir()) == []
