@@ -10,24 +10,27 @@ class UsageError(ValueError):
     """A problem with the command line or the folders it names (one line, for the user)."""
 
 
+def _option(check, value):
+    """``check(value)`` (``postproc.check_threshold``, ``check_border``), its ValueError as a UsageError naming
+    the option."""
+    try:
+        return check(value)
+    except ValueError as exc:
+        raise UsageError(f"--{exc}") from None
+
+
 def resolve_threshold(value):
     """``value`` as a probability threshold; None stays None: each image gets the threshold calibrated for the
     networks of its contrast (``ModelCard.bundled_for``)."""
-    if value is None:
-        return None
-    threshold = float(value)
-    if not 0.0 < threshold < 1.0:
-        raise UsageError(f"--threshold {value}: must be between 0 and 1")
-    return threshold
+    from .postproc import check_threshold
+
+    return _option(check_threshold, value)
 
 
 def resolve_border(value):
     from .postproc import check_border
 
-    try:
-        return check_border(value)
-    except ValueError as exc:
-        raise UsageError(f"--border {value}: {str(exc).split(': ', 1)[1]}") from None
+    return _option(check_border, value)
 
 
 def resolve_contrasts(values):

@@ -28,9 +28,9 @@ def check_border(border_mm):
     try:
         value = float(border_mm)
     except (TypeError, ValueError):
-        raise ValueError(f"border {border_mm!r} mm: not a number") from None
+        raise ValueError(f"border {border_mm!r}: not a number (mm)") from None
     if not (math.isfinite(value) and abs(value) <= MAX_BORDER_MM):
-        raise ValueError(f"border {border_mm} mm: must be between -{MAX_BORDER_MM:g} and {MAX_BORDER_MM:g} mm")
+        raise ValueError(f"border {border_mm}: must be between -{MAX_BORDER_MM:g} and {MAX_BORDER_MM:g} mm")
     return value
 
 

@@ -96,6 +96,16 @@ def brain_image(img, data, mask):
     return like(img, data * mask, np.float32)
 
 
+def check_contrast(in_file, contrast=None):
+    """The contrast ``in_file`` is stripped as (``discovery.contrast_of``), or a ValueError for an unknown one."""
+    from .discovery import CONTRASTS, contrast_of
+
+    resolved = contrast_of(in_file, contrast)
+    if resolved not in CONTRASTS:
+        raise ValueError(f"contrast {contrast}: unknown (one of {', '.join(CONTRASTS)})")
+    return resolved
+
+
 def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=None, threshold=None, border_mm=0.0,
                     contrast=None, stripper=None):
     """Skull-strip one image file and write the outputs asked for, on the input's exact grid.
@@ -131,16 +141,13 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         One line naming the file and the problem (``nifti.InputError`` for an unusable input), before
         anything is written.
     """
-    from .discovery import CONTRASTS, contrast_of
     from .model.card import ModelCard
     from .model.predictor import Skullstripper
 
     outputs = check_outputs(in_file, mask=mask, brain=brain, probseg=probseg)
     check_threshold(threshold)
     check_border(border_mm)
-    contrast = contrast_of(in_file, contrast)
-    if contrast not in CONTRASTS:
-        raise ValueError(f"contrast {contrast!r}: unknown (one of {', '.join(CONTRASTS)})")
+    contrast = check_contrast(in_file, contrast)
     stripper = stripper or Skullstripper(weights or ModelCard.bundled_for(contrast))
     t = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:  # collected, each names the file

@@ -922,10 +922,10 @@ def test_outputs_are_all_written_or_none_of_those_the_call_made(tmp_path, monkey
 @pytest.mark.parametrize("args, problem", [
     ((), "nothing to write"),
     (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1"),
-    (("-m", "MASK", "--contrast", "bold"), "--contrast bold: unknown contrast (one of T1w, T2w, FLAIR, PDw, T2starw)"),
-    (("-m", "MASK", "--border", "inf"), "border inf mm: must be between -20 and 20 mm"),  # was a traceback
-    (("-m", "MASK", "--border", "nan"), "border nan mm: must be between -20 and 20 mm"),
-    (("-m", "MASK", "--border", "-500"), "border -500.0 mm: must be between -20 and 20 mm"),  # was an empty mask
+    (("-m", "MASK", "--contrast", "bold"), "--contrast bold: unknown (one of T1w, T2w, FLAIR, PDw, T2starw)"),
+    (("-m", "MASK", "--border", "inf"), "--border inf: must be between -20 and 20 mm"),  # was a traceback
+    (("-m", "MASK", "--border", "nan"), "--border nan: must be between -20 and 20 mm"),
+    (("-m", "MASK", "--border", "-500"), "--border -500.0: must be between -20 and 20 mm"),  # was an empty mask
 ])
 def test_skullstrip_cli_usage_errors_exit_2_in_one_line_writing_nothing(args, problem, tmp_path):
     res = skullstrip("-i", SMALL_HEAD, *[tmp_path / "m.nii.gz" if a == "MASK" else a for a in args])

@@ -64,17 +64,15 @@ def main(argv=None):
     t_start = time.perf_counter()
     if not (opts.mask or opts.output or opts.probseg):
         return _fail("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg", EXIT_USAGE)
-    from ..discovery import CONTRASTS, contrast_of
     from ..postproc import check_border, check_threshold
-    from ..strip import check_outputs, skullstrip_file
+    from ..strip import check_contrast, check_outputs, skullstrip_file
 
     try:
         check_threshold(opts.threshold)
         check_border(opts.border)
+        contrast = check_contrast(opts.input, opts.contrast)
     except ValueError as exc:
-        return _fail(exc, EXIT_USAGE)
-    if opts.contrast and contrast_of(opts.input, opts.contrast) not in CONTRASTS:
-        return _fail(f"--contrast {opts.contrast}: unknown contrast (one of {', '.join(CONTRASTS)})", EXIT_USAGE)
+        return _fail(f"--{exc}", EXIT_USAGE)
     try:
         # every check before the networks load, and again inside skullstrip_file (cheap)
         check_outputs(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg)
@@ -83,7 +81,7 @@ def main(argv=None):
         from ..model.predictor import Skullstripper
 
         set_threads(max(1, opts.threads))
-        stripper = Skullstripper(opts.weights or ModelCard.bundled_for(contrast_of(opts.input, opts.contrast)))
+        stripper = Skullstripper(opts.weights or ModelCard.bundled_for(contrast))
         stripper.networks  # loaded before the core's clock starts, so that it times the skull-strip itself
         result = skullstrip_file(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg,
                                  threshold=opts.threshold, border_mm=opts.border, stripper=stripper)
