@@ -11,7 +11,10 @@ import contextlib
 import logging
 import math
 import os
+import re
 import secrets
+import socket
+import time
 import warnings
 from pathlib import Path
 
@@ -27,6 +30,12 @@ _SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are
 # A head image has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
 LABEL_IMAGE_LEVELS = 16
 _TMP_PREFIX = ".tmp-"
+# A temporary file's name says who writes it (".tmp-<pid>-<random>@<host>@<name>"), so that a later run can
+# remove those of a writer that was killed (SIGKILL, the kernel's OOM killer): at once when the writer was a
+# process of this host that is gone, else (another node, an earlier version's ".tmp-<pid>-<random>-<name>") once
+# nobody has written to it for this long; writing one file takes seconds.
+_TMP_NAME = re.compile(r"\.tmp-(\d+)-[0-9a-f]{8}(?:@([^@/]+)@|-)")
+STALE_TMP_S = 600.0
 
 
 class InputError(ValueError):
@@ -251,10 +260,46 @@ def like(reference, data, dtype):
 
 def tmp_sibling(path, suffix=""):
     """A unique hidden sibling of ``path`` (same folder, so the final rename is atomic)."""
-    token = f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-"
+    token = f"{_TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}@{_host()}@"
     stem = path.name[: len(path.name) - len(suffix)] if suffix else path.name
     stem = stem[: 200 - len(token) - len(suffix)]  # stay under NAME_MAX
     return path.with_name(f"{token}{stem}{suffix}")
+
+
+def _host():
+    return (socket.gethostname() or "localhost").replace("@", "_").replace("/", "_")[:64]
+
+
+def _writer_gone(name, mtime, now):
+    owner = _TMP_NAME.match(name)
+    if not owner:  # not a name of ours
+        return False
+    if owner[2] == _host():
+        pid = int(owner[1])
+        if pid == os.getpid():
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:  # alive, another user's
+            pass
+    return now - mtime > STALE_TMP_S
+
+
+def remove_stale_temporaries(folder):
+    """Remove the temporary files (``tmp_sibling``) under ``folder`` whose writer is gone; the number removed."""
+    removed, now = 0, time.time()
+    for root, _, files in os.walk(folder):
+        for name in files:
+            if not name.startswith(_TMP_PREFIX):
+                continue
+            path = os.path.join(root, name)
+            with contextlib.suppress(OSError):
+                if _writer_gone(name, os.lstat(path).st_mtime, now):
+                    os.unlink(path)
+                    removed += 1
+    return removed
 
 
 def _fsync(path):

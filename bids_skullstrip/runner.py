@@ -61,9 +61,11 @@ def stop_now(name):
     cancelled = cancel_submitted_jobs()
     if cancelled:
         log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, cancelled)))
-    log.info("interrupted (%s) after the workers were stopped", name)
-    print(f"bids_skullstrip: interrupted ({name}): the images finished so far are kept and no output was "
-          "left half-written; rerun the same command to resume", file=sys.stderr)
+    message = (f"interrupted ({name}): the images finished so far are kept and no output was left half-written; "
+               "rerun the same command to resume")
+    for handler in log.handlers:  # the run's log file; the console gets the message once, on stderr
+        handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None))
+    print(f"bids_skullstrip: {message}", file=sys.stderr)
     sys.stderr.flush()
     # leave at once: a clean interpreter exit would wait for nipype's threads
     os._exit(128 + signal.Signals[name].value)
@@ -142,6 +144,7 @@ class Run:
         check_writable((output_dir, "output folder"), (config.work_dir, "work directory"))
         outputs.init_output_dir(output_dir, config.bids_dir)
         self.write_log_and_config()
+        self.remove_stale_temporaries()
         self.warn_if_work_dir_is_node_local()
 
         todo, failures = self.plan(t1ws)
@@ -291,6 +294,13 @@ class Run:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
 
+    def remove_stale_temporaries(self):
+        from .nifti import remove_stale_temporaries
+
+        removed = remove_stale_temporaries(self.config.output_dir)
+        if removed:
+            log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.config.output_dir)
+
     def warn_if_work_dir_is_node_local(self):
         job = next((v for v in SCHEDULER_JOB_VARIABLES if os.environ.get(v)), None)
         if job and node_local(self.config.work_dir):
@@ -322,6 +332,7 @@ class Run:
         if not self.config.output_dir.is_dir():
             raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
         check_writable((self.config.output_dir, "output folder"))  # the group tables and reports go there
+        self.remove_stale_temporaries()
         paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
         log.info("group report: %s", ", ".join(str(p) for p in paths))
         return OK

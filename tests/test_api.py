@@ -95,7 +95,10 @@ def test_each_contrast_gets_its_bundled_networks():
     the training heads with random contrasts."""
     t1w, other = ModelCard.bundled_for("T1w"), ModelCard.bundled_for("FLAIR")
     assert t1w is ModelCard.load() and t1w.bundled and other.bundled and t1w.sha256 != other.sha256
-    assert all(ModelCard.bundled_for(s) is other for s in ("T2w", "PDw", "T2starw", "MP2RAGE"))
+    assert all(ModelCard.bundled_for(s) is other for s in ("T2w", "PDw", "T2starw"))
+    for unknown in ("T3w", "t1w", "MP2RAGE"):  # a typo or a suffix the app does not strip: said, not any-contrast
+        with pytest.raises(ValueError, match=f"^contrast {unknown}: unknown"):
+            ModelCard.bundled_for(unknown)
     assert other.painted_contrasts and not t1w.painted_contrasts
     assert other.path.parent.name == "weights_any_contrast" and other.segmenter_file.is_file()
 

@@ -2,6 +2,9 @@
 centred on it. Stand-in networks check the plumbing; the bundled networks are checked on real wide-field
 heads (neck, face and shoulders in view) that the training set does not contain."""
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -372,3 +375,25 @@ def test_without_an_export_nor_tensorflow_the_error_is_one_line_saying_what_to_d
     with pytest.raises(ModelCardError, match=r"no ONNX export .* pip install 'bids_skullstrip\[train\]'") as err:
         load_networks(tmp_path)
     assert "\n" not in str(err.value) and str(tmp_path) in str(err.value)
+
+
+def test_the_networks_load_without_openvinos_telemetry(tmp_path):
+    """``import openvino`` loads its model converter, which sends a usage event to Google Analytics unless the user
+    opted out, and without a home folder prints "Failed to find location of the openvino_telemetry file" (seen
+    in the container): the runtime is loaded without it, and the caller can still import the converter."""
+    code = """if True:
+        import logging, sys
+        logging.basicConfig(level=logging.DEBUG, stream=sys.stdout)
+        from bids_skullstrip.model.inference import load_networks
+        networks = load_networks()
+        assert type(networks.segmenter).__name__ == "OnnxNetwork", type(networks.segmenter)
+        print("telemetry loaded:", "openvino_telemetry" in sys.modules)
+        import openvino.tools.ovc
+        print("converter:", openvino.tools.ovc.convert_model.__name__)
+    """
+    env = {**os.environ, "HOME": str(tmp_path / "gone")}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    text = res.stdout.split("telemetry loaded:")
+    assert "telemetry" not in text[0].lower(), text[0][-2000:]
+    assert "telemetry loaded: False" in res.stdout and "converter: convert_model" in res.stdout, res.stdout[-2000:]

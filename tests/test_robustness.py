@@ -473,10 +473,46 @@ def test_killed_run_leaves_no_half_written_file_and_resumes(tmp_path):
     assert finals, "the run was killed before writing anything: the test proves nothing"
     for nii in finals:  # every file with a final name is complete
         np.asanyarray(nib.load(nii).dataobj)
+    # what a writer killed between creating its temporary file and renaming it leaves (whether the kill above
+    # caught one is chance)
+    _temporary_of_a_killed_writer(out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz")
     res = app(*args[:3], "-w", work, "--skip-bids-validation", "--n-cpus", "2")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     for label in ("01", "02", "03", "04"):
         assert (out / f"sub-{label}" / "anat" / f"sub-{label}_desc-brain_metrics.json").is_file()
+    assert not list(out.rglob(".tmp-*")), "the rerun left the killed run's temporary files"
+    assert "temporary file(s) an interrupted run left" in res.stdout, res.stdout[-2000:]
+
+
+def _temporary_of_a_killed_writer(path):
+    """A temporary sibling of ``path`` made by a process of this host that is gone; its path."""
+    code = ("import sys; from pathlib import Path; from bids_skullstrip.nifti import tmp_sibling; "
+            "t = tmp_sibling(Path(sys.argv[1]), '.nii.gz'); t.write_bytes(b'half'); print(t)")
+    res = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+    return Path(res.stdout.strip())
+
+
+def test_temporary_files_are_removed_once_their_writer_is_gone(tmp_path):
+    from bids_skullstrip.nifti import STALE_TMP_S, remove_stale_temporaries, tmp_sibling
+
+    anat = tmp_path / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    dead = _temporary_of_a_killed_writer(anat / "sub-01_desc-brain_mask.nii.gz")
+    own = tmp_sibling(anat / "sub-01_desc-brain_T1w.nii.gz", ".nii.gz")  # this process writes it now
+    other_node = anat / ".tmp-12-0badc0de@node-b@sub-01_desc-preproc_T1w.nii.gz"  # another host's, in progress
+    older_version = anat / ".tmp-12-0badc0de-sub-01_desc-brain_metrics.json"  # 0.2.0's names: no host
+    abandoned = anat / ".tmp-13-0badc0de@node-b@sub-01_desc-brain_probseg.nii.gz"
+    for path in (own, other_node, older_version, abandoned):
+        path.write_bytes(b"half")
+    long_ago = time.time() - STALE_TMP_S - 60
+    for path in (older_version, abandoned):
+        os.utime(path, (long_ago, long_ago))
+    user_file = anat / ".tmp-notes.txt"  # not a name of ours: left alone however old
+    user_file.write_text("mine")
+    os.utime(user_file, (long_ago, long_ago))
+    assert dead.is_file() and dead.parent == anat
+    assert remove_stale_temporaries(tmp_path) == 3
+    assert sorted(p.name for p in anat.iterdir()) == sorted([own.name, other_node.name, user_file.name])
 
 
 def _start(args, **kw):
@@ -584,10 +620,13 @@ def test_sigterm_to_the_main_process_stops_every_worker_keeps_finished_images_an
     proc, out, work, args = _six_images_until(tmp_path, finished=2)
     os.kill(proc.pid, signal.SIGTERM)
     sent = time.monotonic()
-    _, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=60)
     assert time.monotonic() - sent < 30, "the run did not stop promptly after SIGTERM"
     assert proc.returncode == 143, stderr
     assert "interrupted (SIGTERM)" in stderr and "rerun the same command to resume" in stderr, stderr
+    assert "interrupted" not in stdout, stdout[-2000:]  # said once, on stderr
+    log_file, = (out / "logs").glob("run-*.log")
+    assert "WARNING interrupted (SIGTERM)" in log_file.read_text()  # and recorded in the run's log
     assert "Traceback" not in stderr, stderr[-3000:]
     _assert_nothing_left(proc.pid)
     finished = [m.name.split("_")[0][4:] for m in _metrics(out)]

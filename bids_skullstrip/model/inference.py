@@ -96,12 +96,26 @@ def set_threads(threads):
     _threads = int(threads) if threads else None
 
 
+def _import_openvino():
+    """``openvino`` without its model converter, which ``import openvino`` loads to send a usage event to Google
+    Analytics unless the user opted out (OpenVINO's telemetry; on a machine whose home folder is missing, as in a
+    container run as another user, it also prints "Failed to find location of the openvino_telemetry file"). The
+    runtime needs none of it; a later ``import openvino.tools.ovc`` by the caller's own code still works."""
+    if "openvino" in sys.modules:
+        return sys.modules["openvino"]
+    sys.modules["openvino.tools.ovc"] = None  # openvino/__init__ imports it in a try: the ImportError is skipped
+    try:
+        import openvino
+    finally:
+        del sys.modules["openvino.tools.ovc"]
+    return openvino
+
+
 class OnnxNetwork:
     """One exported network compiled by OpenVINO; called like a Keras model: (1, x, y, z, 1) in and out."""
 
     def __init__(self, path, threads=None):
-        import openvino
-
+        openvino = _import_openvino()
         self.network = openvino.Core().compile_model(str(path), "CPU", {
             "INFERENCE_NUM_THREADS": threads or 0,  # 0: one per core
             "PERFORMANCE_HINT": "LATENCY",
