@@ -297,7 +297,8 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
             results[f"{head}|{name}"] = {**info, "condition": name, "failure": CONDITIONS[name][1], "dice": d,
                                          "seconds": dt, "qc": meas}
             if verbose:
-                print(f"{head:18s} {name:16s} dice {d:.3f}  {dt:.2f}s  flags: {qc.flag_image(meas)}", flush=True)
+                flags = qc.flag_image(meas, everyone[head])
+                print(f"{head:18s} {name:16s} dice {d:.3f}  {dt:.2f}s  flags: {flags}", flush=True)
         if want_model:
             rng = np.random.default_rng([i, 99])
             for name, t, p, m, d in model_conditions(t1, mask, img.affine, vox, rng, head, model_cache, fov,
@@ -308,7 +309,8 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
                 results[f"{head}|{name}"] = {**info, "condition": name, "failure": bool(d < MODEL_FAIL_DICE),
                                              "dice": float(d), "seconds": 0.0, "qc": meas}
                 if verbose:
-                    print(f"{head:18s} {name:16s} dice {d:.3f}  flags: {qc.flag_image(meas)}", flush=True)
+                    flags = qc.flag_image(meas, everyone[head])
+                    print(f"{head:18s} {name:16s} dice {d:.3f}  flags: {flags}", flush=True)
         if cache:
             atomic_write_text(cache, json.dumps(results))
     return {k: r for k, r in results.items() if r["head"] in heads}
@@ -329,11 +331,12 @@ def evaluate(results):
                                  "low": 0, "low_abs": 0})
     reasons = defaultdict(lambda: defaultdict(int))
     for r in rows:
-        flags_abs = qc.flag_image(r["qc"])
+        contrast = r.get("contrast", "T1w")
+        flags_abs = qc.flag_image(r["qc"], contrast)
         family = ref["model" if r["condition"].startswith("model_") else "silver"]
         group = [g["qc"] for h, g in sorted(family.items())
-                 if h != r["head"] and g.get("contrast", "T1w") == r.get("contrast", "T1w")] + [r["qc"]]
-        flags_grp = qc.flag_group(group)[-1]
+                 if h != r["head"] and g.get("contrast", "T1w") == contrast] + [r["qc"]]
+        flags_grp = qc.flag_group(group, contrast)[-1]
         t = table[r["condition"]]
         t["n"] += 1
         t["abs"] += bool(flags_abs)

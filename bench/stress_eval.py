@@ -262,10 +262,11 @@ def main(argv=None):
         if name.startswith("mass-"):  # the masks are kept (for the share of the mass in them) only here
             with tempfile.TemporaryDirectory() as masks_dir:
                 rows[name] = score_heads(heads, mask_of_change(name), change=CHANGES[name], qc=True, seed=SEED,
-                                         masks_dir=masks_dir)
+                                         masks_dir=masks_dir, contrast=PAINTED.get(name))
                 kept[name] = mass_kept(heads, masks_dir)
         else:
-            rows[name] = score_heads(heads, mask_of_change(name), change=CHANGES[name], qc=True, seed=SEED)
+            rows[name] = score_heads(heads, mask_of_change(name), change=CHANGES[name], qc=True, seed=SEED,
+                                     contrast=PAINTED.get(name))
         print(f"{name}: done", file=sys.stderr, flush=True)
     clean = {r["name"]: r["dice"] for r in rows["none"]}
     contrasts = {h.contrast for h in heads} | {PAINTED[c] for c in changes if c in PAINTED}

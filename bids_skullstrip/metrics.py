@@ -46,7 +46,7 @@ def compare_masks(predicted, reference, voxel_mm):
     }
 
 
-def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0):
+def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0, contrast=None):
     """Score the mask of each labelled head (``training.data.LabelledHead``) against its reference: one row per
     head with ``compare_masks``'s numbers, the head's name, source and contrast, the seconds ``mask_of`` took
     and its warnings. The one scorer of ``bids_skullstrip-eval``, training validation, bench/model_eval.py and
@@ -56,6 +56,7 @@ def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0
     ``change(data, affine, reference, rng)`` first changes the image and its reference (an acquisition change,
     bench/stress_eval.py; ``rng`` seeded by ``seed`` + the head's index). A head with a field of view (``fov``)
     is scored inside it only. ``qc``: add the mask's QC measures and flags (needs ``.probability``).
+    ``contrast``: the BIDS suffix of the images as changed (a T1w head painted as a T2w), default each head's own.
     ``masks_dir``: save each mask there as ``<name>.nii.gz``."""
     import time
 
@@ -79,14 +80,14 @@ def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0
             nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), str(Path(masks_dir) / f"{head.name}.nii.gz"))
         vox = voxel_sizes(affine)
         inside = True if head.fov is None else np.asarray(nib.load(str(head.fov)).dataobj) > 0
-        row = {"name": head.name, "source": source_of(head.name), "contrast": head.contrast,
+        row = {"name": head.name, "source": source_of(head.name), "contrast": contrast or head.contrast,
                **compare_masks(mask & inside, reference & inside, vox), "seconds": seconds,
                "warnings": list(getattr(result, "warnings", []))}
         if qc:
             from .qc import flag_image, qc_measures
 
             row["qc"] = qc_measures(data, result.probability, np.asarray(result.mask), vox)
-            row["flags"] = flag_image(row["qc"])
+            row["flags"] = flag_image(row["qc"], row["contrast"])
         rows.append(row)
     return rows
 

@@ -51,6 +51,25 @@ LIMITS = {
     "sphericity": (0.70, None, "", "mask sphericity"),
 }
 
+# Where CSF is brighter than the brain (T2w, PD, T2*w), a good mask is wrapped in a rim of bright CSF and then the
+# dark skull: the partial volume of cortex and that CSF falls in the brain-like band, and the strongest edge outside
+# the cortex is the CSF's outer one (the edge profile's peak, 0.5-1.5 mm beyond a good mask on 3D T2w images; a
+# T1w's cortex -> dark CSF edge lies 2 mm inside it). For these contrasts the three rules that read that rim accept
+# what good masks show (docs/qc.md, "Bright CSF": 3D T2w/PD paintings of the held-out heads, and the real T2w images
+# of ../shared/data/contrasts, whose eroded and shifted masks are still caught).
+BRIGHT_CSF_CONTRASTS = ("T2w", "PDw", "T2starw")
+BRIGHT_CSF_LIMITS = {
+    "edge_offset_mm": (-6.0, 2.0, "mm", LIMITS["edge_offset_mm"][3]),
+    "outside_brainlike_fraction": (None, 0.65, "", LIMITS["outside_brainlike_fraction"][3]),
+    "outside_brainlike_max": (None, 0.85, "", LIMITS["outside_brainlike_max"][3]),
+}
+
+
+def limits_for(contrast="T1w"):
+    """The absolute rules (``LIMITS``' shape) for the masks of images of BIDS suffix ``contrast``."""
+    return {**LIMITS, **BRIGHT_CSF_LIMITS} if contrast in BRIGHT_CSF_CONTRASTS else LIMITS
+
+
 # Absolute rules that describe the image, not the mask: outside [low, high] they add a note, never a flag.
 # A brain cut by the field of view is the image's problem: the 2D clinical scans of ../shared/data/contrasts
 # (3-4 mm slices) reach 0.014 (T2w) and 0.055 (T1w) with good masks, vrd-seg3d-mr (implanted grid) 0.044.
@@ -421,24 +440,26 @@ def _finding(key, v, side, limits, hint):
     return f"{text}: {value}{u} (accepted {accepted_range(key, limits)})" + (f" - {hint}" if hint else "")
 
 
-def flag_image(measures):
-    """Absolute rules on one image's measures -> list of short readable flags (empty = no doubt)."""
+def flag_image(measures, contrast="T1w"):
+    """Absolute rules on one image's measures -> list of short readable flags (empty = no doubt); ``contrast``:
+    the image's BIDS suffix (``limits_for``)."""
     if not measures:
         return ["no QC measures"]
     vox = measures.get("brain_voxels")
     if vox is not None and vox == 0:
         return ["empty brain mask"]
-    outside = _outside(measures, LIMITS)
+    limits = limits_for(contrast)
+    outside = _outside(measures, limits)
     too_large = any(outside.get(key, (None, None))[1] == side for key, side in TOO_LARGE)
-    return [_finding(key, v, side, LIMITS,
+    return [_finding(key, v, side, limits,
                      TOO_LARGE_HINT if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side)))
             for key, (v, side) in outside.items()]
 
 
-def note_image(measures):
+def note_image(measures, contrast="T1w"):
     """Absolute rules that describe the image (``NOTE_LIMITS``) -> list of notes: unusual, not failed (a measure
     that a flag's rule judges as well is noted only while no flag is raised on it)."""
-    flagged = _outside(measures or {}, LIMITS)
+    flagged = _outside(measures or {}, limits_for(contrast))
     return [_finding(key, v, side, NOTE_LIMITS, NOTE_HINTS.get((key, side)))
             for key, (v, side) in _outside(measures or {}, NOTE_LIMITS).items() if key not in flagged]
 
@@ -483,23 +504,23 @@ def _group_outliers(rows, measures):
     return out
 
 
-def flag_group(rows):
+def flag_group(rows, contrast="T1w"):
     """Flags for a group: each row's absolute flags plus robust z-score outliers (|z| > GROUP_Z) of the
     measures that say a mask failed (GROUP_MEASURES).
 
     ``rows`` is a sequence of dicts of measures (e.g. the ``qc`` dicts of the metrics JSON files, or rows that
     contain those keys). Returns one list of flags per row, in order. z-score flags are added only when there
-    are at least GROUP_MIN_IMAGES images.
+    are at least GROUP_MIN_IMAGES images. ``contrast``: the images' BIDS suffix (a group is one contrast).
     """
     rows = list(rows)
-    return [flag_image(r) + z for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES))]
+    return [flag_image(r, contrast) + z for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES))]
 
 
-def note_group(rows):
+def note_group(rows, contrast="T1w"):
     """Notes for a group: each row's absolute notes plus the group outliers of the measures that describe the
     image (GROUP_NOTE_MEASURES): "this image is unusual", not "this mask failed"."""
     rows = list(rows)
-    return [note_image(r) + z for r, z in zip(rows, _group_outliers(rows, GROUP_NOTE_MEASURES))]
+    return [note_image(r, contrast) + z for r, z in zip(rows, _group_outliers(rows, GROUP_NOTE_MEASURES))]
 
 
 def _as_float(v):

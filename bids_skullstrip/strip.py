@@ -31,6 +31,7 @@ class FileResult:
     probability: np.ndarray  # float32 [0, 1], the input's grid
     threshold: float
     border_mm: float
+    contrast: str = "T1w"  # the BIDS suffix it was stripped as (its networks, its QC limits)
     warnings: list = field(default_factory=list)  # one line each, naming the file
     timings: dict = field(default_factory=dict)  # seconds: load, each stage of the core, write
     core_s: float = 0.0  # seconds of the core (array in, mask and probability out)
@@ -58,7 +59,7 @@ class FileResult:
         if not self.mask.any():
             return ["empty brain mask"], []
         measures = self.qc_measures()
-        return flag_image(measures), note_image(measures)
+        return flag_image(measures, self.contrast), note_image(measures, self.contrast)
 
 
 def check_outputs(in_file, **outputs):
@@ -181,5 +182,5 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
     timings["write"] = time.perf_counter() - t
     return FileResult(image=img, data=data, mask=result.mask, probability=result.probability,
                       threshold=stripper.threshold if threshold is None else float(threshold),
-                      border_mm=float(border_mm), warnings=list(dict.fromkeys(doubts)), timings=timings,
-                      core_s=core_s, written=outputs)
+                      border_mm=float(border_mm), contrast=contrast, warnings=list(dict.fromkeys(doubts)),
+                      timings=timings, core_s=core_s, written=outputs)

@@ -349,7 +349,7 @@ def _metrics(out, name, *, threshold=0.55, qc_measures=None):
     path = outputs.derivative_path(out, image, "metrics")
     path.parent.mkdir(parents=True, exist_ok=True)
     measures = qc_measures or {"brain_volume_ml": 1400.0, "edge_offset_mm": -2.0, "noise_ratio": 0.05}
-    path.write_text(json.dumps({"source": image.source_uri, "qc": measures, "flags": qc.flag_image(measures),
+    path.write_text(json.dumps({"source": image.source_uri, "qc": measures, "flags": qc.flag_image(measures, image.suffix),
                                 "settings": {"threshold": threshold, "border_mm": 0.0, "model_sha256": "ab" * 32,
                                              "software_version": "0.1.0"}}))
     return image
@@ -412,6 +412,28 @@ def test_group_report_of_some_participants_only(tmp_path):
             assert [r["participant_id"] for r in csv.DictReader(fh, delimiter="\t")] == ["sub-02"]
     with pytest.raises(ReportError, match="participant"):
         write_group_report(tmp_path, participants=["09"])
+
+
+def test_each_contrast_is_judged_and_shown_by_its_own_limits(tmp_path):
+    """A bright CSF rim (edge offset +1.2 mm, brain-like band 0.55) is a flag on a T1w and how a good T2w looks:
+    the group level flags the one and not the other, and each report shows the range its image was judged by."""
+    from bids_skullstrip import outputs
+
+    rim = {"brain_volume_ml": 1400.0, "brain_voxels": 1.4e6, "edge_offset_mm": 1.2, "outside_brainlike_fraction": 0.55}
+    _metrics(tmp_path, "sub-01_T1w.nii.gz", qc_measures=rim)
+    _metrics(tmp_path, "sub-01_T2w.nii.gz", qc_measures=rim)
+    older = _metrics(tmp_path, "sub-02_T2w.nii.gz", qc_measures=rim)  # judged by 0.2.0, by the T1w limits
+    path = outputs.derivative_path(tmp_path, older, "metrics")
+    path.write_text(json.dumps({**json.loads(path.read_text()), "flags": qc.flag_image(rim, "T1w")}))
+    write_group_report(tmp_path, thumbnails=False)
+    for suffix, flags, shown in (("T1w", ["2"], "-6.0 to 0.5 mm"), ("T2w", ["0", "0"], "-6.0 to 2.0 mm")):
+        with (tmp_path / f"group_{suffix}.tsv").open() as fh:
+            rows = list(csv.DictReader(fh, delimiter="\t"))
+        assert [r["n_flags"] for r in rows] == flags, (suffix, [r["flags"] for r in rows])
+        assert shown in (tmp_path / f"group_{suffix}.html").read_text()
+    page = htmlmod.unescape(write_participant_report(tmp_path, "01").read_text())
+    # the T1w: its table's range and its flag's; the T2w: its table's range, no flag
+    assert page.count("-6.0 to 0.5 mm") == 2 and page.count("-6.0 to 2.0 mm") == 1
 
 
 def test_group_axes_read_plainly_when_values_cluster(tmp_path):

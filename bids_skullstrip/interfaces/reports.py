@@ -16,6 +16,7 @@ class _QCMetricsInputSpec(BaseInterfaceInputSpec):
     in_mask = File(exists=True, mandatory=True)
     weights = File(exists=True, desc="the model card of the networks that made the mask (default: the bundled "
                                     "ones), recorded by checksum")
+    contrast = traits.Str("T1w", usedefault=True, desc="the image's BIDS suffix (its QC limits)")
 
 
 class _QCMetricsOutputSpec(TraitedSpec):
@@ -45,8 +46,8 @@ class QCMetrics(SimpleInterface):
             software_version=__version__,
             model=card.record(),
             qc=measures,
-            flags=qc.flag_image(measures),
-            notes=qc.note_image(measures),
+            flags=qc.flag_image(measures, self.inputs.contrast),
+            notes=qc.note_image(measures, self.inputs.contrast),
         )
         return runtime
 

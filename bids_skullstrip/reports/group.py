@@ -46,6 +46,9 @@ def _failed_records(output_dir, processed):
     return rows
 
 
+RULE_TEXTS = tuple(text for _, _, _, text in qcmod.LIMITS.values())
+
+
 def _records(output_dir, participants=None):
     """{suffix: records} of ``participants`` (all where None), each contrast's flagged (and noted) by the group
     rule among its own images."""
@@ -64,11 +67,12 @@ def _records(output_dir, participants=None):
     for suffix in sorted({r["_suffix"] for r in records}):
         processed = [r for r in records if r["_suffix"] == suffix and r["_status"] == "processed"]
         rows = [r["qc"] for r in processed]
-        for r, flags, notes in zip(processed, qcmod.flag_group(rows), qcmod.note_group(rows)):
+        for r, flags, notes in zip(processed, qcmod.flag_group(rows, suffix), qcmod.note_group(rows, suffix)):
             if not r["qc"] and r["_error"]:
                 flags = [r["_error"]]
-            # recomputed flags (current rules + group outliers) first, then any other stored flag
-            r["flags"] = flags + [f for f in r["flags"] if f not in flags]
+            # recomputed flags (current rules + group outliers) first, then any other stored flag: not one of a rule
+            # on the measures, which the current rules of the image's contrast judge again
+            r["flags"] = flags + [f for f in r["flags"] if f not in flags and not f.startswith(RULE_TEXTS)]
             r["notes"] = notes + [n for n in r["notes"] if n not in notes]
         rows = [r for r in records if r["_suffix"] == suffix]
         rows.sort(key=lambda r: (r["_status"] != "failed", -len(r["flags"]), r["bids_name"]))
@@ -246,6 +250,7 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails):
     html = environment().get_template("group.html").render(
         rows=records,
         contrast=suffix,
+        limits=qcmod.limits_for(suffix),
         measure_keys=_measure_keys(records),
         settings=SETTINGS,
         mixed={key: ", ".join(f"{v} ({n} image{'s' if n > 1 else ''})" for v, n in c.most_common())

@@ -21,10 +21,10 @@ from .common import (
 )
 
 
-def _out_keys(measures):
+def _out_keys(measures, contrast):
     """Measures outside their absolute limits, of a flag or of a note (highlighted in the table)."""
     keys = set()
-    for key, (low, high, _, _) in {**qcmod.LIMITS, **qcmod.NOTE_LIMITS}.items():
+    for key, (low, high, _, _) in {**qcmod.limits_for(contrast), **qcmod.NOTE_LIMITS}.items():
         v = measures.get(key)
         if v is None:
             continue
@@ -39,7 +39,8 @@ def participant_records(output_dir, label):
     for path in outputs.find_outputs(output_dir, "metrics", participant=label):
         r = load_record(path, output_dir)
         r["_anchor"] = slug(r["_name"])
-        r["_out_keys"] = _out_keys(r["qc"])
+        r["_limits"] = qcmod.limits_for(r["_suffix"])
+        r["_out_keys"] = _out_keys(r["qc"], r["_suffix"])
         r["_figure_url"] = rel_url(r["_figure"], output_dir) if r["_figure"] else None
         r["_brain_figure_url"] = rel_url(r["_brain_figure"], output_dir) if r["_brain_figure"] else None
         r["_anat_rel"] = rel_url(r["_anat_dir"], output_dir) + "/"

@@ -121,7 +121,7 @@ def init_t1w_wf(*, threshold=None, border_mm=0.0, weights=None, contrast="T1w", 
     if threshold is not None:
         skullstrip.inputs.threshold = threshold
     n4 = _node(N4BiasFieldCorrection(num_threads=omp_nthreads), "n4", n_voxels, omp_nthreads)
-    qc = _node(QCMetrics(), "qc", n_voxels)
+    qc = _node(QCMetrics(contrast=contrast), "qc", n_voxels)
     # the nodes get the card file: a bad path fails here, in one line, and nipype's cache (which hashes a file by
     # its time stamp) is redone when weights are exported again in place
     card = ModelCard.bundled_for(contrast) if weights is None else ModelCard.load(weights)
