@@ -349,7 +349,8 @@ def _metrics(out, name, *, threshold=0.55, qc_measures=None):
     path = outputs.derivative_path(out, image, "metrics")
     path.parent.mkdir(parents=True, exist_ok=True)
     measures = qc_measures or {"brain_volume_ml": 1400.0, "edge_offset_mm": -2.0, "noise_ratio": 0.05}
-    path.write_text(json.dumps({"source": image.source_uri, "qc": measures, "flags": qc.flag_image(measures, image.suffix),
+    flags = qc.flag_image(measures, image.suffix)
+    path.write_text(json.dumps({"source": image.source_uri, "qc": measures, "flags": flags,
                                 "settings": {"threshold": threshold, "border_mm": 0.0, "model_sha256": "ab" * 32,
                                              "software_version": "0.1.0"}}))
     return image
