@@ -1,6 +1,7 @@
 """What one run of the BIDS App is asked to do: the command line, checked and resolved once."""
 
 import hashlib
+import math
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,6 +132,11 @@ class RunConfig:
             raise UsageError(f"{work_dir}: the work directory is inside the input dataset; use a folder outside it")
         if opts.n_cpus < 1:
             raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
+        if opts.omp_nthreads is not None and opts.omp_nthreads < 0:
+            raise UsageError(f"--omp-nthreads {opts.omp_nthreads}: must be 0 (automatic) or more")
+        for option, value, unit in (("--mem-gb", opts.mem_gb, "GB"), ("--mem", opts.mem_mb, "MB")):
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise UsageError(f"{option} {value:g}: must be a positive number of {unit}")
         mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
         return cls(bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level,
                    work_dir=work_dir,

@@ -287,7 +287,7 @@ def twin_of(image):
 
 # Validator issues about an image's own content: the app reads every image itself and fails an unreadable one on
 # its own, in one line, while the others are processed; the validator cannot read DataLad's annexed images at all.
-JUDGED_BY_THE_APP = ("NIFTI_HEADER_UNREADABLE",)
+JUDGED_BY_THE_APP = ("NIFTI_HEADER_UNREADABLE", "EMPTY_FILE")
 
 
 def _read_by_run(issue, reads):
@@ -322,13 +322,33 @@ def validator_issues(bids_dir):
                              "or pass --skip-bids-validation")
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        proc = subprocess.run([exe, "--format", "json", "--outfile", str(report), str(bids_dir)],
-                              capture_output=True, text=True, timeout=1800)
+        try:
+            proc = subprocess.run([exe, "--format", "json", "--outfile", str(report), str(bids_dir)],
+                                  capture_output=True, text=True, errors="replace", timeout=VALIDATOR_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise ValidatorFailed(f"it did not finish in {VALIDATOR_TIMEOUT_S // 60} minutes") from None
         try:
             return json.loads(report.read_text())["issues"]["issues"]
         except (OSError, ValueError, KeyError, TypeError):
-            tail = " ".join((proc.stderr or proc.stdout).split())[-300:]
-            raise DiscoveryError(f"{bids_dir}: the BIDS validator failed to run (exit {proc.returncode}: {tail})") from None
+            raise ValidatorFailed(f"exit {proc.returncode}: {_first_error(proc.stderr or proc.stdout)}") from None
+
+
+VALIDATOR_TIMEOUT_S = 1800
+
+
+class ValidatorFailed(DiscoveryError):
+    """The BIDS validator crashed or gave no report (out of memory under ``ulimit -v``, a file name that is not
+    UTF-8): it judged nothing, so the run goes on without it, saying so."""
+
+
+def _first_error(text):
+    """The line of a crash's output that says what went wrong, without colour codes: the first one naming an
+    error, else the last one."""
+    lines = [" ".join(line.split()) for line in re.sub(r"\x1b\[[0-9;]*m", "", text or "").splitlines()]
+    lines = [line for line in lines if line.strip("# =")]
+    said = next((line for line in lines if re.search(r"error|fatal|panic|out of memory", line, re.IGNORECASE)),
+                lines[-1] if lines else "no output")
+    return said[:200]
 
 
 def validate_dataset(bids_dir, *, reads=None):

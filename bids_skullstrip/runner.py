@@ -73,7 +73,8 @@ def stop_now(name):
 
 def select_images(config):
     """The images of the selection, after the BIDS validator has judged the files the run reads."""
-    from .discovery import DiscoveryError, collect_images, load_bids_filters, missing_content, validate_dataset
+    from .discovery import (DiscoveryError, ValidatorFailed, collect_images, load_bids_filters, missing_content,
+                            validate_dataset)
 
     filters = load_bids_filters(config.bids_filter_file) if config.bids_filter_file else None
     t1ws = collect_images(config.bids_dir, contrasts=config.contrasts,
@@ -83,7 +84,12 @@ def select_images(config):
     if not config.skip_bids_validation:
         # an image whose content is missing (not fetched, gone) fails on its own in the run, with how to get it
         present = [t.relpath for t in t1ws if not missing_content(t)]
-        errors, ignored = validate_dataset(config.bids_dir, reads=present)
+        try:
+            errors, ignored = validate_dataset(config.bids_dir, reads=present)
+        except ValidatorFailed as exc:
+            log.warning("warning: the BIDS validator could not run (%s): the dataset was not validated; each image "
+                        "is still checked as it is read (--skip-bids-validation skips the validator)", exc)
+            return t1ws
         if ignored:
             log.info("BIDS validator: %d error(s) in files this run does not read were ignored", ignored)
         if errors:

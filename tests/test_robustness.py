@@ -202,6 +202,12 @@ def small_dataset(tmp_path):
     ("other_contrasts_absent", 2, "no T2w/FLAIR images (sub-*/[ses-*/]anat/*_{T2w,FLAIR}.nii[.gz]) for participant(s) "
                                   "01 (it has 1 T1w image(s): strip them with --contrasts T1w or all)"),
     ("unknown_plugin", 2, "--plugin Foo: not a nipype plugin (one of"),
+    # a ValueError (1) once the output folder was made; 0 ignored; -1 said after the folder was made
+    ("mem_nan", 2, "--mem-gb nan: must be a positive number of GB"),
+    ("mem_inf", 2, "--mem-gb inf: must be a positive number of GB"),
+    ("mem_zero", 2, "--mem-gb 0: must be a positive number of GB"),
+    ("mem_mb_negative", 2, "--mem -1: must be a positive number of MB"),
+    ("omp_negative", 2, "--omp-nthreads -2: must be 0 (automatic) or more"),  # every image failed in OpenVINO
 ])
 def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     bids, out, extra = small_dataset, tmp_path / "out", ["--skip-bids-validation"]
@@ -244,6 +250,9 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
             {"Name": "fmriprep", "BIDSVersion": "1.10.0", "DatasetType": "derivative"}))
     elif case == "unknown_plugin":
         extra += ["--plugin", "Foo"]
+    elif case.startswith(("mem_", "omp_")):
+        extra += {"mem_nan": ["--mem-gb", "nan"], "mem_inf": ["--mem-gb", "inf"], "mem_zero": ["--mem-gb", "0"],
+                  "mem_mb_negative": ["--mem", "-1"], "omp_negative": ["--omp-nthreads", "-2"]}[case]
     elif case == "other_contrasts_absent":
         extra += ["--contrasts", "flair", "T2w"]
     elif case in ("unit1_only", "flair_only"):
@@ -264,7 +273,7 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
-    if case in ("unknown_plugin", "border_inf", "plugin_args_list"):
+    if case in ("unknown_plugin", "border_inf", "plugin_args_list") or case.startswith(("mem_", "omp_")):
         assert not out.exists()
 
 
@@ -278,6 +287,36 @@ def test_group_level_before_any_participant_run_is_a_usage_error(empty_output_fo
     res = app(tmp_path / "bids", out, "group")
     assert res.returncode == 2, res.stdout + res.stderr
     assert "run the participant level first" in res.stderr and len(res.stderr.strip().splitlines()) == 1
+
+
+def test_a_validator_that_crashes_is_one_warning_and_the_run_goes_on(tmp_path):
+    """The validator (deno) dies under a `ulimit -v` of 16 GB and on a file name that is not UTF-8 anywhere in the
+    dataset: the run stopped (2) with a cut-off stack trace in colour codes. It judged nothing: the run goes on
+    and says why in one line."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head})
+    fake = tmp_path / "bin" / "bids-validator-deno"  # found on PATH before the venv's
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\nprintf '\\033[31m#\\n# Fatal process out of memory: Oilpan: CagedHeap reservation.\\n"
+                    "#\\n==== C stack trace ===\\033[0m\\n' >&2\nexit 133\n")
+    fake.chmod(0o755)
+    res = app(bids, tmp_path / "out", "participant", "-w", tmp_path / "w",
+              env={**os.environ, "PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}"})
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    [said] = [line for line in res.stdout.splitlines() if "BIDS validator" in line]
+    assert "could not run (exit 133: # Fatal process out of memory: Oilpan: CagedHeap reservation.)" in said, said
+    assert "\x1b" not in said and "processed" in res.stdout
+
+
+def test_an_empty_image_fails_alone_with_the_validator_on(tmp_path):
+    """The validator's EMPTY_FILE stopped the whole run (2) where a truncated image fails alone: the app judges an
+    image's content itself (``JUDGED_BY_THE_APP``)."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head, "02": lambda path: path.write_bytes(b"")})
+    res = app(bids, tmp_path / "out", "participant", "-w", tmp_path / "w")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "sub-02_T1w.nii.gz: empty file (0 bytes)" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").is_file()
 
 
 def test_the_validator_gate_is_scoped_to_what_the_run_reads(tmp_path):
