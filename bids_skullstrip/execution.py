@@ -156,27 +156,38 @@ NIPYPE_NO_RESULT_NOTE = "When creating this crashfile, the results file correspo
 
 def crash_message(crash_file):
     """The last line of a nipype crash file's traceback, without the exception's type."""
-    text = Path(crash_file).read_text(errors="replace").split(NIPYPE_NO_RESULT_NOTE)[0]
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return traceback_message(Path(crash_file).read_text(errors="replace")) or \
+        f"unknown error (its crash file {crash_file} holds no traceback)"
+
+
+def traceback_message(text):
+    """The last line of a node's traceback as nipype reports it, without the exception's type ("" if none)."""
+    lines = [line.strip() for line in text.split(NIPYPE_NO_RESULT_NOTE)[0].splitlines() if line.strip()]
     tb = [line for line in lines if not line.startswith(("Node", "Working directory", "Node inputs"))]
-    message = tb[-1] if tb else "unknown error"
+    message = tb[-1] if tb else ""
     for marker in ("InputError: ", "Error: ", "Exception: "):
         if marker in message:
             return message.split(marker, 1)[1]
     return message
 
 
-def failure_of(t1w, work_dir, since, *, stopped_early=False):
+def failure_of(t1w, work_dir, since, *, stopped_early=False, stopped_by=None):
     """Why ``t1w`` failed: the message of the first crash file written since ``since`` in its own crash folder
-    (the nodes after the one that failed do not run). Without one: not run, when ``stopped_early``
-    (``--stop-on-first-crash`` and another image failed), else nipype's log says why."""
+    (the nodes after the one that failed do not run). Without one: the error whose crash file could not be written
+    (``multiproc.UNRECORDED``), not run when ``stopped_early`` (``--stop-on-first-crash`` and another image failed)
+    or the run was ``stopped_by`` an error of its own, else nipype's log says why."""
+    from .multiproc import UNRECORDED
     from .workflows.base import crash_dir
 
     folder = crash_dir(work_dir, t1w)
     crashes = sorted((p for p in folder.glob("crash-*.txt") if p.stat().st_mtime >= since),
                      key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if str(folder) in UNRECORDED:  # its crash file could not be written (it may be there, empty)
+        return f"{t1w.relpath}: {UNRECORDED[str(folder)]}"
     if not crashes and stopped_early:
         return f"{t1w.relpath}: not processed: the run stopped at the first failure (--stop-on-first-crash)"
+    if not crashes and stopped_by:
+        return f"{t1w.relpath}: not processed: the run stopped on {stopped_by}"
     if not crashes:
         return f"{t1w.relpath}: processing failed without a crash file (see {Path(work_dir) / 'nipype.log'})"
     message = crash_message(crashes[0])

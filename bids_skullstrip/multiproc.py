@@ -32,12 +32,15 @@ from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializ
 log = logging.getLogger("nipype.workflow")
 
 _started = None  # in a worker: the queue on which it says which task it runs
+# image (``image_of``) -> why its step failed, where its crash file could not be written (a full work directory)
+UNRECORDED = {}
 
 
 def _init_worker(cwd, started):
     global _started
     process_initializer(cwd)
     _started = started
+    logging.raiseExceptions = False  # a log file on a full disk: no "--- Logging error ---" traceback on the console
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die at once, even inside a long native call
     try:  # Linux: die with the main process, even when it is SIGKILLed
@@ -120,6 +123,17 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
         self._image_rank = {}  # image: order in which its first job started
         self._pools = 0
         self._new_pool()
+
+    def _report_crash(self, node, result=None):
+        try:
+            return super()._report_crash(node, result=result)
+        except OSError as exc:  # a full or vanished work directory: that image fails in one line, the others go on
+            from .execution import traceback_message
+
+            cause = traceback_message("".join((result or {}).get("traceback") or [])) or "no traceback"
+            UNRECORDED[image_of(node)] = (f"its {node.name} step failed ({cause}) and so did writing its crash file: "
+                                          f"{exc.strerror or exc} (is the work directory full?)")
+            return None
 
     def _new_pool(self):
         import multiprocessing as mp

@@ -114,6 +114,8 @@ def load_image(path):
             raise InputError(f"{path}: file not found")
         if path.is_dir():
             raise InputError(f"{path}: is a directory, not a NIfTI file")
+        if not path.is_file():
+            raise InputError(f"{path}: not a regular file (a pipe, socket or device): give a NIfTI file")
         if not os.access(path, os.R_OK):
             raise InputError(f"{path}: permission denied (cannot read the file)")
         if path.stat().st_size == 0:
@@ -271,6 +273,8 @@ def _host():
 
 
 def _writer_gone(name, mtime, now):
+    import psutil
+
     owner = _TMP_NAME.match(name)
     if not owner:  # not a name of ours
         return False
@@ -278,11 +282,12 @@ def _writer_gone(name, mtime, now):
         pid = int(owner[1])
         if pid == os.getpid():
             return False
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        try:  # a SIGKILLed worker whose parent died too stays a zombie until init reaps it: gone as well
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
             return True
-        except OSError:  # alive, another user's
+        except psutil.Error:  # alive, another user's
             pass
     return now - mtime > STALE_TMP_S
 

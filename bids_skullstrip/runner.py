@@ -2,6 +2,7 @@
 exit status. The command line (``cli.run``) only parses, builds the ``config.RunConfig`` and calls ``Run``.
 """
 
+import contextlib
 import json
 import logging
 import os
@@ -118,6 +119,7 @@ class Run:
         self.config = config
         self.plugin, self.plugin_args = execution.plugin_settings(config)
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:8]}"
+        self.unwritten = []  # what written_or_said could not write
 
     def __call__(self):
         """The exit status of the run. SIGTERM, SIGHUP and Ctrl-C stop every worker of the run, say how to
@@ -159,35 +161,53 @@ class Run:
             failures += self.process(todo)
 
         failed = {t for t, _ in failures}
-        for t1w, message in failures:
-            outputs.record_failure(output_dir, t1w, message)
-        for t1w in t1ws:
-            if t1w not in failed:
-                outputs.clear_failure(output_dir, t1w)
-        write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
-                          contrasts=config.contrasts)
+        # what is written after the images (failure records, methods text, reports) may meet a full disk too: said
+        # in one line each, and the summary and every image's line still come
+        with self.written_or_said("the failure records (logs/failed)"):
+            for t1w, message in failures:
+                outputs.record_failure(output_dir, t1w, message)
+            for t1w in t1ws:
+                if t1w not in failed:
+                    outputs.clear_failure(output_dir, t1w)
+        with self.written_or_said("the methods text (logs/CITATION.md)"):
+            write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
+                              contrasts=config.contrasts)
 
         reports = {}
         for subject in sorted({t.subject for t in t1ws}):
             errors = [f for t, f in failures if t.subject == subject]
-            reports[subject] = write_participant_report(output_dir, subject, errors=errors)
-            log.info("report: %s", reports[subject])
+            with self.written_or_said(f"the report of sub-{subject}"):
+                reports[subject] = write_participant_report(output_dir, subject, errors=errors)
+                log.info("report: %s", reports[subject])
         flagged = [(t, flags) for t in t1ws if t not in failed and (flags := outputs.qc_flags(output_dir, t))]
         log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed, %d flagged by QC",
                  len(t1ws), sum(t not in failed for t in todo), finished, len(failures), len(flagged))
         for t1w, flags in flagged:
-            log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags), reports[t1w.subject])
+            log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags),
+                        reports.get(t1w.subject, "its participant report"))
         self.report_work_dir(clean=config.clean_workdir and not failures)
         if failures:
             log.error("%d of %d image(s) failed:", len(failures), len(t1ws))
             for _, message in failures:
                 log.error("  %s", message)
             return FAILED
+        if self.unwritten:
+            return FAILED
         if flagged and config.fail_on_flag:
             log.error("%d image(s) flagged by QC (--fail-on-flag): exit status 3", len(flagged))
             return FLAGGED
         log.info("done: outputs in %s", output_dir)
         return OK
+
+    @contextlib.contextmanager
+    def written_or_said(self, what):
+        """Write ``what`` in the block; an OSError (a full disk, a folder gone) is one error line, and the run goes
+        on to say what became of each image (its exit status is 1 then)."""
+        try:
+            yield
+        except OSError as exc:
+            self.unwritten.append(what)
+            log.error("error: could not write %s: %s", what, " ".join(str(exc).split()))
 
     def plan(self, t1ws):
         """(the images to process, (image, message) for those that cannot be): finished images are skipped
@@ -233,6 +253,7 @@ class Run:
     def process(self, todo):
         """Build and run the graph for ``todo``; returns (T1w, one-line message) for each image that failed."""
         from . import execution, outputs
+        from .multiproc import UNRECORDED
         from .workflows.base import init_bids_skullstrip_wf
 
         config = self.config
@@ -248,21 +269,26 @@ class Run:
         log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), self.plugin,
                  config.work_dir)
         started = time.time()
+        UNRECORDED.clear()
         stop = threading.Event()
         progress = threading.Thread(target=self.report_progress, args=(stop, todo, started), daemon=True)
         progress.start()
+        stopped_by = None
         try:
             wf.run(plugin=execution.plugin(self.plugin, plugin_args), plugin_args=plugin_args)
         except RuntimeError as exc:
             log.debug("nipype: %s", exc)
+        except OSError as exc:  # nipype's own files (a full or vanished work directory): the images not done fail
+            stopped_by = " ".join(str(exc).split())
+            log.error("the workflow stopped: %s (work directory %s)", stopped_by, config.work_dir)
         finally:
             stop.set()
             progress.join()
         log.info("workflow finished in %.0f s", time.time() - started)
         failed = [t for t in todo if not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
         stopped_early = config.stop_on_first_crash and bool(failed)
-        return [(t, execution.failure_of(t, config.work_dir, since=started - 1, stopped_early=stopped_early))
-                for t in failed]
+        return [(t, execution.failure_of(t, config.work_dir, since=started - 1, stopped_early=stopped_early,
+                                         stopped_by=stopped_by)) for t in failed]
 
     def report_progress(self, stop, todo, started, every_s=2.0):
         """One console line each time more images are finished: done of total, elapsed time."""

@@ -6,6 +6,7 @@ command, the workflow's ``SkullStrip`` node and the benchmark's worker.
     result.warnings, result.volume_ml, result.qc_flags()
 """
 
+import contextlib
 import os
 import time
 import warnings
@@ -16,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 
-from .nifti import atomic_save, geometry_warnings, like, load_image
+from .nifti import atomic_file, geometry_warnings, like, load_image
 from .postproc import check_border, check_threshold
 
 OUTPUT_KINDS = ("mask", "brain", "probseg")
@@ -70,8 +71,9 @@ def check_outputs(in_file, **outputs):
         raise TypeError(f"unknown output kind(s): {', '.join(sorted(unknown))} (known: {', '.join(OUTPUT_KINDS)})")
     given = {kind: Path(p) for kind, p in outputs.items() if p is not None}
     resolved = [p.resolve() for p in given.values()]
-    if len(set(resolved)) < len(resolved):
-        raise ValueError("two outputs have the same file name")
+    twice = next((p for p in resolved if resolved.count(p) > 1), None)
+    if twice is not None:
+        raise ValueError(f"{twice}: two outputs have the same file name")
     in_file = Path(in_file)
     for p in resolved:
         if in_file.exists() and p == in_file.resolve():
@@ -169,16 +171,15 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
     images = {"mask": lambda: like(img, result.mask, np.uint8),
               "probseg": lambda: like(img, result.probability, np.float32),
               "brain": lambda: brain_image(img, data, result.mask)}
-    created = []
+    path = None
     try:
-        for kind, path in outputs.items():
-            new = not path.exists()
-            atomic_save(images[kind](), path)
-            created += [path] if new else []
-    except BaseException:  # all the outputs asked for, or none of those this call made
-        for path in created:
-            path.unlink(missing_ok=True)
-        raise
+        # all the outputs asked for, or none: each is written beside its final name and the names are given only
+        # once every one is complete (a full disk leaves the files that were there as they were)
+        with contextlib.ExitStack() as renames:
+            for kind, path in outputs.items():
+                nib.save(images[kind](), str(renames.enter_context(atomic_file(path))))
+    except OSError as exc:
+        raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from None
     timings["write"] = time.perf_counter() - t
     return FileResult(image=img, data=data, mask=result.mask, probability=result.probability,
                       threshold=stripper.threshold if threshold is None else float(threshold),

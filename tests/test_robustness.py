@@ -537,6 +537,12 @@ def test_temporary_files_are_removed_once_their_writer_is_gone(tmp_path):
     anat = tmp_path / "sub-01" / "anat"
     anat.mkdir(parents=True)
     dead = _temporary_of_a_killed_writer(anat / "sub-01_desc-brain_mask.nii.gz")
+    # a SIGKILLed worker whose parent died too: a zombie until init reaps it (CI's init did not, at once)
+    zombie = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; from bids_skullstrip.nifti "
+                               "import tmp_sibling; tmp_sibling(Path(sys.argv[1]), '.nii.gz').write_bytes(b'half')",
+                               str(anat / "sub-01_desc-preproc_T1w.nii.gz")])
+    while psutil.Process(zombie.pid).status() != psutil.STATUS_ZOMBIE:
+        time.sleep(0.05)
     own = tmp_sibling(anat / "sub-01_desc-brain_T1w.nii.gz", ".nii.gz")  # this process writes it now
     other_node = anat / ".tmp-12-0badc0de@node-b@sub-01_desc-preproc_T1w.nii.gz"  # another host's, in progress
     older_version = anat / ".tmp-12-0badc0de-sub-01_desc-brain_metrics.json"  # 0.2.0's names: no host
@@ -550,8 +556,9 @@ def test_temporary_files_are_removed_once_their_writer_is_gone(tmp_path):
     user_file.write_text("mine")
     os.utime(user_file, (long_ago, long_ago))
     assert dead.is_file() and dead.parent == anat
-    assert remove_stale_temporaries(tmp_path) == 3
+    assert remove_stale_temporaries(tmp_path) == 4
     assert sorted(p.name for p in anat.iterdir()) == sorted([own.name, other_node.name, user_file.name])
+    zombie.wait()
 
 
 def _start(args, **kw):
@@ -962,6 +969,26 @@ def test_images_in_the_wrong_format_say_what_to_do(name, writer, problem, tmp_pa
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
 
 
+def test_skullstrip_cli_names_a_pipe_and_an_output_given_twice(tmp_path):
+    fifo = tmp_path / "in.nii.gz"
+    os.mkfifo(fifo)  # was read as "empty file (0 bytes)"
+    res = skullstrip("-i", fifo, "-m", tmp_path / "m.nii.gz")
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"skullstrip: error: {fifo}: not a regular file (a pipe, socket or device): give a NIfTI file"], res.stderr
+    res = skullstrip("-i", SMALL_HEAD, "-m", tmp_path / "x.nii.gz", "-o", tmp_path / "x.nii.gz")
+    assert res.returncode == 1 and f"{tmp_path / 'x.nii.gz'}: two outputs have the same file name" in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.nii.gz"]
+
+
+def test_skullstrip_file_judges_the_mask_by_the_contrast_it_was_stripped_as(tmp_path):
+    """``skullstrip --contrast T2w image.nii.gz`` got the T2w networks and the T1w QC limits (the contrast was
+    not passed on)."""
+    from bids_skullstrip.strip import skullstrip_file
+
+    assert skullstrip_file(SMALL_HEAD, mask=tmp_path / "m.nii.gz", contrast="T2w").contrast == "T2w"
+    assert skullstrip_file(SMALL_HEAD, mask=tmp_path / "m.nii.gz").contrast == "T1w"
+
+
 def test_skullstrip_cli_refuses_to_overwrite_input(tmp_path):
     src = tmp_path / "T1w.nii.gz"
     shutil.copyfile(SMALL_HEAD, src)
@@ -978,23 +1005,32 @@ def test_skullstrip_cli_an_output_that_is_a_folder_is_one_line_and_nothing_is_wr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.nii.gz"]
 
 
-def test_outputs_are_all_written_or_none_of_those_the_call_made(tmp_path, monkeypatch):
-    """A write that fails after another output was written (a full disk, a folder gone) takes the outputs this
-    call made with it: no mask without the brain image asked for beside it."""
+@pytest.mark.parametrize("there_before", [False, True])
+def test_outputs_are_all_written_or_none(there_before, tmp_path, monkeypatch):
+    """A write that fails after another output was written (a full disk, a folder gone): no mask without the brain
+    image asked for beside it, and outputs of an earlier call stay as they were (the new mask replaced the old one
+    beside the old brain image, on a full disk)."""
     import bids_skullstrip.strip as strip
 
-    calls = []
+    calls, save = [], nib.save
 
     def second_write_fails(image, path):
         calls.append(path)
         if len(calls) == 2:
             raise OSError(28, "No space left on device")
-        nib.save(image, path)
+        save(image, path)
 
-    monkeypatch.setattr(strip, "atomic_save", second_write_fails)
-    with pytest.raises(OSError, match="No space left"):
-        strip.skullstrip_file(SMALL_HEAD, mask=tmp_path / "mask.nii.gz", brain=tmp_path / "brain.nii.gz")
-    assert len(calls) == 2 and list(tmp_path.iterdir()) == []
+    mask, brain = tmp_path / "mask.nii.gz", tmp_path / "brain.nii.gz"
+    if there_before:
+        mask.write_text("old mask")
+        brain.write_text("old brain")
+    monkeypatch.setattr(strip.nib, "save", second_write_fails)
+    with pytest.raises(OSError, match=f"{brain}: No space left on device"):
+        strip.skullstrip_file(SMALL_HEAD, mask=mask, brain=brain)
+    assert len(calls) == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == (["brain.nii.gz", "mask.nii.gz"] if there_before else [])
+    if there_before:
+        assert mask.read_text() == "old mask" and brain.read_text() == "old brain"
 
 
 @pytest.mark.parametrize("args, problem", [
@@ -1197,6 +1233,35 @@ def test_full_disk_fails_the_image_with_one_line_and_leaves_nothing_half_written
         if not nii.name.startswith(".tmp-"):
             np.asanyarray(nib.load(nii).dataobj)  # whatever has a final name is complete
     assert not (out / "sub-01" / "anat" / "sub-01_desc-brain_metrics.json").exists()
+
+
+def test_a_work_directory_that_fills_up_fails_each_image_in_one_line(tmpfs, tmp_path):
+    """nipype's crash file could not be written on the full work directory: its OSError ended the whole run with
+    one line naming no image and no file (and, with the log on that disk, ~240 lines of "--- Logging error ---")."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head, "02": copy_head})
+    work = tmpfs(12 * 1024) / "work"  # room for the first node's files and little more
+    res = app(bids, tmp_path / "out", "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2")
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, text[-3000:]
+    assert_one_line_errors(res)
+    assert "Logging error" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if line.startswith("  sub-")]
+    assert len(lines) == 2 and all("No space left on device" in line for line in lines), text[-3000:]
+    assert (tmp_path / "out" / "sub-01.html").is_file()  # the reports still say what became of each image
+
+
+def test_a_full_output_folder_still_says_what_became_of_each_image(small_dataset, tmpfs, tmp_path):
+    """A quota already used up: the failure records could not be written either, and their OSError ended the run
+    with one line naming no file and no image."""
+    out = tmpfs(20) / "out"
+    res = app(small_dataset, out, "participant", "-w", tmp_path / "work", "--skip-bids-validation")
+    text = res.stdout + res.stderr
+    assert res.returncode == 1, text[-3000:]
+    assert_one_line_errors(res)
+    assert "error: could not write the failure records (logs/failed): [Errno 28] No space left on device" in text
+    assert "sub-01/anat/sub-01_T1w.nii.gz: [Errno 28] No space left on device" in text, text[-3000:]
+    assert "1 of 1 image(s) failed" in text, text[-3000:]
 
 
 def test_read_only_output_mount_is_one_line_before_anything_runs(small_dataset, tmpfs, tmp_path):

@@ -22,6 +22,7 @@ def _quiet_libraries():
 def main(argv=None):
     opts = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
+    logging.raiseExceptions = False  # a log file on a full disk: no "--- Logging error ---" traceback on the console
     log.setLevel(logging.DEBUG if opts.verbose else logging.INFO)
     _quiet_libraries()
     from ..discovery import DiscoveryError

@@ -84,7 +84,8 @@ def main(argv=None):
         stripper = Skullstripper(opts.weights or ModelCard.bundled_for(contrast))
         stripper.networks  # loaded before the core's clock starts, so that it times the skull-strip itself
         result = skullstrip_file(opts.input, mask=opts.mask, brain=opts.output, probseg=opts.probseg,
-                                 threshold=opts.threshold, border_mm=opts.border, stripper=stripper)
+                                 threshold=opts.threshold, border_mm=opts.border, contrast=contrast,
+                                 stripper=stripper)
         t = time.perf_counter()
         flags, notes = result.qc_findings()
         qc_s = time.perf_counter() - t
