@@ -69,6 +69,7 @@ OUTPUTS = {
 }
 FIGURES = ("mask", "brain")  # reportlets, named as these outputs with .svg: the mask over the image, the stripped image
 FIGURE_EXTENSION = ".svg"
+LOCKS_DIR = "logs/locks"  # <out>/logs/locks/<source name>.lock: held by the run writing that image (ImageLocks)
 FAILURES_DIR = "logs/failed"  # <out>/logs/failed/<source name>.json: images whose last run failed (group rows)
 # "figures/" is not enough for the validator; group_<suffix>.tsv are the group tables
 BIDSIGNORE = ["*.html", "figures", "*_metrics.json", "group_*.tsv", "logs"]
@@ -150,6 +151,63 @@ def find_outputs(output_dir, kind, participant=None, suffix=None):
 
 def required_kinds(save_probseg):
     return [k for k, spec in OUTPUTS.items() if spec.required or save_probseg]
+
+
+class ImageLocks:
+    """The images a run is writing, each held by an advisory lock (``flock``) on ``<folder>/<source name>.lock`` for
+    as long as the run lives, so that a second run (a relaunched job, overlapping labels of a job array, the same
+    work directory given twice) leaves them to it. The kernel releases a lock when its process dies, however it
+    dies: a killed run never leaves an image locked. A file system without ``flock`` locks nothing (as before)."""
+
+    def __init__(self, folder):
+        self.folder = Path(folder)
+        self.held = {}  # image: file descriptor
+
+    def claim(self, image):
+        """Lock ``image``: None, or who holds it ("pid N on HOST since T")."""
+        import fcntl
+        import socket
+        import time
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"{image.name}.lock"
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+                os.close(fd)
+                return holder or "another run"
+            except OSError:  # no flock here (Lustre without -o flock)
+                os.close(fd)
+                return None
+            try:  # its last holder may have removed the file between our open and our lock: lock the one there
+                if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+        self.held[image] = fd
+        return None
+
+    def release(self, image=None):
+        """Unlock ``image`` (default: every image this object holds)."""
+        for held in [image] if image is not None else list(self.held):
+            fd = self.held.pop(held, None)
+            if fd is not None:
+                try:
+                    (self.folder / f"{held.name}.lock").unlink(missing_ok=True)
+                finally:
+                    os.close(fd)
+
+
+def locks_of(output_dir, work_dir):
+    """The run's locks of its images: in the output folder (any run writing them) and in the work directory (any
+    run using its nodes' folders for them, into whichever output folder)."""
+    return ImageLocks(Path(output_dir) / LOCKS_DIR), ImageLocks(Path(work_dir) / ".locks")
 
 
 def failure_path(output_dir, image):

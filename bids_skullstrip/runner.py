@@ -146,6 +146,7 @@ class Run:
             return OK
         t1ws = select_images(config)
         if config.reports_only:
+            check_writable((output_dir, "output folder"))
             for subject in sorted({t.subject for t in t1ws}):
                 log.info("report: %s", write_participant_report(output_dir, subject))
             return OK
@@ -157,8 +158,14 @@ class Run:
 
         todo, failures = self.plan(t1ws)
         finished = len(t1ws) - len(todo) - len(failures)
-        if todo:
-            failures += self.process(todo)
+        locks = outputs.locks_of(output_dir, config.work_dir)
+        todo, busy = self.claim(todo, locks)
+        try:
+            if todo:
+                failures += self.process(todo)
+        finally:
+            for lock in locks:
+                lock.release()
 
         failed = {t for t, _ in failures}
         # what is written after the images (failure records, methods text, reports) may meet a full disk too: said
@@ -167,8 +174,9 @@ class Run:
             for t1w, message in failures:
                 outputs.record_failure(output_dir, t1w, message)
             for t1w in t1ws:
-                if t1w not in failed:
+                if t1w not in failed and t1w not in dict(busy):  # another run's to record
                     outputs.clear_failure(output_dir, t1w)
+        failed.update(t for t, _ in busy)  # the reports, records and flags of those are the other run's
         with self.written_or_said("the methods text (logs/CITATION.md)"):
             write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
                               contrasts=config.contrasts)
@@ -180,16 +188,22 @@ class Run:
                 reports[subject] = write_participant_report(output_dir, subject, errors=errors)
                 log.info("report: %s", reports[subject])
         flagged = [(t, flags) for t in t1ws if t not in failed and (flags := outputs.qc_flags(output_dir, t))]
-        log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed, %d flagged by QC",
-                 len(t1ws), sum(t not in failed for t in todo), finished, len(failures), len(flagged))
+        left = f", {len(busy)} left to another run processing them" if busy else ""
+        log.info("summary: %d image(s): %d processed in this run, %d already finished, %d failed%s, %d flagged by QC",
+                 len(t1ws), sum(t not in failed for t in todo), finished, len(failures), left, len(flagged))
         for t1w, flags in flagged:
             log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags),
                         reports.get(t1w.subject, "its participant report"))
-        self.report_work_dir(clean=config.clean_workdir and not failures)
+        self.report_work_dir(clean=config.clean_workdir and not failures and not busy)
+        if busy:
+            log.error("%d of %d image(s) left to another run:", len(busy), len(t1ws))
+            for _, message in busy:
+                log.error("  %s", message)
         if failures:
             log.error("%d of %d image(s) failed:", len(failures), len(t1ws))
             for _, message in failures:
                 log.error("  %s", message)
+        if failures or busy:
             return FAILED
         if self.unwritten:
             return FAILED
@@ -208,6 +222,25 @@ class Run:
         except OSError as exc:
             self.unwritten.append(what)
             log.error("error: could not write %s: %s", what, " ".join(str(exc).split()))
+
+    @staticmethod
+    def claim(todo, locks):
+        """(the images of ``todo`` this run may write, (image, message) for those another run is writing: in the
+        same output folder, or with the same work directory)."""
+        claimed, busy = [], []
+        for t1w in todo:
+            holder = None
+            for lock, shared in zip(locks, ("output folder", "work directory")):
+                holder = lock.claim(t1w)
+                if holder:
+                    busy.append((t1w, f"{t1w.relpath}: not processed: another run with the same {shared} is "
+                                      f"processing it ({holder}); rerun once it has finished"))
+                    for mine in locks:
+                        mine.release(t1w)
+                    break
+            if not holder:
+                claimed.append(t1w)
+        return claimed, busy
 
     def plan(self, t1ws):
         """(the images to process, (image, message) for those that cannot be): finished images are skipped

@@ -486,6 +486,33 @@ def test_concurrent_runs_into_one_output_dir(tmp_path):
     assert not list(out.rglob(".tmp-*"))
 
 
+@pytest.mark.parametrize("shared", ["output folder", "work directory"])
+def test_a_second_run_on_the_same_images_leaves_them_to_the_first(shared, tmp_path):
+    """A relaunched job, or the same -w given twice: two runs wrote the same images through one work directory
+    (nipype's files of one rewritten under the other: "No such file ... _unfinished.json", a worker killed by
+    SIGBUS) or into one output folder. Each image is locked by the run writing it; the second run says so."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {label: copy_head for label in ("01", "02")})
+    out, work = tmp_path / "out", tmp_path / "work"
+    first = _start([bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "1"])
+    deadline = time.monotonic() + 120
+    while len(list((work / ".locks").glob("*.lock"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second_out, second_work = (out, tmp_path / "work2") if shared == "output folder" else (tmp_path / "out2", work)
+    second = app(bids, second_out, "participant", "-w", second_work, "--skip-bids-validation")
+    stdout, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stdout[-2000:] + stderr[-2000:]
+    assert second.returncode == 1, second.stdout[-2000:] + second.stderr[-2000:]
+    lines = [line for line in (second.stdout + second.stderr).splitlines() if "not processed: another run" in line]
+    assert len(lines) == 2 and all(f"with the same {shared} is processing it (pid {first.pid} on " in line
+                                   for line in lines), second.stdout[-2000:] + second.stderr[-2000:]
+    assert "2 left to another run processing them" in second.stdout
+    for label in ("01", "02"):
+        _assert_outputs_complete(out, label)
+    assert not (out / "logs" / "failed").exists() or not list((out / "logs" / "failed").iterdir())
+    assert not list((out / "logs" / "locks").iterdir()) and not list((work / ".locks").iterdir())
+
+
 def _finished_niftis(out):
     """The NIfTI files under ``out`` with their final names (a ``.tmp-*`` sibling is a write in progress)."""
     return [p for p in out.rglob("*.nii.gz") if not p.name.startswith(".tmp-")]
