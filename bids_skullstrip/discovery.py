@@ -214,6 +214,7 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
         except Exception as exc:
             raise DiscoveryError(f"{bids_dir}: invalid BIDS query for {suffix} "
                                  f"({' '.join(str(exc).split())[:200]})") from None
+    files += [str(f) for f in _folders_named_as_images(bids_dir, contrasts, selection, bids_filters)]
     # one image per name: the same image as .nii and .nii.gz is one input (``twin_of`` fails it in the run)
     by_name = {re.sub(r"\.nii(\.gz)?$", "", f): f for f in sorted(set(files))}
     found = [StructuralInput.from_path(f, bids_dir) for f in sorted(by_name.values())]
@@ -226,6 +227,23 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
                              + (f" ({miscased})" if miscased else _what_else_is_there(layout, contrasts, selection)))
     if miscased:
         logging.getLogger("bids_skullstrip").warning("%s: %s", bids_dir, miscased)
+    return found
+
+
+def _folders_named_as_images(bids_dir, contrasts, selection, bids_filters):
+    """Folders named as images of the chosen contrasts (``sub-01_T1w.nii.gz/``) of the selected participants and
+    sessions: pybids indexes files only and skipped them in silence; as inputs they fail in one line each (``is a
+    directory``). With a filter file for a contrast, its folders are left to the validator."""
+    found = []
+    for suffix in contrasts:
+        if (bids_filters or {}).get(suffix):
+            continue
+        for path in sorted(bids_dir.glob(f"sub-*/**/anat/*_{suffix}.nii*")):
+            if not (path.is_dir() and re.search(r"\.nii(\.gz)?$", path.name)):
+                continue
+            image = StructuralInput.from_path(path, bids_dir)
+            if image.subject in selection["subject"] and image.session in selection.get("session", [image.session]):
+                found.append(path)
     return found
 
 
@@ -264,6 +282,8 @@ def missing_content(image):
     are processed and each missing one is reported on its own. A file the pybids database of an earlier run
     (``--bids-database-dir``) still lists may be gone too."""
     path = image.path
+    if path.is_dir():
+        return f"{image.relpath}: a folder named as an image, not an image file"
     if not path.is_symlink() and not path.exists():
         return (f"{image.relpath}: file not found (listed by the pybids database of an earlier run? delete the "
                 "--bids-database-dir folder to index the dataset again)")

@@ -190,5 +190,23 @@ def failure_of(t1w, work_dir, since, *, stopped_early=False, stopped_by=None):
         return f"{t1w.relpath}: not processed: the run stopped on {stopped_by}"
     if not crashes:
         return f"{t1w.relpath}: processing failed without a crash file (see {Path(work_dir) / 'nipype.log'})"
-    message = crash_message(crashes[0])
+    message = with_address_space_hint(crash_message(crashes[0]))
     return message if str(t1w.path) in message else f"{t1w.relpath}: {message}"
+
+
+# What running out of address space looks like from inside a node: numpy's and C++'s allocation errors, a shared
+# library that cannot be mapped, OpenVINO returning an empty output
+OUT_OF_ADDRESS_SPACE = ("Unable to allocate", "Failed to allocate", "MemoryError", "bad_alloc",
+                        "failed to map segment", "cannot reshape array of size 0", "Cannot allocate memory")
+
+
+def with_address_space_hint(message):
+    """``message``, and where it looks like an allocation that failed under an address-space limit (``ulimit -v``,
+    ``prlimit --as``: the memory budget of the run does not see it), the limit and what to do."""
+    import resource
+
+    limit, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if limit == resource.RLIM_INFINITY or not any(s in message for s in OUT_OF_ADDRESS_SPACE):
+        return message
+    return (f"{message} (out of memory under an address-space limit of {limit / 2**30:.1f} GB, `ulimit -v`: "
+            "a worker maps more than it uses; raise it to at least 4 GB or remove it)")

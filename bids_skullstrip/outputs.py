@@ -17,6 +17,7 @@ Every file is written atomically (temporary sibling + rename). The per-image met
 last, so its presence marks an image as finished (``is_finished``).
 """
 
+import contextlib
 import json
 import os
 from dataclasses import dataclass, field
@@ -172,7 +173,11 @@ class ImageLocks:
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{image.name}.lock"
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed by the last holder of its last lock
+                self.folder.mkdir(parents=True, exist_ok=True)
+                continue
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -202,6 +207,8 @@ class ImageLocks:
                     (self.folder / f"{held.name}.lock").unlink(missing_ok=True)
                 finally:
                     os.close(fd)
+        with contextlib.suppress(OSError):  # the last lock of any run: no empty folder left behind
+            self.folder.rmdir()
 
 
 def locks_of(output_dir, work_dir):

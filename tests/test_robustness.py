@@ -61,6 +61,11 @@ def copy_head(path):
     shutil.copyfile(SMALL_HEAD, path)
 
 
+def folder_and_a_t2w(path):
+    path.mkdir()
+    copy_head(path.with_name(path.name.replace("_T1w", "_T2w")))
+
+
 def nifti(data, affine=None):
     def write(path):
         nib.save(nib.Nifti1Image(np.asarray(data), np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine), path)
@@ -109,6 +114,7 @@ def mixed_run(tmp_path_factory):
         "06": nan_image,
         "07": nifti(rng.random((30, 30, 30, 3), dtype=np.float32) * 100),  # 4D time series
         "08": twins,
+        "09": folder_and_a_t2w,  # a folder named as the T1w image: pybids skipped it in silence
     })
     before = snapshot(root / "bids")
     out = root / "out"
@@ -124,6 +130,7 @@ EXPECTED_PROBLEM = {
     "06": "NaN",
     "07": "volumes",
     "08": "the image is there twice, as sub-08_T1w.nii.gz and sub-08_T1w.nii: remove one",
+    "09": "a folder named as an image, not an image file",
 }
 
 
@@ -135,7 +142,7 @@ def test_bad_images_fail_alone_with_one_line_each(mixed_run):
     for label, problem in EXPECTED_PROBLEM.items():
         lines = [line for line in text.splitlines() if f"sub-{label}_T1w.nii.gz" in line and problem in line]
         assert lines, f"no one-line error for sub-{label} ({problem!r}) in:\n{text[-3000:]}"
-    assert f"{len(EXPECTED_PROBLEM)} of 8 image(s) failed" in text
+    assert f"{len(EXPECTED_PROBLEM)} of 9 image(s) failed" in text
 
 
 def test_good_image_finished_bad_ones_left_no_output(mixed_run):
@@ -164,7 +171,7 @@ def test_group_report_keeps_the_failed_images_and_joins_participants_tsv(mixed_r
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     with (mixed_run["out"] / "group_T1w.tsv").open() as fh:
         rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
-    assert set(rows) == {f"sub-0{i}" for i in range(1, 9)}
+    assert set(rows) == {f"sub-0{i}" for i in range(1, 10)}
     assert rows["sub-01"]["status"] == "processed" and rows["sub-01"]["session_id"] == "n/a"
     for label, problem in EXPECTED_PROBLEM.items():
         row = rows[f"sub-{label}"]
@@ -510,7 +517,7 @@ def test_a_second_run_on_the_same_images_leaves_them_to_the_first(shared, tmp_pa
     for label in ("01", "02"):
         _assert_outputs_complete(out, label)
     assert not (out / "logs" / "failed").exists() or not list((out / "logs" / "failed").iterdir())
-    assert not list((out / "logs" / "locks").iterdir()) and not list((work / ".locks").iterdir())
+    assert not (out / "logs" / "locks").exists() and not (work / ".locks").exists()  # no lock left behind
 
 
 def _finished_niftis(out):
@@ -1276,6 +1283,21 @@ def test_a_work_directory_that_fills_up_fails_each_image_in_one_line(tmpfs, tmp_
     lines = [line for line in text.splitlines() if line.startswith("  sub-")]
     assert len(lines) == 2 and all("No space left on device" in line for line in lines), text[-3000:]
     assert (tmp_path / "out" / "sub-01.html").is_file()  # the reports still say what became of each image
+
+
+def test_an_address_space_limit_is_named_when_an_image_runs_out_of_it(small_dataset, tmp_path):
+    """`ulimit -v 1200000` (HPC login shells set such limits): the image failed with "Failed to allocate 85196800
+    bytes" or "cannot reshape array of size 0" (OpenVINO's empty output), the limit named nowhere."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (1200 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    res = app(small_dataset, tmp_path / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation",
+              preexec_fn=limit)
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    [line] = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("  sub-01/")]
+    assert "out of memory under an address-space limit of 1.2 GB, `ulimit -v`" in line, line
 
 
 def test_a_full_output_folder_still_says_what_became_of_each_image(small_dataset, tmpfs, tmp_path):
