@@ -152,6 +152,28 @@ def _narrowed(selection, filters):
     return query
 
 
+def _dataset_description(path):
+    """The dataset's description as a dict, or a DiscoveryError saying in one line what is wrong with the file
+    (pybids' own message ends in an example file's text, and says "Name missing" of a JSON list)."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DiscoveryError(f"{path}: cannot read it ({exc.strerror or exc})") from None
+    if data.startswith(b"\xef\xbb\xbf"):
+        raise DiscoveryError(f"{path}: starts with a byte-order mark (BOM), which JSON files of a BIDS dataset must "
+                             "not have: save it as UTF-8 without BOM")
+    try:
+        description = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise DiscoveryError(f"{path}: not UTF-8 text") from None
+    except ValueError as exc:
+        raise DiscoveryError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(description, dict):
+        raise DiscoveryError(f"{path}: a JSON {type(description).__name__}, where a JSON object with the dataset's "
+                             "Name and BIDSVersion is expected")
+    return description
+
+
 def _layout(bids_dir, database_dir=None):
     from bids import BIDSLayout, BIDSLayoutIndexer
 
@@ -160,11 +182,8 @@ def _layout(bids_dir, database_dir=None):
         raise DiscoveryError(f"{bids_dir}: BIDS dataset folder not found")
     if not (bids_dir / "dataset_description.json").is_file():
         raise DiscoveryError(f"{bids_dir}: not a BIDS dataset (no dataset_description.json)")
-    try:
-        description = json.loads((bids_dir / "dataset_description.json").read_text())
-    except (OSError, ValueError):
-        description = {}
-    if isinstance(description, dict) and str(description.get("DatasetType", "raw")).lower() == "derivative":
+    description = _dataset_description(bids_dir / "dataset_description.json")
+    if str(description.get("DatasetType", "raw")).lower() == "derivative":
         # Its images carry desc-/space- entities (fMRIPrep's desc-preproc, space-MNI...): the outputs'
         # names would not be valid BIDS, and their masks exist already.
         raise DiscoveryError(f"{bids_dir}: a BIDS-Derivatives dataset (DatasetType \"derivative\"); "
@@ -191,6 +210,8 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
     if not subjects:
         raise DiscoveryError(f"{bids_dir}: the dataset has no participants (no sub-* folders)")
     wanted = sorted({strip_prefix(p, "sub-") for p in participant_labels or []}) or subjects
+    if any(not label.strip() for label in wanted):
+        raise DiscoveryError(f"{bids_dir}: an empty participant label was given (available: {', '.join(subjects)})")
     unknown = [s for s in wanted if s not in subjects]
     if unknown:
         raise DiscoveryError(f"{bids_dir}: participant label(s) not found: {', '.join(unknown)} "

@@ -170,14 +170,15 @@ class ImageLocks:
         import socket
         import time
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"{image.name}.lock"
         while True:
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except FileNotFoundError:  # the folder was removed by the last holder of its last lock
                 self.folder.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder was removed by the last holder of its last lock, just now
                 continue
+            except OSError:  # no room for a lock file (a full disk): the image's own writes will say so
+                return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -193,8 +194,9 @@ class ImageLocks:
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
+        with contextlib.suppress(OSError):  # who holds it, for the other run's message (a full disk: the lock only)
+            os.ftruncate(fd, 0)
+            os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%H:%M:%S')}".encode())
         self.held[image] = fd
         return None
 

@@ -167,16 +167,16 @@ class Run:
             for lock in locks:
                 lock.release()
 
-        failed = {t for t, _ in failures}
+        failed, left_to_others = {t for t, _ in failures}, {t for t, _ in busy}
         # what is written after the images (failure records, methods text, reports) may meet a full disk too: said
         # in one line each, and the summary and every image's line still come
         with self.written_or_said("the failure records (logs/failed)"):
             for t1w, message in failures:
                 outputs.record_failure(output_dir, t1w, message)
             for t1w in t1ws:
-                if t1w not in failed and t1w not in dict(busy):  # another run's to record
+                if t1w not in failed | left_to_others:  # those are the other run's to record
                     outputs.clear_failure(output_dir, t1w)
-        failed.update(t for t, _ in busy)  # the reports, records and flags of those are the other run's
+        failed |= left_to_others  # and their reports' errors and flags too
         with self.written_or_said("the methods text (logs/CITATION.md)"):
             write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
                               contrasts=config.contrasts)
@@ -203,9 +203,7 @@ class Run:
             log.error("%d of %d image(s) failed:", len(failures), len(t1ws))
             for _, message in failures:
                 log.error("  %s", message)
-        if failures or busy:
-            return FAILED
-        if self.unwritten:
+        if failures or busy or self.unwritten:
             return FAILED
         if flagged and config.fail_on_flag:
             log.error("%d image(s) flagged by QC (--fail-on-flag): exit status 3", len(flagged))
@@ -398,6 +396,11 @@ class Run:
             raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
         check_writable((self.config.output_dir, "output folder"))  # the group tables and reports go there
         self.remove_stale_temporaries()
-        paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
+        try:
+            paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
+        except OSError as exc:  # a full disk, a quota: one line (was: "error: OSError: ..." naming no file)
+            log.error("error: the group report could not be written in %s: %s", self.config.output_dir,
+                      " ".join(str(exc).split()))
+            return FAILED
         log.info("group report: %s", ", ".join(str(p) for p in paths))
         return OK

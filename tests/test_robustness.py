@@ -194,6 +194,12 @@ def small_dataset(tmp_path):
     ("border_inf", 2, "--border inf: must be between -20 and 20 mm"),  # every image failed, the outputs made
     ("plugin_args_list", 2, '--plugin-args ["-p ci"]: plugin arguments are a JSON object'),  # a ValueError, 1
     ("unknown_label", 2, "participant label(s) not found: 99"),
+    ("empty_label", 2, "an empty participant label was given (available: 01)"),  # was "not found:  (available"
+    # pybids' messages ended in "Example contents of 'dataset_description.json':)"; a list "Name missing"
+    ("description_not_json", 2, "dataset_description.json: not valid JSON (Expecting property name enclosed in "
+                                "double quotes at line 1, column 2)"),
+    ("description_a_list", 2, "dataset_description.json: a JSON list, where a JSON object with the dataset's Name"),
+    ("description_with_bom", 2, "dataset_description.json: starts with a byte-order mark (BOM)"),
     ("not_writable", 2, "not writable"),
     ("work_not_writable", 2, "the work directory is not writable"),
     ("output_is_a_file", 2, "the output folder is a file, not a folder"),
@@ -230,6 +236,13 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         extra += ["--plugin-args", '["-p ci"]']
     elif case == "unknown_label":
         extra += ["--participant-label", "sub-99"]
+    elif case == "empty_label":
+        extra += ["--participant-label", ""]
+    elif case.startswith("description_"):
+        description = bids / "dataset_description.json"
+        text = description.read_text()
+        description.write_bytes({"description_not_json": b"{not json", "description_a_list": b"[1, 2]",
+                                 "description_with_bom": b"\xef\xbb\xbf" + text.encode()}[case])
     elif case == "not_writable":
         (tmp_path / "a_file").write_text("x")
         out = tmp_path / "a_file" / "out"
@@ -276,7 +289,7 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     if case == "work_not_writable":
         assert not (tmp_path / "new").exists()
     if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only",
-                    "flair_only"):
+                    "flair_only") and not case.startswith("description_"):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
@@ -1319,6 +1332,19 @@ def test_read_only_output_mount_is_one_line_before_anything_runs(small_dataset, 
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
     assert "not writable" in res.stderr and "Read-only file system" in res.stderr, res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_group_level_on_a_full_output_folder_is_one_line(small_dataset, tmpfs, tmp_path):
+    point = tmpfs(24)  # the metrics, and no room for the tables, figures and reports
+    metrics = point / "sub-01" / "anat" / "sub-01_desc-brain_metrics.json"
+    metrics.parent.mkdir(parents=True)
+    metrics.write_text(json.dumps({"qc": {"brain_volume_ml": 1400.0}, "flags": []}))
+    subprocess.run(["dd", "if=/dev/zero", f"of={point / 'filler'}", "bs=1k", "count=64"], capture_output=True)
+    res = app(small_dataset, point, "group")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert_one_line_errors(res)
+    [line] = [line for line in (res.stdout + res.stderr).splitlines() if "error" in line]
+    assert line.startswith(f"error: the group report could not be written in {point}: ") and "No space left" in line
 
 
 def test_group_level_on_a_read_only_output_folder_is_one_line(small_dataset, tmpfs, tmp_path):
