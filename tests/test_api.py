@@ -396,6 +396,22 @@ def test_the_array_api_says_what_is_wrong_in_one_line(call, error, message):
     assert "\n" not in str(caught.value)
 
 
+def test_intensities_near_float32s_limit_give_the_same_mask_and_no_numpy_warning():
+    """A float image scaled by 1e36: the NaN check's one-pass sum overflowed and numpy printed "RuntimeWarning:
+    overflow encountered in reduce" on the console of every run."""
+    import warnings
+
+    from bids_skullstrip import Skullstripper
+
+    img = nib.load(SMALL_HEAD)
+    data = np.asarray(img.dataobj, np.float32)
+    stripper = Skullstripper()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        huge = stripper.mask(data * np.float32(1e36 / data.max()), img.affine)
+    assert huge.warnings == [] and np.array_equal(huge.mask, stripper.mask(data, img.affine).mask)
+
+
 def test_a_few_nan_voxels_in_an_array_are_set_to_0_with_a_warning():
     """10 NaN voxels of 629,280 emptied the mask, and the warning blamed the locator."""
     from bids_skullstrip import Skullstripper

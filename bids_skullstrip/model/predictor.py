@@ -92,7 +92,9 @@ def checked_volume(data, affine):
     if affine.shape != (4, 4) or not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise ValueError(f"affine of shape {affine.shape}: a finite, invertible 4x4 voxel-to-world matrix is needed")
     floats, data, warnings = data.dtype.kind == "f", data.astype(np.float32, copy=False), []
-    if floats and not np.isfinite(data.sum()):  # one pass without a temporary; NaN and inf make the sum so
+    with np.errstate(over="ignore"):  # finite values near float32's limit overflow the sum: the full check decides
+        suspect = floats and not np.isfinite(data.sum())  # one pass without a temporary; NaN and inf make it so
+    if suspect:
         finite = np.isfinite(data)
         if not finite.all():
             warnings.append(f"{data.size - int(finite.sum())} NaN/infinite voxels set to 0")
