@@ -200,13 +200,27 @@ OUT_OF_ADDRESS_SPACE = ("Unable to allocate", "Failed to allocate", "MemoryError
                         "failed to map segment", "cannot reshape array of size 0", "Cannot allocate memory")
 
 
-def with_address_space_hint(message):
-    """``message``, and where it looks like an allocation that failed under an address-space limit (``ulimit -v``,
-    ``prlimit --as``: the memory budget of the run does not see it), the limit and what to do."""
+# A worker maps far more address space than it uses (1.4 GB at its peak for a 1 mm head in `skullstrip`; the
+# app's workers load ANTs and nipype too)
+ADDRESS_SPACE_NEED_GB = 4.0
+ADDRESS_SPACE_ADVICE = (f"a worker maps more than it uses; raise it to at least {ADDRESS_SPACE_NEED_GB:g} GB or "
+                        "remove it")
+
+
+def address_space_limit_gb():
+    """This process's address-space limit (``ulimit -v``, ``prlimit --as``), GB; None where there is none. The
+    memory budget of the run (the machine, the cgroup) does not see it."""
     import resource
 
     limit, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if limit == resource.RLIM_INFINITY or not any(s in message for s in OUT_OF_ADDRESS_SPACE):
+    return None if limit == resource.RLIM_INFINITY else limit / 2**30
+
+
+def with_address_space_hint(message):
+    """``message``, and where it looks like an allocation that failed under an address-space limit, the limit
+    and what to do."""
+    limit = address_space_limit_gb()
+    if limit is None or not any(s in message for s in OUT_OF_ADDRESS_SPACE):
         return message
-    return (f"{message} (out of memory under an address-space limit of {limit / 2**30:.1f} GB, `ulimit -v`: "
-            "a worker maps more than it uses; raise it to at least 4 GB or remove it)")
+    return (f"{message} (out of memory under an address-space limit of {limit:.1f} GB, `ulimit -v`: "
+            f"{ADDRESS_SPACE_ADVICE})")

@@ -155,6 +155,7 @@ class Run:
         self.write_log_and_config()
         self.remove_stale_temporaries()
         self.warn_if_work_dir_is_node_local()
+        self.warn_if_address_space_is_limited()
 
         todo, failures = self.plan(t1ws)
         finished = len(t1ws) - len(todo) - len(failures)
@@ -363,6 +364,15 @@ class Run:
         removed = remove_stale_temporaries(self.config.output_dir)
         if removed:
             log.info("removed %d temporary file(s) an interrupted run left in %s", removed, self.config.output_dir)
+
+    @staticmethod
+    def warn_if_address_space_is_limited():
+        from .execution import ADDRESS_SPACE_ADVICE, ADDRESS_SPACE_NEED_GB, address_space_limit_gb
+
+        limit = address_space_limit_gb()
+        if limit is not None and limit < ADDRESS_SPACE_NEED_GB:
+            log.warning("warning: the address space of each process is limited to %.1f GB (`ulimit -v`): images may "
+                        "fail for want of memory; %s", limit, ADDRESS_SPACE_ADVICE)
 
     def warn_if_work_dir_is_node_local(self):
         job = next((v for v in SCHEDULER_JOB_VARIABLES if os.environ.get(v)), None)

@@ -1311,6 +1311,7 @@ def test_an_address_space_limit_is_named_when_an_image_runs_out_of_it(small_data
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     [line] = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("  sub-01/")]
     assert "out of memory under an address-space limit of 1.2 GB, `ulimit -v`" in line, line
+    assert "warning: the address space of each process is limited to 1.2 GB (`ulimit -v`)" in res.stdout  # before
 
 
 def test_a_full_output_folder_still_says_what_became_of_each_image(small_dataset, tmpfs, tmp_path):
