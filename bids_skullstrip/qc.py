@@ -99,8 +99,8 @@ HINTS = {
     ("outside_brainlike_max", "high"): "brain left outside the mask?",
     ("extent_major_mm", "high"): "mask too large?",
     ("extent_ratio", "low"): "part of the brain cut off?",
-    ("brain_above_head_mm", "low"): "the head is upside down in the world the header describes: is its orientation "
-                                    "(S-I) wrong?",
+    ("brain_above_head_mm", "low"): "the mask lies low in the head: is the image upside down in its header (S-I), "
+                                    "or the top of the mask cut off?",
 }
 # A mask that is too large (by volume or length) also looks elongated, misshapen and surrounded by tissue as
 # bright as brain (the neck, the face): for such a mask these flags get the hint that names the cause.
