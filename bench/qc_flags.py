@@ -291,7 +291,7 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
             rng = np.random.default_rng([i, list(CONDITIONS).index(name)])
             t, p, m = corrupt(name, shown, mask, vox, img.affine, i, rng, other=other)
             t0 = time.perf_counter()
-            meas = qc.qc_measures(t, p, m.astype(np.uint8), vox, img.affine)
+            meas = qc.qc_measures(t, p, m.astype(np.uint8), vox)
             dt = time.perf_counter() - t0
             d = float(dice(m, mask))
             results[f"{head}|{name}"] = {**info, "condition": name, "failure": CONDITIONS[name][1], "dice": d,
@@ -305,7 +305,7 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
                                                             everyone[head]):
                 if name not in want_model:
                     continue
-                meas = qc.qc_measures(t, p, m, vox, img.affine)
+                meas = qc.qc_measures(t, p, m, vox)
                 results[f"{head}|{name}"] = {**info, "condition": name, "failure": bool(d < MODEL_FAIL_DICE),
                                              "dice": float(d), "seconds": 0.0, "qc": meas}
                 if verbose:

@@ -49,7 +49,6 @@ LIMITS = {
     "extent_major_mm": (None, 185.0, "mm", "longest mask extent"),
     "extent_ratio": (0.58, None, "", "shortest / longest mask extent"),
     "sphericity": (0.70, None, "", "mask sphericity"),
-    "brain_above_head_mm": (-12.0, None, "mm", "brain centre above the head's centre"),
 }
 
 # Where CSF is brighter than the brain (T2w, PD, T2*w), a good mask is wrapped in a rim of bright CSF and then the
@@ -99,8 +98,6 @@ HINTS = {
     ("outside_brainlike_max", "high"): "brain left outside the mask?",
     ("extent_major_mm", "high"): "mask too large?",
     ("extent_ratio", "low"): "part of the brain cut off?",
-    ("brain_above_head_mm", "low"): "the mask lies low in the head: is the image upside down in its header (S-I), "
-                                    "or the top of the mask cut off?",
 }
 # A mask that is too large (by volume or length) also looks elongated, misshapen and surrounded by tissue as
 # bright as brain (the neck, the face): for such a mask these flags get the hint that names the cause.
@@ -135,9 +132,6 @@ MEASURE_HELP = {
     "extent_major_mm": "longest extent of the mask (principal axis)",
     "extent_minor_mm": "shortest extent of the mask (principal axis)",
     "extent_ratio": "shortest / longest extent (a brain is about 0.7; a cut-off part makes it flatter)",
-    "brain_above_head_mm": "how far the mask's centre lies above the centre of the head (the image's bright voxels), "
-                           "upwards in world coordinates: 0 to +10 mm where the field of view holds the brain, +17 "
-                           "to +55 with the face and neck below it; < 0 for an image upside down in its header",
 }
 
 # Group rule: robust z-scores of these measures within the images of one run. Value: (the smallest spread, in
@@ -172,7 +166,6 @@ MEASURE_KEYS = (
     "n_extra_components", "extra_components_ml", "boundary_contrast", "dark_fraction",
     "outside_brainlike_fraction", "outside_brainlike_max", "edge_offset_mm", "edge_offset_spread_mm",
     "edge_contrast", "noise_ratio", "sphericity", "extent_major_mm", "extent_minor_mm", "extent_ratio",
-    "brain_above_head_mm",
 )
 
 
@@ -196,12 +189,11 @@ def _axis_medians(m):
     return out
 
 
-def qc_measures(t1w, probability, mask, voxel_mm, affine=None):
+def qc_measures(t1w, probability, mask, voxel_mm):
     """Reference-free QC measures of one brain mask (dict of floats; NaN where undefined).
 
     ``t1w`` (float), ``probability`` (float [0, 1]) and ``mask`` (uint8/bool) are 3D arrays on the same
-    native grid; ``voxel_mm`` the voxel sizes in millimetres; ``affine`` the grid's voxel-to-world matrix, for
-    the one measure that reads where up is (``brain_above_head_mm``). See docs/qc.md for each measure.
+    native grid; ``voxel_mm`` the voxel sizes in millimetres. See docs/qc.md for what each measure means.
     """
     voxel_mm = np.asarray(voxel_mm, dtype=float)[:3]
     mask = np.asarray(mask) > 0
@@ -278,9 +270,6 @@ def qc_measures(t1w, probability, mask, voxel_mm, affine=None):
     out["dark_fraction"] = float(np.mean(img[m] < 0.3 * ref))
     out.update(_edge_measures(img / scale, sd, m, vox, lo / scale, hi / scale))
 
-    if affine is not None:
-        out["brain_above_head_mm"] = _brain_above_head_mm(t1w, mask, affine, step)
-
     # Noise at full resolution in a small cube at the centre of the brain core.
     centre = [b.start + c * s for b, c, s in zip(box, _axis_medians(core), step)]
     out["noise_ratio"] = _noise_ratio(t1w, centre, ref)
@@ -299,20 +288,6 @@ def qc_measures(t1w, probability, mask, voxel_mm, affine=None):
         if ev[-1] > 0:
             out["extent_ratio"] = float(math.sqrt(max(ev[0], 0) / ev[-1]))
     return out
-
-
-def _brain_above_head_mm(t1w, mask, affine, step):
-    """World height (RAS "S") of the mask's centre above the centre of the head: the voxels brighter than a tenth of
-    the image's 98th percentile, on a lattice of ``step`` voxels."""
-    lattice = tuple(slice(None, None, s) for s in step)
-    img = np.asarray(t1w[lattice], dtype=np.float32) - np.float32(background_offset(t1w))
-    positive = img[img > 0]
-    head = img > 0.1 * float(np.percentile(positive, 98)) if positive.size else None
-    brain = np.asarray(mask[lattice]) > 0
-    if head is None or not head.any() or not brain.any():
-        return float("nan")
-    centre = [np.argwhere(m).mean(axis=0) * np.asarray(step) for m in (brain, head)]
-    return float(np.asarray(affine, dtype=float)[2, :3] @ (centre[0] - centre[1]))
 
 
 def _edge_measures(img, sd, m, vox, lo, hi):

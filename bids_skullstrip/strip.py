@@ -46,7 +46,7 @@ class FileResult:
         """The QC measures of the mask (``bids_skullstrip.qc``), on this image as it is (no bias correction)."""
         from .qc import qc_measures
 
-        return qc_measures(self.data, self.probability, self.mask, voxel_sizes(self.image.affine), self.image.affine)
+        return qc_measures(self.data, self.probability, self.mask, voxel_sizes(self.image.affine))
 
     def qc_flags(self):
         """The QC flags of the mask ("this mask probably failed"), one short line each; [] when none."""

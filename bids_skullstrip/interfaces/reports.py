@@ -38,7 +38,7 @@ class QCMetrics(SimpleInterface):
         t1w = np.asarray(img.dataobj, dtype=np.float32)
         prob = np.asarray(nib.load(self.inputs.in_probseg).dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.in_mask).dataobj, dtype=np.uint8)
-        measures = qc.qc_measures(t1w, prob, mask, voxel_sizes(img.affine), img.affine)
+        measures = qc.qc_measures(t1w, prob, mask, voxel_sizes(img.affine))
         card = ModelCard.load(self.inputs.weights or None)
         self._results["qc"] = dict(
             brain_volume_ml=measures["brain_volume_ml"],
