@@ -396,6 +396,27 @@ def test_the_array_api_says_what_is_wrong_in_one_line(call, error, message):
     assert "\n" not in str(caught.value)
 
 
+def test_one_skullstripper_serves_several_threads_and_pickles_after_use():
+    """From a thread pool every call but one raised OpenVINO's "Infer Request is busy" (the compiled network's own
+    request serves one call at a time); a used Skullstripper could not be pickled ("cannot pickle
+    'CompiledModel' object") for a process pool."""
+    import pickle
+    from concurrent.futures import ThreadPoolExecutor
+
+    from bids_skullstrip import Skullstripper
+
+    img = nib.load(SMALL_HEAD)
+    data = np.asarray(img.dataobj, np.float32)
+    stripper = Skullstripper()
+    serial = stripper.mask(data, img.affine)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda shift: stripper.mask(np.roll(data, shift, axis=0), img.affine), range(4)))
+    for shift, result in enumerate(results):  # each the mask of a call of its own
+        assert np.array_equal(result.mask, stripper.mask(np.roll(data, shift, axis=0), img.affine).mask), shift
+    again = pickle.loads(pickle.dumps(stripper))
+    assert np.array_equal(again.mask(data, img.affine).mask, serial.mask)
+
+
 def test_intensities_near_float32s_limit_give_the_same_mask_and_no_numpy_warning():
     """A float image scaled by 1e36: the NaN check's one-pass sum overflowed and numpy printed "RuntimeWarning:
     overflow encountered in reduce" on the console of every run."""

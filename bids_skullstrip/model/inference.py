@@ -5,6 +5,7 @@ import hashlib
 import importlib.util
 import logging
 import sys
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -125,9 +126,14 @@ class OnnxNetwork:
             "ENABLE_CPU_PINNING": False,  # the participant level runs several of these processes on shared cores
         })
 
+        self._requests = threading.local()
+
     def __call__(self, x, training=False):
         x = np.asarray(x, np.float32)
-        return self.network(x.reshape(1, 1, *x.shape[1:4]))[0].reshape(x.shape)
+        request = getattr(self._requests, "request", None)
+        if request is None:  # one per thread: the compiled model's own request serves one call at a time ("busy")
+            request = self._requests.request = self.network.create_infer_request()
+        return request.infer([x.reshape(1, 1, *x.shape[1:4])])[0].reshape(x.shape)
 
 
 def _checked_onnx(folder, entry):

@@ -143,6 +143,14 @@ class Skullstripper:
         calibrated = (self.card or ModelCard.load()).threshold
         self.threshold = calibrated if threshold is None else check_threshold(threshold)
 
+    def __getstate__(self):
+        """Without the loaded networks (a compiled network cannot be pickled): they load again on first use, so
+        that a used Skullstripper can go to a process pool."""
+        state = dict(self.__dict__)
+        if self.card is not None:
+            state["_networks"] = None
+        return state
+
     @property
     def networks(self):
         if self._networks is None:
