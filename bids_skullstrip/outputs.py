@@ -90,6 +90,21 @@ def derivative_path(output_dir, image, kind):
     return Path(output_dir) / image.anat_dir / (image.stem + _tail(kind, image.suffix))
 
 
+NAME_MAX = 255  # bytes of one file name on every file system the app writes to
+
+
+def name_too_long(image):
+    """Why ``image`` cannot be processed because an output's file name would be longer than file systems allow
+    (its entities make a legal but long name), or None."""
+    names = [derivative_path("", image, kind).name for kind in OUTPUTS]
+    names += [figure_path("", image, kind).name for kind in FIGURES] + [failure_path("", image).name]
+    longest = max(names, key=lambda name: len(name.encode()))
+    if len(longest.encode()) > NAME_MAX:
+        return (f"{image.relpath}: its output {longest[:40]}... would have a file name of {len(longest.encode())} "
+                f"bytes, more than the {NAME_MAX} file systems allow: shorten its entities (acq-, rec-, ...)")
+    return None
+
+
 def figure_path(output_dir, image, kind="mask"):
     """``<out>/sub-X/figures/<name>.svg``: the reportlet named as output ``kind`` (one of ``FIGURES``)."""
     return Path(output_dir) / f"sub-{image.subject}" / "figures" / (image.stem + _tail(kind, image.suffix,

@@ -248,7 +248,8 @@ class Run:
         from .discovery import missing_content, twin_of
 
         config = self.config
-        failures = [(t, problem) for t in t1ws if (problem := missing_content(t) or twin_of(t))]
+        failures = [(t, problem) for t in t1ws
+                    if (problem := missing_content(t) or twin_of(t) or outputs.name_too_long(t))]
         absent = {t for t, _ in failures}
         done = [t for t in t1ws if t not in absent and not config.overwrite
                 and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]

@@ -328,6 +328,21 @@ def test_a_validator_that_crashes_is_one_warning_and_the_run_goes_on(tmp_path):
     assert "\x1b" not in said and "processed" in res.stdout
 
 
+def test_an_image_whose_output_names_would_be_too_long_fails_alone(small_dataset, tmp_path):
+    """A legal 244-character name (a long acq- label) gave output names over 255 bytes: an OSError ended the run
+    (no reports, no line per image), and every rerun failed at once in the "already finished?" check."""
+    long_name = f"sub-01_acq-{'z' * 222}_T1w.nii.gz"
+    copy_head(small_dataset / "sub-01" / "anat" / long_name)
+    for attempt in range(2):
+        res = app(small_dataset, tmp_path / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation")
+        assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+        assert_one_line_errors(res)
+        [line] = [line for line in res.stdout.splitlines() if line.startswith(f"  sub-01/anat/{long_name}: ")]
+        assert "would have a file name of 260 bytes, more than the 255 file systems allow" in line, line
+    assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").is_file()
+    assert (tmp_path / "out" / "sub-01.html").is_file()
+
+
 def test_an_empty_image_fails_alone_with_the_validator_on(tmp_path):
     """The validator's EMPTY_FILE stopped the whole run (2) where a truncated image fails alone: the app judges an
     image's content itself (``JUDGED_BY_THE_APP``)."""
