@@ -91,12 +91,14 @@ def image(engine) -> str:
     return tag
 
 
-def _container(engine, image, args, *, out: Path | None = None, timeout=1800):
+def _container(engine, image, args, *, out: Path | None = None, timeout=1800, writable_tmp=True, status=0):
     """`<engine> run` as users do on a locked-down host: read-only, unknown uid, no network, no HOME."""
     cmd = [engine, "run", "--rm", *_runtime_args(engine), "--network", "none", "--read-only",
            "--user", USER, "-e", "HOME=/home/nobody"]
-    if engine == "docker":
+    if engine == "docker" and writable_tmp:
         cmd += ["--tmpfs", "/tmp"]      # podman --read-only mounts a tmpfs on /tmp by itself
+    if engine == "podman" and not writable_tmp:
+        cmd += ["--read-only-tmpfs=false"]
     cmd += ["-v", f"{SAMPLE}:/bids:ro"]
     if out is not None:
         cmd += ["-v", f"{out}:/out"]
@@ -104,7 +106,7 @@ def _container(engine, image, args, *, out: Path | None = None, timeout=1800):
     t0 = time.monotonic()
     res = _run(cmd, timeout=timeout)
     took = time.monotonic() - t0
-    assert res.returncode == 0, (f"{' '.join(map(str, cmd))} exited {res.returncode} after {took:.0f} s\n"
+    assert res.returncode == status, (f"{' '.join(map(str, cmd))} exited {res.returncode} after {took:.0f} s\n"
                                  f"--- stdout\n{res.stdout[-6000:]}\n--- stderr\n{res.stderr[-6000:]}")
     return res, took
 
@@ -138,6 +140,20 @@ def test_image_metadata(engine, image):
     import bids_skullstrip
 
     assert bids_skullstrip.__version__ in res.stdout + res.stderr
+
+
+def test_no_writable_temporary_folder_is_one_line(engine, image, tmp_path):
+    """docker's --read-only without --tmpfs /tmp: both levels failed with "FileNotFoundError: No usable temporary
+    directory found in [...]" (1), even with -w given."""
+    out = tmp_path / "out"
+    out.mkdir()
+    out.chmod(0o777)
+    for level in ("participant", "group"):
+        res, _ = _container(engine, image, ["/bids", "/out", level], out=out, writable_tmp=False, status=2)
+        assert res.stderr.strip().splitlines() == [
+            "bids_skullstrip: error: no writable temporary folder (TMPDIR, /tmp, /var/tmp): set TMPDIR to a writable "
+            "folder, or give the container one (--tmpfs /tmp)"], res.stderr
+    assert not any(out.iterdir())
 
 
 def test_participant_then_group_read_only(engine, image, tmp_path):

@@ -6,6 +6,7 @@ error becomes one line and an exit status.
 
 import logging
 import sys
+import tempfile
 
 from ..config import RunConfig, UsageError
 from ..runner import FAILED, USAGE, Run
@@ -29,6 +30,12 @@ def main(argv=None):
     from ..nifti import InputError
     from ..reports.common import ReportError
 
+    try:
+        tempfile.gettempdir()  # nipype, pybids and matplotlib write there, at both levels
+    except FileNotFoundError:
+        print("bids_skullstrip: error: no writable temporary folder (TMPDIR, /tmp, /var/tmp): set TMPDIR to a "
+              "writable folder, or give the container one (--tmpfs /tmp)", file=sys.stderr)
+        return USAGE
     try:
         return Run(RunConfig.from_args(opts))()
     except (UsageError, DiscoveryError, InputError, ReportError) as exc:
