@@ -121,6 +121,29 @@ def test_weights_that_are_not_there_are_one_line_naming_the_path(tmp_path):
     assert "\n" not in str(caught.value)
 
 
+def test_a_weights_file_named_is_the_one_that_runs_or_one_line(tmp_path, caplog):
+    """``weights=<folder>/other.weights.h5`` ran the folder's own network (its ONNX export), and a file that is
+    not there was accepted: the bundled weights ran, silently."""
+    import logging
+    import shutil as sh
+
+    from bids_skullstrip import Skullstripper
+    from bids_skullstrip.model.card import ANY_CONTRAST_WEIGHTS_DIR, WEIGHTS_DIR
+
+    folder = tmp_path / "weights"
+    sh.copytree(WEIGHTS_DIR, folder)
+    sh.copyfile(ANY_CONTRAST_WEIGHTS_DIR / "unet.weights.h5", folder / "other.weights.h5")
+    with pytest.raises(ModelCardError, match=f"^{folder / 'nope.weights.h5'}: no such weights file"):
+        Skullstripper(weights=folder / "nope.weights.h5")
+    img = nib.load(SMALL_HEAD)
+    data = np.asarray(img.dataobj, np.float32)
+    own = Skullstripper(weights=folder).mask(data, img.affine).probability
+    with caplog.at_level(logging.WARNING):
+        other = Skullstripper(weights=folder / "other.weights.h5").mask(data, img.affine).probability
+    assert not np.array_equal(own, other)  # the other segmenter ran (in TensorFlow: it has no export)
+    assert any("other.weights.h5: no ONNX export matching model.json" in m for m in caplog.messages)
+
+
 def test_the_whole_graph_runs_with_the_weights_given_as_an_input(tmp_path, tiny_weights):
     t1w = tmp_path / "head.nii.gz"
     shutil.copyfile(SMALL_HEAD, t1w)

@@ -58,6 +58,9 @@ class ModelCard:
         if not (card_file.exists() or (segmenter and segmenter.exists())):
             raise ModelCardError(f"{weights}: no model weights there (a folder with {CARD_NAME} and the weights "
                                  "files, or its model card, is expected)")
+        if segmenter is not None and not segmenter.is_file():  # the folder's own weights would run instead
+            raise ModelCardError(f"{weights}: no such weights file (its folder holds {CARD_NAME}: give the folder "
+                                 "to use its weights)")
         card_file = card_file.resolve()
         try:
             stat = card_file.stat()

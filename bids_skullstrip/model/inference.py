@@ -161,7 +161,8 @@ def _load_networks(card, runtime, threads):
     if runtime == "openvino":
         folder = card.path.parent
         files = [_checked_onnx(folder, card.locator.get("onnx")), _checked_onnx(folder, card.data.get("onnx"))]
-        if all(files):
+        # the exports are those of the folder's own segmenter: weights named in another file are not exported
+        if all(files) and card.segmenter_file == folder / SEGMENTER_FILE_NAME:
             return BrainNetworks(*(OnnxNetwork(f, threads) for f in files))
         missing = f"{card.segmenter_file}: no ONNX export matching model.json beside these weights"
         if importlib.util.find_spec("tensorflow") is None:
