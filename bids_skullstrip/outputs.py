@@ -266,7 +266,44 @@ def clear_failure(output_dir, image):
 
 
 def is_finished(output_dir, image, *, save_probseg=False):
-    return all(derivative_path(output_dir, image, k).is_file() for k in required_kinds(save_probseg))
+    return missing_kind(output_dir, image, save_probseg=save_probseg) is None
+
+
+def missing_kind(output_dir, image, *, save_probseg=False):
+    """The first output of ``image`` that is not there (the metrics JSON, written last, marks it finished)."""
+    return next((k for k in required_kinds(save_probseg) if not derivative_path(output_dir, image, k).is_file()),
+                None)
+
+
+def damaged(output_dir, image, *, save_probseg=False):
+    """Why the finished outputs of ``image`` cannot be trusted, or None: a metrics file or sidecar that is not a
+    JSON object, a NIfTI whose header does not read or whose grid is not the raw image's (outputs damaged or
+    replaced after the run; the files are written atomically, so a run itself leaves none of these). Reads the
+    headers and the JSON only: a NIfTI cut short after its header is not seen."""
+    import nibabel as nib
+
+    try:
+        shape = nib.load(str(image.path)).shape[:3]
+    except Exception:  # the raw image itself is judged when it is read
+        return None
+    for kind in required_kinds(save_probseg):
+        path = derivative_path(output_dir, image, kind)
+        jsons = [path] if path.suffix == ".json" else [sidecar_path(path)] if OUTPUTS[kind].sidecar else []
+        for json_file in jsons:
+            try:
+                ok = isinstance(json.loads(json_file.read_text()), dict)
+            except (OSError, ValueError):
+                ok = False
+            if not ok:
+                return f"{json_file.name} is missing or not a JSON object"
+        if path.suffix != ".json":
+            try:
+                found = nib.load(str(path)).shape[:3]
+            except Exception:
+                return f"{path.name} does not read as a NIfTI image"
+            if tuple(found) != tuple(shape):
+                return f"{path.name} has the shape {'x'.join(map(str, found))}, not the raw image's"
+    return None
 
 
 def unmark_finished(output_dir, image):

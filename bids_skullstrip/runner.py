@@ -253,13 +253,24 @@ class Run:
         absent = {t for t, _ in failures}
         done = [t for t in t1ws if t not in absent and not config.overwrite
                 and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
-        stale = {t: changed for t in done if (changed := outputs.changed_settings(
+        broken = {t: problem for t in done
+                  if (problem := outputs.damaged(config.output_dir, t, save_probseg=config.save_probseg))}
+        stale = {t: changed for t in done if t not in broken and (changed := outputs.changed_settings(
             config.output_dir, t, outputs.run_settings(t, threshold=config.threshold, border_mm=config.border_mm)))}
-        todo = [t for t in t1ws if t not in absent and (t not in done or t in stale)]
-        finished = len(done) - len(stale)
+        # begun before (its mask is there) and not finished: a run stopped half-way, an output deleted, or one asked
+        # for now (--save-probseg)
+        begun = {t: missing for t in t1ws if t not in absent and t not in done
+                 and outputs.derivative_path(config.output_dir, t, "mask").is_file()
+                 and (missing := outputs.missing_kind(config.output_dir, t, save_probseg=config.save_probseg))}
+        todo = [t for t in t1ws if t not in absent and (t not in done or t in stale or t in broken)]
+        finished = len(done) - len(stale) - len(broken)
         log.info("bids_skullstrip %s: %d image(s) of %d participant(s); %d already finished%s", __version__,
                  len(t1ws), len({t.subject for t in t1ws}), finished,
                  " (use --overwrite to redo them)" if finished else "")
+        for t1w, problem in broken.items():
+            log.info("  redoing %s: %s", t1w.relpath, problem)
+        for t1w, missing in begun.items():
+            log.info("  redoing %s: its %s output is missing", t1w.relpath, missing)
         for t1w, changed in stale.items():
             log.info("  redoing %s: its outputs were made with other settings (%s)", t1w.relpath,
                      ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))

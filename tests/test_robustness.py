@@ -343,6 +343,33 @@ def test_an_image_whose_output_names_would_be_too_long_fails_alone(small_dataset
     assert (tmp_path / "out" / "sub-01.html").is_file()
 
 
+def test_a_rerun_redoes_an_image_whose_outputs_were_damaged_and_says_why(small_dataset, tmp_path):
+    """A mask replaced by another image, a sidecar deleted or broken, an output deleted: the rerun said "1 already
+    finished" and kept the damaged files (a deleted NIfTI was redone, but without a word)."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [small_dataset, out, "participant", "-w", work, "--skip-bids-validation"]
+    assert app(*args).returncode == 0
+    anat = out / "sub-01" / "anat"
+    mask = anat / "sub-01_desc-brain_mask.nii.gz"
+    damages = [
+        (lambda: nib.save(nib.Nifti1Image(np.zeros((10, 10, 10), np.uint8), np.eye(4)), str(mask)),
+         "sub-01_desc-brain_mask.nii.gz has the shape 10x10x10, not the raw image's"),
+        (lambda: (anat / "sub-01_desc-preproc_T1w.json").write_text("{ not json"),
+         "sub-01_desc-preproc_T1w.json is missing or not a JSON object"),
+        (lambda: (anat / "sub-01_desc-brain_metrics.json").write_text("[]"),
+         "sub-01_desc-brain_metrics.json is missing or not a JSON object"),  # was a 400-character settings line
+        (lambda: (anat / "sub-01_desc-brain_T1w.nii.gz").unlink(), "its brain output is missing"),
+    ]
+    for damage, said in damages:
+        damage()
+        res = app(*args)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert f"  redoing sub-01/anat/sub-01_T1w.nii.gz: {said}" in res.stdout, res.stdout[-2000:]
+        assert "1 processed in this run" in res.stdout
+        _assert_outputs_complete(out, "01")
+        assert nib.load(str(mask)).shape == nib.load(str(SMALL_HEAD)).shape
+
+
 def test_an_empty_image_fails_alone_with_the_validator_on(tmp_path):
     """The validator's EMPTY_FILE stopped the whole run (2) where a truncated image fails alone: the app judges an
     image's content itself (``JUDGED_BY_THE_APP``)."""
