@@ -92,7 +92,10 @@ def death_message(exitcode, node_name, *, held_gb, pool_gb, memory_gb, n_procs):
     name, cause = signal_cause(sig)
     if sig != signal.SIGKILL:
         return f"the worker process was killed by signal {sig} ({name}) {step}: {cause}"
-    free = psutil.virtual_memory().available / 2**30
+    from .execution import cgroup_memory_limit_gb
+
+    # what the process may still get: the machine's free memory, but no more than its container or job allows
+    free = min(psutil.virtual_memory().available / 2**30, cgroup_memory_limit_gb() or float("inf"))
     seen = ", ".join(([f"it held {held_gb:.1f} GB"] if held_gb else [])
                      + ([f"the run's workers {pool_gb:.1f} GB"] if pool_gb else []))
     fewer = f"--n-cpus {max(1, n_procs // 2)} or " if n_procs > 1 else ""

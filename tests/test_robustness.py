@@ -840,6 +840,17 @@ def _kill_a_worker_as_it_enters(proc, node, timeout=600):
     raise AssertionError(f"no worker entered a {node!r} node: {proc.poll()}")
 
 
+def test_the_out_of_memory_advice_keeps_within_the_containers_limit(monkeypatch):
+    """In a `--memory 1g` container run with `--mem-gb 8` the advice after an OOM kill read "21.9 GB free now: try
+    --mem 6553 (MB)", the host's numbers, which would fail again."""
+    import bids_skullstrip.execution as execution
+    from bids_skullstrip.multiproc import death_message
+
+    monkeypatch.setattr(execution, "cgroup_memory_limit_gb", lambda: 1.0)
+    said = death_message(-9, "n4", held_gb=0.9, pool_gb=1.0, memory_gb=8.0, n_procs=2)
+    assert "the run may use 8.0 GB, 1.0 GB free now): try --n-cpus 1 or --mem 819 (MB)" in said, said
+
+
 def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_finish(tmp_path):
     """The kernel's OOM killer, imitated: SIGKILL to a worker in the middle of a node (N4, the longest after the
     network's) of a two-worker run over six images; a worker killed between two nodes fails nothing."""
