@@ -58,9 +58,6 @@ class ModelCard:
         if not (card_file.exists() or (segmenter and segmenter.exists())):
             raise ModelCardError(f"{weights}: no model weights there (a folder with {CARD_NAME} and the weights "
                                  "files, or its model card, is expected)")
-        if segmenter is not None and not segmenter.is_file():  # the folder's own weights would run instead
-            raise ModelCardError(f"{weights}: no such weights file (its folder holds {CARD_NAME}: give the folder "
-                                 "to use its weights)")
         card_file = card_file.resolve()
         try:
             stat = card_file.stat()
@@ -70,6 +67,9 @@ class ModelCard:
         segmenter = None if segmenter is None else segmenter.resolve()
         if segmenter == card_file.parent / SEGMENTER_FILE_NAME:  # one card object however it is named
             segmenter = None
+        elif segmenter is not None and not segmenter.is_file():  # another file's networks would run instead
+            raise ModelCardError(f"{weights}: no such weights file (its folder holds {CARD_NAME}: give the folder "
+                                 "to use its weights)")
         return _load(card_file, segmenter, version)
 
     @classmethod
