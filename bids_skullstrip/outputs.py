@@ -105,6 +105,16 @@ def name_too_long(image):
     return None
 
 
+def not_writable(output_dir, image):
+    """Why the outputs of ``image`` cannot be written where they go (its folders, made by an earlier run of
+    another user, or on a read-only mount), or None."""
+    for folder in (Path(output_dir) / image.anat_dir, figure_path(output_dir, image).parent):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            return (f"{image.relpath}: its output folder {folder} is not writable by this user (made by another "
+                    "user's run, or a read-only mount?): give write access to it, or use another output folder")
+    return None
+
+
 def figure_path(output_dir, image, kind="mask"):
     """``<out>/sub-X/figures/<name>.svg``: the reportlet named as output ``kind`` (one of ``FIGURES``)."""
     return Path(output_dir) / f"sub-{image.subject}" / "figures" / (image.stem + _tail(kind, image.suffix,

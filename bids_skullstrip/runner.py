@@ -150,7 +150,8 @@ class Run:
             for subject in sorted({t.subject for t in t1ws}):
                 log.info("report: %s", write_participant_report(output_dir, subject))
             return OK
-        check_writable((output_dir, "output folder"), (config.work_dir, "work directory"))
+        check_writable((output_dir, "output folder"), (config.work_dir, "work directory"),
+                       (output_dir / "logs", "output folder's logs folder"))  # an earlier run's, by another user?
         outputs.init_output_dir(output_dir, config.bids_dir)
         self.write_log_and_config()
         self.remove_stale_temporaries()
@@ -249,7 +250,8 @@ class Run:
 
         config = self.config
         failures = [(t, problem) for t in t1ws
-                    if (problem := missing_content(t) or twin_of(t) or outputs.name_too_long(t))]
+                    if (problem := missing_content(t) or twin_of(t) or outputs.name_too_long(t)
+                        or outputs.not_writable(config.output_dir, t))]
         absent = {t for t, _ in failures}
         done = [t for t in t1ws if t not in absent and not config.overwrite
                 and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]

@@ -1388,6 +1388,37 @@ def test_read_only_output_mount_is_one_line_before_anything_runs(small_dataset, 
     assert len(res.stderr.strip().splitlines()) == 1
 
 
+def test_output_folders_another_user_left_read_only_are_said(tmp_path):
+    """A rerun by another user over an earlier run's outputs: its logs/ or an image's folder not writable ended the
+    run with "PermissionError: [Errno 13] Permission denied: '.../logs/.tmp-1-..._config.json'" (1), naming a
+    temporary file. A read-only mount stands in for another user's folder (root may write anywhere else)."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head, "02": copy_head})
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [bids, out, "participant", "-w", work, "--skip-bids-validation"]
+    assert app(*args, "--participant-label", "01").returncode == 0
+    mounted = []
+    try:
+        for folder in (out / "sub-01" / "anat", out / "logs"):
+            subprocess.run(["mount", "--bind", "-o", "ro", str(folder), str(folder)], check=True)
+            mounted.append(folder)
+            subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        res = app(*args, "--overwrite")
+        assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+            f"bids_skullstrip: error: {out / 'logs'}: the output folder's logs folder is not writable (Read-only file "
+            "system)"], res.stderr
+        subprocess.run(["umount", str(mounted.pop())], check=True)  # logs/ writable again: sub-01's folder is not
+        res = app(*args, "--overwrite")
+        assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+        assert_one_line_errors(res)
+        assert (f"  sub-01/anat/sub-01_T1w.nii.gz: its output folder {out / 'sub-01' / 'anat'} is not writable by "
+                "this user") in res.stdout, res.stdout[-2000:]
+        _assert_outputs_complete(out, "02")
+    finally:
+        for folder in reversed(mounted):
+            subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
 def test_group_level_on_a_full_output_folder_is_one_line(small_dataset, tmpfs, tmp_path):
     point = tmpfs(24)  # the metrics, and no room for the tables, figures and reports
     metrics = point / "sub-01" / "anat" / "sub-01_desc-brain_metrics.json"
