@@ -23,6 +23,13 @@ DEFAULT_CONTRASTS = ("T1w",)
 ANAT_QUERY = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
 
 
+def check_suffix(suffix):
+    """``suffix`` if the app strips images of it, else a ValueError naming the ones it strips."""
+    if suffix not in CONTRASTS:
+        raise ValueError(f"contrast {suffix}: unknown (one of {', '.join(CONTRASTS)})")
+    return suffix
+
+
 def contrast_of(path, given=None):
     """The contrast of an image: ``given`` (``--contrast``), else the structural BIDS suffix its file name ends
     with (``sub-01_FLAIR.nii.gz``, ``flair.nii``, ``t2_flair.nii``: FLAIR; the common ``T1``, ``T2``, ``PD`` and

@@ -101,12 +101,9 @@ def brain_image(img, data, mask):
 
 def check_contrast(in_file, contrast=None):
     """The contrast ``in_file`` is stripped as (``discovery.contrast_of``), or a ValueError for an unknown one."""
-    from .discovery import CONTRASTS, contrast_of
+    from .discovery import check_suffix, contrast_of
 
-    resolved = contrast_of(in_file, contrast)
-    if resolved not in CONTRASTS:
-        raise ValueError(f"contrast {contrast}: unknown (one of {', '.join(CONTRASTS)})")
-    return resolved
+    return check_suffix(contrast_of(in_file, contrast))
 
 
 def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=None, threshold=None, border_mm=0.0,

@@ -76,11 +76,9 @@ class ModelCard:
     def bundled_for(cls, suffix="T1w"):
         """The bundled networks for an image of BIDS ``suffix`` (``T1w``, ``FLAIR``, ...; any ``ce-``/``acq-``), or a
         ValueError for a suffix the app does not strip (a typo would otherwise get the any-contrast networks)."""
-        from ..discovery import CONTRASTS
+        from ..discovery import check_suffix
 
-        if suffix not in CONTRASTS:
-            raise ValueError(f"contrast {suffix}: unknown (one of {', '.join(CONTRASTS)})")
-        return cls.load(WEIGHTS_DIR if suffix in T1W_SUFFIXES else ANY_CONTRAST_WEIGHTS_DIR)
+        return cls.load(WEIGHTS_DIR if check_suffix(suffix) in T1W_SUFFIXES else ANY_CONTRAST_WEIGHTS_DIR)
 
     # What the networks are and how they see the image
     @property
