@@ -1159,6 +1159,22 @@ def test_already_skull_stripped_input(tmp_path):
     assert (mask & nonzero).sum() / nonzero.sum() > 0.98
 
 
+@needs(REPO.parent / "shared" / "data" / "contrasts", "the shared contrasts")
+def test_a_small_head_with_zero_air_is_not_taken_for_a_stripped_brain(tmp_path):
+    """A real clinical stack with exactly zero air, cut to its top 27 slices (1824 ml non-zero, brain-sized as a
+    child's head is): its mask is the brain, not the whole head with a false "already skull-stripped" (0.2.0)."""
+    case = REPO.parent / "shared" / "data" / "contrasts" / "openms-p01-s1-t1w"
+    head = nib.load(case / "image.nii.gz").slicer[:, :, 12:]
+    nib.save(head, tmp_path / "head.nii.gz")
+    res = skullstrip("-i", tmp_path / "head.nii.gz", "-m", tmp_path / "m.nii.gz")
+    assert res.returncode == 0 and "skull-stripped" not in res.stderr, res.stderr
+    mask = np.asanyarray(nib.load(tmp_path / "m.nii.gz").dataobj) > 0
+    ref = np.asanyarray(nib.load(case / "mask_ref.nii.gz").dataobj)[:, :, 12:] > 0
+    nonzero = np.asanyarray(head.dataobj) != 0
+    assert 2 * (mask & ref).sum() / (mask.sum() + ref.sum()) > 0.93  # 0.2.0: 0.70, the whole head
+    assert mask.sum() < 0.7 * nonzero.sum()
+
+
 # ------------------------------------------------------------------------------- fMRIPrep's option names
 def test_fmriprep_spellings_of_the_options(tmp_path):
     from bids_skullstrip.cli.parser import build_parser
