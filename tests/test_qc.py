@@ -220,10 +220,14 @@ def test_a_background_that_is_not_dark_is_read_as_the_networks_read_it():
     """The same head with a constant added to every voxel: the measures of its good mask are those of the head
     (the offset taken off first, as before the networks); read as it is, everything outside looked brain-like."""
     t1, mask, vox, _ = load("ds000011-sub-13")
-    plain, shifted_up = measures(t1, mask, vox), measures(t1 + np.float32(500.0), mask, vox)
-    assert qc.flag_image(shifted_up) == [], shifted_up
-    for key in ("outside_brainlike_fraction", "edge_offset_mm", "dark_fraction", "boundary_contrast"):
-        assert shifted_up[key] == pytest.approx(plain[key], abs=0.02), key
+    plain = measures(t1, mask, vox)
+    # below 0 too: z-scored, or moved to signed integers (0.2.0 flagged them: dark fraction 0.40-0.91)
+    zscored = (t1 - t1.mean()) / t1.std()
+    for shifted in (t1 + np.float32(500.0), t1 - np.float32(50.0), t1 * 10 - np.float32(1024.0), zscored):
+        m = measures(shifted.astype(np.float32), mask, vox)
+        assert qc.flag_image(m) == [], m
+        for key in ("outside_brainlike_fraction", "edge_offset_mm", "dark_fraction", "boundary_contrast"):
+            assert m[key] == pytest.approx(plain[key], abs=0.02), key
 
 
 @needs_heads

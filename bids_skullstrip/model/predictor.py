@@ -176,8 +176,8 @@ class Skullstripper:
         offset = background_offset(data)
         if offset:
             data = data - np.float32(offset)
-            warnings.append(f"the background is not dark (intensity {offset:.4g} where air is about 0): that much "
-                            "was taken off every voxel before the networks")
+            warnings.append(f"the background is not about 0 (air at intensity {offset:.4g}): every voxel was moved by "
+                            f"{-offset:+.4g} before the networks")
         prediction = self._predict(data, affine, shape, warnings)
         if may_be_skull_stripped(data, voxel_sizes(affine)) and is_skull_stripped(data, prediction.probability):
             return Prediction((data != 0).astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
