@@ -36,7 +36,7 @@ def resolve_border(value):
 
 def resolve_contrasts(values):
     """``--contrasts`` as BIDS suffixes, in ``discovery.CONTRASTS`` order (``all``: every one; any case)."""
-    from .discovery import CONTRASTS, DEFAULT_CONTRASTS
+    from .discovery import CONTRASTS, DEFAULT_CONTRASTS, DEPRECATED_SUFFIXES
 
     if not values:
         return DEFAULT_CONTRASTS
@@ -45,7 +45,9 @@ def resolve_contrasts(values):
         return CONTRASTS
     unknown = [str(v) for v in values if str(v).lower() not in known]
     if unknown:
-        raise UsageError(f"--contrasts {' '.join(unknown)}: unknown contrast (one of {', '.join(CONTRASTS)} or all)")
+        renamed = [DEPRECATED_SUFFIXES[v] for v in unknown if v in DEPRECATED_SUFFIXES]
+        raise UsageError(f"--contrasts {' '.join(unknown)}: unknown contrast (one of {', '.join(CONTRASTS)} or all)"
+                         + (f"; BIDS's name for it is {', '.join(renamed)}" if renamed else ""))
     wanted = {known[str(v).lower()] for v in values}
     return tuple(c for c in CONTRASTS if c in wanted)
 

@@ -20,6 +20,12 @@ from pathlib import Path
 # A contrast-enhanced T1w is a T1w with a ``ce-`` entity, not a suffix of its own.
 CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw")
 DEFAULT_CONTRASTS = ("T1w",)
+# BIDS's deprecated names of two of them (``skullstrip`` takes them; the app asks for the file to be renamed)
+DEPRECATED_SUFFIXES = {"PD": "PDw", "T2star": "T2starw"}
+# The other anatomical suffixes, which the app does not strip (said when ``--contrasts all`` leaves them)
+OTHER_ANAT_SUFFIXES = ("FLASH", "inplaneT1", "inplaneT2", "PDT2", "angio", "UNIT1", "MP2RAGE", "T1map")
+# ``part-`` images that are not magnitude images: a phase map in radians is no head to strip
+NOT_MAGNITUDE = re.compile(r"_part-(phase|real|imag)_")
 ANAT_QUERY = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
 
 
@@ -245,17 +251,26 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
     files += [str(f) for f in _folders_named_as_images(bids_dir, contrasts, selection, bids_filters)]
     # one image per name: the same image as .nii and .nii.gz is one input (``twin_of`` fails it in the run)
     by_name = {re.sub(r"\.nii(\.gz)?$", "", f): f for f in sorted(set(files))}
-    found = [StructuralInput.from_path(f, bids_dir) for f in sorted(by_name.values())]
-    miscased = _miscased(layout, contrasts, selection)
+    parts = sorted(f for f in by_name.values() if NOT_MAGNITUDE.search(Path(f).name))
+    found = [StructuralInput.from_path(f, bids_dir) for f in sorted(by_name.values()) if f not in parts]
+    skipped = _skipped_names(layout, contrasts, selection) + (
+        [f"{len(parts)} image(s) skipped: part-phase, part-real and part-imag images are not magnitude images "
+         f"({_listed(parts)})"] if parts else [])
     if not found:
         names = "/".join(contrasts)
         pattern = contrasts[0] if len(contrasts) == 1 else "{" + ",".join(contrasts) + "}"
         raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{pattern}.nii[.gz]) for "
                              f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
-                             + (f" ({miscased})" if miscased else _what_else_is_there(layout, contrasts, selection)))
-    if miscased:
-        logging.getLogger("bids_skullstrip").warning("%s: %s", bids_dir, miscased)
+                             + (f" ({'; '.join(skipped)})" if skipped
+                                else _what_else_is_there(layout, contrasts, selection)))
+    for line in skipped:
+        logging.getLogger("bids_skullstrip").warning("%s: %s", bids_dir, line)
     return found
+
+
+def _listed(paths, at_most=3):
+    names = [Path(p).name for p in paths]
+    return ", ".join(names[:at_most]) + (f" and {len(names) - at_most} more" if len(names) > at_most else "")
 
 
 def _folders_named_as_images(bids_dir, contrasts, selection, bids_filters):
@@ -275,17 +290,27 @@ def _folders_named_as_images(bids_dir, contrasts, selection, bids_filters):
     return found
 
 
-def _miscased(layout, contrasts, selection):
-    """The images named with a chosen contrast's suffix in another case (``_flair``, ``_t1w``), which BIDS and
-    pybids do not take for it, said in words; "" when there are none."""
+def _skipped_names(layout, contrasts, selection):
+    """The anatomical images of the selection that a chosen contrast would want but are not named for it, one
+    line per kind: a suffix in another case (``_flair``: BIDS and pybids do not take it for FLAIR), a deprecated
+    suffix (``_PD`` for PDw), and, with every contrast chosen, the suffixes the app does not strip."""
     wanted = {c.lower(): c for c in contrasts}
     counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection)))
+    lines = []
     odd = sorted((s, n) for s, n in counts.items() if s and s not in CONTRASTS and s.lower() in wanted)
-    if not odd:
-        return ""
-    listed = ", ".join(f"{n} named *_{s}" for s, n in odd)
-    return (f"{listed} image(s) skipped: BIDS suffixes are case-sensitive; rename them "
-            f"{', '.join(f'*_{wanted[s.lower()]}' for s, _ in odd)}")
+    if odd:
+        lines.append(f"{', '.join(f'{n} named *_{s}' for s, n in odd)} image(s) skipped: BIDS suffixes are "
+                     f"case-sensitive; rename them {', '.join(f'*_{wanted[s.lower()]}' for s, _ in odd)}")
+    old = sorted((s, n) for s, n in counts.items() if DEPRECATED_SUFFIXES.get(s) in contrasts)
+    if old:
+        lines.append(f"{', '.join(f'{n} named *_{s}' for s, n in old)} image(s) skipped: a deprecated BIDS suffix; "
+                     f"rename them {', '.join(f'*_{DEPRECATED_SUFFIXES[s]}' for s, _ in old)}")
+    if tuple(contrasts) == CONTRASTS:
+        other = [(s, counts[s]) for s in OTHER_ANAT_SUFFIXES if counts.get(s)]
+        if other:
+            lines.append(f"{', '.join(f'{n} {s}' for s, n in other)} image(s) not stripped (bids_skullstrip strips "
+                         f"{', '.join(CONTRASTS)})")
+    return lines
 
 
 def _what_else_is_there(layout, contrasts, selection):

@@ -416,6 +416,34 @@ def test_a_suffix_in_the_wrong_case_is_named_not_skipped_silently(tmp_path, capl
     assert "1 named *_flair image(s) skipped" in caplog.text
 
 
+def test_images_a_contrast_would_want_but_does_not_strip_are_named(tmp_path, caplog):
+    """A phase image is not stripped as a magnitude one (0.2.0 wrote an "N4-corrected" map in radians and a mask
+    of Dice 0.60); deprecated suffixes and, with ``--contrasts all``, the anatomical suffixes the app does not
+    strip are named instead of skipped in silence."""
+    from bids_skullstrip.config import UsageError, resolve_contrasts
+    from bids_skullstrip.discovery import CONTRASTS, DiscoveryError, collect_images
+
+    bids = tmp_path / "bids"
+    anat = bids / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "names", "BIDSVersion": "1.10.0"}))
+    for name in ("echo-1_part-mag_T2starw", "echo-1_part-phase_T2starw", "part-real_T2starw", "PD", "T2star",
+                 "inplaneT1", "UNIT1"):
+        (anat / f"sub-01_{name}.nii.gz").write_bytes(b"")  # pybids reads names only
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        assert [i.path.name for i in collect_images(bids, contrasts=CONTRASTS)] == [
+            "sub-01_echo-1_part-mag_T2starw.nii.gz"]
+    assert ("2 image(s) skipped: part-phase, part-real and part-imag images are not magnitude images "
+            "(sub-01_echo-1_part-phase_T2starw.nii.gz, sub-01_part-real_T2starw.nii.gz)") in caplog.text
+    assert "1 named *_PD, 1 named *_T2star image(s) skipped: a deprecated BIDS suffix; rename them *_PDw, *_T2starw" \
+        in caplog.text
+    assert "1 inplaneT1, 1 UNIT1 image(s) not stripped" in caplog.text
+    with pytest.raises(DiscoveryError, match=r"no PDw images .*\(1 named \*_PD image\(s\) skipped: a deprecated "):
+        collect_images(bids, contrasts=("PDw",))
+    with pytest.raises(UsageError, match="--contrasts PD: unknown contrast .*; BIDS's name for it is PDw"):
+        resolve_contrasts(["PD"])
+
+
 @needs(CONTRASTS_DATA, "../shared/data/contrasts")
 def test_contrasts_and_per_contrast_filters_choose_the_images(tmp_path):
     from bids_skullstrip.discovery import collect_images, load_bids_filters
