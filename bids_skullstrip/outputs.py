@@ -347,6 +347,15 @@ def qc_flags(output_dir, image):
     return [str(f) for f in flags] if isinstance(flags, list) else []
 
 
+def recorded_warnings(output_dir, image):
+    """The warnings recorded in the metrics JSON of ``image``'s outputs (doubts about the input and the result: a
+    slab of a field of view, no brain found, a skull-stripped input), without the path of the file they name."""
+    found = read_metrics(output_dir, image).get("warnings")
+    lines = [str(w) for w in found] if isinstance(found, list) else []
+    return [w.split(": ", 1)[1] if w.split(": ", 1)[0].endswith((".nii", ".nii.gz")) and ": " in w else w
+            for w in lines]
+
+
 def changed_settings(output_dir, image, settings):
     """The settings the finished outputs of ``image`` were made with that differ from ``settings``, as
     ``{name: (recorded, now)}`` (outputs of a version that recorded nothing count as all different)."""

@@ -196,6 +196,9 @@ class Run:
         for t1w, flags in flagged:
             log.warning("  flagged by QC: %s: %s (open %s)", t1w.relpath, "; ".join(flags),
                         reports.get(t1w.subject, "its participant report"))
+        for t1w in (t for t in todo if t not in failed):  # said once, by the run that made the outputs
+            for line in outputs.recorded_warnings(output_dir, t1w):
+                log.warning("  warning: %s: %s", t1w.relpath, line)
         self.report_work_dir(clean=config.clean_workdir and not failures and not busy)
         if busy:
             log.error("%d of %d image(s) left to another run:", len(busy), len(t1ws))

@@ -429,9 +429,19 @@ def noise_volume(path):
     nib.save(nib.Nifti1Image(rng.normal(100, 30, img.shape).astype(np.float32), img.affine), path)
 
 
+def head_with_codes_unset(path):
+    """The small head with neither qform nor sform set: stripped as it is, with a warning (nifti.geometry_warnings)."""
+    img = nib.load(SMALL_HEAD)
+    img.set_qform(None, code=0)
+    img.set_sform(None, code=0)
+    nib.save(img, path)
+
+
 def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
+    """... and each image's warnings are said on the console by the run that made its outputs (0.2.0 wrote them
+    only into the metrics JSON and the report: "the field of view is a slab", "already skull-stripped")."""
     bids = tmp_path / "bids"
-    make_dataset(bids, {"01": copy_head, "02": noise_volume})
+    make_dataset(bids, {"01": head_with_codes_unset, "02": noise_volume})
     out, work = tmp_path / "out", tmp_path / "work"
     args = [bids, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "2"]
     res = app(*args)
@@ -442,9 +452,13 @@ def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
     assert len(flagged) == 1 and "sub-02/anat/sub-02_T1w.nii.gz" in flagged[0] and "brain volume" in flagged[0]
     assert str(out / "sub-02.html") in flagged[0]
     assert "progress: 2 of 2 image(s) finished" in text, text
+    warned = [line for line in text.splitlines() if "  warning: " in line]
+    assert warned == ["  warning: sub-01/anat/sub-01_T1w.nii.gz: neither qform nor sform is set: orientation "
+                      "is a guess from the voxel sizes"], warned
     again = app(*args, "--fail-on-flag")  # the finished images are not redone; their flags still count
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr
+    assert "  warning: " not in again.stdout + again.stderr  # said by the run that made the outputs
 
 
 def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_it(tmp_path):
