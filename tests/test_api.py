@@ -276,6 +276,9 @@ def test_the_methods_text_says_what_the_outputs_hold_and_when_they_differ(tmp_pa
     assert "**The images were not all processed with the same settings**" in text
     assert f"- 3 image(s) thresholded at 0.7, border 0 mm, model sha256 `{card.sha256[:12]}`" in text
     assert "- 1 image(s) thresholded at 0.55, border 2 mm" in text and t1ws[3].path.name in text  # the raw file
+    # the main text gives no border of its own where they differ (0.2.0: "then grown by 2 mm", of one image of 4)
+    assert "hole-filled, then grown or shrunk by the border listed below." in text and "grown by 2" not in text
+    assert "Each image was corrected for intensity non-uniformity" in text
 
 
 def test_the_methods_text_gives_each_contrasts_threshold(tmp_path):

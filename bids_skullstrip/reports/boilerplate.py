@@ -121,18 +121,19 @@ def methods_markdown(*, threshold, border_mm, recorded=None, contrasts=("T1w",))
                     + "".join(f"; the {_suffixes(m)} images by {_model_text(s)}" for s, m in others) + ".")
     thresholds = (f"{next(iter(thresholded))[1]:g}" if len(thresholded) == 1 else
                   _listed([f"{t:g} ({_suffixes(suffixes)})" for (_, t), suffixes in thresholded.items()]))
-    main_border = max(groups, key=groups.get)[2]
+    borders = {b for _, _, b, _ in groups}
+    border = _border(next(iter(borders))) if len(borders) == 1 else ", then grown or shrunk by the border listed below"
     text = f"""# Methods: brain extraction with bids_skullstrip {__version__}
 
 Brain masks were computed with *bids_skullstrip* {__version__} [bids_skullstrip], which is based on *Nipype*
 {_version("nipype")} [nipype] and finds the images of the dataset with *PyBIDS* {_version("pybids")} [pybids].
 {stripped} The probability was mapped back onto the native
-grid, thresholded at {thresholds}, reduced to its largest connected component and hole-filled{_border(main_border)}.
-The image was corrected for intensity non-uniformity with N4 [n4] as implemented in ANTsPy
+grid, thresholded at {thresholds}, reduced to its largest connected component and hole-filled{border}.
+Each image was corrected for intensity non-uniformity with N4 [n4] as implemented in ANTsPy
 {_version("antspyx")} (ANTs [ants]), estimated inside the brain mask, and multiplied by the mask to give the
 skull-stripped image. Masks and images keep the exact voxel grid of the input.
 """
-    if len({suffix for suffix, *_ in groups}) < len(groups) or len({b for _, _, b, _ in groups}) > 1:
+    if len({suffix for suffix, *_ in groups}) < len(groups) or len(borders) > 1:
         lines = []
         for (suffix, t, b, sha), n in sorted(groups.items(), key=lambda item: -item[1]):
             names = sorted(name for name, value in recorded.items() if value == (suffix, t, b, sha))
