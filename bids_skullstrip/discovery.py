@@ -153,6 +153,10 @@ def _narrowed(selection, filters):
 
     query = dict(ANAT_QUERY, **selection)
     for key, value in filters.items():
+        if key in ("subject", "session") and isinstance(value, (str, int, list)):  # "ses-1" as "1", as the options
+            prefix = {"subject": "sub-", "session": "ses-"}[key]
+            value = ([strip_prefix(v, prefix) if isinstance(v, (str, int)) else v for v in value]
+                     if isinstance(value, list) else strip_prefix(value, prefix))
         if key not in selection:
             query[key] = value
         elif value is not Query.ANY:
@@ -238,16 +242,22 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
             raise DiscoveryError(f"{bids_dir}: session label(s) not found for the selected participants: "
                                  f"{', '.join(missing)} (available: {', '.join(sorted(known)) or 'none'})")
         selection["session"] = sessions
-    files = []
+    files, emptied = [], []
     for suffix in contrasts:
         query = _narrowed(selection, (bids_filters or {}).get(suffix, {}))
-        if query is None:
-            continue
         try:
-            files += layout.get(return_type="file", **query, suffix=suffix)
+            found = [] if query is None else layout.get(return_type="file", **query, suffix=suffix)
         except Exception as exc:
             raise DiscoveryError(f"{bids_dir}: invalid BIDS query for {suffix} "
                                  f"({' '.join(str(exc).split())[:200]})") from None
+        files += found
+        if (bids_filters or {}).get(suffix) and not found:
+            emptied.append(suffix)
+    log = logging.getLogger("bids_skullstrip")
+    unused = [c for c in (bids_filters or {}) if c not in contrasts]
+    if unused:
+        log.warning("%s: the filter file's %s not used: not among --contrasts (%s)", bids_dir,
+                    ", ".join(repr(c.lower()) for c in unused), " ".join(contrasts))
     files += [str(f) for f in _folders_named_as_images(bids_dir, contrasts, selection, bids_filters)]
     # one image per name: the same image as .nii and .nii.gz is one input (``twin_of`` fails it in the run)
     by_name = {re.sub(r"\.nii(\.gz)?$", "", f): f for f in sorted(set(files))}
@@ -264,7 +274,10 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
                              + (f" ({'; '.join(skipped)})" if skipped
                                 else _what_else_is_there(layout, contrasts, selection)))
     for line in skipped:
-        logging.getLogger("bids_skullstrip").warning("%s: %s", bids_dir, line)
+        log.warning("%s: %s", bids_dir, line)
+    for suffix in emptied:
+        log.warning("%s: no %s image matches the filter file's %r selection %s for participant(s) %s", bids_dir,
+                    suffix, suffix.lower(), json.dumps((bids_filters or {})[suffix], default=str), ", ".join(wanted))
     return found
 
 

@@ -393,6 +393,14 @@ def test_filters_narrow_labels_in_any_key_case_and_misplaced_keys_are_named(tmp_
     assert "'bold' ignored: not a structural contrast" in caplog.text
     with pytest.raises(DiscoveryError, match="no T1w images .* with the given filters"):
         names({"t1w": {"session": "3"}}, session_labels=["1"])
+    # "ses-2" as --session-label takes it, also without one (0.2.0: nothing matched, in silence)
+    assert names({"flair": {"session": "ses-2", "subject": ["sub-01"]}}, contrasts=("FLAIR",)) == [
+        "sub-01_ses-2_FLAIR.nii.gz"]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):  # a contrast emptied by its filter, a key unused
+        assert len(names({"flair": {"session": "3"}, "t2w": {}}, contrasts=("T1w", "FLAIR"))) == 4
+    assert "no FLAIR image matches the filter file's 'flair' selection {\"session\": \"3\"}" in caplog.text
+    assert "the filter file's 't2w' not used: not among --contrasts (T1w FLAIR)" in caplog.text
     with pytest.raises(DiscoveryError, match="the filter 't1w' sets 'suffix'"):
         names({"t1w": {"suffix": "T2w"}})
     with pytest.raises(DiscoveryError, match="keys 't1w' and 'T1w' name the same contrast"):
