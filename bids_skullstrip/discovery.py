@@ -41,11 +41,28 @@ def contrast_of(path, given=None):
     with (``sub-01_FLAIR.nii.gz``, ``flair.nii``, ``t2_flair.nii``: FLAIR; the common ``T1``, ``T2``, ``PD`` and
     ``T2star`` too), else T1w. Known suffixes are matched in any case.
     (A split of the name, not pybids: importing it would cost ``skullstrip`` half a second per file.)"""
-    known = {c.lower(): c for c in CONTRASTS} | {"t1": "T1w", "t2": "T2w", "pd": "PDw", "t2star": "T2starw"}
     if given:
-        return known.get(given.lower(), given)
-    stem = re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE)
-    return known.get(stem.rsplit("_", 1)[-1].lower(), "T1w")
+        return KNOWN_NAMES.get(given.lower(), given)
+    return KNOWN_NAMES.get(_last_word(path), "T1w")
+
+
+KNOWN_NAMES = {c.lower(): c for c in CONTRASTS} | {"t1": "T1w", "t2": "T2w", "pd": "PDw", "t2star": "T2starw"}
+
+
+def _last_word(path):
+    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE).rsplit("_", 1)[-1].lower()
+
+
+def contrast_named(path):
+    """Whether the name of ``path`` ends with a contrast ``contrast_of`` knows (else it takes the image for T1w)."""
+    return _last_word(path) in KNOWN_NAMES
+
+
+def contrasts_inside_name(path):
+    """The contrasts other than T1w that the name of ``path`` holds as a word but does not end with
+    (``p01_FLAIR_axial.nii.gz``): the image was probably meant as one of them."""
+    words = re.split(r"[_\-.]", re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE).lower())[:-1]
+    return list(dict.fromkeys(KNOWN_NAMES[w] for w in words if KNOWN_NAMES.get(w, "T1w") != "T1w"))
 
 
 class DiscoveryError(ValueError):

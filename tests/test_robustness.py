@@ -946,13 +946,21 @@ def test_skullstrip_cli_strips_each_contrast_with_its_networks(tmp_path):
     weights = REPO / "bids_skullstrip" / "model" / "weights_any_contrast"
     runs = {"name": [flair], "option": [plain, "--contrast", "FLAIR"], "weights": [plain, "--weights", weights],
             "t1w": [flair, "--contrast", "T1w"]}
-    probs = {}
+    probs, said = {}, {}
     for key, (image, *options) in runs.items():
-        res = skullstrip("-i", image, "-p", tmp_path / f"{key}.nii.gz", *options)
+        res = skullstrip("-i", image, "-p", tmp_path / f"{key}.nii.gz", "-v", *options)
         assert res.returncode == 0, res.stderr
-        probs[key] = np.asarray(nib.load(tmp_path / f"{key}.nii.gz").dataobj)
+        probs[key], said[key] = np.asarray(nib.load(tmp_path / f"{key}.nii.gz").dataobj), res.stdout + res.stderr
     assert np.array_equal(probs["name"], probs["weights"]) and np.array_equal(probs["option"], probs["weights"])
     assert np.abs(probs["t1w"] - probs["weights"]).max() > 0.1  # the other networks
+    from bids_skullstrip.model.card import ModelCard
+
+    any_contrast = ModelCard.bundled_for("FLAIR").sha256[:12]
+    assert f"stripped as FLAIR (from the file name) by the networks {any_contrast}" in said["name"]
+    assert f"stripped as FLAIR (given) by the networks {any_contrast}" in said["option"]
+    # a name that holds a contrast it does not end with: stripped as T1w, and said (0.2.0: in silence)
+    note = "its name holds FLAIR but does not end with it: stripped as T1w (give --contrast FLAIR"
+    assert note in said["weights"] and not any(note in said[k] for k in ("name", "option", "t1w"))
 
 
 @pytest.mark.parametrize("writer, problem", [(truncated, "truncated or corrupt"), (not_nifti, "not a readable NIfTI")])

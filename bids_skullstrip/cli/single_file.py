@@ -65,6 +65,7 @@ def main(argv=None):
     if not (opts.mask or opts.output or opts.probseg):
         return _fail("nothing to write: give at least one of -m/--mask, -o/--output, -p/--probseg", EXIT_USAGE)
     from ..postproc import check_border, check_threshold
+    from ..discovery import contrast_named, contrasts_inside_name
     from ..strip import check_contrast, check_outputs, skullstrip_file
 
     try:
@@ -95,9 +96,16 @@ def main(argv=None):
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         print(f"core {result.core_s:.2f} s ({stages}); QC {qc_s:.2f} s; total {time.perf_counter() - t_start:.2f} s; "
               f"brain {int(result.mask.sum())} voxels")
+        named = "given" if opts.contrast else "from the file name" if contrast_named(opts.input) else "the default"
+        print(f"stripped as {contrast} ({named}) by the networks {stripper.card.sha256[:12]}, threshold "
+              f"{result.threshold:g}")
     doubts = result.warnings + [f"{opts.input}: QC: {flag}" for flag in flags if flag != "empty brain mask"]
     for doubt in dict.fromkeys(doubts):
         print(f"skullstrip: warning: {' '.join(doubt.split())}", file=sys.stderr)
+    meant = [] if opts.contrast or contrast_named(opts.input) else contrasts_inside_name(opts.input)
+    if meant:
+        print(f"skullstrip: note: {opts.input}: its name holds {' and '.join(meant)} but does not end with it: "
+              f"stripped as T1w (give --contrast {meant[0]} to strip it as {meant[0]})", file=sys.stderr)
     for note in notes:
         print(f"skullstrip: note: {opts.input}: QC: {' '.join(note.split())}", file=sys.stderr)
     return EXIT_FLAGGED if flags and opts.fail_on_flag else 0
