@@ -31,10 +31,12 @@ STRIPPED_BRAIN_COVER = 0.7
 # disagree: on 65 real images (52 T1w heads, 13 clinical 2D stacks) the voxels in one view's brain and not the
 # other's are 1.5-3.9 % of the two views' brain upright and 2.9-20 % turned over, always 1.34-6.3 times more than
 # the same image upright. Above UPSIDE_DOWN_CHECK the image is also run turned over, and where the views agree
-# UPSIDE_DOWN_RATIO times better so, the brain is upside down in the header: the mask is made on the image turned
-# over (0.2.0 gave such heads masks of Dice 0.57-0.91, mostly unflagged).
+# UPSIDE_DOWN_RATIO times better so, and as well as on an upright head (UPSIDE_DOWN_AGREED: pure noise agrees
+# better one way by chance, but not that well), the brain is upside down in the header: the mask is made on the
+# image turned over (0.2.0 gave such heads masks of Dice 0.57-0.91, mostly unflagged).
 UPSIDE_DOWN_CHECK = 0.025
 UPSIDE_DOWN_RATIO = 0.85
+UPSIDE_DOWN_AGREED = 0.045
 LOCATOR_THRESHOLD = 0.5  # the locator's brain: p >= this, largest component (its box is all that is used)
 # The segmenter's main brain blob (p >= this, largest component, 2 voxels of rim) is all that goes back to
 # the finer native grid; a fixed level, so that the probability map is the same whatever the threshold.
@@ -201,7 +203,7 @@ class Skullstripper:
         networks' views agree far better on it (the header's superior-inferior axis is flipped)."""
         axis = int(np.argmax(np.abs(affine[2, :3])))
         turned = self._predict(np.ascontiguousarray(np.flip(data, axis)), affine, shape, [])
-        if (turned.view_disagreement is None
+        if (turned.view_disagreement is None or turned.view_disagreement > UPSIDE_DOWN_AGREED
                 or turned.view_disagreement >= UPSIDE_DOWN_RATIO * prediction.view_disagreement):
             return prediction
         timings = {k: prediction.timings.get(k, 0.0) + v for k, v in turned.timings.items()}
