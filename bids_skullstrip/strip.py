@@ -37,6 +37,7 @@ class FileResult:
     timings: dict = field(default_factory=dict)  # seconds: load, each stage of the core, write
     core_s: float = 0.0  # seconds of the core (array in, mask and probability out)
     written: dict = field(default_factory=dict)  # kind -> Path
+    view_disagreement: float | None = None  # of the networks' two views (a QC measure; None: one view, or none run)
 
     @property
     def volume_ml(self):
@@ -46,7 +47,8 @@ class FileResult:
         """The QC measures of the mask (``bids_skullstrip.qc``), on this image as it is (no bias correction)."""
         from .qc import qc_measures
 
-        return qc_measures(self.data, self.probability, self.mask, voxel_sizes(self.image.affine))
+        return qc_measures(self.data, self.probability, self.mask, voxel_sizes(self.image.affine),
+                           view_disagreement=self.view_disagreement)
 
     def qc_flags(self):
         """The QC flags of the mask ("this mask probably failed"), one short line each; [] when none."""
@@ -181,4 +183,4 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
     return FileResult(image=img, data=data, mask=result.mask, probability=result.probability,
                       threshold=stripper.threshold if threshold is None else float(threshold),
                       border_mm=float(border_mm), contrast=contrast, warnings=list(dict.fromkeys(doubts)),
-                      timings=timings, core_s=core_s, written=outputs)
+                      timings=timings, core_s=core_s, written=outputs, view_disagreement=result.view_disagreement)

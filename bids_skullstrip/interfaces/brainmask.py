@@ -24,6 +24,7 @@ class _SkullStripOutputSpec(TraitedSpec):
     geometry = traits.Dict(desc="shape, voxel_size_mm and orientation of the input")
     warnings = traits.List(traits.Str, desc="doubts about the input and the result, each naming the file")
     runtime_s = traits.Dict(desc="seconds per stage")
+    model_measures = traits.Dict(desc="QC measures of the networks' own (view_disagreement), for QCMetrics")
 
 
 class SkullStrip(SimpleInterface):
@@ -50,5 +51,6 @@ class SkullStrip(SimpleInterface):
             geometry={"shape": [int(s) for s in result.data.shape],
                       "voxel_size_mm": [round(float(v), 4) for v in voxel_sizes(img.affine)],
                       "orientation": "".join(nib.aff2axcodes(img.affine))},
-            warnings=result.warnings, runtime_s=result.timings)
+            warnings=result.warnings, runtime_s=result.timings,
+            model_measures={} if result.view_disagreement is None else {"view_disagreement": result.view_disagreement})
         return runtime

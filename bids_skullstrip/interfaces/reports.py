@@ -17,6 +17,7 @@ class _QCMetricsInputSpec(BaseInterfaceInputSpec):
     weights = File(exists=True, desc="the model card of the networks that made the mask (default: the bundled "
                                     "ones), recorded by checksum")
     contrast = traits.Str("T1w", usedefault=True, desc="the image's BIDS suffix (its QC limits)")
+    model_measures = traits.Dict(desc="the SkullStrip node's own QC measures (view_disagreement)")
 
 
 class _QCMetricsOutputSpec(TraitedSpec):
@@ -38,7 +39,8 @@ class QCMetrics(SimpleInterface):
         t1w = np.asarray(img.dataobj, dtype=np.float32)
         prob = np.asarray(nib.load(self.inputs.in_probseg).dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.in_mask).dataobj, dtype=np.uint8)
-        measures = qc.qc_measures(t1w, prob, mask, voxel_sizes(img.affine))
+        measures = qc.qc_measures(t1w, prob, mask, voxel_sizes(img.affine),
+                                  view_disagreement=(self.inputs.model_measures or {}).get("view_disagreement"))
         card = ModelCard.load(self.inputs.weights or None)
         self._results["qc"] = dict(
             brain_volume_ml=measures["brain_volume_ml"],

@@ -89,6 +89,7 @@ class SkullstripResult:
     probability: np.ndarray  # float32 [0, 1], native grid
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
+    view_disagreement: float | None = None  # the Prediction's: a QC measure
 
 
 def checked_volume(data, affine):
@@ -300,4 +301,5 @@ class Skullstripper:
                                      voxel_mm=voxel_mm)
         timings["post_native"] = time.perf_counter() - t
         timings["postprocess"] = timings.get("post_model_grid", 0.0) + timings["post_native"]
-        return SkullstripResult(mask, prediction.probability, timings, list(prediction.warnings))
+        return SkullstripResult(mask, prediction.probability, timings, list(prediction.warnings),
+                                prediction.view_disagreement)
