@@ -70,7 +70,11 @@ def clean_mask(prob, *, threshold=0.5, border_mm=0.0, voxel_mm=(1.0, 1.0, 1.0)):
     mask = prob >= threshold
     if not mask.any():
         return mask
-    mask = fill_holes(largest_component(mask))
-    if border_mm:
-        mask = fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))
-    return mask
+    return with_border(fill_holes(largest_component(mask)), border_mm, voxel_mm)
+
+
+def with_border(mask, border_mm, voxel_mm):
+    """A clean ``mask`` grown (``border_mm`` > 0) or shrunk (< 0), its largest component, holes filled."""
+    if not border_mm or not mask.any():
+        return mask
+    return fill_holes(largest_component(apply_border(mask, border_mm, voxel_mm)))

@@ -38,16 +38,19 @@ class FileResult:
     core_s: float = 0.0  # seconds of the core (array in, mask and probability out)
     written: dict = field(default_factory=dict)  # kind -> Path
     view_disagreement: float | None = None  # of the networks' two views (a QC measure; None: one view, or none run)
+    mask_before_border: np.ndarray | None = None  # with a border: the mask before it, which QC judges
 
     @property
     def volume_ml(self):
         return float(np.count_nonzero(self.mask)) * float(np.prod(voxel_sizes(self.image.affine))) / 1000.0
 
     def qc_measures(self):
-        """The QC measures of the mask (``bids_skullstrip.qc``), on this image as it is (no bias correction)."""
+        """The QC measures of the mask (``bids_skullstrip.qc``; with a border, of the mask before it), on this image as
+        it is (no bias correction)."""
         from .qc import qc_measures
 
-        return qc_measures(self.data, self.probability, self.mask, voxel_sizes(self.image.affine),
+        judged = self.mask if self.mask_before_border is None else self.mask_before_border
+        return qc_measures(self.data, self.probability, judged, voxel_sizes(self.image.affine),
                            view_disagreement=self.view_disagreement)
 
     def qc_flags(self):
@@ -183,4 +186,5 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
     return FileResult(image=img, data=data, mask=result.mask, probability=result.probability,
                       threshold=stripper.threshold if threshold is None else float(threshold),
                       border_mm=float(border_mm), contrast=contrast, warnings=list(dict.fromkeys(doubts)),
-                      timings=timings, core_s=core_s, written=outputs, view_disagreement=result.view_disagreement)
+                      timings=timings, core_s=core_s, written=outputs, view_disagreement=result.view_disagreement,
+                      mask_before_border=result.mask_before_border)

@@ -1213,6 +1213,19 @@ def test_a_stripped_brain_on_a_background_of_1_is_flagged(tmp_path):
     assert "the network is unsure of this image" in res.stderr
 
 
+@needs(REPO.parent / "shared" / "data" / "heads", "the shared heads")
+def test_a_border_the_user_asks_for_is_not_flagged(tmp_path):
+    """--border 3 and 5 grow a good mask as asked; QC judges the networks' mask before the border (0.2.0 flagged
+    every such mask: "mask and p>0.5 disagree on a fraction of the mask: 0.119", and at 5 mm "mask too large?")."""
+    head = REPO.parent / "shared" / "data" / "heads" / "ds000011-sub-13" / "T1w.nii.gz"
+    volumes = []
+    for border in ("0", "3", "5"):
+        res = skullstrip("-i", head, "-m", tmp_path / f"m{border}.nii.gz", "--border", border, "--fail-on-flag")
+        assert res.returncode == 0 and "QC:" not in res.stderr, res.stderr
+        volumes.append(int((np.asanyarray(nib.load(tmp_path / f"m{border}.nii.gz").dataobj) > 0).sum()))
+    assert volumes[0] < volumes[1] < volumes[2]
+
+
 # ------------------------------------------------------------------------------- fMRIPrep's option names
 def test_fmriprep_spellings_of_the_options(tmp_path):
     from bids_skullstrip.cli.parser import build_parser

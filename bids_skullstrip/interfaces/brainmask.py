@@ -21,6 +21,7 @@ class _SkullStripOutputSpec(TraitedSpec):
     out_t1w = File(exists=True, desc="validated T1w as float32 on the native grid (NaN/Inf set to 0)")
     out_mask = File(exists=True, desc="brain mask, uint8 {0, 1}, native grid")
     out_probseg = File(exists=True, desc="brain probability, float32, native grid (independent of the threshold)")
+    out_qc_mask = File(exists=True, desc="the mask QC judges: out_mask, or with a border the mask before it")
     geometry = traits.Dict(desc="shape, voxel_size_mm and orientation of the input")
     warnings = traits.List(traits.Str, desc="doubts about the input and the result, each naming the file")
     runtime_s = traits.Dict(desc="seconds per stage")
@@ -45,9 +46,13 @@ class SkullStrip(SimpleInterface):
                                  threshold=self.inputs.threshold if isdefined(self.inputs.threshold) else None,
                                  border_mm=self.inputs.border_mm)
         nib.save(like(result.image, result.data, np.float32), out["t1w"])
+        qc_mask = out["mask"]
+        if result.mask_before_border is not None:
+            qc_mask = os.path.join(runtime.cwd, "mask_before_border.nii")
+            nib.save(like(result.image, result.mask_before_border, np.uint8), qc_mask)
         img = result.image
         self._results.update(
-            out_t1w=out["t1w"], out_mask=out["mask"], out_probseg=out["probseg"],
+            out_t1w=out["t1w"], out_mask=out["mask"], out_probseg=out["probseg"], out_qc_mask=qc_mask,
             geometry={"shape": [int(s) for s in result.data.shape],
                       "voxel_size_mm": [round(float(v), 4) for v in voxel_sizes(img.affine)],
                       "orientation": "".join(nib.aff2axcodes(img.affine))},

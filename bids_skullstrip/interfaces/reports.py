@@ -5,7 +5,7 @@ import os
 import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, traits
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from .. import __version__
 
@@ -13,7 +13,9 @@ from .. import __version__
 class _QCMetricsInputSpec(BaseInterfaceInputSpec):
     in_t1w = File(exists=True, mandatory=True, desc="bias-corrected T1w, native grid")
     in_probseg = File(exists=True, mandatory=True)
-    in_mask = File(exists=True, mandatory=True)
+    in_mask = File(exists=True, mandatory=True, desc="the output mask (its volume is the record's)")
+    in_qc_mask = File(exists=True, desc="the mask the measures judge (default: in_mask; with a border, the mask "
+                                        "before it: the border is the user's choice, not the networks')")
     weights = File(exists=True, desc="the model card of the networks that made the mask (default: the bundled "
                                     "ones), recorded by checksum")
     contrast = traits.Str("T1w", usedefault=True, desc="the image's BIDS suffix (its QC limits)")
@@ -39,11 +41,13 @@ class QCMetrics(SimpleInterface):
         t1w = np.asarray(img.dataobj, dtype=np.float32)
         prob = np.asarray(nib.load(self.inputs.in_probseg).dataobj, dtype=np.float32)
         mask = np.asarray(nib.load(self.inputs.in_mask).dataobj, dtype=np.uint8)
-        measures = qc.qc_measures(t1w, prob, mask, voxel_sizes(img.affine),
+        judged = mask if not isdefined(self.inputs.in_qc_mask) else np.asarray(
+            nib.load(self.inputs.in_qc_mask).dataobj, dtype=np.uint8)
+        measures = qc.qc_measures(t1w, prob, judged, voxel_sizes(img.affine),
                                   view_disagreement=(self.inputs.model_measures or {}).get("view_disagreement"))
         card = ModelCard.load(self.inputs.weights or None)
         self._results["qc"] = dict(
-            brain_volume_ml=measures["brain_volume_ml"],
+            brain_volume_ml=float(np.count_nonzero(mask)) * float(np.prod(voxel_sizes(img.affine))) / 1000.0,
             brain_voxels=int(np.count_nonzero(mask)),
             software_version=__version__,
             model=card.record(),

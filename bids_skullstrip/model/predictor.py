@@ -15,7 +15,7 @@ from scipy import ndimage as ndi
 
 from .. import geometry
 from ..intensity import background_offset
-from ..postproc import check_border, check_threshold, clean_mask, largest_component
+from ..postproc import check_border, check_threshold, clean_mask, largest_component, with_border
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
 
@@ -90,6 +90,8 @@ class SkullstripResult:
     timings: dict = field(default_factory=dict)
     warnings: list = field(default_factory=list)
     view_disagreement: float | None = None  # the Prediction's: a QC measure
+    # with a border: the mask before it (uint8), which QC judges (the border is the user's choice, not the networks')
+    mask_before_border: np.ndarray | None = None
 
 
 def checked_volume(data, affine):
@@ -286,7 +288,7 @@ class Skullstripper:
         timings = dict(prediction.timings)
         t = time.perf_counter()
         shape, voxel_mm = prediction.probability.shape, voxel_sizes(affine)
-        mask = np.zeros(shape, np.uint8)
+        mask, before_border = np.zeros(shape, np.uint8), None
         # an already skull-stripped image's probability is 0/1: any threshold gives its non-zero region
         level = 0.5 if prediction.stripped_input else threshold
         found = None if prediction.block is None else geometry.voxel_box(
@@ -297,9 +299,12 @@ class Skullstripper:
             grow = int(np.ceil(max(border_mm, 0.0) / voxel_mm.min())) + 1
             block = tuple(slice(max(0, s.start + lo - grow), min(n, s.start + hi + 1 + grow))
                           for s, lo, hi, n in zip(prediction.block, *found, shape))
-            mask[block] = clean_mask(prediction.probability[block], threshold=level, border_mm=border_mm,
-                                     voxel_mm=voxel_mm)
+            core = clean_mask(prediction.probability[block], threshold=level, voxel_mm=voxel_mm)
+            mask[block] = with_border(core, border_mm, voxel_mm)
+            if border_mm:
+                before_border = np.zeros(shape, np.uint8)
+                before_border[block] = core
         timings["post_native"] = time.perf_counter() - t
         timings["postprocess"] = timings.get("post_model_grid", 0.0) + timings["post_native"]
         return SkullstripResult(mask, prediction.probability, timings, list(prediction.warnings),
-                                prediction.view_disagreement)
+                                prediction.view_disagreement, before_border)
