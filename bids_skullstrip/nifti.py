@@ -154,6 +154,9 @@ def load_image(path):
     if shape is None and len(img.shape) >= 4:
         raise InputError(f"{path}: {len(img.shape)}D image of shape {tuple(img.shape)} with "
                          f"{math.prod(img.shape[3:])} volumes; a structural image must be a single 3D volume")
+    if shape is not None and len(shape) == 3 and sorted(shape)[:2] != [1, 1] and min(shape) == 1:
+        raise InputError(f"{path}: image of shape {tuple(img.shape)} is a single slice; a 3D volume of the head is "
+                         "needed")
     if shape is None or min(shape) < 2:
         raise InputError(f"{path}: image of shape {tuple(img.shape)} is not a 3D volume")
     if math.prod(shape) > MAX_VOXELS:

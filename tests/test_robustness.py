@@ -8,6 +8,7 @@ import datetime
 import gzip
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -1090,6 +1091,18 @@ def test_images_in_the_wrong_format_say_what_to_do(name, writer, problem, tmp_pa
         load_image(path)
     message = str(err.value)
     assert message.startswith(f"{path}: ") and problem in message and "\n" not in message, message
+
+
+@pytest.mark.parametrize("shape, problem", [((64, 64, 1), "is a single slice; a 3D volume of the head is needed"),
+                                            ((1, 64, 64), "is a single slice"), ((64, 64), "is not a 3D volume"),
+                                            ((1, 1, 64), "is not a 3D volume")])
+def test_images_that_are_not_volumes_say_what_they_are(shape, problem, tmp_path):
+    from bids_skullstrip.nifti import InputError
+
+    path = tmp_path / "T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.ones(shape, np.float32), np.eye(4)), path)
+    with pytest.raises(InputError, match=re.escape(f"{path}: image of shape {shape} {problem}")):
+        load_image(path)
 
 
 def test_skullstrip_cli_names_a_pipe_and_an_output_given_twice(tmp_path):
