@@ -413,6 +413,13 @@ def test_group_report_of_some_participants_only(tmp_path):
             assert [r["participant_id"] for r in csv.DictReader(fh, delimiter="\t")] == ["sub-02"]
     with pytest.raises(ReportError, match="participant"):
         write_group_report(tmp_path, participants=["09"])
+    # the FLAIR outputs deleted: the group level of the whole folder removes their report (0.2.0 left it, describing
+    # images that are gone); of some participants, it leaves the others' reports alone
+    next(tmp_path.glob("sub-02/anat/*FLAIR*metrics.json")).unlink()
+    write_group_report(tmp_path, participants=["sub-01"], thumbnails=False)
+    assert (tmp_path / "group_FLAIR.tsv").is_file()
+    assert sorted(p.name for p in write_group_report(tmp_path, thumbnails=False)) == ["group_T1w.html", "group_T1w.tsv"]
+    assert not (tmp_path / "group_FLAIR.tsv").exists() and not (tmp_path / "group_FLAIR.html").exists()
 
 
 def test_each_contrast_is_judged_and_shown_by_its_own_limits(tmp_path):

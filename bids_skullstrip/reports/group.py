@@ -218,11 +218,24 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
     """
     from ..discovery import strip_prefix
 
+    from ..discovery import CONTRASTS
+
     output_dir = Path(output_dir)
     wanted = {strip_prefix(p, "sub-") for p in participants or ()}
     written = []
-    for suffix, records in _records(output_dir, wanted).items():
+    found = _records(output_dir, wanted)
+    for suffix, records in found.items():
         written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails)
+    if not wanted:  # the whole folder: a contrast whose outputs are all gone keeps no report of them
+        for suffix in (c for c in CONTRASTS if c not in found):
+            stale = [p for p in (output_dir / f"group_{suffix}.tsv", output_dir / f"group_{suffix}.html",
+                                 output_dir / FIG_DIR / f"group_{suffix}_distributions.svg") if p.is_file()]
+            for path in stale:
+                path.unlink()
+            if stale:
+                logging.getLogger("bids_skullstrip").warning(
+                    "removed the group report of %s (%s): no %s outputs are left", suffix,
+                    ", ".join(p.name for p in stale), suffix)
     return written
 
 
