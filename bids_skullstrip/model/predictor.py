@@ -194,7 +194,7 @@ class Skullstripper:
             warnings.append(f"the background is not about 0 (air at intensity {offset:.4g}): every voxel was moved by "
                             f"{-offset:+.4g} before the networks")
         prediction = self._predict(data, affine, shape, warnings)
-        if (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:
+        if self.card is not None and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:  # not stand-ins
             prediction = self._upright(data, affine, shape, prediction)
         if may_be_skull_stripped(data, voxel_sizes(affine)) and is_skull_stripped(data, prediction.probability):
             return Prediction((data != 0).astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
