@@ -106,6 +106,11 @@ HINTS = {
 # bright as brain (the neck, the face): for such a mask these flags get the hint that names the cause.
 TOO_LARGE = (("brain_volume_ml", "high"), ("extent_major_mm", "high"))
 TOO_LARGE_HINT = "mask too large: it runs beyond the brain (into the neck or face?)"
+# ... unless it keeps a brain's proportions and compactness (a mask into the neck is elongated): then a brain
+# larger than brains are, which is what voxel sizes too large in the header make of a good mask (x1.25-2: extent
+# ratio 0.71-0.75, sphericity 0.84-0.89, as the same head's 0.71 and 0.90)
+BRAIN_SHAPED = {"extent_ratio": 0.65, "sphericity": 0.80}
+SCALED_HINT = "a brain-shaped mask larger than brains are: are the voxel sizes in the header right?"
 EXPLAINED_BY_TOO_LARGE = {("extent_ratio", "low"), ("sphericity", "low"), ("outside_brainlike_fraction", "high"),
                           ("outside_brainlike_max", "high"), ("brain_volume_ml", "high"),
                           ("extent_major_mm", "high")}
@@ -460,8 +465,10 @@ def flag_image(measures, contrast="T1w"):
     limits = limits_for(contrast)
     outside = _outside(measures, limits)
     too_large = any(outside.get(key, (None, None))[1] == side for key, side in TOO_LARGE)
+    brain_shaped = all(_as_float(measures.get(key)) >= low for key, low in BRAIN_SHAPED.items())
+    large_hint = SCALED_HINT if brain_shaped else TOO_LARGE_HINT
     return [_finding(key, v, side, limits,
-                     TOO_LARGE_HINT if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side)))
+                     large_hint if too_large and (key, side) in EXPLAINED_BY_TOO_LARGE else HINTS.get((key, side)))
             for key, (v, side) in outside.items()]
 
 
