@@ -497,9 +497,14 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     assert res.returncode == 0 and "1 processed in this run" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
     assert mask.is_file() and json.loads(metrics.read_text())["settings"]["border_mm"] == 3.0
     mask.write_bytes(b"garbage")  # --overwrite rewrites every output
-    res = app(*args, "--threshold", "0.3", "--border", "3", "--overwrite")
+    res = app(*args, "--threshold", "0.3", "--border", "3", "--overwrite", "--save-probseg")
     assert res.returncode == 0 and "1 processed in this run" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
     assert int((np.asanyarray(nib.load(mask).dataobj) > 0).sum()) > volume
+    probseg = anat / "sub-01_label-brain_probseg.nii.gz"
+    assert probseg.is_file() and probseg.with_name("sub-01_label-brain_probseg.json").is_file()
+    # redone without --save-probseg: the earlier probability map goes (0.2.0 kept it beside the new mask)
+    assert app(*args, "--overwrite").returncode == 0
+    assert not probseg.exists() and not probseg.with_name("sub-01_label-brain_probseg.json").exists()
 
 
 # ------------------------------------------------------------------------------- DataLad datasets

@@ -63,6 +63,12 @@ class DerivativesSink(SimpleInterface):
         out_dir = Path(self.inputs.output_dir)
         reference = nib.load(self.inputs.source_file)
         outputs.unmark_finished(out_dir, image)
+        # an output an earlier run wrote and this one does not (a probseg, made with --save-probseg): it would
+        # contradict the new mask
+        for kind in set(outputs.OUTPUTS) - set(outputs.required_kinds(self.inputs.save_probseg)):
+            stale = outputs.derivative_path(out_dir, image, kind)
+            for path in (stale, outputs.sidecar_path(stale)):
+                path.unlink(missing_ok=True)
         written = []
         for kind in outputs.required_kinds(self.inputs.save_probseg):
             if kind == "metrics":
