@@ -486,6 +486,11 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     assert json.loads((anat / "sub-01_desc-brain_mask.json").read_text())["Threshold"] == 0.3
     assert json.loads(metrics.read_text())["settings"]["border_mm"] == 3.0
     assert "grown by 3 mm" in (out / "logs" / "CITATION.md").read_text()
+    assert "Of the networks' mask before its 3 mm border" in (out / "sub-01.html").read_text()
+    assert app(bids, out, "group").returncode == 0  # one brain volume in the table and the TSV: the output's
+    recorded_ml = json.loads(metrics.read_text())["brain_volume_ml"]
+    assert recorded_ml > json.loads(metrics.read_text())["qc"]["brain_volume_ml"]
+    assert f'data-v="{recorded_ml}"' in (out / "group_T1w.html").read_text()
     assert int((np.asanyarray(nib.load(mask).dataobj) > 0).sum()) > volume
     mtime = mask.stat().st_mtime_ns
     again = app(*args, "--threshold", "0.3", "--border", "3")
