@@ -423,6 +423,16 @@ class Run:
             raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
         check_writable((self.config.output_dir, "output folder"))  # the group tables and reports go there
         self.remove_stale_temporaries()
+        config = self.config
+        ignored = [option for option, given in (
+            ("--session-label", config.session_label), ("--contrasts", config.contrasts != ("T1w",)),
+            ("--threshold", config.threshold is not None), ("--border", config.border_mm),
+            ("--save-probseg", config.save_probseg), ("--bids-filter-file", config.bids_filter_file),
+            ("--overwrite", config.overwrite), ("--reports-only", config.reports_only),
+            ("--boilerplate-only", config.boilerplate_only)) if given]
+        if ignored:
+            log.warning("warning: the group level uses only --participant-label of the selection options: %s "
+                        "ignored (it reports every image the participant level made)", ", ".join(ignored))
         try:
             paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
         except OSError as exc:  # a full disk, a quota: one line (was: "error: OSError: ..." naming no file)

@@ -188,11 +188,19 @@ def test_group_level(sample_run):
 
 def test_group_level_of_some_participants(sample_run):
     out = sample_run["out"]
-    res = app(SAMPLE, out, "group", "--participant-label", "02")
+    res = app(SAMPLE, out, "group", "--participant-label", "02", "--session-label", "1", "--threshold", "0.3")
     assert res.returncode == 0, res.stderr
     with (out / "group_T1w.tsv").open() as fh:
         assert [r["participant_id"] for r in csv.DictReader(fh, delimiter="\t")] == ["sub-02"]
+    # the subset is said, in the report and on the console; options the group level does not use are named
+    # (0.2.0: the whole-dataset report replaced by sub-02's in silence, --session-label ignored in silence)
+    said = res.stdout + res.stderr
+    assert "the group reports hold participant(s) 02 only (--participant-label)" in said, said
+    assert "--session-label, --threshold ignored" in said, said
+    assert "(--participant-label 02\n    only: the other participants are not in this report)" in (
+        out / "group_T1w.html").read_text()
     assert app(SAMPLE, out, "group").returncode == 0  # everyone again, for the other checks
+    assert "only: the other participants" not in (out / "group_T1w.html").read_text()
 
 
 def test_rerun_skips_finished_images(sample_run):

@@ -225,7 +225,10 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
     written = []
     found = _records(output_dir, wanted)
     for suffix, records in found.items():
-        written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails)
+        written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails, selection=sorted(wanted))
+    if wanted:
+        log.warning("the group reports hold participant(s) %s only (--participant-label): the others' images are "
+                    "not in them; run the group level without it for the whole dataset", ", ".join(sorted(wanted)))
     if not wanted:  # the whole folder: a contrast whose outputs are all gone keeps no report of them
         for suffix in (c for c in CONTRASTS if c not in found):
             stale = [p for p in (output_dir / f"group_{suffix}.tsv", output_dir / f"group_{suffix}.html",
@@ -233,13 +236,13 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
             for path in stale:
                 path.unlink()
             if stale:
-                logging.getLogger("bids_skullstrip").warning(
+                log.warning(
                     "removed the group report of %s (%s): no %s outputs are left", suffix,
                     ", ".join(p.name for p in stale), suffix)
     return written
 
 
-def _write_contrast(output_dir, suffix, records, *, thumbnails):
+def _write_contrast(output_dir, suffix, records, *, thumbnails, selection=()):
     fig_dir = output_dir / FIG_DIR
     name = f"group_{suffix}"
     tsv_path = write_tsv(records, output_dir / f"{name}.tsv")
@@ -272,6 +275,7 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails):
         n_noted=sum(1 for r in records if r["notes"]),
         n_failed=sum(1 for r in records if r["_status"] == "failed"),
         n_participants=len({r["_participant"] for r in records}),
+        selection=selection,
         group_z=sum(r["_status"] == "processed" for r in records) >= qcmod.GROUP_MIN_IMAGES,
         min_group=qcmod.GROUP_MIN_IMAGES,
         dist_url=rel_url(dist, output_dir),
