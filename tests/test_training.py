@@ -323,6 +323,8 @@ def test_fine_tune_resume_and_export(tmp_path):
     # the 2-step schedule froze (and averaged) its step 2, the 3-step one its step 3
     assert card["training"]["segmenter"]["averaged_steps"] == 2
     assert weights.stat().st_size + locator.stat().st_size < 10 * 2**20
+    # with the ONNX exports, which inference without TensorFlow runs (0.2.0: the .h5 files only)
+    assert sorted(p.name for p in (out / "final").glob("*.onnx")) == ["locator.onnx", "unet.onnx"]
     assert card["sha256"] and len(card["sha256"]) == 64 and len(card["locator"]["sha256"]) == 64
     # the export loads as the two networks inference uses
     from bids_skullstrip.model.inference import BrainNetworks, load_model
@@ -576,3 +578,109 @@ def test_train_arguments_are_judged_before_anything_is_made_or_loaded(argv, mess
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(tmp=tmp_path) in err[0], err
     assert not (tmp_path / "out").exists()  # train.log and the folder were made before
+
+
+# ------------------------------------------------------------------------------- a user's own labelled data
+def test_a_users_labelled_folder_is_read_as_the_readme_says_and_its_gaps_are_named(tmp_path, caplog):
+    """NFBS names its masks <stem>_T1w_brainmask (the README's example found no pair); an image without a mask is
+    named (it was dropped in silence); two masks for one image are an error (the first by name was taken); the
+    same stem at two sites gets two names (one cached label map served both)."""
+    from bids_skullstrip.training.data import find_labelled_heads
+
+    data = tmp_path / "nfbs"
+    image, mask = _small_head("ds000011-sub-02", data / "siteA", "nfbs")
+    mask.rename(mask.with_name(image.name.replace("_T1w.nii.gz", "_T1w_brainmask.nii.gz")))
+    _small_head("ds000011-sub-02", data / "siteB", "nfbs")
+    other, other_mask = _small_head("ds000011-sub-03", data / "siteB", "nfbs")
+    other_mask.unlink()
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        heads = find_labelled_heads(data)
+    assert sorted(h.name for h in heads) == ["siteA_ds000011-sub-02_ds000011-sub-02",
+                                             "siteB_ds000011-sub-02_ds000011-sub-02"]
+    assert f"1 image(s) without a brain mask skipped: {other}" in caplog.text
+    (image.parent / "ds000011-sub-02_mask.nii.gz").write_bytes(b"")  # a second candidate
+    with pytest.raises(ValueError, match="2 brain masks could be its own"):
+        find_labelled_heads(data)
+    with pytest.raises(ValueError, match=r"1 \*_T1w image\(s\) but no brain mask beside any"):
+        find_labelled_heads(data / "siteB" / "ds000011-sub-03")
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda m, a: (m.astype(np.float32) * 0.9, a), None),  # 0 and one value: fine
+    (lambda m, a: (m * 255, a), None),
+    (lambda m, a: (ndi.gaussian_filter(m.astype(np.float32), 1), a), "not a binary brain mask"),
+    (lambda m, a: (m + (ndi.binary_dilation(m, iterations=2) & ~m.astype(bool)) * 2, a), "not a binary brain mask"),
+    (lambda m, a: (1 - m, a), "covers .* of the field of view: inverted"),
+    (lambda m, a: (np.zeros_like(m), a), "empty"),
+    (lambda m, a: (m[::-1], a @ np.diag([-1.0, 1, 1, 1])), "affine differs from its image's"),
+    (lambda m, a: (m[::2, ::2, ::2], a), "shape .* differs from its image's"),
+])
+def test_a_mask_that_is_no_brain_mask_of_its_image_is_refused_in_one_line(change, problem, tmp_path):
+    """Read as mask > 0, such masks trained networks that were silently wrong (a probability map: 3.4x the brain,
+    training Dice 0.48; an inverted mask: 0.01; a mask in another voxel order: flipped labels)."""
+    from bids_skullstrip.training.data import LabelledHead, check_pair
+
+    image, mask_path = _small_head("ds000011-sub-02", tmp_path, "nfbs")
+    mask = nib.load(str(mask_path))
+    data, affine = change(np.asarray(mask.dataobj), mask.affine)
+    data = np.asarray(data)
+    nib.save(nib.Nifti1Image(data.astype(np.int16) if data.dtype.kind in "iu" else data, affine), str(mask_path))
+    head = LabelledHead("x", image, mask_path)
+    if problem is None:
+        check_pair(head)
+    else:
+        with pytest.raises(ValueError, match=problem) as err:
+            check_pair(head)
+        assert str(err.value).startswith(f"{mask_path}: ") and "\n" not in str(err.value)
+
+
+def test_recipe_steps_are_checked_as_the_command_line_checks_its_options(tmp_path):
+    from bids_skullstrip.training.recipe import Step, check_recipe, load_recipe
+
+    for options, problem in (({"steps": -3}, "steps -3: must be a whole number"),
+                             ({"labels_prob": 1.5}, "labels_prob 1.5: must be between 0 and 1"),
+                             ({"lr": 1e-4}, "unknown option 'lr'"),
+                             ({"steps": "4"}, 'steps "4": must be a whole number'),
+                             ({"thickness_mm": [7, 3]}, "thickness_mm .7, 3.: must be two numbers")):
+        with pytest.raises(ValueError, match=problem):
+            check_recipe((Step("a", options=options),))
+    with pytest.raises(ValueError, match="a name is a folder name"):
+        check_recipe((Step("a/../../x"),))
+    (tmp_path / "r.json").write_text("[4]")
+    with pytest.raises(ValueError, match="a step is a JSON object"):
+        load_recipe(tmp_path / "r.json")
+
+
+def test_a_run_folder_holding_another_runs_checkpoints_is_refused(tmp_path):
+    """Resumed, another run's checkpoints made a model of neither run whose card described the new one (other
+    starting weights; other training heads and the same options: "done before", the old model returned)."""
+    from bids_skullstrip.training.data import LabelledHead
+    from bids_skullstrip.training.recipe import Step, _check_same_run
+
+    heads = [LabelledHead("a", tmp_path / "a_T1w.nii.gz", tmp_path / "a_brainmask.nii.gz")]
+    folder = tmp_path / "run" / "fine-tune"
+    _check_same_run(folder, Step("fine-tune", init="bundled", options={"steps": 4}), heads)  # records it
+    _check_same_run(folder, Step("fine-tune", init="bundled", options={"steps": 4, "until": 2}), heads)
+    _check_same_run(folder, Step("fine-tune", init="bundled", options={"steps": 8}), heads)  # longer: goes on
+    with pytest.raises(ValueError, match=r"holds a run with other settings \(init \"bundled\" -> \"w.h5\"\)"):
+        _check_same_run(folder, Step("fine-tune", init="w.h5", options={"steps": 8}), heads)
+    with pytest.raises(ValueError, match=r"training heads \(1 -> 2, not the same\)"):
+        _check_same_run(folder, Step("fine-tune", init="bundled", options={"steps": 8}), heads * 2)
+
+
+def test_training_and_eval_commands_refuse_files_that_are_no_weights_in_one_line(tmp_path, capsys):
+    from bids_skullstrip.cli.evaluate import main as evaluate
+    from bids_skullstrip.cli.train import main as train
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    bad = tmp_path / "bad.weights.h5"
+    bad.write_text("not weights")
+    assert train([str(data), str(tmp_path / "out"), "--init-weights", str(bad), "--steps", "2"]) == 2
+    assert train([str(data), str(tmp_path / "out"), "--recipe", "t1w", "--steps", "2"]) == 2
+    assert evaluate([str(data), "--weights", str(bad)]) == 2
+    said = capsys.readouterr().err.strip().splitlines()
+    assert said[0] == f"bids_skullstrip-train: error: --init-weights {bad}: not a Keras weights file (*.weights.h5, HDF5)"
+    assert said[1].startswith("bids_skullstrip-train: error: --recipe t1w and --steps: a recipe gives")
+    assert said[2] == f"bids_skullstrip-eval: error: --weights {bad}: not a Keras weights file (*.weights.h5, HDF5)"
+    assert not (tmp_path / "out").exists()

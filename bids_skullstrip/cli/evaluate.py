@@ -15,7 +15,7 @@ import numpy as np
 from ..nifti import InputError
 from ..postproc import check_threshold
 from ..metrics import score_heads
-from ..training.data import find_labelled_heads
+from ..training.data import check_pair, find_labelled_heads
 
 COLUMNS = ["name", "dice", "iou", "hd95_mm", "volume_ml", "reference_volume_ml", "volume_diff_pct", "seconds"]
 
@@ -81,11 +81,21 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         check_threshold(args.threshold)
+        if args.weights and Path(args.weights).is_file() and str(args.weights).endswith(".h5"):
+            from .train import check_weights_file
+
+            check_weights_file(args.weights, "--weights")
         if not Path(args.data).is_dir():
             raise InputError(f"{args.data}: data folder not found")
         heads = find_labelled_heads(args.data, split=args.split)
         if not heads:
             raise InputError(f"{args.data}: no image/mask pairs found")
+        for head in heads:  # a reference that is no brain mask of its image scores nothing (Dice 0.46, exit 0)
+            check_pair(head)
+        if args.csv and not Path(args.csv).resolve().parent.is_dir():
+            raise InputError(f"--csv {args.csv}: folder not found")
+        if args.predictions and not Path(args.predictions).is_dir():
+            raise InputError(f"--predictions {args.predictions}: folder not found")
         rows = evaluate(heads, predictions=args.predictions, weights=args.weights, threshold=args.threshold)
     except (InputError, ValueError, KeyError, FileNotFoundError) as exc:
         print(f"bids_skullstrip-eval: error: {exc}", file=sys.stderr)

@@ -113,6 +113,13 @@ def main(argv=None):
         log.addHandler(handler)
     try:
         return _train(args, out, recipe)
+    except KeyboardInterrupt:
+        print(f"bids_skullstrip-train: interrupted; rerun the same command to resume from the last checkpoint ({out})",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:  # a full disk, a quota: the checkpoints written so far stay, a rerun resumes
+        name = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        return _error(f"{name}{exc.strerror or exc} (in {out}; rerun the same command to resume once it is fixed)")
     finally:
         for handler in handlers:
             log.removeHandler(handler)
@@ -135,6 +142,22 @@ def _check(args):
         value = getattr(args, name, None)
         if value is not None and not 0.0 <= value <= 1.0:
             raise ValueError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
+    for option, files in (("--init-weights", [getattr(args, "init_weights", None)]),
+                          ("--average", getattr(args, "average", None) or [])):
+        for path in files:
+            check_weights_file(path, option)
+
+
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_weights_file(path, option):
+    """A ValueError where ``path`` (given to ``option``) is there but is no Keras weights file (HDF5): h5py's own
+    error names no file ("file signature not found")."""
+    if path is not None and Path(path).is_file():
+        with open(path, "rb") as fh:
+            if fh.read(8) != HDF5_SIGNATURE:
+                raise ValueError(f"{option} {path}: not a Keras weights file (*.weights.h5, HDF5)")
 
 
 def _train(args, out, recipe):
@@ -163,7 +186,9 @@ def _train(args, out, recipe):
                                    left_out=tuple(args.leave_out), precision=args.precision)
     except (ValueError, FileNotFoundError) as err:  # a bad recipe, or exports that cannot be averaged
         return _error(str(err))
-    print(f"weights written to {final.parent}" if final else f"stopped before the end; rerun to continue ({out})")
+    stopped = "--export-only" if getattr(args, "export_only", False) else "--until"
+    print(f"weights written to {final.parent}" if final else
+          f"stopped before the end ({stopped}); rerun without {stopped} to continue ({out})")
     return 0
 
 
@@ -178,6 +203,9 @@ def _recipe(args):
         return (Step("mean", average=tuple(map(str, args.average)),
                      shares=None if args.shares is None else tuple(args.shares)),)
     given = {k: v for k, v in vars(args).items() if k in STEP_OPTIONS}
+    if given and getattr(args, "recipe", None) is not None:
+        raise ValueError(f"--recipe {args.recipe} and {', '.join('--' + k.replace('_', '-') for k in given)}: a recipe "
+                         "gives its steps' options itself; give one or the other")
     if not given:
         recipe = getattr(args, "recipe", None)
         if recipe is not None and recipe not in RECIPES and not Path(recipe).is_file():

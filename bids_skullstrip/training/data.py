@@ -1,6 +1,7 @@
 """Finding and loading labelled heads (image + brain mask) for training and evaluation."""
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from ..geometry import MODEL_VOXEL_MM, antialias, block_reduce
+
+log = logging.getLogger("bids_skullstrip")
 
 
 @dataclass
@@ -34,7 +37,8 @@ def find_labelled_heads(root, *, split=None):
 
     - this project's shared layout: ``heads/<id>/T1w.nii.gz`` + ``mask_silver.nii.gz`` (``splits.json``
       selects ``split``; ``split="contrasts"`` gives its ``contrasts/<id>/`` images, with their field of view);
-    - NFBS-like folders: ``*_T1w.nii[.gz]`` beside ``*_brainmask.nii[.gz]`` (or ``*_mask``);
+    - NFBS-like folders: ``<stem>_T1w.nii[.gz]`` beside ``<stem>_brainmask``, ``<stem>_T1w_brainmask`` (NFBS) or
+      ``<stem>_mask`` (.nii or .nii.gz);
     - BIDS derivatives: ``*_T1w.nii[.gz]`` with ``*_desc-brain_mask.nii[.gz]`` of the same entities.
     """
     root = Path(root)
@@ -51,21 +55,71 @@ def find_labelled_heads(root, *, split=None):
             names = splits[split]
         return [LabelledHead(n, heads_dir / n / "T1w.nii.gz", heads_dir / n / "mask_silver.nii.gz")
                 for n in names]
-    pairs = []
+    if split is not None:
+        raise ValueError(f"{root}: splits are only defined for the heads/ + splits.json layout")
+    pairs, unlabelled = [], []
     for image in sorted(root.rglob("*_T1w.nii*")):
         if "desc-brain_T1w" in image.name or "desc-preproc" in image.name:
             continue
         stem = image.name.split("_T1w.nii")[0]
-        suffix = image.name[len(stem) + len("_T1w"):]
-        candidates = [image.with_name(f"{stem}_{label}{suffix}")
-                      for label in ("brainmask", "mask", "desc-brain_mask")]
-        candidates += sorted(root.rglob(f"{stem}_desc-brain_mask.nii*"))
-        mask = next((c for c in candidates if c.exists()), None)
-        if mask is not None:
-            pairs.append(LabelledHead(stem, image, mask))
-    if split is not None:
-        raise ValueError(f"{root}: splits are only defined for the heads/ + splits.json layout")
+        beside = [image.with_name(f"{stem}_{label}{ext}") for label in MASK_NAMES for ext in (".nii.gz", ".nii")]
+        derived = sorted(root.rglob(f"{stem}_desc-brain_mask.nii*"))  # BIDS derivatives, anywhere under root
+        found = [c for c in beside if c.exists()] or derived
+        if len(found) > 1:
+            raise ValueError(f"{image}: {len(found)} brain masks could be its own ({', '.join(map(str, found[:3]))}): "
+                             "keep one")
+        if found:
+            pairs.append(LabelledHead(stem, image, found[0]))
+        else:
+            unlabelled.append(image)
+    if unlabelled and pairs:
+        log.warning("%d image(s) without a brain mask skipped: %s (a mask is named <image stem>_%s)", len(unlabelled),
+                    ", ".join(str(p) for p in unlabelled[:3]) + (" ..." if len(unlabelled) > 3 else ""),
+                    "/_".join(MASK_NAMES))
+    if unlabelled and not pairs:
+        raise ValueError(f"{root}: {len(unlabelled)} *_T1w image(s) but no brain mask beside any (looked for "
+                         f"<stem>_{', <stem>_'.join(MASK_NAMES)}, .nii or .nii.gz, e.g. for {unlabelled[0].name})")
+    names = [h.name for h in pairs]
+    if len(set(names)) < len(names):  # sub-01 of two sites: each its own name (its tissue labels are cached by it)
+        pairs = [LabelledHead("_".join(h.image.relative_to(root).parent.parts + (h.name,)), h.image, h.mask)
+                 for h in pairs]
     return pairs
+
+
+# The names of a brain mask beside ``<stem>_T1w.nii[.gz]``: NFBS's ``<stem>_T1w_brainmask`` among them
+MASK_NAMES = ("brainmask", "T1w_brainmask", "mask", "desc-brain_mask")
+
+
+def check_pair(head):
+    """A ValueError naming the file and the problem where ``head``'s mask cannot be its image's brain mask: another
+    grid, not binary, empty or covering most of the field of view (inverted?); or where the image is not one 3D
+    volume. Read as training reads them (``mask > 0``), such masks trained networks that were silently wrong."""
+    img, msk = nib.load(str(head.image)), nib.load(str(head.mask))
+    shape, mshape = _volume_shape(img, head.image), _volume_shape(msk, head.mask)
+    if shape != mshape:
+        raise ValueError(f"{head.mask}: shape {'x'.join(map(str, mshape))} differs from its image's "
+                         f"{'x'.join(map(str, shape))} ({head.image}): resample it onto the image's grid")
+    if not np.allclose(img.affine, msk.affine, atol=1e-3):
+        raise ValueError(f"{head.mask}: its voxel-to-world affine differs from its image's ({head.image}): "
+                         "resample it onto the image's grid")
+    values = np.unique(np.asarray(msk.dataobj))
+    if values.size > 2 or values.min() < 0 or (values.size == 2 and values.min() != 0):
+        shown = ", ".join(f"{v:g}" for v in values[:4]) + (", ..." if values.size > 4 else "")
+        raise ValueError(f"{head.mask}: not a binary brain mask (values {shown}): 0 outside the brain, one value "
+                         "inside")
+    inside = np.count_nonzero(np.asarray(msk.dataobj)) / float(np.prod(shape))
+    if inside == 0 or inside > 0.5:
+        raise ValueError(f"{head.mask}: " + ("empty" if inside == 0 else
+                         f"covers {100 * inside:.0f} % of the field of view: inverted?"))
+
+
+def _volume_shape(img, path):
+    shape = tuple(int(n) for n in img.shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise ValueError(f"{path}: image of shape {'x'.join(map(str, img.shape))}: one 3D volume is needed")
+    return shape
 
 
 def find_brains(root):
@@ -118,7 +172,7 @@ def _world_extent(mask, affine):
 
 def _load_3d(path):
     img = nib.load(str(path))
-    data = np.asarray(img.dataobj, dtype=np.float32)
+    data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
     return (data[..., 0] if data.ndim == 4 else data), img.affine
 
 
@@ -148,7 +202,9 @@ class TrainingHead:
 
     @classmethod
     def load(cls, head: LabelledHead, voxel_mm=MODEL_VOXEL_MM, *, labels_cache=None):
-        """``labels_cache``: a folder; also derive the head's tissue label map (once: kept there)."""
+        """``labels_cache``: a folder; also derive the head's tissue label map (once: kept there). A ValueError
+        naming the file where the pair cannot be trained on (``check_pair``)."""
+        check_pair(head)
         data, affine = _load_3d(head.image)
         mask = (np.asarray(nib.load(str(head.mask)).dataobj) > 0).astype(np.float32)
         loaded = cls._from_arrays(head.name, data, mask, affine, voxel_mm)

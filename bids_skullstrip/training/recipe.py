@@ -8,12 +8,13 @@ command after a stop continues where it stopped. The last step's export is what 
 
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE
-from ..nifti import atomic_write_text
+from ..nifti import atomic_file, atomic_write_text
 
 log = logging.getLogger("bids_skullstrip.train")
 
@@ -34,6 +35,9 @@ class Step:
 
     @classmethod
     def from_dict(cls, spec):
+        if not isinstance(spec, dict) or not isinstance(spec.get("options", {}), dict):
+            raise ValueError(f"recipe step {json.dumps(spec)}: a step is a JSON object with a name (and options as an "
+                             "object)")
         unknown = set(spec) - {"name", "init", "average", "shares", "options"}
         if unknown or "name" not in spec:
             raise ValueError(f"recipe step {spec}: needs a name; unknown keys {sorted(unknown)}")
@@ -78,12 +82,44 @@ def load_recipe(path):
     return tuple(Step.from_dict(spec) for spec in specs)
 
 
+# A training step's options, as the command line gives them (``train.train``'s keywords): (type, lowest, highest)
+COUNTS, FRACTIONS = ("steps", "locator_steps", "until"), (
+    "synth_prob", "labels_prob", "thick_prob", "fine_bias_prob", "mass_prob", "enhance_prob", "composite_prob",
+    "frozen_bn_fraction", "hard_head_fraction")
+PAIRS = ("thickness_mm", "composite_size")
+OPTIONS = (*COUNTS, *FRACTIONS, *PAIRS, "seed", "peak_lr")
+
+
+def check_options(options, where):
+    """A ValueError naming ``where`` and the first option of a training step that the step could not run with."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key, value in options.items():
+        if key not in OPTIONS:
+            raise ValueError(f"{where}: unknown option {key!r} (one of {', '.join(OPTIONS)})")
+        bad = ((key in COUNTS or key == "seed") and not (isinstance(value, int) and not isinstance(value, bool)
+                                                          and value >= 0)
+               or key in FRACTIONS and not (number(value) and 0.0 <= value <= 1.0)
+               or key == "peak_lr" and not (number(value) and value > 0)
+               or key in PAIRS and not (isinstance(value, (list, tuple)) and len(value) == 2
+                                        and all(number(v) and v > 0 for v in value) and value[0] <= value[1]))
+        if bad:
+            wanted = ("a whole number, 0 or more" if key in COUNTS or key == "seed" else "between 0 and 1"
+                      if key in FRACTIONS else "above 0" if key == "peak_lr" else "two numbers, low and high, above 0")
+            raise ValueError(f"{where}: {key} {json.dumps(value)}: must be {wanted}")
+
+
 def check_recipe(recipe):
-    """Raise ValueError naming the first step that refers to a step not before it, or repeats a name."""
+    """Raise ValueError naming the first step that refers to a step not before it, repeats a name, has a name that
+    is no folder name, or an option it could not run with."""
     seen = set()
     for step in recipe:
         if step.name in seen or step.name == "final":
             raise ValueError(f"recipe step {step.name!r}: names must be unique and not 'final'")
+        if not isinstance(step.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", step.name):
+            raise ValueError(f"recipe step {step.name!r}: a name is a folder name (letters, digits, - _ .)")
+        check_options(step.options, f"recipe step {step.name!r}")
         for ref in ([step.init] if step.init else []) + list(step.average):
             if ref != BUNDLED and ref not in seen and not Path(ref).is_file():
                 raise ValueError(f"recipe step {step.name!r}: {ref!r} is neither an earlier step nor a weights file")
@@ -102,7 +138,7 @@ def estimate_hours(recipe, *, segmenter_s, locator_s, export_s=120.0):
 
 def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
     """Run (or resume) every step of ``recipe`` into ``out_dir/<step>/`` (a step done with the same spec before is
-    skipped; a changed one resumes from its checkpoints); the last step's export is copied to
+    skipped; a folder that holds a run of other settings is a ValueError); the last step's export is copied to
     ``out_dir/final/`` with the recipe recorded in its ``model.json``. ``common``: keyword arguments of
     ``train.train`` shared by every training step (brains, threads, precision, checkpoint_every, ...). Returns the
     final segmenter weights file, or None if a step stopped before its end (``until``, ``export_only``)."""
@@ -120,7 +156,8 @@ def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
     last = None
     for step in recipe:
         folder = out_dir / step.name
-        done = folder / "step.json"  # written when the step's export is complete: a changed step runs again
+        _check_same_run(folder, step, train_heads)
+        done = folder / "step.json"  # written when the step's export is complete
         if done.exists() and json.loads(done.read_text()) == _as_json(step):
             log.info("recipe step %s: done before (%s)", step.name, folder / "final")
             last = folder / "final" / WEIGHTS_FILE.name
@@ -142,8 +179,11 @@ def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
     if (final / "model.json").exists() and json.loads((final / "model.json").read_text())["sha256"] == card["sha256"]:
         return final / WEIGHTS_FILE.name
     final.mkdir(exist_ok=True)
-    for name in (WEIGHTS_FILE.name, LOCATOR_FILE_NAME):
-        shutil.copyfile(last.with_name(name), final / name)
+    (final / "model.json").unlink(missing_ok=True)  # the card last: a folder without one is not an export yet
+    # the weights and their ONNX exports (what inference runs without TensorFlow), each whole or not there
+    for name in (WEIGHTS_FILE.name, LOCATOR_FILE_NAME, *(p.name for p in last.parent.glob("*.onnx"))):
+        with atomic_file(final / name) as tmp:
+            shutil.copyfile(last.with_name(name), tmp)
     card["training"] = dict(card["training"], recipe=[_as_json(step) for step in recipe])
     atomic_write_text(final / "model.json", json.dumps(card, indent=2) + "\n")
     return final / WEIGHTS_FILE.name
@@ -151,3 +191,40 @@ def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
 
 def _as_json(step):
     return json.loads(json.dumps({k: v for k, v in asdict(step).items() if v not in (None, (), {})}))
+
+
+def _run_of(step, train_heads):
+    """What a step's folder holds a run of: the step (without ``until``, where a run may stop and go on) and its
+    training heads."""
+    spec = _as_json(step)
+    spec["options"] = {k: v for k, v in spec.get("options", {}).items() if k != "until"}
+    return {"step": spec, "train_heads": [str(h.image) for h in train_heads]}
+
+
+def _check_same_run(folder, step, train_heads):
+    """A ValueError where ``folder`` holds checkpoints or an export of another run (other options, starting weights
+    or training heads): resumed, they made a model of neither run whose card described the new one. The run is
+    recorded in ``run.json`` when the step starts."""
+    record, run = folder / "run.json", _run_of(step, train_heads)
+    if record.exists():
+        before = json.loads(record.read_text())
+        if before != run:
+            old, new = before["step"], run["step"]
+            changed = [f"{k} {json.dumps(old.get(k))} -> {json.dumps(new.get(k))}" for k in sorted({*old, *new})
+                       if k != "options" and old.get(k) != new.get(k)]
+            changed += [f"{k} {json.dumps(old['options'].get(k))} -> {json.dumps(new['options'].get(k))}"
+                        for k in sorted({*old.get("options", {}), *new.get("options", {})})
+                        if old.get("options", {}).get(k) != new.get("options", {}).get(k)]
+            if before["train_heads"] != run["train_heads"]:
+                changed.append(f"training heads ({len(before['train_heads'])} -> {len(run['train_heads'])}, "
+                               "not the same)")
+            if all(c.startswith("steps ") for c in changed):  # a run made longer (or shorter) goes on, and says so
+                log.warning("recipe step %s: %s: the run goes on from its checkpoints on the new schedule (its "
+                            "weights are not those of a run of that many steps from the start)", step.name, changed[0])
+                atomic_write_text(record, json.dumps(run, indent=1) + "\n")
+                return
+            raise ValueError(f"{folder}: holds a run with other settings ({'; '.join(changed)}): give another output "
+                             f"folder, or delete {folder} to run that step again")
+    elif not (folder / "step.json").exists():  # a run of an earlier version without a record resumes as before
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps(run, indent=1) + "\n")
