@@ -67,8 +67,8 @@ def default_views(voxel_mm=geometry.MODEL_VOXEL_MM):
     return View(), View(shift_mm=voxel_mm / 2, mirror=True)
 
 
-STRIPPED = "the image looks already skull-stripped (zero outside a brain-sized region that the networks find " \
-           "filled with brain): the mask is its non-zero region"
+STRIPPED = "the image looks already skull-stripped (constant outside a brain-sized region that the networks find " \
+           "filled with brain): the mask is that region"
 
 
 @dataclass
@@ -121,19 +121,25 @@ def checked_volume(data, affine):
     return data, affine, warnings
 
 
-def may_be_skull_stripped(data, voxel_mm):
-    """Zero outside a brain-sized region: a stripped brain, or a small head with zeroed air (``is_skull_stripped``)."""
-    nonzero = int(np.count_nonzero(data))
-    volume_ml = nonzero * float(np.prod(voxel_mm)) / 1000.0
-    return (1.0 - nonzero / data.size > STRIPPED_ZERO_FRACTION
-            and STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1])
+def stripped_region(data):
+    """The voxels above the image's constant background: its lowest value, where that fills more than
+    ``STRIPPED_ZERO_FRACTION`` of the field of view (0, or the 1 or 0.01 some tools write outside a brain), else None."""
+    lowest = data.min()
+    region = data != lowest
+    return region if 1.0 - np.count_nonzero(region) / data.size > STRIPPED_ZERO_FRACTION else None
 
 
-def is_skull_stripped(data, probability):
-    """Whether the networks' brain (``probability`` >= 0.5) fills the non-zero region of ``data`` as a stripped
-    brain's does, rather than the inside of a head's."""
-    nonzero = data != 0
-    return float(np.count_nonzero((probability >= 0.5) & nonzero)) >= STRIPPED_BRAIN_COVER * np.count_nonzero(nonzero)
+def may_be_skull_stripped(region, voxel_mm):
+    """Constant outside a brain-sized ``region`` (``stripped_region``): a stripped brain, or a small head whose air
+    was zeroed (``is_skull_stripped`` tells them apart)."""
+    volume_ml = int(np.count_nonzero(region)) * float(np.prod(voxel_mm)) / 1000.0
+    return STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1]
+
+
+def is_skull_stripped(region, probability):
+    """Whether the networks' brain (``probability`` >= 0.5) fills ``region`` as a stripped brain's does, rather than
+    the inside of a head's."""
+    return float(np.count_nonzero((probability >= 0.5) & region)) >= STRIPPED_BRAIN_COVER * np.count_nonzero(region)
 
 
 def locate_brain(data, affine, locator):
@@ -196,8 +202,10 @@ class Skullstripper:
         prediction = self._predict(data, affine, shape, warnings)
         if self.card is not None and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:  # not stand-ins
             prediction = self._upright(data, affine, shape, prediction)
-        if may_be_skull_stripped(data, voxel_sizes(affine)) and is_skull_stripped(data, prediction.probability):
-            return Prediction((data != 0).astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
+        region = stripped_region(data)
+        if (region is not None and may_be_skull_stripped(region, voxel_sizes(affine))
+                and is_skull_stripped(region, prediction.probability)):
+            return Prediction(region.astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
                               warnings=[*warnings, STRIPPED], stripped_input=True)
         return prediction
 
