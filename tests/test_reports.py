@@ -474,3 +474,17 @@ def test_an_earlier_output_folder_learns_to_ignore_every_contrasts_group_table(t
     assert "group_*.tsv" in lines and "my_notes.txt" in lines and len(lines) == len(set(lines))
     outputs.init_output_dir(tmp_path, Path(__file__).parents[1] / "data" / "sample_bids")
     assert (tmp_path / ".bidsignore").read_text().splitlines() == lines
+
+
+def test_group_table_names_each_images_entities(tmp_path):
+    """Multi-echo and multi-part images of one contrast differed only by bids_name in the TSV (0.2.0)."""
+    for name in ("sub-01_echo-1_part-mag_T2starw.nii.gz", "sub-01_echo-2_part-mag_T2starw.nii.gz",
+                 "sub-01_inv-2_run-1_T1w.nii.gz"):
+        _metrics(tmp_path, name)
+    write_group_report(tmp_path, thumbnails=False)
+    with (tmp_path / "group_T2starw.tsv").open() as fh:
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    assert [(r["echo_id"], r["part_id"]) for r in rows] == [("1", "mag"), ("2", "mag")]
+    with (tmp_path / "group_T1w.tsv").open() as fh:
+        [row] = list(csv.DictReader(fh, delimiter="\t"))
+    assert (row["inv_id"], row["run_id"], row["echo_id"]) == ("2", "1", "n/a")

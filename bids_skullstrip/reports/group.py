@@ -93,7 +93,8 @@ def mixed_settings(records):
     return {key: c for key, c in counts.items() if len(c) > 1}
 
 
-ENTITY_COLUMNS = (("acquisition", "acq_id"), ("ceagent", "ce_id"), ("reconstruction", "rec_id"), ("run", "run_id"))
+ENTITY_COLUMNS = (("acquisition", "acq_id"), ("ceagent", "ce_id"), ("reconstruction", "rec_id"), ("run", "run_id"),
+                  ("echo", "echo_id"), ("inv", "inv_id"), ("part", "part_id"))
 
 
 def _measure_keys(records):
