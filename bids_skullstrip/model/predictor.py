@@ -122,9 +122,12 @@ def checked_volume(data, affine):
 
 
 def stripped_region(data):
-    """The voxels above the image's constant background: its lowest value, where that fills more than
-    ``STRIPPED_ZERO_FRACTION`` of the field of view (0, or the 1 or 0.01 some tools write outside a brain), else None."""
+    """The voxels above the image's constant background: its lowest value, where that is about 0 (0, or the 1 or 0.01
+    some tools write outside a brain: at most 1 % of the brightest voxel) and fills more than
+    ``STRIPPED_ZERO_FRACTION`` of the field of view, else None."""
     lowest = data.min()
+    if lowest != 0 and abs(lowest) > 0.01 * abs(data.max()):
+        return None
     region = data != lowest
     return region if 1.0 - np.count_nonzero(region) / data.size > STRIPPED_ZERO_FRACTION else None
 
