@@ -49,8 +49,13 @@ def contrast_of(path, given=None):
 KNOWN_NAMES = {c.lower(): c for c in CONTRASTS} | {"t1": "T1w", "t2": "T2w", "pd": "PDw", "t2star": "T2starw"}
 
 
+def _name(path):
+    """The lower-case name of a file without its .nii[.gz]."""
+    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE).lower()
+
+
 def _last_word(path):
-    return re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE).rsplit("_", 1)[-1].lower()
+    return _name(path).rsplit("_", 1)[-1]
 
 
 def contrast_named(path):
@@ -61,7 +66,7 @@ def contrast_named(path):
 def contrasts_inside_name(path):
     """The contrasts other than T1w that the name of ``path`` holds as a word but does not end with
     (``p01_FLAIR_axial.nii.gz``): the image was probably meant as one of them."""
-    words = re.split(r"[_\-.]", re.sub(r"\.nii(\.gz)?$", "", Path(path).name, flags=re.IGNORECASE).lower())[:-1]
+    words = re.split(r"[_\-.]", _name(path))[:-1]
     return list(dict.fromkeys(KNOWN_NAMES[w] for w in words if KNOWN_NAMES.get(w, "T1w") != "T1w"))
 
 

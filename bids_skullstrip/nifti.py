@@ -93,7 +93,7 @@ def _starts_with(path, magic):
         return False
 
 
-def _spatial_shape(shape):
+def spatial_shape(shape):
     """The 3D shape of an image that is 3D up to trailing singleton dimensions, else None."""
     shape = tuple(int(s) for s in shape)
     while len(shape) > 3 and shape[-1] == 1:
@@ -150,7 +150,7 @@ def load_image(path):
         raise InputError(f"{path}: unsupported voxel data type {dtype} (a structural image needs "
                          "integer or float intensities)")
 
-    shape = _spatial_shape(img.shape)
+    shape = spatial_shape(img.shape)
     if shape is None and len(img.shape) >= 4:
         raise InputError(f"{path}: {len(img.shape)}D image of shape {tuple(img.shape)} with "
                          f"{math.prod(img.shape[3:])} volumes; a structural image must be a single 3D volume")
@@ -233,7 +233,7 @@ def geometry_warnings(img):
             msgs.append(f"spatial units are {_UNIT_NAMES[unit]} in the header; treated as mm (as most "
                         "tools do)")
     zooms = nib.affines.voxel_sizes(img.affine)
-    extent = np.asarray(_spatial_shape(img.shape) or img.shape[:3]) * zooms
+    extent = np.asarray(spatial_shape(img.shape) or img.shape[:3]) * zooms
     fov = "x".join(f"{e:.0f}" for e in extent)
     if not HEAD_FOV_MM[0] <= extent.max() <= HEAD_FOV_MM[1]:
         msgs.append(f"field of view {fov} mm (voxels {'x'.join(f'{z:g}' for z in zooms)} mm) is not the size of "
@@ -256,7 +256,7 @@ def like(reference, data, dtype):
     hdr.set_data_dtype(dtype)
     hdr.set_slope_inter(None, None)
     hdr["cal_min"], hdr["cal_max"] = 0, 0
-    shape = _spatial_shape(reference.shape) or tuple(reference.shape[:3])
+    shape = spatial_shape(reference.shape) or tuple(reference.shape[:3])
     data = np.asarray(data).astype(dtype, copy=False).reshape(shape)
     if tuple(reference.shape) != shape:
         hdr.set_data_shape(shape)

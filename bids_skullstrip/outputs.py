@@ -20,6 +20,7 @@ last, so its presence marks an image as finished (``is_finished``).
 import contextlib
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -351,9 +352,7 @@ def recorded_warnings(output_dir, image):
     """The warnings recorded in the metrics JSON of ``image``'s outputs (doubts about the input and the result: a
     slab of a field of view, no brain found, a skull-stripped input), without the path of the file they name."""
     found = read_metrics(output_dir, image).get("warnings")
-    lines = [str(w) for w in found] if isinstance(found, list) else []
-    return [w.split(": ", 1)[1] if w.split(": ", 1)[0].endswith((".nii", ".nii.gz")) and ": " in w else w
-            for w in lines]
+    return [re.sub(r"^.*?\.nii(\.gz)?: ", "", str(w)) for w in found] if isinstance(found, list) else []
 
 
 def changed_settings(output_dir, image, settings):

@@ -637,10 +637,10 @@ def test_a_mask_that_is_no_brain_mask_of_its_image_is_refused_in_one_line(change
 def test_recipe_steps_are_checked_as_the_command_line_checks_its_options(tmp_path):
     from bids_skullstrip.training.recipe import Step, check_recipe, load_recipe
 
-    for options, problem in (({"steps": -3}, "steps -3: must be a whole number"),
+    for options, problem in (({"steps": -3}, "'a': steps -3: must be 0 or more"),
                              ({"labels_prob": 1.5}, "labels_prob 1.5: must be between 0 and 1"),
-                             ({"lr": 1e-4}, "unknown option 'lr'"),
-                             ({"steps": "4"}, 'steps "4": must be a whole number'),
+                             ({"lr": 1e-4}, "'a': lr: unknown option"),
+                             ({"steps": "4"}, 'steps "4": must be 0 or more .a whole number.'),
                              ({"thickness_mm": [7, 3]}, "thickness_mm .7, 3.: must be two numbers")):
         with pytest.raises(ValueError, match=problem):
             check_recipe((Step("a", options=options),))

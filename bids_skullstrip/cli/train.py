@@ -131,17 +131,13 @@ def _check(args):
     for folder, option in ((args.data, "data folder"), (getattr(args, "val_data", None), "--val-data")):
         if folder is not None and not Path(folder).is_dir():
             raise ValueError(f"{option} {folder}: folder not found")
-    for name in ("steps", "locator_steps", "until"):
-        if (getattr(args, name, None) or 0) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 0 or more")
+    from ..training.recipe import check_options
+
+    given = {k: v for k, v in vars(args).items() if k in STEP_OPTIONS and k not in ("init_weights", "fine_tune")}
+    check_options(given, lambda key: "--lr" if key == "peak_lr" else f"--{key.replace('_', '-')}")
     for name in ("checkpoint_every", "validate_every"):
         if getattr(args, name, 1) < 1:
             raise ValueError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be 1 or more")
-    for name in ("synth_prob", "labels_prob", "thick_prob", "fine_bias_prob", "mass_prob", "enhance_prob",
-                 "composite_prob", "frozen_bn_fraction", "hard_head_fraction"):
-        value = getattr(args, name, None)
-        if value is not None and not 0.0 <= value <= 1.0:
-            raise ValueError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
     for option, files in (("--init-weights", [getattr(args, "init_weights", None)]),
                           ("--average", getattr(args, "average", None) or [])):
         for path in files:

@@ -119,7 +119,7 @@ def methods_markdown(*, threshold, border_mm, recorded=None, contrasts=("T1w",))
         (sha, first), *others = models.items()
         stripped = (f"The {_suffixes(first)} images were skull-stripped by {_model_text(sha)}"
                     + "".join(f"; the {_suffixes(m)} images by {_model_text(s)}" for s, m in others) + ".")
-    per_suffix = Counter(suffix for suffix, t, _, _ in {(g[0], g[1], None, None) for g in groups})
+    per_suffix = Counter(suffix for suffix, _ in {(suffix, t) for suffix, t, _, _ in groups})
     thresholds = ("the thresholds listed below" if max(per_suffix.values()) > 1 else  # a contrast's images differ
                   f"{next(iter(thresholded))[1]:g}" if len(thresholded) == 1 else
                   _listed([f"{t:g} ({_suffixes(suffixes)})" for (_, t), suffixes in thresholded.items()]))

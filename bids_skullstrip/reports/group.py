@@ -230,16 +230,15 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
     if wanted:
         log.warning("the group reports hold participant(s) %s only (--participant-label): the others' images are "
                     "not in them; run the group level without it for the whole dataset", ", ".join(sorted(wanted)))
-    if not wanted:  # the whole folder: a contrast whose outputs are all gone keeps no report of them
+    else:  # the whole folder: a contrast whose outputs are all gone keeps no report of them
         for suffix in (c for c in CONTRASTS if c not in found):
             stale = [p for p in (output_dir / f"group_{suffix}.tsv", output_dir / f"group_{suffix}.html",
                                  output_dir / FIG_DIR / f"group_{suffix}_distributions.svg") if p.is_file()]
             for path in stale:
                 path.unlink()
             if stale:
-                log.warning(
-                    "removed the group report of %s (%s): no %s outputs are left", suffix,
-                    ", ".join(p.name for p in stale), suffix)
+                log.warning("removed the group report of %s (%s): no %s outputs are left", suffix,
+                            ", ".join(p.name for p in stale), suffix)
     return written
 
 

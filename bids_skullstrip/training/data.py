@@ -11,6 +11,7 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from ..geometry import MODEL_VOXEL_MM, antialias, block_reduce
+from ..nifti import spatial_shape
 
 log = logging.getLogger("bids_skullstrip")
 
@@ -114,10 +115,8 @@ def check_pair(head):
 
 
 def _volume_shape(img, path):
-    shape = tuple(int(n) for n in img.shape)
-    while len(shape) > 3 and shape[-1] == 1:
-        shape = shape[:-1]
-    if len(shape) != 3:
+    shape = spatial_shape(img.shape)
+    if shape is None:
         raise ValueError(f"{path}: image of shape {'x'.join(map(str, img.shape))}: one 3D volume is needed")
     return shape
 

@@ -82,7 +82,7 @@ def load_recipe(path):
     return tuple(Step.from_dict(spec) for spec in specs)
 
 
-# A training step's options, as the command line gives them (``train.train``'s keywords): (type, lowest, highest)
+# A training step's options (``train.train``'s keywords; the command line's, by their dest)
 COUNTS, FRACTIONS = ("steps", "locator_steps", "until"), (
     "synth_prob", "labels_prob", "thick_prob", "fine_bias_prob", "mass_prob", "enhance_prob", "composite_prob",
     "frozen_bn_fraction", "hard_head_fraction")
@@ -90,14 +90,15 @@ PAIRS = ("thickness_mm", "composite_size")
 OPTIONS = (*COUNTS, *FRACTIONS, *PAIRS, "seed", "peak_lr")
 
 
-def check_options(options, where):
-    """A ValueError naming ``where`` and the first option of a training step that the step could not run with."""
+def check_options(options, name):
+    """A ValueError naming the first option of a training step that the step could not run with, as ``name(key)``
+    calls it (a recipe's step and key, or the command line's option)."""
     def number(v):
         return isinstance(v, (int, float)) and not isinstance(v, bool)
 
     for key, value in options.items():
         if key not in OPTIONS:
-            raise ValueError(f"{where}: unknown option {key!r} (one of {', '.join(OPTIONS)})")
+            raise ValueError(f"{name(key)}: unknown option (one of {', '.join(OPTIONS)})")
         bad = ((key in COUNTS or key == "seed") and not (isinstance(value, int) and not isinstance(value, bool)
                                                           and value >= 0)
                or key in FRACTIONS and not (number(value) and 0.0 <= value <= 1.0)
@@ -105,9 +106,9 @@ def check_options(options, where):
                or key in PAIRS and not (isinstance(value, (list, tuple)) and len(value) == 2
                                         and all(number(v) and v > 0 for v in value) and value[0] <= value[1]))
         if bad:
-            wanted = ("a whole number, 0 or more" if key in COUNTS or key == "seed" else "between 0 and 1"
+            wanted = ("0 or more (a whole number)" if key in COUNTS or key == "seed" else "between 0 and 1"
                       if key in FRACTIONS else "above 0" if key == "peak_lr" else "two numbers, low and high, above 0")
-            raise ValueError(f"{where}: {key} {json.dumps(value)}: must be {wanted}")
+            raise ValueError(f"{name(key)} {json.dumps(value)}: must be {wanted}")
 
 
 def check_recipe(recipe):
@@ -119,7 +120,7 @@ def check_recipe(recipe):
             raise ValueError(f"recipe step {step.name!r}: names must be unique and not 'final'")
         if not isinstance(step.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", step.name):
             raise ValueError(f"recipe step {step.name!r}: a name is a folder name (letters, digits, - _ .)")
-        check_options(step.options, f"recipe step {step.name!r}")
+        check_options(step.options, lambda key, step=step: f"recipe step {step.name!r}: {key}")
         for ref in ([step.init] if step.init else []) + list(step.average):
             if ref != BUNDLED and ref not in seen and not Path(ref).is_file():
                 raise ValueError(f"recipe step {step.name!r}: {ref!r} is neither an earlier step nor a weights file")
