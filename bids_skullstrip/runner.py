@@ -146,10 +146,7 @@ class Run:
             return OK
         t1ws = select_images(config)
         if config.reports_only:
-            check_writable((output_dir, "output folder"))
-            for subject in sorted({t.subject for t in t1ws}):
-                log.info("report: %s", write_participant_report(output_dir, subject))
-            return OK
+            return self.reports_only(t1ws)
         check_writable((output_dir, "output folder"), (config.work_dir, "work directory"),
                        (output_dir / "logs", "output folder's logs folder"))  # an earlier run's, by another user?
         outputs.init_output_dir(output_dir, config.bids_dir)
@@ -244,6 +241,32 @@ class Run:
             if not holder:
                 claimed.append(t1w)
         return claimed, busy
+
+    def reports_only(self, images):
+        """Rewrite the reports of the participants with images processed (or failed) in the output folder. One
+        none of whose images was run gets no report (it would only say that nothing was found): a warning while
+        others have reports (a long run still going on), an error (2) when none has."""
+        from . import outputs
+        from .reports.participant import write_participant_report
+
+        output_dir = self.config.output_dir
+        check_writable((output_dir, "output folder"))
+        selected = {t.name for t in images}
+        failures = [(t, m) for t, m in outputs.recorded_failures(output_dir) if t.name in selected]
+        written, unrun = [], []
+        for subject in sorted({t.subject for t in images}):
+            errors = [m for t, m in failures if t.subject == subject]
+            if errors or any(outputs.derivative_path(output_dir, t, "metrics").is_file()
+                             for t in images if t.subject == subject):
+                written.append(write_participant_report(output_dir, subject, errors=errors))
+                log.info("report: %s", written[-1])
+            else:
+                unrun.append(subject)
+        if unrun:
+            (log.warning if written else log.error)(
+                "%s: no report for participant(s) %s: none of their images was processed into this folder; run the "
+                "participant level without --reports-only first", output_dir, " ".join(unrun))
+        return OK if written else USAGE
 
     def plan(self, t1ws):
         """(the images to process, (image, message) for those that cannot be): finished images are skipped

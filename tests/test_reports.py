@@ -488,3 +488,20 @@ def test_group_table_names_each_images_entities(tmp_path):
     with (tmp_path / "group_T1w.tsv").open() as fh:
         [row] = list(csv.DictReader(fh, delimiter="\t"))
     assert (row["inv_id"], row["run_id"], row["echo_id"]) == ("2", "1", "n/a")
+
+
+def test_about_this_run_names_each_contrasts_networks_once_with_every_threshold_used():
+    """Images of one contrast stripped at two thresholds (a rerun of some with --threshold): the report's model line
+    names the contrast once, with both thresholds, not once per threshold as if two networks had made them."""
+    from bids_skullstrip.reports.participant import run_about
+
+    def record(suffix, sha, threshold):
+        return {"_suffix": suffix, "model": {"name": f"net {sha}", "sha256": sha * 64},
+                "settings": {"threshold": threshold}}
+
+    about = run_about([record("T1w", "a", 0.55), record("T1w", "a", 0.7), record("FLAIR", "b", 0.6),
+                       record("T2w", "b", 0.6), record("T1w", "a", 0.55)])
+    lines = about["model"].split("; ")
+    assert lines == [f"T1w: net a (sha256 {'a' * 12}, thresholds 0.55, 0.7: they differ between images, each "
+                     "image's settings name its own)",
+                     f"FLAIR, T2w: net b (sha256 {'b' * 12}, threshold 0.6)"], lines

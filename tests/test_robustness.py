@@ -1300,9 +1300,21 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert "The T1w images were skull-stripped by" in text and "; the FLAIR and T2w images by" in text
     thresholds = f"thresholded at {t1w.threshold:g} (T1w) and {other.threshold:g} (FLAIR and T2w)"
     assert other.sha256 in text and thresholds in text
+    # --reports-only before any image was run: no report that would only say nothing was found, but one line (2)
+    res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
+    text = res.stdout + res.stderr
+    assert res.returncode == 2 and not (out / "sub-01.html").exists() and not (out / "sub-01").exists(), text
+    assert f"{out}: no report for participant(s) 01: none of their images was processed" in text, text
+    # an image whose last run failed has a report: its error
+    from bids_skullstrip import outputs
+    from bids_skullstrip.discovery import StructuralInput
+
+    image = StructuralInput.from_path(small_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz", small_dataset)
+    outputs.record_failure(out, image, "sub-01/anat/sub-01_T1w.nii.gz: the worker process was killed by signal 9")
     res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
     assert res.returncode == 0, res.stderr
-    assert (out / "sub-01.html").is_file() and not (out / "sub-01" / "anat").exists()
+    assert "the worker process was killed by signal 9" in (out / "sub-01.html").read_text()
+    assert not (out / "sub-01" / "anat").exists()
 
 
 def test_run_logs_work_dir_size_node_local_warning_and_clean_workdir(small_dataset, tmp_path):

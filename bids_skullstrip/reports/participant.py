@@ -55,15 +55,28 @@ def run_about(records=()):
     for r in records:
         model, settings = (r.get(k) if isinstance(r.get(k), dict) else {} for k in ("model", "settings"))
         if model:
-            key = (model.get("name") or "?", str(model.get("sha256") or "")[:12], settings.get("threshold", "?"))
-            used.setdefault(key, {})[r["_suffix"]] = None
+            key = (model.get("name") or "?", str(model.get("sha256") or "")[:12])
+            thresholds = used.setdefault(key, {}).setdefault(r["_suffix"], [])
+            if settings.get("threshold", "?") not in thresholds:
+                thresholds.append(settings.get("threshold", "?"))
     if not used:
         card = model_card()
-        used = {(card.get("name", "?"), str(card.get("sha256", ""))[:12], card.get("threshold", "?")): {"T1w": None}}
+        used = {(card.get("name", "?"), str(card.get("sha256", ""))[:12]): {"T1w": [card.get("threshold", "?")]}}
+
+    def networks(name, sha, thresholds):
+        if len(thresholds) == 1:
+            return f"{name} (sha256 {sha}, threshold {thresholds[0]})"
+        return (f"{name} (sha256 {sha}, thresholds {', '.join(map(str, thresholds))}: "
+                "they differ between images, each image's settings name its own)")
+
+    suffixes_of = {}
+    for (name, sha), per_suffix in used.items():
+        for suffix, thresholds in per_suffix.items():
+            suffixes_of.setdefault((name, sha, tuple(thresholds)), []).append(suffix)
+    lines = [f"{', '.join(suffixes)}: {networks(*key)}" for key, suffixes in suffixes_of.items()]
     container = os.environ.get("BIDS_SKULLSTRIP_CONTAINER")
     return {"command": shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]),
-            "model": "; ".join(f"{', '.join(suffixes)}: {name} (sha256 {sha}, threshold {threshold})"
-                               for (name, sha, threshold), suffixes in used.items()),
+            "model": "; ".join(lines),
             "environment": f"Python {platform.python_version()} on {platform.platform()}"
                            + (f", container {container}" if container else "")}
 
