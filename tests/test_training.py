@@ -2,6 +2,7 @@
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -684,3 +685,35 @@ def test_training_and_eval_commands_refuse_files_that_are_no_weights_in_one_line
     assert said[1].startswith("bids_skullstrip-train: error: --recipe t1w and --steps: a recipe gives")
     assert said[2] == f"bids_skullstrip-eval: error: --weights {bad}: not a Keras weights file (*.weights.h5, HDF5)"
     assert not (tmp_path / "out").exists()
+
+
+def test_averaging_weights_without_their_card_or_of_another_architecture_is_one_line(tmp_path, capsys):
+    """--average of weights copied without their model.json said "no locator ... single-stage weights of earlier
+    versions"; of weights whose card names another architecture, Keras' error listed every layer and its
+    weights (hundreds of lines) after 32 warnings."""
+    import json as jsonmod
+
+    from bids_skullstrip.cli.train import main as train
+    from bids_skullstrip.model.card import WEIGHTS_DIR
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    alone, other = tmp_path / "alone", tmp_path / "other"
+    alone.mkdir()
+    shutil.copy(WEIGHTS_DIR / "unet.weights.h5", alone)
+    shutil.copytree(WEIGHTS_DIR, other)
+    card = json.loads((other / "model.json").read_text())
+    card["architecture"]["base_filters"] = 8
+    (other / "model.json").write_text(json.dumps(card))
+    for weights in (alone, other):
+        assert train([str(data), str(tmp_path / f"out-{weights.name}"), "--average",
+                      str(weights / "unet.weights.h5"), str(weights / "unet.weights.h5")]) == 2
+    err = capsys.readouterr().err
+    said = [line for line in err.strip().splitlines() if "bids_skullstrip-train" in line]
+    assert said == [f"bids_skullstrip-train: error: {alone / 'unet.weights.h5'}: no model.json beside these weights: "
+                    "the networks' card (architecture, locator, threshold), which bids_skullstrip-train exports with "
+                    "them, is needed to load them",
+                    f"bids_skullstrip-train: error: {other / 'unet.weights.h5'}: these weights are not of the "
+                    "architecture their model.json describes (base_filters 8, levels 4): use the model.json "
+                    "exported with them"], err[-3000:]
+    assert "Skipping" not in err and "could not be loaded" not in err, err[-3000:]

@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import sys
 import threading
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -59,7 +60,16 @@ def _build(architecture, weights):
     from .unet import build_unet
 
     network = build_unet(**architecture)
-    network.load_weights(str(weights))
+    try:
+        with warnings.catch_warnings(record=True) as said:  # one per layer before the error, said again on success
+            warnings.simplefilter("always")
+            network.load_weights(str(weights))
+    except ValueError:  # Keras' message lists every layer and its weights (hundreds of lines)
+        raise ModelCardError(f"{weights}: these weights are not of the architecture their model.json describes "
+                             f"({', '.join(f'{k} {v}' for k, v in architecture.items())}): use the model.json "
+                             "exported with them") from None
+    for warning in said:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return network
 
 
@@ -73,6 +83,10 @@ def load_model(weights=None):
 def _load_model(card):
     import_tensorflow(_threads)
     weights, locator = card.segmenter_file, card.locator_file
+    if not card.path.is_file():
+        raise ModelCardError(f"{weights}: no {card.path.name} beside these weights: the networks' card "
+                             "(architecture, locator, threshold), which bids_skullstrip-train exports with them, "
+                             "is needed to load them")
     if not card.locator or not locator.is_file():
         raise FileNotFoundError(f"{weights}: no locator beside these weights ({locator.name} and the 'locator' entry "
                                 "of model.json): single-stage weights of earlier versions do not load; export "
