@@ -691,8 +691,6 @@ def test_averaging_weights_without_their_card_or_of_another_architecture_is_one_
     """--average of weights copied without their model.json said "no locator ... single-stage weights of earlier
     versions"; of weights whose card names another architecture, Keras' error listed every layer and its
     weights (hundreds of lines) after 32 warnings."""
-    import json as jsonmod
-
     from bids_skullstrip.cli.train import main as train
     from bids_skullstrip.model.card import WEIGHTS_DIR
 
