@@ -3,8 +3,9 @@
 import getpass
 import json
 import logging
+import math
 import os
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from .config import UsageError
 
@@ -46,6 +47,12 @@ def plugin_settings(config):
         # nipype's own default is 90 % of the machine's memory, which in a container started with
         # `--memory 3g` (or a SLURM job's cgroup) is far more than the process may use: an OOM kill.
         args.setdefault("memory_gb", config.mem_gb or 0.9 * available_memory_gb())
+        limit = cgroup_memory_limit_gb()
+        if limit is not None and float(args["memory_gb"]) > limit:  # taken as said, but the kernel will not
+            logging.getLogger("bids_skullstrip").warning(
+                "warning: the run may use %.2f GB (--mem-gb, --mem or plugin_args memory_gb), more than the %.2f GB "
+                "its container or job is limited to: its workers may be killed for memory", float(args["memory_gb"]),
+                limit)
         args.setdefault("raise_insufficient", False)
     if plugin in SCHEDULER_PLUGINS:
         # nipype's SLURM plugin reads LOGNAME, which containers and CI shells often do not set.
@@ -74,17 +81,104 @@ def plugin(name, args):
     return ImageFirstMultiProcPlugin(plugin_args=args)
 
 
-def cgroup_memory_limit_gb(root=Path("/sys/fs/cgroup")):
-    """The memory limit of this process's cgroup (v2 ``memory.max`` or v1 ``memory.limit_in_bytes``), GB;
-    None where there is none."""
-    for name in ("memory.max", "memory/memory.limit_in_bytes"):
+CGROUP_ROOT, PROC_CGROUP = Path("/sys/fs/cgroup"), Path("/proc/self/cgroup")
+
+
+def _cgroup_folders(controller, root=CGROUP_ROOT, proc_cgroup=PROC_CGROUP):
+    """(cgroup version, folder) of this process's cgroup and of each one above it, for ``controller``
+    ("memory", "cpu"), the closest first. A container sees its own cgroup as the root; a SLURM job step, a systemd
+    slice or Apptainer without a cgroup namespace sees the whole tree, and its cgroup is the path that
+    ``/proc/self/cgroup`` gives (a limit can be set at any level: the tightest holds)."""
+    root, found = Path(root), []
+    try:
+        lines = Path(proc_cgroup).read_text().splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
         try:
-            text = (Path(root) / name).read_text().strip()
-        except OSError:
+            _, controllers, path = line.split(":", 2)
+        except ValueError:
             continue
+        if controllers == "":
+            version, base = 2, root
+        elif controller in controllers.split(","):
+            version, base = 1, root / controller
+        else:
+            continue
+        parts = PurePosixPath(path.strip()).parts[1:]
+        found += [(version, base.joinpath(*parts[:i])) for i in range(len(parts), 0, -1)]
+    return found + [(2, root), (1, root / controller)]
+
+
+def _read(path):
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def cgroup_memory_limit_gb(root=CGROUP_ROOT, proc_cgroup=PROC_CGROUP):
+    """The memory limit of this process's cgroup (v2 ``memory.max``, v1 ``memory.limit_in_bytes``; the tightest
+    of its own and those above it), GB; None where there is none."""
+    limits = []
+    for version, folder in _cgroup_folders("memory", root, proc_cgroup):
+        text = _read(folder / ("memory.max" if version == 2 else "memory.limit_in_bytes"))
         if text.isdigit() and int(text) < 2**60:  # v1 writes a huge number for "no limit", v2 "max"
-            return int(text) / 2**30
-    return None
+            limits.append(int(text) / 2**30)
+    return min(limits, default=None)
+
+
+def cgroup_memory_free_gb(root=CGROUP_ROOT, proc_cgroup=PROC_CGROUP):
+    """What this process's cgroup may still take before its memory limit (the least of any limited cgroup it is
+    in: limit less usage, v2 ``memory.current``, v1 ``memory.usage_in_bytes``), GB; None where none is limited."""
+    free = []
+    for version, folder in _cgroup_folders("memory", root, proc_cgroup):
+        limit, used = (_read(folder / name) for name in (("memory.max", "memory.current") if version == 2 else
+                                                            ("memory.limit_in_bytes", "memory.usage_in_bytes")))
+        if limit.isdigit() and int(limit) < 2**60 and used.isdigit():
+            free.append(max(0, int(limit) - int(used)) / 2**30)
+    return min(free, default=None)
+
+
+def cgroup_cpu_limit(root=CGROUP_ROOT, proc_cgroup=PROC_CGROUP):
+    """The CPU quota of this process's cgroup in CPUs (v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``: ``--cpus`` of docker and podman), the tightest; None where there is none."""
+    limits = []
+    for version, folder in _cgroup_folders("cpu", root, proc_cgroup):
+        if version == 2:
+            quota, _, period = _read(folder / "cpu.max").partition(" ")
+        else:
+            quota, period = _read(folder / "cpu.cfs_quota_us"), _read(folder / "cpu.cfs_period_us")
+        if quota.isdigit() and period.isdigit() and int(period) > 0:  # "max" / -1: no quota
+            limits.append(int(quota) / int(period))
+    return min(limits, default=None)
+
+
+def available_cpus():
+    """The CPUs this process may use: those it may run on (its affinity: ``taskset``, a cpuset such as a SLURM
+    job's or ``--cpuset-cpus``), no more than its cgroup's quota rounded up (``--cpus 1.5``: 2)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    quota = cgroup_cpu_limit()
+    return max(1, min(cpus, math.ceil(quota))) if quota else cpus
+
+
+MEMORY_FILE_SYSTEMS = ("tmpfs", "ramfs")
+
+
+def in_memory(folder):
+    """Whether ``folder`` lies on a file system held in memory (tmpfs: a container's /tmp under ``--read-only``,
+    /dev/shm, /tmp on many machines): its files take the memory of the run (of its cgroup, in a container)."""
+    import psutil
+
+    path, mounted = Path(folder).resolve(), None
+    for mount in psutil.disk_partitions(all=True):  # the last of those mounted on one place is the one seen
+        if path.is_relative_to(mount.mountpoint) and (
+                mounted is None or len(Path(mount.mountpoint).parts) >= len(Path(mounted.mountpoint).parts)):
+            mounted = mount
+    return mounted is not None and mounted.fstype in MEMORY_FILE_SYSTEMS
 
 
 def available_memory_gb():
@@ -95,18 +189,21 @@ def available_memory_gb():
     return min(total, limit) if limit else total
 
 
-def workers_within_memory(todo, plugin_args):
+def workers_within_memory(todo, plugin_args, *, work_in_memory=False):
     """How many MultiProc workers fit in the memory the run may use: each worker, once it ran an image,
     holds the network and needs up to the image's largest node (MultiProc's scheduler counts only the node
-    running, not what an idle worker holds). One clear line before anything runs when one image does not
-    fit (MultiProc would start it anyway, alone, and the kernel would kill it)."""
+    running, not what an idle worker holds), and with ``work_in_memory`` the image's node folders too. One
+    clear line before anything runs when one image does not fit (MultiProc would start it anyway, alone, and
+    the kernel would kill it)."""
     from .workflows.base import image_memory_gb
 
     limit = float(plugin_args["memory_gb"])
-    need, t1w = max(((image_memory_gb(t), t) for t in todo), key=lambda pair: pair[0])
+    need, t1w = max(((image_memory_gb(t, work_in_memory=work_in_memory), t) for t in todo),
+                    key=lambda pair: pair[0])
     if need > limit:
-        raise UsageError(f"{t1w.relpath}: needs about {need:.1f} GB of memory and the run may use {limit:.1f} GB "
-                         "(--mem-gb, --mem or the container's memory limit); give the run more memory")
+        raise UsageError(f"{t1w.relpath}: needs about {need:.2f} GB of memory and the run may use {limit:.2f} GB "
+                         "(--mem-gb, --mem, else 90 % of what the machine, container or job has): give the run "
+                         f"more memory (a container or job of at least {need / 0.9:.2f} GB)")
     return min(int(plugin_args["n_procs"]), int(limit // need)), need
 
 

@@ -310,6 +310,21 @@ def remove_stale_temporaries(folder):
     return removed
 
 
+def remove_temporaries_of(paths):
+    """Remove the temporary files (``tmp_sibling``) of ``paths``, whoever wrote them: for a caller that holds the
+    lock of the files (a writer on another host, or in an earlier container whose host name was another, is
+    known to be gone only that way); the number removed."""
+    removed = 0
+    for path in map(Path, paths):
+        with contextlib.suppress(OSError):
+            for tmp in path.parent.glob(f"{_TMP_PREFIX}*"):
+                owner = _TMP_NAME.match(tmp.name)
+                if owner and tmp.name[owner.end():] == path.name:
+                    tmp.unlink()
+                    removed += 1
+    return removed
+
+
 def _fsync(path):
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -122,6 +122,13 @@ def figure_path(output_dir, image, kind="mask"):
                                                                                          FIGURE_EXTENSION))
 
 
+def image_files(output_dir, image):
+    """Every file a run writes for ``image``: its outputs, their sidecars and its figures."""
+    paths = [derivative_path(output_dir, image, kind) for kind in OUTPUTS]
+    paths += [sidecar_path(p) for p in paths if p.name.endswith(".nii.gz")]
+    return paths + [figure_path(output_dir, image, kind) for kind in FIGURES]
+
+
 def parse_name(name):
     """The BIDS entities of a file name, pybids' keys (subject, session, acquisition, run...)."""
     from bids.layout import parse_file_entities

@@ -50,6 +50,14 @@ def _interrupt_in(main_pid):
     return interrupt
 
 
+def handle_stop_signals():
+    """From now on SIGTERM, SIGHUP and Ctrl-C raise ``Interrupted`` in the main thread. Set first thing: a
+    container's main process (PID 1) ignores a signal it has no handler for, so a ``podman stop`` in the first
+    second of a run was lost (the run went on, or was SIGKILLed 10 s later without a word)."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, _interrupt_in(os.getpid()))
+
+
 def stop_now(name):
     """Stop every worker and job of the run, say how to resume and leave at once (128 + the signal's number); the
     first caller does it (the unwound main thread, or the watchdog of a signal whose exception was dropped)."""
@@ -124,8 +132,7 @@ class Run:
     def __call__(self):
         """The exit status of the run. SIGTERM, SIGHUP and Ctrl-C stop every worker of the run, say how to
         resume and leave at once (128 + the signal's number)."""
-        for signum in STOP_SIGNALS:
-            signal.signal(signum, _interrupt_in(os.getpid()))
+        handle_stop_signals()
         try:
             return self.participant() if self.config.analysis_level == "participant" else self.group()
         except (KeyboardInterrupt, Interrupted) as exc:
@@ -147,6 +154,7 @@ class Run:
         t1ws = select_images(config)
         if config.reports_only:
             return self.reports_only(t1ws)
+        self.check_memory(t1ws)
         check_writable((output_dir, "output folder"), (config.work_dir, "work directory"),
                        (output_dir / "logs", "output folder's logs folder"))  # an earlier run's, by another user?
         outputs.init_output_dir(output_dir, config.bids_dir)
@@ -159,6 +167,7 @@ class Run:
         finished = len(t1ws) - len(todo) - len(failures)
         locks = outputs.locks_of(output_dir, config.work_dir)
         todo, busy = self.claim(todo, locks)
+        self.remove_temporaries_of_claimed(todo, locks[0])
         try:
             if todo:
                 failures += self.process(todo)
@@ -242,6 +251,17 @@ class Run:
                 claimed.append(t1w)
         return claimed, busy
 
+    def remove_temporaries_of_claimed(self, images, lock):
+        """The temporary files an interrupted writer left of the images this run now holds the lock of: gone,
+        wherever it ran (another node, an earlier container, whose host names ``remove_stale_temporaries`` cannot
+        judge for 10 minutes)."""
+        from .nifti import remove_temporaries_of
+        from .outputs import image_files
+
+        removed = sum(remove_temporaries_of(image_files(self.config.output_dir, t)) for t in images if t in lock.held)
+        if removed:
+            log.info("removed %d temporary file(s) an interrupted run left of the images it was writing", removed)
+
     def reports_only(self, images):
         """Rewrite the reports of the participants with images processed (or failed) in the output folder. One
         none of whose images was run gets no report (it would only say that nothing was found): a warning while
@@ -310,17 +330,33 @@ class Run:
         omp = self.config.omp_nthreads or (self.config.n_cpus if alone else 1)
         return min(omp, self.config.n_cpus) if self.plugin == "MultiProc" else omp
 
+    def check_memory(self, images):
+        """One line (2) before anything is made where an image still to do needs more memory than the run may use
+        (``plugin_args_for`` says it again for the images the plan keeps)."""
+        from . import execution, outputs
+
+        config = self.config
+        unfinished = [t for t in images if config.overwrite
+                      or not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
+        if self.plugin == "MultiProc" and unfinished:
+            execution.workers_within_memory(unfinished, self.plugin_args,
+                                            work_in_memory=execution.in_memory(config.work_dir))
+
     def plugin_args_for(self, todo):
         """The plugin's arguments for ``todo``: MultiProc runs as many images at once as its memory allows."""
         from . import execution
 
         if self.plugin != "MultiProc":
             return self.plugin_args
-        workers, need = execution.workers_within_memory(todo, self.plugin_args)
+        in_memory = execution.in_memory(self.config.work_dir)
+        workers, need = execution.workers_within_memory(todo, self.plugin_args, work_in_memory=in_memory)
+        if in_memory:
+            log.info("the work directory %s is in memory (tmpfs): an image's intermediate files count against the "
+                     "run's memory and are removed once it is finished (-w on disk keeps them)", self.config.work_dir)
         if workers < self.plugin_args["n_procs"]:
-            log.info("memory: %d image(s) at a time (an image needs up to %.1f GB, the run may use %.1f GB)",
+            log.info("memory: %d image(s) at a time (an image needs up to %.2f GB, the run may use %.2f GB)",
                      workers, need, self.plugin_args["memory_gb"])
-        return {**self.plugin_args, "n_procs": workers}
+        return {**self.plugin_args, "n_procs": workers, "prune_finished_images": in_memory}
 
     def process(self, todo):
         """Build and run the graph for ``todo``; returns (T1w, one-line message) for each image that failed."""
@@ -435,6 +471,12 @@ class Run:
                 work.rmdir()
             log.info("work directory %s removed (--clean-workdir)", work)
             return
+        from .execution import in_memory
+
+        if in_memory(work):
+            log.info("work directory: %s (%.0f MB, in memory: lost when this machine or container stops; -w on disk "
+                     "lets a rerun resume the images that were half-way)", work, folder_size(work) / 1e6)
+            return
         log.info("work directory: %s (%.0f MB; it lets a rerun resume: remove it when the outputs are complete, "
                  "or pass --clean-workdir)", work, folder_size(work) / 1e6)
 
@@ -463,4 +505,25 @@ class Run:
                       " ".join(str(exc).split()))
             return FAILED
         log.info("group report: %s", ", ".join(str(p) for p in paths))
+        self.say_unreported(sorted({p.stem.removeprefix("group_") for p in paths}))
         return OK
+
+    def say_unreported(self, suffixes):
+        """One line per contrast reported on whose images of the dataset are not all in its report (a run
+        stopped half-way, or still going on): how many, and the first."""
+        from . import outputs
+        from .discovery import collect_images
+
+        try:
+            images = collect_images(self.config.bids_dir, contrasts=suffixes,
+                                    participant_labels=self.config.participant_label or None)
+        except Exception:  # noqa: BLE001 - the dataset moved or changed: the report stands on the outputs alone
+            return
+        failed = {t.name for t, _ in outputs.recorded_failures(self.config.output_dir)}
+        for suffix in suffixes:
+            missing = [t for t in images if t.suffix == suffix and t.name not in failed
+                       and not outputs.derivative_path(self.config.output_dir, t, "metrics").is_file()]
+            if missing:
+                log.warning("group_%s: %d %s image(s) of the dataset are not in it: not processed (yet), or left out "
+                            "by the participant level's selection; first: %s", suffix, len(missing), suffix,
+                            missing[0].relpath)

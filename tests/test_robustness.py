@@ -676,6 +676,38 @@ def test_temporary_files_are_removed_once_their_writer_is_gone(tmp_path):
     zombie.wait()
 
 
+def test_a_run_removes_at_once_the_temporaries_of_the_images_it_holds(small_dataset, tmp_path):
+    """A container killed while writing left a temporary file; every container has a host name of its own, so the
+    next one could not tell whether its writer was gone and kept it for 10 minutes, in the finished dataset. A run
+    that holds an image's lock knows nobody else writes it: its temporaries go at once, not another image's."""
+    anat = tmp_path / "out" / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    killed = anat / ".tmp-18-e11caa9b@fbfa477bc1d4@sub-01_desc-brain_T1w.nii.gz"  # another container's
+    others = anat / ".tmp-18-e11caa9b@fbfa477bc1d4@sub-01_acq-x_desc-brain_T1w.nii.gz"  # not an image of this run
+    for path in (killed, others):
+        path.write_bytes(b"half")
+    res = app(small_dataset, tmp_path / "out", "participant", "--skip-bids-validation", "-w", tmp_path / "w")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not killed.exists() and others.exists()
+    assert "removed 1 temporary file(s) an interrupted run left of the images it was writing" in res.stdout
+
+
+def test_the_group_level_says_which_images_of_the_dataset_its_report_lacks(small_dataset, tmp_path):
+    """After a run stopped half-way, `group` wrote a report of the finished images only and said nothing of the
+    others: it counts what it reports on, and names how many of the dataset's images have neither outputs nor a
+    failure record."""
+    out = tmp_path / "out"
+    res = app(small_dataset, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    make_dataset(tmp_path / "more", {"02": copy_head})  # a participant the run never reached
+    shutil.move(tmp_path / "more" / "sub-02", small_dataset / "sub-02")
+    res = app(small_dataset, out, "group")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "group_T1w: 1 image(s): 1 processed (0 flagged by QC), 0 failed" in res.stdout, res.stdout
+    assert ("group_T1w: 1 T1w image(s) of the dataset are not in it: not processed (yet), or left out by the "
+            "participant level's selection; first: sub-02/anat/sub-02_T1w.nii.gz") in res.stdout, res.stdout
+
+
 def _start(args, **kw):
     """The app in a session of its own (its process group = its session, as a job step or a terminal's), with
     Ctrl-C not ignored, as in a terminal: a shell that starts the tests in the background (`cmd &`) makes them,
@@ -829,6 +861,27 @@ def test_a_stop_signal_whose_exception_is_dropped_still_stops_the_run(tmp_path):
     assert time.monotonic() - t0 < 15
 
 
+def test_a_stop_signal_before_the_run_begins_stops_it_with_its_message(small_dataset, tmp_path):
+    """A container's main process (PID 1) ignores a signal it has no handler for: `podman stop` in the first second
+    (while the configuration is resolved and nipype imported) was lost, and the run went on and exited 0. The
+    handlers are now set before anything else: here SIGTERM arrives while the configuration is resolved."""
+    script = tmp_path / "early.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from bids_skullstrip.cli import run\n"
+        "resolve = run.RunConfig.from_args\n"
+        "def resolving(opts):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return resolve(opts)\n"
+        "run.RunConfig.from_args = resolving\n"
+        "sys.exit(run.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(out), "participant",
+                          "--skip-bids-validation"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 143, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    assert "bids_skullstrip: interrupted (SIGTERM)" in res.stderr and not out.exists(), res.stderr
+
+
 @pytest.mark.parametrize("signum, to_group, status", [
     (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground process group
     (signal.SIGHUP, False, 129),  # the terminal closed
@@ -872,9 +925,12 @@ def test_the_out_of_memory_advice_keeps_within_the_containers_limit(monkeypatch)
     import bids_skullstrip.execution as execution
     from bids_skullstrip.multiproc import death_message
 
-    monkeypatch.setattr(execution, "cgroup_memory_limit_gb", lambda: 1.0)
-    said = death_message(-9, "n4", held_gb=0.9, pool_gb=1.0, memory_gb=8.0, n_procs=2)
+    monkeypatch.setattr(execution, "cgroup_memory_free_gb", lambda: 1.0)
+    said = death_message(-9, "n4", held_gb=0.9, pool_gb=1.0, memory_gb=8.0, n_procs=2, image_gb=0.5)
     assert "the run may use 8.0 GB, 1.0 GB free now): try --n-cpus 1 or --mem 819 (MB)" in said, said
+    # an `--memory 800m` container: the advice was --mem 640, which the app then refused (an image needs 1.13 GB)
+    said = death_message(-9, "n4", held_gb=0.6, pool_gb=0.7, memory_gb=1.2, n_procs=1, image_gb=1.13)
+    assert said.endswith("1.0 GB free now): give the run more memory (an image needs about 1.13 GB)"), said
 
 
 def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_finish(tmp_path):
@@ -1356,9 +1412,9 @@ def test_a_memory_limit_below_what_an_image_needs_is_one_line_before_anything_ru
     out = tmp_path / "out"
     res = app(small_dataset, out, "participant", "--mem-gb", "0.5", "--skip-bids-validation", "-w", tmp_path / "w")
     assert res.returncode == 2, res.stdout[-2000:] + res.stderr[-2000:]
-    assert "sub-01/anat/sub-01_T1w.nii.gz: needs about" in res.stderr and "may use 0.5 GB" in res.stderr
+    assert "sub-01/anat/sub-01_T1w.nii.gz: needs about" in res.stderr and "may use 0.50 GB" in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
-    assert not (out / "sub-01" / "anat").exists()
+    assert not out.exists()  # a run that could not start made nothing (it made the output folder's files)
 
 
 def test_a_memory_limit_below_two_images_runs_them_one_after_the_other_within_it(tmp_path):
@@ -1397,16 +1453,97 @@ def test_a_memory_limit_below_two_images_runs_them_one_after_the_other_within_it
 def test_cgroup_memory_limit_is_read_for_both_cgroup_versions(tmp_path):
     from bids_skullstrip.execution import cgroup_memory_limit_gb
 
+    none = tmp_path / "no-proc-cgroup"  # a container: its own cgroup is the root it sees
     (tmp_path / "memory.max").write_text("3221225472\n")  # a container started with --memory 3g (v2)
-    assert cgroup_memory_limit_gb(tmp_path) == 3.0
+    assert cgroup_memory_limit_gb(tmp_path, none) == 3.0
     (tmp_path / "memory.max").write_text("max\n")
-    assert cgroup_memory_limit_gb(tmp_path) is None
+    assert cgroup_memory_limit_gb(tmp_path, none) is None
     (tmp_path / "memory.max").unlink()
     (tmp_path / "memory").mkdir()
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**31))  # v1
-    assert cgroup_memory_limit_gb(tmp_path) == 2.0
+    assert cgroup_memory_limit_gb(tmp_path, none) == 2.0
     (tmp_path / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))  # v1 without a limit
-    assert cgroup_memory_limit_gb(tmp_path) is None
+    assert cgroup_memory_limit_gb(tmp_path, none) is None
+
+
+def test_the_limits_of_a_job_steps_cgroup_below_the_root_are_read(tmp_path):
+    """A SLURM job step (or Apptainer without a cgroup namespace) sees the whole tree: its limits are on its own
+    cgroup, at the path /proc/self/cgroup names (the app read only the root's files and planned for the whole
+    machine's memory); the tightest of the cgroups above it holds."""
+    from bids_skullstrip.execution import cgroup_cpu_limit, cgroup_memory_free_gb, cgroup_memory_limit_gb
+
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    step = v2 / "system.slice" / "slurmstepd.scope" / "job_27" / "step_0"
+    step.mkdir(parents=True)
+    (v2 / "proc_cgroup").write_text("0::/system.slice/slurmstepd.scope/job_27/step_0\n")
+    (v2 / "memory.max").write_text("max\n")
+    (step.parent / "memory.max").write_text(str(3 * 2**30))  # the job's --mem 3G
+    (step / "memory.max").write_text("max\n")
+    (step / "memory.current").write_text(str(2**30))
+    (step.parent / "memory.current").write_text(str(2 * 2**30))
+    (step.parent / "cpu.max").write_text("200000 100000\n")  # --cpus-per-task 2 under a CPU quota
+    (step / "cpu.max").write_text("max 100000\n")
+    assert cgroup_memory_limit_gb(v2, v2 / "proc_cgroup") == 3.0
+    assert cgroup_memory_free_gb(v2, v2 / "proc_cgroup") == 1.0  # the job's limit less the job's usage
+    assert cgroup_cpu_limit(v2, v2 / "proc_cgroup") == 2.0
+    job = v1 / "memory" / "slurm" / "uid_0" / "job_27"
+    job.mkdir(parents=True)
+    (v1 / "cpu").mkdir()
+    (v1 / "proc_cgroup").write_text("4:memory:/slurm/uid_0/job_27\n1:cpu,cpuacct:/\n0::/\n")
+    (job / "memory.limit_in_bytes").write_text(str(2**31))
+    (v1 / "memory" / "memory.limit_in_bytes").write_text(str(2**63 - 4096))
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("150000")  # docker run --cpus 1.5
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000")
+    assert cgroup_memory_limit_gb(v1, v1 / "proc_cgroup") == 2.0
+    assert cgroup_cpu_limit(v1, v1 / "proc_cgroup") == 1.5
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1")
+    assert cgroup_cpu_limit(v1, v1 / "proc_cgroup") is None
+
+
+def test_the_default_number_of_cpus_is_what_the_process_may_run_on(monkeypatch):
+    """`--cpuset-cpus 0`, `taskset -c 0`, a SLURM job's cpuset: the app started as many workers as the machine
+    has CPUs (os.cpu_count())."""
+    import bids_skullstrip.execution as execution
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})
+    monkeypatch.setattr(execution, "cgroup_cpu_limit", lambda: None)
+    assert execution.available_cpus() == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(execution, "cgroup_cpu_limit", lambda: 1.5)  # `--cpus 1.5`
+    assert execution.available_cpus() == 2
+    res = subprocess.run(["taskset", "-c", "0", sys.executable, "-c",
+                          "from bids_skullstrip.cli.parser import build_parser; "
+                          "print(build_parser().parse_args(['b', 'o', 'participant']).n_cpus)"],
+                         capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "1", res.stdout + res.stderr
+
+
+def test_a_work_directory_in_memory_is_counted_and_emptied_image_by_image(small_dataset, tmp_path):
+    """A container run `--read-only` keeps its default work directory in a tmpfs /tmp, which takes the
+    container's memory: the finished images' intermediate files (0.3 GB a 1 mm head) filled a `--memory 3g`
+    container until its workers were killed for memory. Each image's are removed as soon as it is finished, and
+    the memory plan counts those of the images in flight."""
+    from bids_skullstrip.execution import in_memory
+    from bids_skullstrip.workflows.base import image_memory_gb
+
+    shm = Path("/dev/shm")
+    assert in_memory(shm / "not-made-yet") and not in_memory("/proc")
+    work = shm / f"bids_skullstrip_test_{os.getpid()}"
+    try:
+        res = app(small_dataset, tmp_path / "out", "participant", "--skip-bids-validation", "-w", work)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+        assert f"the work directory {work} is in memory (tmpfs)" in res.stdout, res.stdout
+        assert "in memory: lost when this machine or container stops" in res.stdout, res.stdout
+        left = [p for p in work.rglob("*") if p.is_file() and p.name != "nipype.log"]
+        assert left == [], left
+        _assert_outputs_complete(tmp_path / "out", "01")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    from types import SimpleNamespace
+
+    image = SimpleNamespace(path=small_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz")
+    extra = image_memory_gb(image, work_in_memory=True) - image_memory_gb(image)
+    assert extra == pytest.approx(17 * np.prod(nib.load(image.path).shape[:3]) / 1e9, abs=0.01)
 
 
 # ------------------------------------------------------------------------------- full disk, read-only mount, odd paths

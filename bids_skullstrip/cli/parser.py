@@ -2,10 +2,10 @@
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from .. import __version__
+from ..execution import available_cpus
 
 DESCRIPTION = "bids_skullstrip: the BIDS App. `participant` skull-strips structural images (T1w by default), `group` writes the group report."
 
@@ -52,7 +52,8 @@ def build_parser():
                         "images are listed and the status is 0")
     g = p.add_argument_group("execution")
     g.add_argument("--n-cpus", "--nprocs", "--n_cpus", "--nthreads", dest="n_cpus", type=int,
-                   default=os.cpu_count() or 1, help="CPUs the run may use (MultiProc)")
+                   default=available_cpus(), help="CPUs the run may use (MultiProc); default: those this process may "
+                                                  "run on (its CPU affinity, within its cgroup's CPU quota)")
     g.add_argument("--omp-nthreads", "--omp_nthreads", dest="omp_nthreads", type=int, default=None,
                    help="threads per image for the network and N4 (default: 1, or --n-cpus when there is one image)")
     g.add_argument("--mem-gb", "--mem_gb", dest="mem_gb", type=float, default=None,

@@ -9,7 +9,7 @@ import sys
 import tempfile
 
 from ..config import RunConfig, UsageError
-from ..runner import FAILED, USAGE, Run
+from ..runner import FAILED, USAGE, Interrupted, Run, handle_stop_signals, stop_now
 from .parser import build_parser
 
 log = logging.getLogger("bids_skullstrip")
@@ -21,6 +21,14 @@ def _quiet_libraries():
 
 
 def main(argv=None):
+    handle_stop_signals()  # before anything slow (nipype's import): a signal in the first second is not lost
+    try:
+        return _main(argv)
+    except (KeyboardInterrupt, Interrupted) as exc:  # before the run began: nothing was written
+        stop_now(str(exc) if isinstance(exc, Interrupted) else "SIGINT")
+
+
+def _main(argv):
     opts = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     logging.raiseExceptions = False  # a log file on a full disk: no "--- Logging error ---" traceback on the console

@@ -5,12 +5,12 @@
 """
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
 
 from .. import __version__
+from ..execution import available_cpus
 
 
 EXIT_ERROR, EXIT_USAGE, EXIT_FLAGGED = 1, 2, 3
@@ -53,7 +53,8 @@ def build_parser():
                         "default: the bundled ones for the contrast")
     p.add_argument("--fail-on-flag", action="store_true",
                    help="exit with status 3 when QC flags the mask (the flags are printed as warnings either way)")
-    p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads")
+    p.add_argument("--threads", type=int, default=available_cpus(),
+                   help="CPU threads; default: the CPUs this process may run on (affinity, cgroup quota)")
     p.add_argument("--version", action="version", version=f"skullstrip {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="print stage timings")
     return p

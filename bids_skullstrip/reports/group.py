@@ -283,4 +283,7 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails, selection=()):
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )
     html_path = atomic_write_text(output_dir / f"{name}.html", html)
+    n_processed = sum(r["_status"] == "processed" for r in records)
+    log.info("%s: %d image(s): %d processed (%d flagged by QC), %d failed", name, len(records), n_processed,
+             sum(1 for r in records if r["flags"] and r["_status"] == "processed"), len(records) - n_processed)
     return [Path(tsv_path), Path(html_path)]

@@ -32,6 +32,11 @@ NODE_MEMORY = {  # name: (GB, bytes per voxel)
 }
 
 
+# What an image's node folders hold until it is finished: four float32 volumes and a uint8 mask on its grid (the
+# image and its probability, its N4-corrected and skull-stripped images), 17 bytes a voxel
+WORK_BYTES_PER_VOXEL = 17
+
+
 def node_name(text):
     """A nipype-safe node/workflow name from BIDS text (entities keep their meaning: - and . become _)."""
     return re.sub(r"\W", "_", text)
@@ -50,10 +55,12 @@ def node_memory_gb(name, n_voxels):
     return round(fixed + per_voxel * n_voxels / 1e9, 2)
 
 
-def image_memory_gb(image):
-    """The most memory one node of ``image``'s branch declares: what the run must be allowed at least."""
+def image_memory_gb(image, *, work_in_memory=False):
+    """The most memory one node of ``image``'s branch declares: what the run must be allowed at least; with
+    ``work_in_memory`` (a work directory on tmpfs) also what its node folders hold until it is finished."""
     n_voxels = _voxels(image.path)
-    return max(node_memory_gb(name, n_voxels) for name in NODE_MEMORY)
+    work = WORK_BYTES_PER_VOXEL * n_voxels / 1e9 if work_in_memory else 0.0
+    return round(max(node_memory_gb(name, n_voxels) for name in NODE_MEMORY) + work, 2)
 
 
 def _node(interface, name, n_voxels, n_procs=1):
