@@ -245,7 +245,9 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
     ``load_bids_filters`` gives them."""
     bids_dir = Path(bids_dir).resolve()
     layout = _layout(bids_dir, database_dir)
-    subjects = sorted(layout.get_subjects())
+    # a participant whose only image is a folder named as one has no file for pybids: it is one all the same
+    folders = _folders_named_as_images(bids_dir, contrasts, None, bids_filters)
+    subjects = sorted(set(layout.get_subjects()) | {StructuralInput.from_path(f, bids_dir).subject for f in folders})
     if not subjects:
         raise DiscoveryError(f"{bids_dir}: the dataset has no participants (no sub-* folders)")
     wanted = sorted({strip_prefix(p, "sub-") for p in participant_labels or []}) or subjects
@@ -297,6 +299,10 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
                                 else _what_else_is_there(layout, contrasts, selection)))
     for line in skipped:
         log.warning("%s: %s", bids_dir, line)
+    without = [s for s in wanted if participant_labels and not any(image.subject == s for image in found)]
+    if without:  # asked for by label: a participant the selection leaves empty is said, not dropped in silence
+        log.warning("%s: participant(s) %s: no %s image%s; not processed", bids_dir, ", ".join(without),
+                    "/".join(contrasts), " matches the filters" if bids_filters else "")
     for suffix in emptied:
         log.warning("%s: no %s image matches the filter file's %r selection %s for participant(s) %s", bids_dir,
                     suffix, suffix.lower(), json.dumps((bids_filters or {})[suffix], default=str), ", ".join(wanted))
@@ -310,8 +316,9 @@ def _listed(paths, at_most=3):
 
 def _folders_named_as_images(bids_dir, contrasts, selection, bids_filters):
     """Folders named as images of the chosen contrasts (``sub-01_T1w.nii.gz/``) of the selected participants and
-    sessions: pybids indexes files only and skipped them in silence; as inputs they fail in one line each (``is a
-    directory``). With a filter file for a contrast, its folders are left to the validator."""
+    sessions (``selection`` None: of all): pybids indexes files only and skipped them in silence; as inputs they
+    fail in one line each (``is a directory``). With a filter file for a contrast, its folders are left to the
+    validator."""
     found = []
     for suffix in contrasts:
         if (bids_filters or {}).get(suffix):
@@ -320,7 +327,8 @@ def _folders_named_as_images(bids_dir, contrasts, selection, bids_filters):
             if not (path.is_dir() and re.search(r"\.nii(\.gz)?$", path.name)):
                 continue
             image = StructuralInput.from_path(path, bids_dir)
-            if image.subject in selection["subject"] and image.session in selection.get("session", [image.session]):
+            if selection is None or (image.subject in selection["subject"]
+                                     and image.session in selection.get("session", [image.session])):
                 found.append(path)
     return found
 

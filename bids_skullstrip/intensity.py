@@ -29,3 +29,91 @@ def background_offset(data):
     tolerance = BACKGROUND_OFFSET_FRACTION * float(np.percentile(positive, 98))
     plateau = p40 - p10 <= tolerance and level - float(np.percentile(sample, 1)) <= tolerance
     return level if plateau and abs(level) > tolerance else 0.0
+
+
+# An MP2RAGE uniform image (UNI) has no dark air: its background is noise spread over the whole intensity range,
+# about as bright as tissue on average. Averaged onto the networks' 2 mm grid it becomes a grey fog around the head,
+# and the networks drew a brain of 2-7 litres into it (Dice 0.00-0.69 on real heads given such a background). That
+# background is recognised on the faces of the field of view, where it is the air: bright (a median of the local
+# mean above NOISY_BACKGROUND_LEVEL of the 99th percentile; the faces of the 69 images of ../shared/data are at most
+# 0.024 of it), rough (neighbours differing by NOISY_BACKGROUND_ROUGHNESS of that mean; tissue cut by the field of
+# view is smooth) and rougher than the brain by NOISY_BACKGROUND_CONTRAST (Rician noise over a whole image, a fast
+# or low-field scan, makes air as rough as tissue, not rougher). The noisy voxels connected to the faces are then set
+# to 0 before the networks (the outputs keep the input as it is).
+NOISY_BACKGROUND_LEVEL = 0.08
+NOISY_BACKGROUND_ROUGHNESS = 0.3
+NOISY_BACKGROUND_CONTRAST = 2.0  # and rougher than the brain: a noisy image's air is not (0.7-1.1), nor pure noise's (1.3)
+NOISY_BACKGROUND_WINDOW = 3  # voxels: the local mean and roughness are box averages of this size
+
+
+def _roughness(data, axes):
+    """The mean absolute difference of each voxel with its neighbours along ``axes``."""
+    rough = np.zeros_like(data)
+    for axis in axes:
+        step = np.abs(np.diff(data, axis=axis))
+        rough[tuple(slice(0, -1) if a == axis else slice(None) for a in range(data.ndim))] += step
+        rough[tuple(slice(1, None) if a == axis else slice(None) for a in range(data.ndim))] += step
+    return rough / (2 * len(axes))
+
+
+def _box_roughness(plane):
+    """The roughness of a 2D ``plane`` averaged over ``NOISY_BACKGROUND_WINDOW`` squared voxels: the spread of
+    a single voxel's would put a tenth of pure noise's as low as tissue's."""
+    from scipy import ndimage as ndi
+
+    return ndi.uniform_filter(_roughness(plane, (0, 1)), NOISY_BACKGROUND_WINDOW)
+
+
+def _tissue_roughness(data, top, slices=16):
+    """How rough the image's tissue is: the 10th percentile of the box roughness of the bright voxels (a box mean
+    above a third of ``top``) of the central half of the field of view, where a head's brain is (on ``slices``
+    slices); None where none is bright. Bright noise is rougher: the low percentile is the tissue's."""
+    from scipy import ndimage as ndi
+
+    axis = int(np.argmin(data.shape))
+    size = data.shape[axis]
+    picked = np.unique(np.linspace(size // 4, max(size // 4, 3 * size // 4 - 1), slices).astype(int))
+    centre = tuple(slice(s // 4, max(s // 4 + 1, 3 * s // 4)) for a, s in enumerate(data.shape) if a != axis)
+    rough = []
+    for i in picked:
+        plane = data[tuple(i if a == axis else slice(None) for a in range(3))]
+        bright = ndi.uniform_filter(plane, NOISY_BACKGROUND_WINDOW) >= top / 3
+        rough.append(_box_roughness(plane)[centre][bright[centre]])
+    rough = np.concatenate(rough)
+    return float(np.percentile(rough, 10)) if rough.size else None
+
+
+def _faces(data):
+    """The six faces of a volume, as views (``np.take`` copies the volume's way through memory: 0.9 s for 256³)."""
+    return [data[tuple(i if a == axis else slice(None) for a in range(3))] for axis in range(3) for i in (0, -1)]
+
+
+def noisy_background(data):
+    """The voxels of a background of noise as bright as tissue (an MP2RAGE uniform image's air), connected to the
+    faces of the field of view, as a boolean volume; None where the faces are not such noise."""
+    from scipy import ndimage as ndi
+
+    if min(data.shape) < 3:
+        return None
+    faces = _faces(data)
+    level = float(np.median(np.concatenate([ndi.uniform_filter(f, 3).ravel() for f in faces])))
+    if level <= 0:  # most heads: dark air
+        return None
+    rough = float(np.median(np.concatenate([_box_roughness(f).ravel() for f in faces])))
+    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
+    sample = data[::step, ::step, ::step]
+    top = float(np.percentile(sample[sample > 0], 99))
+    if level < NOISY_BACKGROUND_LEVEL * top or rough < NOISY_BACKGROUND_ROUGHNESS * level:
+        return None
+    tissue = _tissue_roughness(data, top)
+    if tissue is None or rough < NOISY_BACKGROUND_CONTRAST * tissue:  # noise everywhere (a noisy image), not in air
+        return None
+    mean = ndi.uniform_filter(data, NOISY_BACKGROUND_WINDOW)
+    roughness = ndi.uniform_filter(_roughness(data, (0, 1, 2)), NOISY_BACKGROUND_WINDOW)
+    noisy = (mean >= 0.5 * level) & (roughness >= NOISY_BACKGROUND_ROUGHNESS * mean) & (
+        roughness >= NOISY_BACKGROUND_CONTRAST * tissue)
+    labels, _ = ndi.label(noisy)
+    touching = np.unique(np.concatenate([face.ravel() for face in _faces(labels)]))
+    # the box reaches a voxel past the noise onto the head: eroded by as much (the faces' voxels stay noise)
+    return ndi.binary_erosion(np.isin(labels, touching[touching > 0]), iterations=NOISY_BACKGROUND_WINDOW // 2 + 1,
+                              border_value=1)

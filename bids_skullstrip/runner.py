@@ -336,8 +336,8 @@ class Run:
         from . import execution, outputs
 
         config = self.config
-        unfinished = [t for t in images if config.overwrite
-                      or not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
+        unfinished = [t for t in images if not outputs.name_too_long(t) and (  # that one fails alone, in the plan
+            config.overwrite or not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg))]
         if self.plugin == "MultiProc" and unfinished:
             execution.workers_within_memory(unfinished, self.plugin_args,
                                             work_in_memory=execution.in_memory(config.work_dir))
@@ -469,7 +469,10 @@ class Run:
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
             if not any(work.iterdir()):
                 work.rmdir()
-            log.info("work directory %s removed (--clean-workdir)", work)
+                log.info("work directory %s removed (--clean-workdir)", work)
+            else:
+                log.info("work directory %s: what this app put there was removed (--clean-workdir); the folder is "
+                         "kept, it holds other files", work)
             return
         from .execution import in_memory
 

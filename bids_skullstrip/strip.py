@@ -83,10 +83,10 @@ def check_outputs(in_file, **outputs):
     for p in resolved:
         if in_file.exists() and p == in_file.resolve():
             raise ValueError(f"{p}: an output would overwrite the input")
+        if p.is_dir():  # first: `-m out/` is a folder given where a file name was wanted, whatever its name
+            raise ValueError(f"{p}: a folder is there; an output must be a file name")
         if not p.name.endswith((".nii", ".nii.gz")):
             raise ValueError(f"{p}: output names must end in .nii or .nii.gz")
-        if p.is_dir():
-            raise ValueError(f"{p}: a folder is there; an output must be a file name")
         if not p.parent.is_dir():
             raise ValueError(f"{p.parent}: output folder not found")
         if not os.access(p.parent, os.W_OK):

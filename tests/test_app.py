@@ -409,6 +409,11 @@ def test_filters_narrow_labels_in_any_key_case_and_misplaced_keys_are_named(tmp_
         assert len(names({"flair": {"session": "3"}, "t2w": {}}, contrasts=("T1w", "FLAIR"))) == 4
     assert "no FLAIR image matches the filter file's 'flair' selection {\"session\": \"3\"}" in caplog.text
     assert "the filter file's 't2w' not used: not among --contrasts (T1w FLAIR)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):  # a participant asked for whom the filter empties
+        assert names({"t1w": {"subject": "01"}}, participant_labels=["01", "sub-02"]) == [
+            "sub-01_ses-1_T1w.nii.gz", "sub-01_ses-2_T1w.nii.gz"]
+    assert "participant(s) 02: no T1w image matches the filters; not processed" in caplog.text, caplog.text
     with pytest.raises(DiscoveryError, match="the filter 't1w' sets 'suffix'"):
         names({"t1w": {"suffix": "T2w"}})
     with pytest.raises(DiscoveryError, match="keys 't1w' and 'T1w' name the same contrast"):

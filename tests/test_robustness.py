@@ -116,6 +116,7 @@ def mixed_run(tmp_path_factory):
         "07": nifti(rng.random((30, 30, 30, 3), dtype=np.float32) * 100),  # 4D time series
         "08": twins,
         "09": folder_and_a_t2w,  # a folder named as the T1w image: pybids skipped it in silence
+        "10": Path.mkdir,  # the same, the participant's only entry: pybids does not see the participant at all
     })
     before = snapshot(root / "bids")
     out = root / "out"
@@ -132,6 +133,7 @@ EXPECTED_PROBLEM = {
     "07": "volumes",
     "08": "the image is there twice, as sub-08_T1w.nii.gz and sub-08_T1w.nii: remove one",
     "09": "a folder named as an image, not an image file",
+    "10": "a folder named as an image, not an image file",
 }
 
 
@@ -143,7 +145,7 @@ def test_bad_images_fail_alone_with_one_line_each(mixed_run):
     for label, problem in EXPECTED_PROBLEM.items():
         lines = [line for line in text.splitlines() if f"sub-{label}_T1w.nii.gz" in line and problem in line]
         assert lines, f"no one-line error for sub-{label} ({problem!r}) in:\n{text[-3000:]}"
-    assert f"{len(EXPECTED_PROBLEM)} of 9 image(s) failed" in text
+    assert f"{len(EXPECTED_PROBLEM)} of 10 image(s) failed" in text
 
 
 def test_good_image_finished_bad_ones_left_no_output(mixed_run):
@@ -172,7 +174,7 @@ def test_group_report_keeps_the_failed_images_and_joins_participants_tsv(mixed_r
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     with (mixed_run["out"] / "group_T1w.tsv").open() as fh:
         rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
-    assert set(rows) == {f"sub-0{i}" for i in range(1, 10)}
+    assert set(rows) == {f"sub-{i:02d}" for i in range(1, 11)}
     assert rows["sub-01"]["status"] == "processed" and rows["sub-01"]["session_id"] == "n/a"
     for label, problem in EXPECTED_PROBLEM.items():
         row = rows[f"sub-{label}"]
@@ -1207,6 +1209,10 @@ def test_skullstrip_cli_an_output_that_is_a_folder_is_one_line_and_nothing_is_wr
     assert res.returncode == 1 and res.stderr.strip().splitlines() == [
         f"skullstrip: error: {tmp_path / 'brain.nii.gz'}: a folder is there; an output must be a file name"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["brain.nii.gz"]
+    # a folder whose name has no .nii: the same line (it said "output names must end in .nii or .nii.gz")
+    res = skullstrip("-i", SMALL_HEAD, "-m", tmp_path)
+    assert res.returncode == 1 and res.stderr.strip().splitlines() == [
+        f"skullstrip: error: {tmp_path}: a folder is there; an output must be a file name"], res.stderr
 
 
 @pytest.mark.parametrize("there_before", [False, True])
@@ -1441,7 +1447,7 @@ def test_a_memory_limit_below_two_images_runs_them_one_after_the_other_within_it
         time.sleep(0.1)
     stdout, stderr = proc.communicate()
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert f"memory: 1 image(s) at a time (an image needs up to {need:.1f} GB, the run may use {limit:.1f} GB)" \
+    assert f"memory: 1 image(s) at a time (an image needs up to {need:.2f} GB, the run may use {limit:.2f} GB)" \
         in stdout, stdout
     assert "[MultiProc] Running 2 tasks" not in (work / "nipype.log").read_text()
     print(f"peak {peak / 2**30:.2f} GB of the run's processes, limit {limit} GB, an image needs {need} GB")

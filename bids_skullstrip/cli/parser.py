@@ -34,7 +34,7 @@ def build_parser():
                    help="the structural images to skull-strip, by BIDS suffix: T1w, T2w, FLAIR, PDw, T2starw, or all "
                         "(a contrast-enhanced T1w is a T1w with a ce- entity); default: T1w")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
-                   help='JSON with pybids filters per contrast (keys: the suffix in lower case), e.g. '
+                   help='JSON with pybids filters per contrast (keys: the suffix, in any case), e.g. '
                         '{"t1w": {"acquisition": "mprage"}, "flair": {"session": "1"}}')
     g.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                    help="do not run the BIDS validator on the input dataset")

@@ -14,7 +14,7 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from .. import geometry
-from ..intensity import background_offset
+from ..intensity import background_offset, noisy_background
 from ..postproc import check_border, check_threshold, clean_mask, largest_component, with_border
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
@@ -202,6 +202,12 @@ class Skullstripper:
             data = data - np.float32(offset)
             warnings.append(f"the background is not about 0 (air at intensity {offset:.4g}): every voxel was moved by "
                             f"{-offset:+.4g} before the networks")
+        noise = noisy_background(data)
+        if noise is not None:
+            data = np.where(noise, np.float32(0), data)
+            warnings.append(f"the background is noise as bright as tissue (an MP2RAGE uniform image?): its "
+                            f"{100 * np.count_nonzero(noise) / noise.size:.0f} % of the field of view was set to 0 "
+                            "before the networks")
         prediction = self._predict(data, affine, shape, warnings)
         if self.card is not None and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:  # not stand-ins
             prediction = self._upright(data, affine, shape, prediction)
