@@ -1,4 +1,5 @@
-"""What the networks and the QC measures assume of an image's intensities: that air is about 0."""
+"""What the networks and the QC measures assume of an image's intensities: that air is about 0 and dark, and that
+the noise is moderate; ``as_the_networks_read_it`` makes a volume so."""
 
 import numpy as np
 
@@ -145,3 +146,30 @@ def noisy_background(data):
     # the box reaches a voxel past the noise onto the head: eroded by as much (the faces' voxels stay noise)
     return ndi.binary_erosion(np.isin(labels, touching[touching > 0]), iterations=NOISY_BACKGROUND_WINDOW // 2 + 1,
                               border_value=1)
+
+
+def as_the_networks_read_it(data, voxel_mm):
+    """(volume, warnings): ``data`` (float32, 3D; voxel sizes ``voxel_mm``) as the networks and the QC's intensity
+    measures read it: an MP2RAGE image's noisy air set to 0 (``noisy_background``), a very noisy image smoothed
+    (``heavy_noise``), a background that is not about 0 taken off (``background_offset``); each said in a warning.
+    The outputs keep the input as it is."""
+    from scipy import ndimage as ndi
+
+    warnings = []
+    background = noisy_background(data)
+    if background is not None:
+        data = np.where(background, np.float32(0), data)
+        warnings.append(f"the background is noise as bright as tissue (an MP2RAGE uniform image?): its "
+                        f"{100 * np.count_nonzero(background) / background.size:.0f} % of the field of view was set "
+                        "to 0 before the networks")
+    air = heavy_noise(data)
+    if air is not None:
+        data = ndi.gaussian_filter(data, HEAVY_NOISE_SMOOTHING_MM / np.asarray(voxel_mm, float)).astype(np.float32)
+        warnings.append(f"the image is very noisy (its air at {100 * air:.0f} % of the brightest tissue): it was "
+                        f"smoothed (Gaussian, {HEAVY_NOISE_SMOOTHING_MM:g} mm) before the networks")
+    offset = background_offset(data)
+    if offset:
+        data = data - np.float32(offset)
+        warnings.append(f"the background is not about 0 (air at intensity {offset:.4g}): every voxel was moved by "
+                        f"{-offset:+.4g} before the networks")
+    return data, warnings

@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
 
 from .geometry import voxel_box
-from .intensity import background_offset
+from .intensity import as_the_networks_read_it
 
 TARGET_MM = 2.0  # analysis grid spacing (integer-stride subsampling towards this)
 RIM_MM = 4.0  # width of the inner / outer boundary rims and of the shells of the edge profile
@@ -240,7 +240,7 @@ def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None):
     if nm == 0:  # a mask thinner than the stride
         return out
     p = np.asarray(probability[box], dtype=np.float32)
-    img = np.asarray(t1w[box], dtype=np.float32) - np.float32(background_offset(t1w))  # as the networks read it
+    img = as_the_networks_read_it(np.asarray(t1w, dtype=np.float32), voxel_mm)[0][box]
     vox_ml = float(np.prod(vox)) / 1000.0
 
     # Probability map: the uncertain band, agreement with the final mask, blobs outside the brain.

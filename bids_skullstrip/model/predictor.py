@@ -14,7 +14,7 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from .. import geometry
-from ..intensity import HEAVY_NOISE_SMOOTHING_MM, background_offset, heavy_noise, noisy_background
+from ..intensity import as_the_networks_read_it
 from ..postproc import check_border, check_threshold, clean_mask, largest_component, with_border
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
@@ -218,22 +218,8 @@ class Skullstripper:
         """The brain probability of ``data`` (3D, native grid, voxel-to-world ``affine``) as a ``Prediction``."""
         data, affine, warnings = checked_volume(data, affine)
         shape = tuple(int(s) for s in data.shape)
-        background = noisy_background(data)
-        if background is not None:
-            data = np.where(background, np.float32(0), data)
-            warnings.append(f"the background is noise as bright as tissue (an MP2RAGE uniform image?): its "
-                            f"{100 * np.count_nonzero(background) / background.size:.0f} % of the field of view was "
-                            "set to 0 before the networks")
-        air = heavy_noise(data)
-        if air is not None:
-            data = ndi.gaussian_filter(data, HEAVY_NOISE_SMOOTHING_MM / voxel_sizes(affine)).astype(np.float32)
-            warnings.append(f"the image is very noisy (its air at {100 * air:.0f} % of the brightest tissue): it was "
-                            f"smoothed (Gaussian, {HEAVY_NOISE_SMOOTHING_MM:g} mm) before the networks")
-        offset = background_offset(data)
-        if offset:
-            data = data - np.float32(offset)
-            warnings.append(f"the background is not about 0 (air at intensity {offset:.4g}): every voxel was moved by "
-                            f"{-offset:+.4g} before the networks")
+        data, said = as_the_networks_read_it(data, voxel_sizes(affine))
+        warnings += said
         prediction = self._predict(data, affine, shape, warnings)
         if self.card is not None and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:  # not stand-ins
             prediction = self._upright(data, affine, shape, prediction)
