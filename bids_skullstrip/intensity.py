@@ -36,15 +36,17 @@ def background_offset(data):
 # about as bright as tissue on average. Averaged onto the networks' 2 mm grid it becomes a grey fog around the head,
 # and the networks drew a brain of 2-7 litres into it (Dice 0.00-0.69 on real heads given such a background). That
 # background is recognised on the faces of the field of view, where it is the air: bright (a median of the local
-# mean above NOISY_BACKGROUND_LEVEL of the 99th percentile; the faces of the 69 images of ../shared/data are at most
-# 0.024 of it), rough (neighbours differing by NOISY_BACKGROUND_ROUGHNESS of that mean; tissue cut by the field of
+# mean above NOISY_BACKGROUND_LEVEL of the 99th percentile: 0.26-0.59 for MP2RAGE-like air at 0.4-1 times the
+# range, at most 0.024 on the 69 images of ../shared/data; noisy air below it is better smoothed, ``heavy_noise``:
+# its zeroing was patchy and lost 0.015-0.026 of Dice on air at 0.17), rough (neighbours differing by NOISY_BACKGROUND_ROUGHNESS of that mean; tissue cut by the field of
 # view is smooth) and rougher than the brain by NOISY_BACKGROUND_CONTRAST (Rician noise over a whole image, a fast
 # or low-field scan, makes air as rough as tissue, not rougher). The noisy voxels connected to the faces are then set
 # to 0 before the networks (the outputs keep the input as it is).
-NOISY_BACKGROUND_LEVEL = 0.08
+NOISY_BACKGROUND_LEVEL = 0.2
 NOISY_BACKGROUND_ROUGHNESS = 0.3
 NOISY_BACKGROUND_CONTRAST = 2.0  # and rougher than the brain: a noisy image's air is not (0.7-1.1), nor pure noise's (1.3)
 NOISY_BACKGROUND_WINDOW = 3  # voxels: the local mean and roughness are box averages of this size
+NOISE_WHITENESS = 1.15  # at most this much more different 3 voxels apart than next to each other: noise, not tissue
 
 
 def _roughness(data, axes):
@@ -89,17 +91,27 @@ def _faces(data):
     return [data[tuple(i if a == axis else slice(None) for a in range(3))] for axis in range(3) for i in (0, -1)]
 
 
+def _lag_difference(faces, lag):
+    """The median absolute difference of voxels ``lag`` apart, in plane, over ``faces``."""
+    return float(np.median(np.concatenate([np.abs(np.diff(f[tuple(slice(None, None, lag) if a == axis else
+                                                                     slice(None) for a in range(2))], axis=axis)).ravel()
+                                           for f in faces for axis in range(2)])))
+
+
 def _air(data):
     """(level, roughness, top): the median local mean and box roughness of the faces of the field of view (the
-    air's) and the 99th percentile of the positive voxels of about 5e4 of them; level 0 where the faces are dark or
-    the volume too thin."""
+    air's) and the 99th percentile of the positive voxels of about 5e4 of them; level 0 where the faces are dark, not
+    noise or the volume too thin. Noise is white: voxels 3 apart differ as much as neighbours (1.00-1.01 times, for
+    Rician and MP2RAGE-like air), unlike tissue, whose neighbours are alike (1.27-3.0 times: the faces of a field of
+    view cut inside the brain, which were taken for noisy air)."""
     from scipy import ndimage as ndi
 
-    if min(data.shape) < 3:
+    if min(data.shape) < 7:
         return 0.0, 0.0, 1.0
     faces = _faces(data)
     level = float(np.median(np.concatenate([ndi.uniform_filter(f, 3).ravel() for f in faces])))
-    if level <= 0:
+    neighbours = _lag_difference(faces, 1)
+    if level <= 0 or neighbours <= 0 or _lag_difference(faces, 3) > NOISE_WHITENESS * neighbours:
         return 0.0, 0.0, 1.0
     rough = float(np.median(np.concatenate([_box_roughness(f).ravel() for f in faces])))
     step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
