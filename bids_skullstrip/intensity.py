@@ -127,15 +127,17 @@ def _air(data):
 # 0.177-0.305 at 15-25 %, at most 0.024 on the 69 images of ../shared/data; its roughness tells it from a constant
 # background (``background_offset``'s).
 HEAVY_NOISE_LEVEL = 0.17
+HEAVY_NOISE_AT_MOST = 0.45  # air as bright as most of the image (0.59: a volume of noise without a head) is left
 HEAVY_NOISE_SMOOTHING_MM = 2.0
 
 
 def heavy_noise(data):
     """The air's level relative to the 99th percentile where it says the image is too noisy for the networks as it
-    is (bright above ``HEAVY_NOISE_LEVEL`` and rough: Rician noise of about 15 % or more), else None. An MP2RAGE
-    image's air goes first (``noisy_background``)."""
+    is (bright above ``HEAVY_NOISE_LEVEL``, below ``HEAVY_NOISE_AT_MOST``, and rough: Rician noise of about 15 to
+    40 %), else None. An MP2RAGE image's air goes first (``noisy_background``)."""
     level, rough, top = _air(data)
-    return level / top if level >= HEAVY_NOISE_LEVEL * top and rough >= NOISY_BACKGROUND_ROUGHNESS * level else None
+    bright = HEAVY_NOISE_LEVEL * top <= level < HEAVY_NOISE_AT_MOST * top
+    return level / top if bright and rough >= NOISY_BACKGROUND_ROUGHNESS * level else None
 
 
 def noisy_background(data):

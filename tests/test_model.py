@@ -299,7 +299,7 @@ def test_a_noisy_image_is_not_taken_for_one_with_a_noisy_background():
             assert (heavy_noise(noisy.astype(np.float32)) is None) == (fraction < 0.1), (name, fraction)
         assert heavy_noise(data + np.float32(25.0)) is None  # a constant background: ``background_offset``'s
     for pure in (rng.normal(100, 30, (60, 70, 60)), rng.uniform(0, 1000, (48, 48, 48))):  # noise, no head at all
-        assert noisy_background(pure.astype(np.float32)) is None
+        assert noisy_background(pure.astype(np.float32)) is None and heavy_noise(pure.astype(np.float32)) is None
     others = sorted(HEADS.glob("*/T1w.nii.gz")) + sorted((HEADS.parent / "contrasts").glob("*/image.nii.gz"))
     assert len(others) >= 60
     for path in others:
