@@ -35,16 +35,17 @@ def background_offset(data):
 # An MP2RAGE uniform image (UNI) has no dark air: its background is noise spread over the whole intensity range,
 # about as bright as tissue on average. Averaged onto the networks' 2 mm grid it becomes a grey fog around the head,
 # and the networks drew a brain of 2-7 litres into it (Dice 0.00-0.69 on real heads given such a background). That
-# background is recognised on the faces of the field of view, where it is the air: bright (a median of the local
-# mean above NOISY_BACKGROUND_LEVEL of the 99th percentile: 0.26-0.59 for MP2RAGE-like air at 0.4-1 times the
-# range, at most 0.024 on the 69 images of ../shared/data; noisy air below it is better smoothed, ``heavy_noise``:
-# its zeroing was patchy and lost 0.015-0.026 of Dice on air at 0.17), rough (neighbours differing by NOISY_BACKGROUND_ROUGHNESS of that mean; tissue cut by the field of
-# view is smooth) and rougher than the brain by NOISY_BACKGROUND_CONTRAST (Rician noise over a whole image, a fast
-# or low-field scan, makes air as rough as tissue, not rougher). The noisy voxels connected to the faces are then set
-# to 0 before the networks (the outputs keep the input as it is).
+# background is recognised on the faces of the field of view, where it is the air: white (``_air``), bright (a
+# median of the local mean above NOISY_BACKGROUND_LEVEL of the 99th percentile: 0.26-0.59 for MP2RAGE-like air at
+# 0.4-1 times the range, at most 0.024 on the 69 images of ../shared/data; fainter noisy air is better smoothed,
+# ``heavy_noise``: its zeroing was patchy and lost 0.015-0.026 of Dice on air at 0.17), rough (neighbours differing
+# by NOISY_BACKGROUND_ROUGHNESS of that mean; tissue cut by the field of view is smooth) and rougher than the brain by
+# NOISY_BACKGROUND_CONTRAST (Rician noise over a whole image, a fast or low-field scan, makes air as rough as tissue,
+# not rougher). The noisy voxels connected to the faces are then set to 0 before the networks (the outputs keep the
+# input as it is).
 NOISY_BACKGROUND_LEVEL = 0.2
 NOISY_BACKGROUND_ROUGHNESS = 0.3
-NOISY_BACKGROUND_CONTRAST = 2.0  # and rougher than the brain: a noisy image's air is not (0.7-1.1), nor pure noise's (1.3)
+NOISY_BACKGROUND_CONTRAST = 2.0  # a noisy image's air is not (0.7-1.1 times the brain's), nor pure noise's (1.3)
 NOISY_BACKGROUND_WINDOW = 3  # voxels: the local mean and roughness are box averages of this size
 NOISE_WHITENESS = 1.15  # at most this much more different 3 voxels apart than next to each other: noise, not tissue
 
