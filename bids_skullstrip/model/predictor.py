@@ -273,9 +273,9 @@ class Skullstripper:
             return prediction
         timings = {k: prediction.timings.get(k, 0.0) + v for _, _, p in tried for k, v in p.timings.items()}
         said = (f"the networks' views agree far better with the head seen turned {abs(degrees):g} degrees "
-                f"{'nose down' if degrees < 0 else 'nose up'} (they disagree on {100 * disagreement:.1f} % of the brain, "
-                f"against {100 * prediction.view_disagreement:.1f} % as it lies): the mask was made so; is the head "
-                "pitched far from the usual (chin to chest)?")
+                f"{'nose down' if degrees < 0 else 'nose up'} (they disagree on {100 * disagreement:.1f} % of the "
+                f"brain, against {100 * prediction.view_disagreement:.1f} % as it lies): the mask was made so; is the "
+                "head pitched far from the usual (chin to chest)?")
         return Prediction(best.probability, best.block, timings, [*prediction.warnings, *best.warnings, said],
                           view_disagreement=best.view_disagreement)
 
