@@ -132,21 +132,21 @@ HEAVY_NOISE_AT_MOST = 0.45  # air as bright as most of the image (0.59: a volume
 HEAVY_NOISE_SMOOTHING_MM = 2.0
 
 
-def heavy_noise(data):
+def heavy_noise(data, air=None):
     """The air's level relative to the 99th percentile where it says the image is too noisy for the networks as it
     is (bright above ``HEAVY_NOISE_LEVEL``, below ``HEAVY_NOISE_AT_MOST``, and rough: Rician noise of about 15 to
-    40 %), else None. An MP2RAGE image's air goes first (``noisy_background``)."""
-    level, rough, top = _air(data)
+    40 %), else None. An MP2RAGE image's air goes first (``noisy_background``). ``air``: ``_air(data)``, if known."""
+    level, rough, top = air or _air(data)
     bright = HEAVY_NOISE_LEVEL * top <= level < HEAVY_NOISE_AT_MOST * top
     return level / top if bright and rough >= NOISY_BACKGROUND_ROUGHNESS * level else None
 
 
-def noisy_background(data):
+def noisy_background(data, air=None):
     """The voxels of a background of noise as bright as tissue (an MP2RAGE uniform image's air), connected to the
     faces of the field of view, as a boolean volume; None where the faces are not such noise."""
     from scipy import ndimage as ndi
 
-    level, rough, top = _air(data)
+    level, rough, top = air or _air(data)
     if level < NOISY_BACKGROUND_LEVEL * top or rough < NOISY_BACKGROUND_ROUGHNESS * level:  # most heads: dark air
         return None
     tissue = _tissue_roughness(data, top)
@@ -170,17 +170,18 @@ def as_the_networks_read_it(data, voxel_mm):
     The outputs keep the input as it is."""
     from scipy import ndimage as ndi
 
-    warnings = []
-    background = noisy_background(data)
+    warnings, air = [], _air(data)  # the faces' statistics, once for both tests
+    background = noisy_background(data, air)
     if background is not None:
         data = np.where(background, np.float32(0), data)
         warnings.append(f"the background is noise as bright as tissue (an MP2RAGE uniform image?): its "
                         f"{100 * np.count_nonzero(background) / background.size:.0f} % of the field of view was set "
                         "to 0 before the networks")
-    air = heavy_noise(data)
-    if air is not None:
+        air = _air(data)  # the air is 0 now
+    noise = heavy_noise(data, air)
+    if noise is not None:
         data = ndi.gaussian_filter(data, HEAVY_NOISE_SMOOTHING_MM / np.asarray(voxel_mm, float)).astype(np.float32)
-        warnings.append(f"the image is very noisy (its air at {100 * air:.0f} % of the brightest tissue): it was "
+        warnings.append(f"the image is very noisy (its air at {100 * noise:.0f} % of the brightest tissue): it was "
                         f"smoothed (Gaussian, {HEAVY_NOISE_SMOOTHING_MM:g} mm) before the networks")
     offset = background_offset(data)
     if offset:
