@@ -345,6 +345,28 @@ def test_a_head_upside_down_in_its_header_is_stripped_turned_over_with_a_warning
     assert not any("upside down" in w for w in stripper.probability(noisy, img.affine).warnings)
 
 
+@needs(OFFSET_HEAD, "the shared heads")
+def test_passes_tried_and_not_used_count_in_the_timings():
+    """Views that disagree (here: said to, 5 % on the first pass, 4.5 % on every other) make the head run turned
+    over and pitched both ways; none agrees better, so the first pass is used, but the others' time was spent all
+    the same: the stage timings said the first pass's only."""
+    from dataclasses import replace
+
+    img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
+    stripper, passes = Skullstripper(), []
+    predict = stripper._predict
+
+    def disagreeing(*args):
+        passes.append(replace(predict(*args), view_disagreement=0.05 if not passes else 0.045))
+        return passes[-1]
+
+    stripper._predict = disagreeing
+    result = stripper.probability(np.asarray(img.dataobj, np.float32), img.affine)
+    assert len(passes) == 4 and result.view_disagreement == 0.05 and not result.warnings
+    for stage in ("locate", "inference", "to_native"):
+        assert result.timings[stage] == pytest.approx(sum(p.timings[stage] for p in passes))
+
+
 @needs(HEADS / "nichart-demo-subj1", "the shared heads")
 @pytest.mark.parametrize("name, degrees", [("nichart-demo-subj1", 35.0), ("nichart-demo-subj7", -35.0)])
 def test_a_head_pitched_far_from_the_usual_is_seen_turned_back(name, degrees):

@@ -7,7 +7,7 @@ and a brain mask on the same grid out.
 """
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from nibabel.affines import voxel_sizes
@@ -107,6 +107,16 @@ class SkullstripResult:
     view_disagreement: float | None = None  # the Prediction's: a QC measure
     # with a border: the mask before it (uint8), which QC judges (the border is the user's choice, not the networks')
     mask_before_border: np.ndarray | None = None
+
+
+def _summed_timings(prediction, others):
+    """``prediction``'s stage timings plus those of the ``others`` passes: a pass tried and not used took its time
+    all the same."""
+    timings = dict(prediction.timings)
+    for other in others:
+        for stage, seconds in other.timings.items():
+            timings[stage] = timings.get(stage, 0.0) + seconds
+    return timings
 
 
 def checked_volume(data, affine):
@@ -242,10 +252,10 @@ class Skullstripper:
         networks' views agree far better on it (the header's superior-inferior axis is flipped)."""
         axis = int(np.argmax(np.abs(affine[2, :3])))
         turned = self._predict(np.ascontiguousarray(np.flip(data, axis)), affine, shape, [])
+        timings = _summed_timings(prediction, [turned])
         if (turned.view_disagreement is None or turned.view_disagreement > UPSIDE_DOWN_AGREED
                 or turned.view_disagreement >= UPSIDE_DOWN_RATIO * prediction.view_disagreement):
-            return prediction
-        timings = {k: prediction.timings.get(k, 0.0) + v for k, v in turned.timings.items()}
+            return replace(prediction, timings=timings)
         block = None if turned.block is None else tuple(
             slice(shape[a] - b.stop, shape[a] - b.start) if a == axis else b for a, b in enumerate(turned.block))
         said = (f"the head is upside down in this image's header (its superior-inferior axis flipped?): the "
@@ -269,9 +279,9 @@ class Skullstripper:
         if TILT_RATIO * prediction.view_disagreement <= closest < TILT_HELPS * prediction.view_disagreement:
             tried.append(seen(np.sign(degrees) * TILT_FURTHER_DEGREES))
         disagreement, degrees, best = min(tried, key=lambda t: t[0])
+        timings = _summed_timings(prediction, [p for _, _, p in tried])
         if disagreement > UPSIDE_DOWN_AGREED or disagreement >= TILT_RATIO * prediction.view_disagreement:
-            return prediction
-        timings = {k: prediction.timings.get(k, 0.0) + v for _, _, p in tried for k, v in p.timings.items()}
+            return replace(prediction, timings=timings)
         said = (f"the networks' views agree far better with the head seen turned {abs(degrees):g} degrees "
                 f"{'nose down' if degrees < 0 else 'nose up'} (they disagree on {100 * disagreement:.1f} % of the "
                 f"brain, against {100 * prediction.view_disagreement:.1f} % as it lies): the mask was made so; is the "
