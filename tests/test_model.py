@@ -280,6 +280,18 @@ def test_a_background_of_bright_noise_is_set_to_0_before_the_networks(amplitude)
     assert any("the background is noise as bright as tissue" in w for w in result.warnings), result.warnings
 
 
+def test_noise_on_the_faces_of_an_otherwise_empty_volume_is_read_without_an_error():
+    """Noise on three faces of a volume that is 0 elsewhere: the air has a level, but the sample of the volume the
+    99th percentile is taken from has no positive voxel (red-team 10a: an IndexError and a 41-line traceback)."""
+    from bids_skullstrip.intensity import as_the_networks_read_it
+
+    rng = np.random.default_rng(0)
+    data = np.zeros((160, 192, 192), np.float32)
+    data[-1], data[:, -1], data[:, :, -1] = rng.random((192, 192)), rng.random((160, 192)), rng.random((160, 192))
+    read, warnings = as_the_networks_read_it(data, (1.0, 1.0, 1.0))
+    assert read.shape == data.shape and not warnings
+
+
 @needs(HEADS / "nichart-demo-subj7", "the shared heads")
 def test_a_noisy_image_is_not_taken_for_one_with_a_noisy_background():
     """Rician noise over the whole image (a fast or low-field scan) also makes the air rough and bright, but no

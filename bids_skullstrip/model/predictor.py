@@ -14,7 +14,7 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from .. import geometry
-from ..intensity import as_the_networks_read_it
+from ..intensity import as_the_networks_read_it, field_of_view_faces
 from ..postproc import check_border, check_threshold, clean_mask, largest_component, with_border
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
@@ -27,6 +27,17 @@ from .inference import BrainNetworks, load_networks, predict_probability
 STRIPPED_ZERO_FRACTION = 0.3
 STRIPPED_VOLUME_ML = (500.0, 2200.0)
 STRIPPED_BRAIN_COVER = 0.7
+# A stripped brain's background is not always constant: faint noise added around it, or the ringing of a spline or
+# sinc resampling (a stripped brain registered to a template: values of -20 to +13 % of the brain's about its edge).
+# The networks then cut 7-10 % of its edge (Dice 0.90-0.93, flagged by QC only). Its region is then the voxels above
+# a floor, STRIPPED_FLOOR of the 99th percentile or, where the noise is higher, STRIPPED_NOISE_MARGIN times the
+# faces' 99th percentile of |value|, if that is at most STRIPPED_FLOOR_AT_MOST (the faces are background, not tissue
+# or bright air): one component with nothing above the floor farther than STRIPPED_HALO_VOXELS from it (a head has
+# its scalp there, and its whole head is the component: more than a brain), then the tests of a constant background.
+STRIPPED_FLOOR = 0.03
+STRIPPED_FLOOR_AT_MOST = 0.15
+STRIPPED_HALO_VOXELS = 3
+STRIPPED_NOISE_MARGIN = 1.5  # 3.9 sigma of Gaussian noise
 # A header whose superior-inferior axis is flipped shows the networks an upside-down head, and their two views
 # disagree: on 65 real images (52 T1w heads, 13 clinical 2D stacks) the voxels in one view's brain and not the
 # other's are 1.5-3.9 % of the two views' brain upright and 2.9-20 % turned over, always 1.34-6.3 times more than
@@ -82,8 +93,8 @@ def default_views(voxel_mm=geometry.MODEL_VOXEL_MM):
     return View(), View(shift_mm=voxel_mm / 2, mirror=True)
 
 
-STRIPPED = "the image looks already skull-stripped (constant outside a brain-sized region that the networks find " \
-           "filled with brain): the mask is that region"
+STRIPPED = "the image looks already skull-stripped (a constant or faint background outside a brain-sized region that " \
+           "the networks find filled with brain): the mask is that region"
 
 
 @dataclass
@@ -146,7 +157,16 @@ def checked_volume(data, affine):
     return data, affine, warnings
 
 
-def stripped_region(data):
+def stripped_region(data, voxel_mm):
+    """The brain-sized region outside which ``data`` is background (``may_be_skull_stripped``), else None: a constant
+    background (``_above_constant_background``) or a faint one (``_above_faint_background``)."""
+    region = _above_constant_background(data)
+    if region is None:
+        region = _above_faint_background(data, voxel_mm)
+    return region if region is not None and may_be_skull_stripped(region, voxel_mm) else None
+
+
+def _above_constant_background(data):
     """The voxels above the image's constant background: its lowest value, where that is about 0 (0, or the 1 or 0.01
     some tools write outside a brain: at most 1 % of the brightest voxel) and fills more than
     ``STRIPPED_ZERO_FRACTION`` of the field of view, else None."""
@@ -157,9 +177,34 @@ def stripped_region(data):
     return region if 1.0 - np.count_nonzero(region) / data.size > STRIPPED_ZERO_FRACTION else None
 
 
+def _above_faint_background(data, voxel_mm):
+    """The one brain-sized component of the voxels above a faint background (noise or a resampling's ringing,
+    ``STRIPPED_FLOOR``), with nothing above it farther away, else None."""
+    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
+    sample = data[::step, ::step, ::step]
+    positive = sample[sample > 0]
+    if min(data.shape) < 2 * STRIPPED_HALO_VOXELS or not positive.size:
+        return None
+    top = float(np.percentile(positive, 99))
+    faces = np.concatenate([np.abs(face).ravel() for face in field_of_view_faces(data)])
+    floor = max(STRIPPED_FLOOR * top, STRIPPED_NOISE_MARGIN * float(np.percentile(faces, 99)))
+    # a first look at a sample: most heads stop here (their tissue above the floor is more than a brain and the
+    # ringing it may have within the halo)
+    sampled_ml = np.count_nonzero(sample > floor) * step ** 3 * float(np.prod(voxel_mm)) / 1000.0
+    brain_sized = 0.9 * STRIPPED_VOLUME_ML[0] <= sampled_ml <= 1.25 * STRIPPED_VOLUME_ML[1]
+    if floor > STRIPPED_FLOOR_AT_MOST * top or not brain_sized:
+        return None
+    above = data > floor
+    region = largest_component(above)
+    apart = above & ~ndi.binary_dilation(region, iterations=STRIPPED_HALO_VOXELS)
+    if np.count_nonzero(apart) > 0.01 * np.count_nonzero(region):
+        return None
+    return region if 1.0 - np.count_nonzero(region) / data.size > STRIPPED_ZERO_FRACTION else None
+
+
 def may_be_skull_stripped(region, voxel_mm):
-    """Constant outside a brain-sized ``region`` (``stripped_region``): a stripped brain, or a small head whose air
-    was zeroed (``is_skull_stripped`` tells them apart)."""
+    """Background outside a brain-sized ``region``: a stripped brain, or a small head whose air was zeroed
+    (``is_skull_stripped`` tells them apart)."""
     volume_ml = int(np.count_nonzero(region)) * float(np.prod(voxel_mm)) / 1000.0
     return STRIPPED_VOLUME_ML[0] <= volume_ml <= STRIPPED_VOLUME_ML[1]
 
@@ -240,9 +285,8 @@ class Skullstripper:
             prediction = self._upright(data, affine, shape, prediction)
         if self.card is not None and (prediction.view_disagreement or 0.0) > TILT_CHECK:
             prediction = self._less_pitched(data, affine, shape, prediction)
-        region = stripped_region(data)
-        if (region is not None and may_be_skull_stripped(region, voxel_sizes(affine))
-                and is_skull_stripped(region, prediction.probability)):
+        region = stripped_region(data, voxel_sizes(affine))
+        if region is not None and is_skull_stripped(region, prediction.probability):
             return Prediction(region.astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
                               warnings=[*warnings, STRIPPED], stripped_input=True)
         return prediction
