@@ -29,6 +29,9 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
 # still here this long after the signal, a timer stops it the same way.
 STOP_GRACE_S = 3.0
 _STOPPING = threading.Lock()
+# A second signal while the first one's stop is under way (a double Ctrl-C, `kill` sent twice) raised in the middle
+# of that stop: the run ended with a traceback, or with status 0 and not a word (red-team 10b). It is ignored now.
+_SIGNALLED = threading.Event()
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
 
@@ -42,6 +45,9 @@ def _interrupt_in(main_pid):
     def interrupt(signum, frame):
         if os.getpid() != main_pid:  # a process forked from this one before its own handlers were set: stop
             os._exit(128 + signum)
+        if _SIGNALLED.is_set():  # the first signal's stop is under way (or its watchdog's, if it was dropped)
+            return
+        _SIGNALLED.set()
         name = signal.Signals(signum).name
         watchdog = threading.Timer(STOP_GRACE_S, stop_now, args=(name,))
         watchdog.daemon = True
@@ -60,9 +66,11 @@ def handle_stop_signals():
 
 def stop_now(name):
     """Stop every worker and job of the run, say how to resume and leave at once (128 + the signal's number); the
-    first caller does it (the unwound main thread, or the watchdog of a signal whose exception was dropped)."""
+    first caller does it (the unwound main thread, or the watchdog of a signal whose exception was dropped); a
+    second waits for it to end the process, never returning to a caller that would go on or exit 0."""
     if not _STOPPING.acquire(blocking=False):
-        return
+        while True:
+            time.sleep(60)
     from .multiproc import stop_workers
     from .slurm import cancel_submitted_jobs
 

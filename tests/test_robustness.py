@@ -885,6 +885,41 @@ def test_a_stop_signal_before_the_run_begins_stops_it_with_its_message(small_dat
     assert "bids_skullstrip: interrupted (SIGTERM)" in res.stderr and not out.exists(), res.stderr
 
 
+@pytest.mark.parametrize("when", ["before the run", "in the run"])
+def test_a_second_stop_signal_during_the_stop_changes_nothing(when, small_dataset, tmp_path):
+    """A double Ctrl-C or `kill` sent twice: the second signal arrived while the first one's stop was under way
+    (here: while it stops the workers) and raised there; the run ended with a traceback (status 1) before it began,
+    and in it with status 0 and not a word, which a scheduler records as success (red-team 10b)."""
+    script = tmp_path / "twice.py"
+    send = "os.kill(os.getpid(), signal.SIGTERM)"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from bids_skullstrip import multiproc, runner\n"
+        "from bids_skullstrip.cli import run\n"
+        "stop_workers = multiproc.stop_workers\n"
+        "def stopping():\n"
+        f"    {send}\n"
+        "    stop_workers()\n"
+        "multiproc.stop_workers = stopping\n"
+        + ("resolve = run.RunConfig.from_args\n"
+           "def resolving(opts):\n"
+           f"    {send}\n"
+           "    return resolve(opts)\n"
+           "run.RunConfig.from_args = resolving\n" if when == "before the run" else
+           "process = runner.Run.process\n"
+           "def processing(self, *args, **kwargs):\n"
+           f"    {send}\n"
+           "    return process(self, *args, **kwargs)\n"
+           "runner.Run.process = processing\n")
+        + "sys.exit(run.main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(tmp_path / "out"), "participant",
+                          "--skip-bids-validation", "-w", str(tmp_path / "work")], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 143, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
+    assert res.stderr.count("bids_skullstrip: interrupted (SIGTERM)") == 1 and "Traceback" not in res.stderr, \
+        res.stderr
+
+
 @pytest.mark.parametrize("signum, to_group, status", [
     (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground process group
     (signal.SIGHUP, False, 129),  # the terminal closed
