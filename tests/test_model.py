@@ -280,6 +280,29 @@ def test_a_background_of_bright_noise_is_set_to_0_before_the_networks(amplitude)
     assert any("the background is noise as bright as tissue" in w for w in result.warnings), result.warnings
 
 
+@needs(OFFSET_HEAD, "the shared heads")
+@pytest.mark.parametrize("frame", ["a plane of zeros", "three planes of -32768"])
+def test_a_frame_of_padding_neither_hides_the_air_nor_is_taken_for_it(frame):
+    """The MP2RAGE-like head above with a frame of padding around it (the outer planes of one value: a conform's or a
+    crop's zeros, a converter's pixel padding): the tests that read the air on the faces of the field of view read
+    the frame instead, and the networks saw the noise (red-team 10a: Dice 0.65 with one plane of zeros) or a
+    background moved up by 32768 (0.34). Inside the frame the air is read; the frame is air (0)."""
+    img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
+    data = np.asarray(img.dataobj, np.float32)
+    ref = np.asarray(nib.load(str(OFFSET_HEAD / "mask_silver.nii.gz")).dataobj) > 0
+    framed = _noisy_air(data, ref, np.random.default_rng(7)) if frame == "a plane of zeros" else data.copy()
+    width, value = (1, 0.0) if frame == "a plane of zeros" else (3, -32768.0)
+    inside = tuple(slice(width, n - width) for n in data.shape)
+    edge = np.ones(data.shape, bool)
+    edge[inside] = False
+    framed[edge] = value
+    result = Skullstripper().mask(framed, img.affine)
+    assert compare_masks(result.mask, ref, voxel_sizes(img.affine))["dice"] >= 0.97
+    said = "the background is noise as bright as tissue" if value == 0 else "the image has a frame of padding " \
+        "(outer planes of one value: -32768): the networks read it as air (0)"
+    assert any(said in w for w in result.warnings), result.warnings
+
+
 def test_noise_on_the_faces_of_an_otherwise_empty_volume_is_read_without_an_error():
     """Noise on three faces of a volume that is 0 elsewhere: the air has a level, but the sample of the volume the
     99th percentile is taken from has no positive voxel (red-team 10a: an IndexError and a 41-line traceback)."""
