@@ -246,6 +246,29 @@ class ImageLocks:
             self.folder.rmdir()
 
 
+    def others(self):
+        """Who holds the locks of this folder that this object does not: the runs busy with images there."""
+        import fcntl
+
+        holders = []
+        for path in sorted(self.folder.glob("*.lock")):
+            if any(path.name == f"{image.name}.lock" for image in self.held):
+                continue
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except OSError:  # released and removed just now
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holders.append(os.pread(fd, 200, 0).decode(errors="replace").strip() or "another run")
+            except OSError:  # no flock here: nothing is known to be held
+                pass
+            finally:
+                os.close(fd)
+        return holders
+
+
 def locks_of(output_dir, work_dir):
     """The run's locks of its images: in the output folder (any run writing them) and in the work directory (any
     run using its nodes' folders for them, into whichever output folder)."""

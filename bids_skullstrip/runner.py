@@ -472,6 +472,12 @@ class Run:
         if not work.is_dir():
             return
         if clean:
+            from .outputs import ImageLocks
+
+            others = ImageLocks(work / ".locks").others()
+            if others:  # its nodes' folders are in use (red-team 10b: a job of the same array lost its results)
+                log.info("work directory %s kept (--clean-workdir): another run is using it (%s)", work, others[0])
+                return
             for name in ("bids_skullstrip_wf", "crashes", ".nipype", "nipype.log"):
                 path = work / name
                 shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)

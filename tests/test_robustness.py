@@ -1455,11 +1455,24 @@ def test_run_logs_work_dir_size_node_local_warning_and_clean_workdir(small_datas
     t1w = ModelCard.bundled_for("T1w")  # no --threshold: the calibrated one of each contrast's networks
     assert config["threshold"] == {"T1w": t1w.threshold} and config["model_sha256"] == {"T1w": t1w.sha256}
     assert config["work_dir"] == str(work) and config["run_id"] in log_file.name
+    # another run (a job of the same array, other labels) busy with an image in the same work directory: its
+    # folders are kept (they were removed under it: it failed with a missing result file)
+    from bids_skullstrip.discovery import StructuralInput
+    from bids_skullstrip.outputs import ImageLocks
+
+    other = ImageLocks(work / ".locks")
+    assert other.claim(StructuralInput.from_path(tmp_path / "bids" / "sub-02" / "anat" / "sub-02_T1w.nii.gz")) is None
+    res = app(small_dataset, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "1",
+              "--overwrite", "--clean-workdir")
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"work directory {work} kept (--clean-workdir): another run is using it (pid {os.getpid()}" in res.stdout
+    assert (work / "bids_skullstrip_wf").is_dir()
+    other.release()
     res = app(small_dataset, out, "participant", "-w", work, "--skip-bids-validation", "--n-cpus", "1",
               "--overwrite", "--clean-workdir")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert f"work directory {work} removed (--clean-workdir)" in res.stdout and not work.exists()
-    assert len(list((out / "logs").glob("run-*.log"))) == 2
+    assert len(list((out / "logs").glob("run-*.log"))) == 3
 
 
 # ------------------------------------------------------------------------------- memory limits
