@@ -19,6 +19,7 @@ Workers ignore SIGINT (the main process stops them: ``stop_workers``) and die wi
 
 import contextlib
 import ctypes
+import faulthandler
 import logging
 import os
 import shutil
@@ -46,6 +47,9 @@ def _init_worker(cwd, started):
     logging.raiseExceptions = False  # a log file on a full disk: no "--- Logging error ---" traceback on the console
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process decides
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # die at once, even inside a long native call
+    # nipype turns Python's fault handler on: a worker dying in native code printed 40 lines of stack and module
+    # names to the console (red-team 10b), above the one line the run says of it
+    faulthandler.disable()
     try:  # Linux: die with the main process, even when it is SIGKILLed
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):

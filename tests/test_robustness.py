@@ -1007,6 +1007,20 @@ def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_fini
     assert not (out / "logs" / "failed" / f"sub-{failed[0]}_T1w.json").exists()
 
 
+def test_a_worker_dying_in_native_code_prints_nothing_itself(tmp_path):
+    """nipype turns Python's fault handler on, so a pool worker dying of SIGSEGV printed "Fatal Python error", its
+    stack and the 228 extension modules loaded to the console (red-team 10b), above the one line the run says of
+    it. A worker as the pool starts it, then killed so: nothing on its stderr."""
+    script = tmp_path / "worker.py"
+    script.write_text("import multiprocessing, os, signal\n"
+                      "import nipype  # noqa: F401\n"
+                      "from bids_skullstrip.multiproc import _init_worker\n"
+                      "_init_worker(os.getcwd(), multiprocessing.Queue())\n"
+                      "os.kill(os.getpid(), signal.SIGSEGV)\n")
+    res = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert res.returncode == -signal.SIGSEGV and not res.stderr.strip(), (res.returncode, res.stderr[-2000:])
+
+
 # ------------------------------------------------------------------------------- the single-file CLI
 def test_skullstrip_cli_outputs(tmp_path):
     res = skullstrip("-i", SMALL_HEAD, "-m", tmp_path / "m.nii.gz", "-o", tmp_path / "b.nii.gz",
