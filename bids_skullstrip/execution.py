@@ -47,6 +47,7 @@ def plugin_settings(config):
         # nipype's own default is 90 % of the machine's memory, which in a container started with
         # `--memory 3g` (or a SLURM job's cgroup) is far more than the process may use: an OOM kill.
         args.setdefault("memory_gb", config.mem_gb or 0.9 * available_memory_gb())
+        _check_multiproc_args(args, given)
         limit = cgroup_memory_limit_gb()
         if limit is not None and float(args["memory_gb"]) > limit:  # taken as said, but the kernel will not
             logging.getLogger("bids_skullstrip").warning(
@@ -64,6 +65,21 @@ def plugin_settings(config):
         if refused:
             raise UsageError(f"{given}: sbatch refuses sbatch_args {args.get('sbatch_args', '')!r}: {refused}")
     return plugin, args
+
+
+def _check_multiproc_args(args, given):
+    """A UsageError naming ``given`` where MultiProc's arguments cannot run (red-team 10b: a ValueError or a
+    TypeError, status 1, some after the output folder was made)."""
+    import multiprocessing
+
+    n_procs, memory_gb = args["n_procs"], args["memory_gb"]
+    if isinstance(n_procs, bool) or not isinstance(n_procs, int) or n_procs < 1:
+        raise UsageError(f"{given}: n_procs {json.dumps(n_procs)} must be a whole number of processes, 1 or more")
+    if isinstance(memory_gb, bool) or not isinstance(memory_gb, (int, float)) or not 0 < memory_gb < float("inf"):
+        raise UsageError(f"{given}: memory_gb {json.dumps(memory_gb)} must be a number of GB above 0")
+    methods = multiprocessing.get_all_start_methods()
+    if args.get("mp_context", methods[0]) not in methods:
+        raise UsageError(f"{given}: mp_context {json.dumps(args['mp_context'])} must be one of {', '.join(methods)}")
 
 
 def plugin(name, args):

@@ -197,6 +197,10 @@ def small_dataset(tmp_path):
     ("work_inside", 2, "the work directory is inside the input dataset; use a folder outside it"),
     ("border_inf", 2, "--border inf: must be between -20 and 20 mm"),  # every image failed, the outputs made
     ("plugin_args_list", 2, '--plugin-args ["-p ci"]: plugin arguments are a JSON object'),  # a ValueError, 1
+    # a ValueError or a TypeError (1), some once the output folder was made (red-team 10b)
+    ("plugin_args_no_procs", 2, "--plugin-args: n_procs 0 must be a whole number of processes, 1 or more"),
+    ("plugin_args_memory_text", 2, '--plugin-args: memory_gb "lots" must be a number of GB above 0'),
+    ("plugin_args_mp_context", 2, '--plugin-args: mp_context "bogus" must be one of fork, spawn'),
     ("unknown_label", 2, "participant label(s) not found: 99"),
     ("empty_label", 2, "an empty participant label was given (available: 01)"),  # was "not found:  (available"
     # pybids' messages ended in "Example contents of 'dataset_description.json':)"; a list "Name missing"
@@ -238,6 +242,9 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         extra += ["--border", "inf"]
     elif case == "plugin_args_list":
         extra += ["--plugin-args", '["-p ci"]']
+    elif case.startswith("plugin_args_"):
+        extra += ["--plugin-args", {"plugin_args_no_procs": '{"n_procs": 0}', "plugin_args_memory_text":
+                                    '{"memory_gb": "lots"}', "plugin_args_mp_context": '{"mp_context": "bogus"}'}[case]]
     elif case == "unknown_label":
         extra += ["--participant-label", "sub-99"]
     elif case == "empty_label":
@@ -297,7 +304,7 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         assert snapshot(small_dataset) == before
     if case != "same_dir":
         assert not (out / "sub-01").exists()
-    if case in ("unknown_plugin", "border_inf", "plugin_args_list") or case.startswith(("mem_", "omp_")):
+    if case in ("unknown_plugin", "border_inf") or case.startswith(("mem_", "omp_", "plugin_args_")):
         assert not out.exists()
 
 
