@@ -179,6 +179,8 @@ class Run:
         try:
             if todo:
                 failures += self.process(todo)
+                # a worker killed while it wrote an image left its temporary file; no one writes them now
+                self.remove_temporaries_of_claimed(todo, locks[0])
         finally:
             for lock in locks:
                 lock.release()
@@ -268,7 +270,7 @@ class Run:
 
         removed = sum(remove_temporaries_of(image_files(self.config.output_dir, t)) for t in images if t in lock.held)
         if removed:
-            log.info("removed %d temporary file(s) an interrupted run left of the images it was writing", removed)
+            log.info("removed %d temporary file(s) an interrupted writer left of the images it was writing", removed)
 
     def reports_only(self, images):
         """Rewrite the reports of the participants with images processed (or failed) in the output folder. One

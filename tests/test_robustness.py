@@ -699,7 +699,36 @@ def test_a_run_removes_at_once_the_temporaries_of_the_images_it_holds(small_data
     res = app(small_dataset, tmp_path / "out", "participant", "--skip-bids-validation", "-w", tmp_path / "w")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert not killed.exists() and others.exists()
-    assert "removed 1 temporary file(s) an interrupted run left of the images it was writing" in res.stdout
+    assert "removed 1 temporary file(s) an interrupted writer left of the images it was writing" in res.stdout
+
+
+def test_a_temporary_a_killed_worker_left_during_the_run_is_gone_when_it_ends(small_dataset, tmp_path):
+    """A worker killed while it wrote an image's output left its temporary file in the output folder until the next
+    run (red-team 10b: SIGKILL to the worker of a sink). Here one appears while the run goes on, named as the main
+    process's own (alive, on this host: nothing else would judge it gone): the run removes it before it ends."""
+    script = tmp_path / "run.py"
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from bids_skullstrip import runner\n"
+        "from bids_skullstrip.cli import run\n"
+        "from bids_skullstrip.nifti import tmp_sibling\n"
+        "from bids_skullstrip.outputs import derivative_path\n"
+        "process = runner.Run.process\n"
+        "def processing(self, todo):\n"
+        "    tmp = tmp_sibling(derivative_path(self.config.output_dir, todo[0], 'mask'))\n"
+        "    tmp.parent.mkdir(parents=True, exist_ok=True)\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    return process(self, todo)\n"
+        "runner.Run.process = processing\n"
+        "sys.exit(run.main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(out), "participant",
+                          "--skip-bids-validation", "-w", str(tmp_path / "w")], capture_output=True, text=True,
+                         timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not list(out.rglob(".tmp-*")), list(out.rglob(".tmp-*"))
+    assert "removed 1 temporary file(s) an interrupted writer left of the images it was writing" in res.stdout
 
 
 def test_the_group_level_says_which_images_of_the_dataset_its_report_lacks(small_dataset, tmp_path):
