@@ -132,6 +132,8 @@ class RunConfig:
         work_dir = Path(opts.work_dir or default_work_dir(output_dir)).resolve()
         if work_dir.is_relative_to(bids_dir):  # the input is only read (as fMRIPrep: no work folder inside it)
             raise UsageError(f"{work_dir}: the work directory is inside the input dataset; use a folder outside it")
+        if work_dir == output_dir.resolve():  # nipype's folders among the derivatives, "remove it" meaning the outputs
+            raise UsageError(f"{work_dir}: the work directory is the output folder; use another folder (-w)")
         if opts.n_cpus < 1:
             raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
         if opts.omp_nthreads is not None and opts.omp_nthreads < 0:

@@ -107,6 +107,13 @@ def death_message(exitcode, node_name, *, held_gb, pool_gb, memory_gb, n_procs, 
     seen = ", ".join(([f"it held {held_gb:.1f} GB"] if held_gb else [])
                      + ([f"the run's workers {pool_gb:.1f} GB"] if pool_gb else []))
     fewer = f"--n-cpus {max(1, n_procs // 2)} or " if n_procs > 1 else ""
+    if image_gb and free >= 2 * n_procs * image_gb and (pool_gb or 0.0) <= 0.5 * memory_gb:
+        # memory was not short as far as the run can tell: --mem advice would mislead (red-team 10b)
+        seen = f"{seen} when last seen, " if seen else ""
+        return (f"the worker process was killed by signal {sig} ({name}) {step}, by someone (kill -9, a scheduler) "
+                f"or by the kernel for memory, which did not look short ({seen}{free:.1f} GB free now, an image needs "
+                f"about {image_gb:.2f} GB): rerun to redo it; if it happens again, try {fewer}--mem below "
+                f"{int(memory_gb * 1024)} (MB)")
     mem_mb = int(min(memory_gb, free) * 1024 * 0.8)
     if image_gb and mem_mb < image_gb * 1024:  # a --mem below one image's need: the run would refuse to start
         advice = (f"give the run more memory (an image needs about {image_gb:.2f} GB"

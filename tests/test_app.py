@@ -199,6 +199,13 @@ def test_group_level_of_some_participants(sample_run):
     assert "--session-label, --threshold ignored" in said, said
     assert "(--participant-label 02\n    only: the other participants are not in this report)" in (
         out / "group_T1w.html").read_text()
+    # a label with no processed image among others: status 2 and the report left as it was, as the participant
+    # level does (was: status 0, a report of the others "of participant(s) 02, 99", red-team 10b)
+    before = (out / "group_T1w.tsv").read_bytes()
+    res = app(SAMPLE, out, "group", "--participant-label", "01", "99")
+    assert res.returncode == 2 and "participant label(s) with no processed image: 99 (the output folder has 01, " \
+        in res.stderr, res.stderr
+    assert (out / "group_T1w.tsv").read_bytes() == before
     assert app(SAMPLE, out, "group").returncode == 0  # everyone again, for the other checks
     assert "only: the other participants" not in (out / "group_T1w.html").read_text()
 

@@ -195,6 +195,7 @@ def small_dataset(tmp_path):
     ("same_dir", 2, "must not be the input dataset"),
     ("inside", 2, "inside the input dataset"),
     ("work_inside", 2, "the work directory is inside the input dataset; use a folder outside it"),
+    ("work_is_output", 2, "the work directory is the output folder; use another folder (-w)"),  # taken (red-team 10b)
     ("border_inf", 2, "--border inf: must be between -20 and 20 mm"),  # every image failed, the outputs made
     ("plugin_args_list", 2, '--plugin-args ["-p ci"]: plugin arguments are a JSON object'),  # a ValueError, 1
     # a ValueError or a TypeError (1), some once the output folder was made (red-team 10b)
@@ -238,6 +239,8 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         out = bids / "sub-01" / "out"
     elif case == "work_inside":
         extra += ["-w", bids / "work"]
+    elif case == "work_is_output":
+        extra += ["-w", out]
     elif case == "border_inf":
         extra += ["--border", "inf"]
     elif case == "plugin_args_list":
@@ -1005,6 +1008,14 @@ def test_the_out_of_memory_advice_keeps_within_the_containers_limit(monkeypatch)
     # an `--memory 800m` container: the advice was --mem 640, which the app then refused (an image needs 1.13 GB)
     said = death_message(-9, "n4", held_gb=0.6, pool_gb=0.7, memory_gb=1.2, n_procs=1, image_gb=1.13)
     assert said.endswith("1.0 GB free now): give the run more memory (an image needs about 1.13 GB)"), said
+    # memory far from short (a worker killed from outside, red-team 10b): the advice was "try --mem 17355 (MB)"
+    monkeypatch.setattr(execution, "cgroup_memory_free_gb", lambda: None)
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("Memory", (), {"available": 21.6 * 2**30})())
+    said = death_message(-9, "skullstrip", held_gb=0.6, pool_gb=1.1, memory_gb=21.2, n_procs=2, image_gb=1.13)
+    assert said == ("the worker process was killed by signal 9 (SIGKILL) while running its skullstrip step, by "
+                    "someone (kill -9, a scheduler) or by the kernel for memory, which did not look short (it held "
+                    "0.6 GB, the run's workers 1.1 GB when last seen, 21.6 GB free now, an image needs about 1.13 GB): "
+                    "rerun to redo it; if it happens again, try --n-cpus 1 or --mem below 21708 (MB)"), said
 
 
 def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_finish(tmp_path):
@@ -1027,7 +1038,8 @@ def test_a_worker_killed_mid_run_fails_its_image_in_one_line_and_the_others_fini
     assert "Traceback" not in text and "BrokenProcessPool" not in text, text[-3000:]
     lines = [line for line in text.splitlines() if "killed by signal 9 (SIGKILL)" in line]
     assert len(lines) == 1, text[-3000:]
-    assert "most likely out of memory" in lines[0] and "--mem" in lines[0] and "--n-cpus 1" in lines[0], lines[0]
+    # the machine's memory was far from short: not "most likely out of memory" (the OOM killer is only imitated)
+    assert "or by the kernel for memory, which did not look short" in lines[0] and "--n-cpus 1" in lines[0], lines[0]
     assert "1 of 6 image(s) failed" in text, text[-3000:]
     _assert_nothing_left(proc.pid)
     failed = [label for label in LABELS6 if f"sub-{label}/anat/sub-{label}_T1w.nii.gz" in lines[0]]

@@ -57,6 +57,10 @@ def _records(output_dir, participants=None):
         r["_status"] = "processed"
     records += _failed_records(output_dir, {r["_name"] for r in records})
     if participants:
+        unknown = sorted(set(participants) - {r["_participant"] for r in records})
+        if unknown and len(unknown) < len(participants):  # as the participant level: not a report short of them
+            raise ReportError(f"{output_dir}: participant label(s) with no processed image: {', '.join(unknown)} "
+                              f"(the output folder has {', '.join(sorted({r['_participant'] for r in records}))})")
         records = [r for r in records if r["_participant"] in participants]
     if not records:
         whose = f" of participant(s) {', '.join(sorted(participants))}" if participants else ""
@@ -217,9 +221,7 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
 
     Raises ReportError when no per-image metrics JSON exists.
     """
-    from ..discovery import strip_prefix
-
-    from ..discovery import CONTRASTS
+    from ..discovery import CONTRASTS, strip_prefix
 
     output_dir = Path(output_dir)
     wanted = {strip_prefix(p, "sub-") for p in participants or ()}
