@@ -21,6 +21,10 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+# The largest |intensity| an image may have: float32 holds up to 3.4e38 (a float64 image beyond was read as
+# infinite) and underflows below 1e-38 (read as constant), the resampling's sums overflowed near 1e38 (RuntimeWarnings
+# on the console); no scanner writes such values.
+INTENSITY_RANGE = (1e-30, 1e35)
 # 2**27 voxels = 512**3 (e.g. a 0.5 mm isotropic 256 mm cube): 512 MiB as float32. Peak memory of the
 # core path is a small multiple of this (see docs/robustness.md), so it stays bounded on absurd inputs.
 MAX_VOXELS = 2**27
@@ -184,18 +188,30 @@ def load_image(path):
         raise InputError(f"{path}: truncated or corrupt image data ({_short(exc)})") from None
 
     finite = np.isfinite(data)
-    if not finite.all():
+    everywhere = bool(finite.all())
+    lo, hi = (float(data.min()), float(data.max())) if everywhere else (0.0, 0.0)
+    if lo == hi:  # NaN or inf, or a constant: as read, or only once in float32 (beyond its range)?
+        with warnings.catch_warnings(), np.errstate(all="ignore"):
+            warnings.simplefilter("ignore")
+            raw = np.asanyarray(img.dataobj).reshape(shape)
+        read = np.isfinite(raw)
+        largest = float(np.abs(raw[read]).max()) if read.any() else 0.0
+        if np.count_nonzero(read) > np.count_nonzero(finite) or (largest and not data.any()):
+            _check_range(path, largest)
+        del raw, read
+    if not everywhere:
         n_bad = int(data.size - np.count_nonzero(finite))
         if n_bad == data.size:
             raise InputError(f"{path}: every voxel is NaN or infinite")
         warnings.warn(f"{path}: {n_bad} NaN/infinite voxels set to 0", stacklevel=2)
         data[~finite] = 0.0
+        lo, hi = float(data.min()), float(data.max())
     del finite
-    lo, hi = float(data.min()), float(data.max())
+    _check_range(path, max(abs(lo), abs(hi)))
     if lo == hi:
         raise InputError(f"{path}: image is constant (every voxel = {lo:g})")
     if hi <= 0:
-        raise InputError(f"{path}: image has no positive intensities (max = {hi:g})")
+        raise InputError(f"{path}: image has no positive intensities (max = {hi + 0.0:g})")
     levels = np.unique(data[::3, ::3, ::3]).size  # a subsample: a 256^3 image in ~30 ms
     if levels <= LABEL_IMAGE_LEVELS:
         warnings.warn(f"{path}: only {levels} distinct intensities: a mask or label image rather than a "
@@ -208,6 +224,13 @@ _UNIT_NAMES = {"meter": "m", "micron": "µm"}
 # comes from wrong voxel sizes (or units) in the header; one thinner than a brain in one direction is a slab.
 HEAD_FOV_MM = (60.0, 1000.0)
 SLAB_MM = 40.0
+
+
+def _check_range(path, largest):
+    """An InputError where the image's largest |intensity| is outside what the app computes with in float32."""
+    if largest and not INTENSITY_RANGE[0] <= largest <= INTENSITY_RANGE[1]:
+        raise InputError(f"{path}: intensities as large as {largest:.3g}: outside the {INTENSITY_RANGE[0]:g} to "
+                         f"{INTENSITY_RANGE[1]:g} the app computes with; rescale the image")
 
 
 def geometry_warnings(img):

@@ -1273,6 +1273,28 @@ def test_images_that_are_not_volumes_say_what_they_are(shape, problem, tmp_path)
         load_image(path)
 
 
+@pytest.mark.parametrize("scale, largest", [(1e37, "2.55e+39"), (1e-300, "2.55e-298"), (1e36, "2.55e+38")])
+def test_intensities_beyond_what_float32_computes_with_are_one_line(scale, largest, tmp_path):
+    """A float64 head scaled beyond float32's range was read as 1.3 million "NaN/infinite voxels set to 0" (then
+    12 RuntimeWarnings and a wrong mask), one scaled below it as "constant (every voxel = 0)"; finite values near
+    its limit overflowed the resampling with RuntimeWarnings on the console (red-team 10a)."""
+    from bids_skullstrip.nifti import InputError
+
+    head = nib.load(SMALL_HEAD)
+    path = tmp_path / "T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.asanyarray(head.dataobj).astype(np.float64) * scale, head.affine), path)
+    with pytest.raises(InputError) as err:
+        load_image(path)
+    assert str(err.value) == (f"{path}: intensities as large as {largest}: outside the 1e-30 to 1e+35 the app "
+                              "computes with; rescale the image")
+    # a NaN or constant image says so as before; an image of ordinary float64 is read
+    nib.save(nib.Nifti1Image(np.full((64, 64, 64), np.nan), head.affine), path)
+    with pytest.raises(InputError, match="every voxel is NaN or infinite"):
+        load_image(path)
+    nib.save(nib.Nifti1Image(np.asanyarray(head.dataobj).astype(np.float64) * 1e-3, head.affine), path)
+    assert load_image(path)[1].max() == pytest.approx(float(np.asanyarray(head.dataobj).max()) * 1e-3)
+
+
 def test_skullstrip_cli_names_a_pipe_and_an_output_given_twice(tmp_path):
     fifo = tmp_path / "in.nii.gz"
     os.mkfifo(fifo)  # was read as "empty file (0 bytes)"
