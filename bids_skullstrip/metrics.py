@@ -86,7 +86,8 @@ def score_heads(heads, mask_of, *, change=None, qc=False, masks_dir=None, seed=0
         if qc:
             from .qc import flag_image, qc_measures
 
-            row["qc"] = qc_measures(data, result.probability, np.asarray(result.mask), vox)
+            row["qc"] = qc_measures(data, result.probability, np.asarray(result.mask), vox,
+                                    read=getattr(result, "read", None))
             row["flags"] = flag_image(row["qc"], row["contrast"])
         rows.append(row)
     return rows

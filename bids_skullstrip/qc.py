@@ -200,12 +200,14 @@ def _axis_medians(m):
     return out
 
 
-def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None):
+def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None, read=None):
     """Reference-free QC measures of one brain mask (dict of floats; NaN where undefined).
 
     ``t1w`` (float), ``probability`` (float [0, 1]) and ``mask`` (uint8/bool) are 3D arrays on the same
     native grid; ``voxel_mm`` the voxel sizes in millimetres; ``view_disagreement`` the predictor's
-    (``Prediction.view_disagreement``), where known. See docs/qc.md for what each measure means.
+    (``Prediction.view_disagreement``), where known; ``read``: ``t1w`` as the networks read it
+    (``intensity.as_the_networks_read_it``, ``Prediction.read``), where known. See docs/qc.md for what each
+    measure means.
     """
     voxel_mm = np.asarray(voxel_mm, dtype=float)[:3]
     mask = np.asarray(mask) > 0
@@ -240,7 +242,9 @@ def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None):
     if nm == 0:  # a mask thinner than the stride
         return out
     p = np.asarray(probability[box], dtype=np.float32)
-    img = as_the_networks_read_it(np.asarray(t1w, dtype=np.float32), voxel_mm)[0][box]
+    if read is None:
+        read = as_the_networks_read_it(np.asarray(t1w, dtype=np.float32), voxel_mm)[0]
+    img = read[box]
     vox_ml = float(np.prod(vox)) / 1000.0
 
     # Probability map: the uncertain band, agreement with the final mask, blobs outside the brain.

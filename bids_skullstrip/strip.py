@@ -39,6 +39,7 @@ class FileResult:
     written: dict = field(default_factory=dict)  # kind -> Path
     view_disagreement: float | None = None  # of the networks' two views (a QC measure; None: one view, or none run)
     mask_before_border: np.ndarray | None = None  # with a border: the mask before it, which QC judges
+    read: np.ndarray | None = None  # the volume as the networks read it: QC reads it so, without reading it again
 
     @property
     def volume_ml(self):
@@ -51,7 +52,7 @@ class FileResult:
 
         judged = self.mask if self.mask_before_border is None else self.mask_before_border
         return qc_measures(self.data, self.probability, judged, voxel_sizes(self.image.affine),
-                           view_disagreement=self.view_disagreement)
+                           view_disagreement=self.view_disagreement, read=self.read)
 
     def qc_flags(self):
         """The QC flags of the mask ("this mask probably failed"), one short line each; [] when none."""
@@ -187,4 +188,4 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
                       threshold=stripper.threshold if threshold is None else float(threshold),
                       border_mm=float(border_mm), contrast=contrast, warnings=list(dict.fromkeys(doubts)),
                       timings=timings, core_s=core_s, written=outputs, view_disagreement=result.view_disagreement,
-                      mask_before_border=result.mask_before_border)
+                      mask_before_border=result.mask_before_border, read=result.read)

@@ -278,6 +278,15 @@ def test_a_background_of_bright_noise_is_set_to_0_before_the_networks(amplitude)
     result = Skullstripper().mask(noisy, img.affine)
     assert compare_masks(result.mask, ref, voxel_sizes(img.affine))["dice"] >= 0.975
     assert any("the background is noise as bright as tissue" in w for w in result.warnings), result.warnings
+    # QC reads the image as the networks did: given their reading, it does not read it again (0.8-3 s for such an
+    # image, red-team 10c), and measures the same
+    from bids_skullstrip.qc import qc_measures
+
+    assert result.read is not None and not np.array_equal(result.read, noisy)
+    given = qc_measures(noisy, result.probability, result.mask, voxel_sizes(img.affine), read=result.read)
+    again = qc_measures(noisy, result.probability, result.mask, voxel_sizes(img.affine))
+    assert given.keys() == again.keys() and all(given[k] == again[k] or np.isnan(given[k]) and np.isnan(again[k])
+                                                for k in given), (given, again)
 
 
 @needs(OFFSET_HEAD, "the shared heads")

@@ -107,6 +107,7 @@ class Prediction:
     stripped_input: bool = False  # the input looked skull-stripped: the probability is its non-zero region
     # voxels in one view's brain (p >= 0.5) and not in another's, over those in any view's (None: one view)
     view_disagreement: float | None = None
+    read: np.ndarray | None = None  # the volume as the networks read it (``as_the_networks_read_it``), for QC
 
 
 @dataclass
@@ -118,6 +119,7 @@ class SkullstripResult:
     view_disagreement: float | None = None  # the Prediction's: a QC measure
     # with a border: the mask before it (uint8), which QC judges (the border is the user's choice, not the networks')
     mask_before_border: np.ndarray | None = None
+    read: np.ndarray | None = None  # the volume as the networks read it, for QC (``Prediction.read``)
 
 
 def _summed_timings(prediction, others):
@@ -288,8 +290,8 @@ class Skullstripper:
         region = stripped_region(data, voxel_sizes(affine))
         if region is not None and is_skull_stripped(region, prediction.probability):
             return Prediction(region.astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
-                              warnings=[*warnings, STRIPPED], stripped_input=True)
-        return prediction
+                              warnings=[*warnings, STRIPPED], stripped_input=True, read=data)
+        return replace(prediction, read=data)
 
     def _upright(self, data, affine, shape, prediction):
         """``prediction``, or that of ``data`` turned over along its superior-inferior voxel axis where the
@@ -421,4 +423,4 @@ class Skullstripper:
         timings["post_native"] = time.perf_counter() - t
         timings["postprocess"] = timings.get("post_model_grid", 0.0) + timings["post_native"]
         return SkullstripResult(mask, prediction.probability, timings, list(prediction.warnings),
-                                prediction.view_disagreement, before_border)
+                                prediction.view_disagreement, before_border, prediction.read)
