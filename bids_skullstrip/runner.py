@@ -370,7 +370,7 @@ class Run:
 
     def process(self, todo):
         """Build and run the graph for ``todo``; returns (T1w, one-line message) for each image that failed."""
-        from . import execution, outputs
+        from . import execution
         from .multiproc import UNRECORDED
         from .workflows.base import init_bids_skullstrip_wf
 
@@ -381,9 +381,10 @@ class Run:
         wf = init_bids_skullstrip_wf(inputs=todo, output_dir=config.output_dir, bids_dir=config.bids_dir,
                                      work_dir=config.work_dir, threshold=config.threshold,
                                      border_mm=config.border_mm, save_probseg=config.save_probseg,
-                                     omp_nthreads=self.omp_nthreads(len(todo), plugin_args.get("n_procs")))
-        for t1w in todo:  # redone: until its new outputs are complete, an image is not finished
-            outputs.unmark_finished(config.output_dir, t1w)
+                                     omp_nthreads=self.omp_nthreads(len(todo), plugin_args.get("n_procs")),
+                                     run_id=self.run_id)
+        # an image redone keeps its earlier outputs, and is finished, until its sink begins (which un-marks it): a
+        # run stopped early left every image of an --overwrite or a change of settings to redo (red-team 10b)
         log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), self.plugin,
                  config.work_dir)
         started = time.time()
@@ -403,20 +404,24 @@ class Run:
             stop.set()
             progress.join()
         log.info("workflow finished in %.0f s", time.time() - started)
-        failed = [t for t in todo if not outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
+        failed = [t for t in todo if not self.finished_here(t)]
         stopped_early = config.stop_on_first_crash and bool(failed)
         return [(t, execution.failure_of(t, config.work_dir, since=started - 1, stopped_early=stopped_early,
                                          stopped_by=stopped_by)) for t in failed]
 
-    def report_progress(self, stop, todo, started, every_s=2.0):
-        """One console line each time more images are finished: done of total, elapsed time."""
+    def finished_here(self, image):
+        """Whether this run finished ``image``: its outputs complete, their metrics JSON written by this run."""
         from . import outputs
 
+        return (outputs.is_finished(self.config.output_dir, image, save_probseg=self.config.save_probseg)
+                and outputs.read_metrics(self.config.output_dir, image).get("run_id") == self.run_id)
+
+    def report_progress(self, stop, todo, started, every_s=2.0):
+        """One console line each time more images are finished: done of total, elapsed time."""
         shown, stopped = 0, False
         while not stopped:
             stopped = stop.wait(every_s)
-            done = sum(outputs.is_finished(self.config.output_dir, t, save_probseg=self.config.save_probseg)
-                       for t in todo)
+            done = sum(self.finished_here(t) for t in todo)
             if done > shown:
                 shown = done
                 log.info("progress: %d of %d image(s) finished, %s elapsed", done, len(todo),

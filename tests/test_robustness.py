@@ -959,6 +959,38 @@ def test_a_second_stop_signal_during_the_stop_changes_nothing(when, small_datase
         res.stderr
 
 
+def test_an_overwrite_stopped_before_an_image_is_rewritten_leaves_it_finished(small_dataset, tmp_path):
+    """Every image of a run asked to redo them (--overwrite, or other settings) was un-marked before the graph ran:
+    stopped early, the run left a complete output folder with no image finished (red-team 10b: the group level then
+    said "run the participant level first" and the next run redid them all). An image is un-marked when its own
+    sink begins; the metrics JSON names the run that wrote it."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    res = app(small_dataset, out, "participant", "--skip-bids-validation", "-w", work)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    [metrics] = out.rglob("*_desc-brain_metrics.json")
+    [log_file] = (out / "logs").glob("run-*.log")
+    assert log_file.name == f"run-{json.loads(metrics.read_text())['run_id']}.log"
+    before = metrics.read_bytes()
+    script = tmp_path / "stopped.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        "from bids_skullstrip import execution\n"
+        "from bids_skullstrip.cli import run\n"
+        "plugin = execution.plugin\n"
+        "def stopped(*args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)  # the graph is built, no node has run\n"
+        "    return plugin(*args)\n"
+        "execution.plugin = stopped\n"
+        "sys.exit(run.main(sys.argv[1:]))\n")
+    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(out), "participant",
+                          "--skip-bids-validation", "-w", str(work), "--overwrite"], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 143, res.stdout[-2000:] + res.stderr[-2000:]
+    assert metrics.read_bytes() == before
+    res = app(small_dataset, out, "group")
+    assert res.returncode == 0 and "1 processed" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+
+
 @pytest.mark.parametrize("signum, to_group, status", [
     (signal.SIGINT, True, 130),  # Ctrl-C in a terminal: the whole foreground process group
     (signal.SIGHUP, False, 129),  # the terminal closed

@@ -39,6 +39,8 @@ class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
     save_probseg = traits.Bool(False, usedefault=True)
     threshold = traits.Float(mandatory=True)
     border_mm = traits.Float(mandatory=True)
+    run_id = traits.Str("", usedefault=True, desc="the run writing the outputs (its log: logs/run-<run_id>.log), "
+                                                  "recorded in the metrics JSON")
 
 
 class _DerivativesSinkOutputSpec(TraitedSpec):
@@ -92,7 +94,8 @@ class DerivativesSink(SimpleInterface):
                    "runtime_s": {**self.inputs.runtime_s, **self.inputs.n4_runtime_s}, **self.inputs.qc,
                    "outputs": [Path(p).relative_to(out_dir).as_posix() for p in written],
                    "settings": outputs.run_settings(image, threshold=self.inputs.threshold,
-                                                    border_mm=self.inputs.border_mm)}
+                                                    border_mm=self.inputs.border_mm),
+                   **({"run_id": self.inputs.run_id} if self.inputs.run_id else {})}
         atomic_write_text(dest, json.dumps(metrics, indent=1) + "\n")
         written.append(str(dest))
         self._results["out_files"] = written

@@ -157,7 +157,7 @@ T1W_OUTPUTS = ["mask", "probseg", "preproc", "brain", "figure", "brain_figure", 
 
 
 def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probseg=False, n_voxels=256**3,
-                   name="ds_t1w_wf"):
+                   run_id="", name="ds_t1w_wf"):
     """Write what ``init_t1w_wf`` made of ``source_file`` (a raw image of any contrast) as BIDS-Derivatives
     under ``output_dir``, named by ``outputs.OUTPUTS``.
 
@@ -171,6 +171,8 @@ def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probs
         Also write the brain probability map.
     n_voxels : int
         Voxels of the image: sizes the memory the sink declares.
+    run_id : str
+        The run writing the outputs, recorded in the metrics JSON (a run tells the images it finished by it).
     name : str
         The workflow's name.
 
@@ -190,7 +192,7 @@ def init_ds_t1w_wf(*, output_dir, bids_dir, threshold, border_mm=0.0, save_probs
     inputnode = pe.Node(niu.IdentityInterface(fields=["source_file", *T1W_OUTPUTS]), name="inputnode")
     outputnode = pe.Node(niu.IdentityInterface(fields=["out_files"]), name="outputnode")
     ds = _node(DerivativesSink(output_dir=str(output_dir), bids_dir=str(bids_dir), save_probseg=save_probseg,
-                               threshold=threshold, border_mm=border_mm), "ds", n_voxels)
+                               threshold=threshold, border_mm=border_mm, run_id=run_id), "ds", n_voxels)
     wf.connect([
         (inputnode, ds, [(field, field) for field in ["source_file", *T1W_OUTPUTS]]),
         (ds, outputnode, [("out_files", "out_files")]),
@@ -204,7 +206,7 @@ def crash_dir(work_dir, image):
 
 
 def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold, border_mm=0.0,
-                            save_probseg=False, omp_nthreads=1, name="bids_skullstrip_wf"):
+                            save_probseg=False, omp_nthreads=1, run_id="", name="bids_skullstrip_wf"):
     """The participant level: a sub-workflow per participant holding, per structural image
     (``discovery.StructuralInput``, any contrast), an ``init_t1w_wf`` and its ``init_ds_t1w_wf``; each image's
     crash files go to ``crash_dir``.
@@ -215,7 +217,7 @@ def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold
         The images to process (``discovery.collect_images``).
     output_dir, bids_dir, work_dir : str or Path
         The derivatives dataset, the raw dataset and nipype's work folder.
-    threshold, border_mm, save_probseg, omp_nthreads
+    threshold, border_mm, save_probseg, omp_nthreads, run_id
         As for ``init_t1w_wf`` and ``init_ds_t1w_wf`` (``threshold`` None: each image's networks' own).
 
     The workflow has no input or output node: every image's path is set on its branch, and what it makes is
@@ -232,7 +234,7 @@ def init_bids_skullstrip_wf(*, inputs, output_dir, bids_dir, work_dir, threshold
             image_wf.inputs.inputnode.t1w = str(image.path)
             ds_wf = init_ds_t1w_wf(output_dir=output_dir, bids_dir=bids_dir, threshold=image_threshold,
                                    border_mm=border_mm, save_probseg=save_probseg, n_voxels=n_voxels,
-                                   name=f"ds_{node_name(image.name)}_wf")
+                                   run_id=run_id, name=f"ds_{node_name(image.name)}_wf")
             sub_wf.connect([
                 (image_wf, ds_wf, [("inputnode.t1w", "inputnode.source_file")]
                  + [(f"outputnode.{field}", f"inputnode.{field}") for field in T1W_OUTPUTS]),
