@@ -136,6 +136,7 @@ class Run:
         self.plugin, self.plugin_args = execution.plugin_settings(config)
         self.run_id = f"{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}_{uuid.uuid4().hex[:8]}"
         self.unwritten = []  # what written_or_said could not write
+        self.work_dir_made = False  # whether this run made its work directory
 
     def __call__(self):
         """The exit status of the run. SIGTERM, SIGHUP and Ctrl-C stop every worker of the run, say how to
@@ -163,6 +164,7 @@ class Run:
         if config.reports_only:
             return self.reports_only(t1ws)
         self.check_memory(t1ws)
+        self.work_dir_made = not config.work_dir.exists()
         check_writable((output_dir, "output folder"), (config.work_dir, "work directory"),
                        (output_dir / "logs", "output folder's logs folder"))  # an earlier run's, by another user?
         outputs.init_output_dir(output_dir, config.bids_dir)
@@ -477,6 +479,9 @@ class Run:
         this app put there."""
         work = self.config.work_dir
         if not work.is_dir():
+            return
+        if self.work_dir_made and not any(work.iterdir()):  # made for a run with nothing to do: not left behind
+            work.rmdir()
             return
         if clean:
             from .outputs import ImageLocks

@@ -218,6 +218,11 @@ def test_rerun_skips_finished_images(sample_run):
     assert res.returncode == 0, res.stderr
     assert f"{len(t1w_inputs(SAMPLE))} already finished" in res.stdout
     assert mask.stat().st_mtime_ns == mtime
+    # with nothing to do, a work directory the run made is not left behind (was: an empty one, "it lets a rerun
+    # resume", red-team 10b)
+    fresh = sample_run["work"].parent / "fresh_work"
+    res = app(SAMPLE, out, "participant", "-w", fresh, "--skip-bids-validation", "--save-probseg")
+    assert res.returncode == 0 and not fresh.exists() and "it lets a rerun resume" not in res.stdout, res.stdout
 
 
 # ------------------------------------------------------------------------------ real heads from ../shared
