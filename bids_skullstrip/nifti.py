@@ -30,6 +30,9 @@ INTENSITY_RANGE = (1e-30, 1e35)
 MAX_VOXELS = 2**27
 MIN_VOXEL_MM = 1e-3
 MAX_VOXEL_MM = 100.0  # a head image with 10 cm voxels is a broken header, not a scan
+# a voxel's volume over that of a box of its edges (1: orthogonal axes; a 45-degree shear 0.71); below this the
+# axes are nearly parallel: a broken header (red-team 10a: an empty mask and "no brain found")
+MIN_SQUARENESS = 0.1
 _SUPPORTED_KINDS = "iuf"  # signed/unsigned ints and floats; complex and RGB are not MR magnitudes
 # A head image has hundreds of grey levels even stored as uint8; a mask or a segmentation has a handful.
 LABEL_IMAGE_LEVELS = 16
@@ -170,13 +173,16 @@ def load_image(path):
     try:
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = nib.affines.voxel_sizes(affine)
+        # voxel axes nearly parallel (each of a valid length): voxels of almost no volume, nothing a scanner writes
+        squareness = abs(np.linalg.det(affine[:3, :3])) / float(np.prod(zooms))
         valid = bool(np.all(np.isfinite(affine)) and abs(np.linalg.det(affine[:3, :3])) > 1e-9
-                     and np.all(zooms >= MIN_VOXEL_MM) and np.all(zooms <= MAX_VOXEL_MM))
+                     and np.all(zooms >= MIN_VOXEL_MM) and np.all(zooms <= MAX_VOXEL_MM)
+                     and squareness >= MIN_SQUARENESS)
     except Exception:
         valid = False
     if not valid:
-        raise InputError(f"{path}: invalid voxel-to-world affine (zero, infinite, degenerate or absurd "
-                         f"voxel sizes; they must be within {MIN_VOXEL_MM:g}-{MAX_VOXEL_MM:g} mm)")
+        raise InputError(f"{path}: invalid voxel-to-world affine (zero, infinite, degenerate, axes nearly parallel "
+                         f"or absurd voxel sizes; they must be within {MIN_VOXEL_MM:g}-{MAX_VOXEL_MM:g} mm)")
 
     try:
         with warnings.catch_warnings(), np.errstate(all="ignore"):

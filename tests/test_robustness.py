@@ -1327,6 +1327,22 @@ def test_intensities_beyond_what_float32_computes_with_are_one_line(scale, large
     assert load_image(path)[1].max() == pytest.approx(float(np.asanyarray(head.dataobj).max()) * 1e-3)
 
 
+def test_voxel_axes_nearly_parallel_are_an_invalid_affine(tmp_path):
+    """Columns of valid lengths (1 mm) but nearly parallel (a voxel of 1/1000 of a mm³): read as a head, it gave an
+    empty mask and "no brain found" (red-team 10a). A 45-degree shear, which some reslicing writes, is read."""
+    from bids_skullstrip.nifti import InputError
+
+    head = nib.load(SMALL_HEAD)
+    path = tmp_path / "T1w.nii.gz"
+    parallel = np.array([[1, 0.9995, 0, 0], [0, 0.0316, 0, 0], [0, 0, 1, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(np.asanyarray(head.dataobj), parallel), path)
+    with pytest.raises(InputError, match="invalid voxel-to-world affine .*axes nearly parallel"):
+        load_image(path)
+    sheared = np.array([[2, 2, 0, 0], [0, 2, 0, 0], [0, 0, 3, 0], [0, 0, 0, 1]], float)
+    nib.save(nib.Nifti1Image(np.asanyarray(head.dataobj), sheared), path)
+    assert load_image(path)[1].shape == head.shape
+
+
 def test_skullstrip_cli_names_a_pipe_and_an_output_given_twice(tmp_path):
     fifo = tmp_path / "in.nii.gz"
     os.mkfifo(fifo)  # was read as "empty file (0 bytes)"
