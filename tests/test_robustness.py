@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 import warnings
 from pathlib import Path
@@ -39,6 +40,16 @@ def _exe(name, module):
 def app(*args, timeout=1200, **kw):
     return subprocess.run([*_exe("bids_skullstrip", "bids_skullstrip.cli.run"), *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, **kw)
+
+
+def app_patched(patch, *args, tmp_path, timeout=600):
+    """The app in a fresh interpreter after ``patch`` (Python source, run first: it wraps a function of the app so
+    that a fault happens at a chosen moment)."""
+    script = tmp_path / "patched_app.py"
+    script.write_text(f"import os, signal, sys\n{textwrap.dedent(patch)}\n"
+                      "from bids_skullstrip.cli import run\nsys.exit(run.main(sys.argv[1:]))\n")
+    return subprocess.run([sys.executable, str(script), *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def skullstrip(*args):
@@ -709,26 +720,19 @@ def test_a_temporary_a_killed_worker_left_during_the_run_is_gone_when_it_ends(sm
     """A worker killed while it wrote an image's output left its temporary file in the output folder until the next
     run (red-team 10b: SIGKILL to the worker of a sink). Here one appears while the run goes on, named as the main
     process's own (alive, on this host: nothing else would judge it gone): the run removes it before it ends."""
-    script = tmp_path / "run.py"
-    script.write_text(
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from bids_skullstrip import runner\n"
-        "from bids_skullstrip.cli import run\n"
-        "from bids_skullstrip.nifti import tmp_sibling\n"
-        "from bids_skullstrip.outputs import derivative_path\n"
-        "process = runner.Run.process\n"
-        "def processing(self, todo):\n"
-        "    tmp = tmp_sibling(derivative_path(self.config.output_dir, todo[0], 'mask'))\n"
-        "    tmp.parent.mkdir(parents=True, exist_ok=True)\n"
-        "    tmp.write_bytes(b'half')\n"
-        "    return process(self, todo)\n"
-        "runner.Run.process = processing\n"
-        "sys.exit(run.main(sys.argv[1:]))\n")
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(out), "participant",
-                          "--skip-bids-validation", "-w", str(tmp_path / "w")], capture_output=True, text=True,
-                         timeout=600)
+    res = app_patched("""
+        from bids_skullstrip import runner
+        from bids_skullstrip.nifti import tmp_sibling
+        from bids_skullstrip.outputs import derivative_path
+        process = runner.Run.process
+        def processing(self, todo):
+            tmp = tmp_sibling(derivative_path(self.config.output_dir, todo[0], "mask"))
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(b"half")
+            return process(self, todo)
+        runner.Run.process = processing
+        """, small_dataset, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w", tmp_path=tmp_path)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert not list(out.rglob(".tmp-*")), list(out.rglob(".tmp-*"))
     assert "removed 1 temporary file(s) an interrupted writer left of the images it was writing" in res.stdout
@@ -907,19 +911,15 @@ def test_a_stop_signal_before_the_run_begins_stops_it_with_its_message(small_dat
     """A container's main process (PID 1) ignores a signal it has no handler for: `podman stop` in the first second
     (while the configuration is resolved and nipype imported) was lost, and the run went on and exited 0. The
     handlers are now set before anything else: here SIGTERM arrives while the configuration is resolved."""
-    script = tmp_path / "early.py"
-    script.write_text(
-        "import os, signal, sys\n"
-        "from bids_skullstrip.cli import run\n"
-        "resolve = run.RunConfig.from_args\n"
-        "def resolving(opts):\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "    return resolve(opts)\n"
-        "run.RunConfig.from_args = resolving\n"
-        "sys.exit(run.main(sys.argv[1:]))\n")
     out = tmp_path / "out"
-    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(out), "participant",
-                          "--skip-bids-validation"], capture_output=True, text=True, timeout=120)
+    res = app_patched("""
+        from bids_skullstrip.cli import run
+        resolve = run.RunConfig.from_args
+        def resolving(opts):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return resolve(opts)
+        run.RunConfig.from_args = resolving
+        """, small_dataset, out, "participant", "--skip-bids-validation", tmp_path=tmp_path, timeout=120)
     assert res.returncode == 143, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
     assert "bids_skullstrip: interrupted (SIGTERM)" in res.stderr and not out.exists(), res.stderr
 
@@ -929,31 +929,31 @@ def test_a_second_stop_signal_during_the_stop_changes_nothing(when, small_datase
     """A double Ctrl-C or `kill` sent twice: the second signal arrived while the first one's stop was under way
     (here: while it stops the workers) and raised there; the run ended with a traceback (status 1) before it began,
     and in it with status 0 and not a word, which a scheduler records as success (red-team 10b)."""
-    script = tmp_path / "twice.py"
-    send = "os.kill(os.getpid(), signal.SIGTERM)"
-    script.write_text(
-        "import os, signal, sys\n"
-        "from bids_skullstrip import multiproc, runner\n"
-        "from bids_skullstrip.cli import run\n"
-        "stop_workers = multiproc.stop_workers\n"
-        "def stopping():\n"
-        f"    {send}\n"
-        "    stop_workers()\n"
-        "multiproc.stop_workers = stopping\n"
-        + ("resolve = run.RunConfig.from_args\n"
-           "def resolving(opts):\n"
-           f"    {send}\n"
-           "    return resolve(opts)\n"
-           "run.RunConfig.from_args = resolving\n" if when == "before the run" else
-           "process = runner.Run.process\n"
-           "def processing(self, *args, **kwargs):\n"
-           f"    {send}\n"
-           "    return process(self, *args, **kwargs)\n"
-           "runner.Run.process = processing\n")
-        + "sys.exit(run.main(sys.argv[1:]))\n")
-    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(tmp_path / "out"), "participant",
-                          "--skip-bids-validation", "-w", str(tmp_path / "work")], capture_output=True, text=True,
-                         timeout=120)
+    second = """
+        from bids_skullstrip import multiproc
+        stop_workers = multiproc.stop_workers
+        def stopping():
+            os.kill(os.getpid(), signal.SIGTERM)
+            stop_workers()
+        multiproc.stop_workers = stopping
+        """
+    first = {"before the run": """
+        from bids_skullstrip.cli import run
+        resolve = run.RunConfig.from_args
+        def resolving(opts):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return resolve(opts)
+        run.RunConfig.from_args = resolving
+        """, "in the run": """
+        from bids_skullstrip import runner
+        process = runner.Run.process
+        def processing(self, todo):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return process(self, todo)
+        runner.Run.process = processing
+        """}[when]
+    res = app_patched(textwrap.dedent(second) + textwrap.dedent(first), small_dataset, tmp_path / "out",
+                      "participant", "--skip-bids-validation", "-w", tmp_path / "work", tmp_path=tmp_path, timeout=120)
     assert res.returncode == 143, (res.returncode, res.stdout[-2000:], res.stderr[-2000:])
     assert res.stderr.count("bids_skullstrip: interrupted (SIGTERM)") == 1 and "Traceback" not in res.stderr, \
         res.stderr
@@ -971,20 +971,15 @@ def test_an_overwrite_stopped_before_an_image_is_rewritten_leaves_it_finished(sm
     [log_file] = (out / "logs").glob("run-*.log")
     assert log_file.name == f"run-{json.loads(metrics.read_text())['run_id']}.log"
     before = metrics.read_bytes()
-    script = tmp_path / "stopped.py"
-    script.write_text(
-        "import os, signal, sys\n"
-        "from bids_skullstrip import execution\n"
-        "from bids_skullstrip.cli import run\n"
-        "plugin = execution.plugin\n"
-        "def stopped(*args):\n"
-        "    os.kill(os.getpid(), signal.SIGTERM)  # the graph is built, no node has run\n"
-        "    return plugin(*args)\n"
-        "execution.plugin = stopped\n"
-        "sys.exit(run.main(sys.argv[1:]))\n")
-    res = subprocess.run([sys.executable, str(script), str(small_dataset), str(out), "participant",
-                          "--skip-bids-validation", "-w", str(work), "--overwrite"], capture_output=True, text=True,
-                         timeout=300)
+    res = app_patched("""
+        from bids_skullstrip import execution
+        plugin = execution.plugin
+        def stopped(*args):
+            os.kill(os.getpid(), signal.SIGTERM)  # the graph is built, no node has run
+            return plugin(*args)
+        execution.plugin = stopped
+        """, small_dataset, out, "participant", "--skip-bids-validation", "-w", work, "--overwrite",
+                      tmp_path=tmp_path, timeout=300)
     assert res.returncode == 143, res.stdout[-2000:] + res.stderr[-2000:]
     assert metrics.read_bytes() == before
     res = app(small_dataset, out, "group")
