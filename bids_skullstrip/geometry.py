@@ -5,7 +5,7 @@ covers the head. Any native orientation, obliquity or voxel size is handled by o
 each way, so outputs land back on exactly the native voxel grid.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from nibabel.affines import voxel_sizes
@@ -170,7 +170,7 @@ def _apply_along(op, volume, axis):
     return out
 
 
-def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
+def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0), smoothed=None):
     """Gaussian smoothing (``sigma`` voxels per axis) then linear sampling at ``vox`` @ output voxels.
 
     ``mode``: scipy's ``"constant"`` (zero beyond the outermost voxel centres) or ``"nearest"``, or ``"box"``:
@@ -178,7 +178,8 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
 
     When the output axes are the input axes (every image that is not oblique to the world, after RAS
     ordering) the whole resampling is separable: three small per-axis operators instead of a 3D filter and a
-    3D interpolation (a 256³ head: 1.21 -> 0.18 s to the model grid, 0.28 -> 0.05 s back).
+    3D interpolation (a 256³ head: 1.21 -> 0.18 s to the model grid, 0.28 -> 0.05 s back). Otherwise the whole
+    volume is smoothed; ``smoothed`` (a dict, sigma: volume) keeps it for the next grid sampled from it.
     """
     matrix = vox[:3, :3]
     diagonal = np.diag(matrix)
@@ -200,7 +201,10 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0)):
         return np.ascontiguousarray(out, dtype=np.float32)
     volume = np.asarray(volume, dtype=np.float32)
     if max(sigma) > 0:
-        volume = ndi.gaussian_filter(volume, sigma, mode="nearest")
+        cached = (smoothed or {}).get(tuple(sigma))
+        volume = cached if cached is not None else ndi.gaussian_filter(volume, sigma, mode="nearest")
+        if smoothed is not None:
+            smoothed[tuple(sigma)] = volume
     if mode != "box":
         return ndi.affine_transform(volume, matrix, vox[:3, 3], output_shape=output_shape, order=1, mode=mode,
                                     cval=0.0, prefilter=False)
@@ -255,9 +259,12 @@ def antialias(data, affine, voxel_mm):
 @dataclass(frozen=True)
 class RasVolume:
     """A native volume's voxels in RAS axis order and their affine, sampled onto every model grid of an image: a
-    view (flips and a transpose), not a copy, since each grid reads only a part of it."""
+    view (flips and a transpose), not a copy, since each grid reads only a part of it. An oblique volume is
+    smoothed whole before it is sampled: once for all the grids of one voxel size (``smoothed``: the segmenter's
+    two views; a 0.6 mm head on an oblique grid, core 4.5 -> 4.1 s)."""
     data: np.ndarray
     affine: np.ndarray
+    smoothed: dict = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def of(cls, data, affine):
@@ -277,7 +284,8 @@ def to_model_grid(data, affine=None, grid=None, *, voxel_mm=MODEL_VOXEL_MM):
     vox = np.linalg.inv(affine) @ grid.affine
     # "box": the first and last slices of a 2D stack are whole slabs, not half of one blurred into the zeros
     # outside, where the brain often fills them (an axial stack ending at the vertex)
-    out = _resample(data, vox, grid.shape, mode="box", sigma=antialias_sigma(affine, voxel_mm))
+    out = _resample(data, vox, grid.shape, mode="box", sigma=antialias_sigma(affine, voxel_mm),
+                    smoothed=ras.smoothed.setdefault(voxel_mm, {}))
     return out.astype(np.float32, copy=False), grid
 
 
