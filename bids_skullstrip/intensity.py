@@ -220,11 +220,11 @@ def as_the_networks_read_it(data, voxel_mm):
     to 0 (``noisy_background``), a very noisy image smoothed (``heavy_noise``), a background that is not about 0
     taken off (``background_offset``); each said in a warning. The outputs keep the input as it is."""
     box, frame = inside_frame(data)
+    if frame and frame <= {float(np.median(np.concatenate([f.ravel() for f in field_of_view_faces(data[box])])))}:
+        frame = set()  # the air inside is that value too (air of 0, or a constant): the image's own air, no padding
     if not frame:
         return _inside_read(data, voxel_mm)
     inside, warnings = _inside_read(data[box], voxel_mm)
-    if frame == {0.0} and not warnings:  # zeros around the head (its air, or a pad): the image as it is
-        return data, warnings
     if frame != {0.0}:
         said = ", ".join(f"{v:.6g}" for v in sorted(frame))
         warnings.insert(0, f"the image has a frame of padding (outer planes of one value: {said}): the networks "

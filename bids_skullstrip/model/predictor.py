@@ -282,11 +282,12 @@ class Skullstripper:
         shape = tuple(int(s) for s in data.shape)
         data, said = as_the_networks_read_it(data, voxel_sizes(affine))
         warnings += said
-        prediction = self._predict(data, affine, shape, warnings)
+        smoothed = {}  # shared by every pass over ``data`` (``geometry.RasVolume.of``)
+        prediction = self._predict(data, affine, shape, warnings, smoothed)
         if self.card is not None and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:  # not stand-ins
             prediction = self._upright(data, affine, shape, prediction)
         if self.card is not None and (prediction.view_disagreement or 0.0) > TILT_CHECK:
-            prediction = self._less_pitched(data, affine, shape, prediction)
+            prediction = self._less_pitched(data, affine, shape, prediction, smoothed)
         region = stripped_region(data, voxel_sizes(affine))
         if region is not None and is_skull_stripped(region, prediction.probability):
             return Prediction(region.astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
@@ -311,13 +312,13 @@ class Skullstripper:
         return Prediction(np.ascontiguousarray(np.flip(turned.probability, axis)), block, timings,
                           [*prediction.warnings, *turned.warnings, said], view_disagreement=turned.view_disagreement)
 
-    def _less_pitched(self, data, affine, shape, prediction):
+    def _less_pitched(self, data, affine, shape, prediction, smoothed=None):
         """``prediction``, or that of the head seen pitched by +-``TILT_DEGREES`` (then, where one way helps some,
         by ``TILT_FURTHER_DEGREES`` that way) where the networks' views agree far better on it."""
         centre = (affine @ np.r_[(np.asarray(shape, float) - 1) / 2, 1.0])[:3]
 
         def seen(degrees):
-            pitched = self._predict(data, _pitched(affine, centre, degrees), shape, [])
+            pitched = self._predict(data, _pitched(affine, centre, degrees), shape, [], smoothed)
             return (np.inf if pitched.view_disagreement is None else pitched.view_disagreement), degrees, pitched
 
         tried = [seen(-TILT_DEGREES), seen(TILT_DEGREES)]
@@ -335,10 +336,10 @@ class Skullstripper:
         return Prediction(best.probability, best.block, timings, [*prediction.warnings, *best.warnings, said],
                           view_disagreement=best.view_disagreement)
 
-    def _predict(self, data, affine, shape, warnings):
+    def _predict(self, data, affine, shape, warnings, smoothed=None):
         networks, timings = self.networks, {}
         t = time.perf_counter()
-        ras = geometry.RasVolume.of(data, affine)  # shared by the locator and every view
+        ras = geometry.RasVolume.of(data, affine, smoothed=smoothed)  # shared by the locator and every view
         box = locate_brain(ras, affine, networks.locator)
         timings["locate"] = time.perf_counter() - t
 
