@@ -13,7 +13,7 @@ not do for a run over many images:
   the job the dead worker held fails with one line (signal, likely cause, memory, what to try), written as
   its crash file; the jobs the other workers held are resubmitted to a new pool, and the run goes on.
 
-Workers ignore SIGINT (the main process stops them: ``stop_workers``) and die with the main process
+Workers ignore SIGINT (the main process stops them: ``runner.stop_workers``) and die with the main process
 (``PR_SET_PDEATHSIG``), so no worker outlives an interrupted or killed run.
 """
 
@@ -59,24 +59,6 @@ def _init_worker(cwd, started):
 def _run_node(node, updatehash, taskid):
     _started.put((taskid, os.getpid()))
     return run_node(node, updatehash, taskid)
-
-
-def stop_workers(timeout=5.0):
-    """Terminate every process this one started (the pool's workers and whatever they started); SIGKILL
-    those still there after ``timeout`` seconds."""
-    children = psutil.Process().children(recursive=True)
-    for child in children:
-        try:
-            child.terminate()
-        except psutil.NoSuchProcess:
-            pass
-    _, alive = psutil.wait_procs(children, timeout=timeout)
-    for child in alive:
-        try:
-            child.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(alive, timeout=timeout)
 
 
 def signal_cause(sig):

@@ -16,6 +16,8 @@ import uuid
 from dataclasses import asdict
 from pathlib import Path
 
+import psutil
+
 from . import __version__
 from .config import UsageError, check_writable
 
@@ -64,6 +66,24 @@ def handle_stop_signals():
         signal.signal(signum, _interrupt_in(os.getpid()))
 
 
+def stop_workers(timeout=5.0):
+    """Terminate every process this one started (the pool's workers, the validator, whatever they started); SIGKILL
+    those still there after ``timeout`` seconds."""
+    children = psutil.Process().children(recursive=True)
+    for child in children:
+        try:
+            child.terminate()
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(children, timeout=timeout)
+    for child in alive:
+        try:
+            child.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(alive, timeout=timeout)
+
+
 def stop_now(name):
     """Stop every worker and job of the run, say how to resume and leave at once (128 + the signal's number); the
     first caller does it (the unwound main thread, or the watchdog of a signal whose exception was dropped); a
@@ -71,13 +91,16 @@ def stop_now(name):
     if not _STOPPING.acquire(blocking=False):
         while True:
             time.sleep(60)
-    from .multiproc import stop_workers
-    from .slurm import cancel_submitted_jobs
-
     stop_workers()
-    cancelled = cancel_submitted_jobs()
-    if cancelled:
-        log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, cancelled)))
+    # the SLURM plugin's module, if the run got as far as importing it: importing it here, where the signal may
+    # have cut an import short (nipype's, in the first second), failed with a traceback (red-team 11)
+    slurm = sys.modules.get(f"{__package__}.slurm")
+    jobs, failed = slurm.cancel_submitted_jobs() if hasattr(slurm, "cancel_submitted_jobs") else ([], None)
+    if jobs and failed:
+        log.warning("warning: the run's SLURM jobs could not be cancelled (scancel: %s): cancel them by hand: "
+                    "scancel %s", failed, " ".join(map(str, jobs)))
+    elif jobs:
+        log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, jobs)))
     message = (f"interrupted ({name}): the images finished so far are kept and no output was left half-written; "
                "rerun the same command to resume")
     for handler in log.handlers:  # the run's log file; the console gets the message once, on stderr

@@ -43,12 +43,18 @@ SUBMITTED = set()
 
 
 def cancel_submitted_jobs():
-    """``scancel`` every job of this run that is still queued or running; returns their ids."""
-    jobs = sorted(SUBMITTED)
-    if jobs and shutil.which("scancel"):
-        subprocess.run(["scancel", *map(str, jobs)], capture_output=True, timeout=60)
+    """``scancel`` every job of this run that is still queued or running; returns (their ids, why scancel failed:
+    None when it did not)."""
+    jobs, failed = sorted(SUBMITTED), None
+    if jobs:
+        try:
+            res = subprocess.run(["scancel", *map(str, jobs)], capture_output=True, text=True, timeout=60)
+            if res.returncode:
+                failed = " ".join((res.stderr or res.stdout or f"status {res.returncode}").split())[:200]
+        except (OSError, subprocess.TimeoutExpired) as exc:  # no scancel here, or a controller that does not answer
+            failed = " ".join(str(exc).split())[:200]
     SUBMITTED.clear()
-    return jobs
+    return jobs, failed
 
 
 def _ask(cmd):

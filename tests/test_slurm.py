@@ -224,6 +224,26 @@ def test_job_fate_says_how_a_job_ended_without_a_result(record, output, expected
     assert line.startswith("the SLURM job 7 running its skullstrip step ") and expected in line, line
 
 
+def test_a_cancellation_scancel_refuses_is_said(tmp_path, monkeypatch):
+    """A run stopped while its controller did not answer said "cancelled the run's SLURM jobs: ..." although scancel
+    had failed and the jobs ran on (red-team 11): the ids to cancel by hand, and why. No cluster: a scancel that
+    fails as one without a controller does."""
+    from bids_skullstrip import slurm
+
+    fake = tmp_path / "scancel"
+    fake.write_text("#!/bin/sh\necho 'scancel: error: Unable to contact slurm controller (connect failure)' >&2\n"
+                    "exit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.setattr(slurm, "SUBMITTED", {1187, 1186})
+    assert slurm.cancel_submitted_jobs() == (
+        [1186, 1187], "scancel: error: Unable to contact slurm controller (connect failure)")
+    assert not slurm.SUBMITTED
+    monkeypatch.setattr(slurm, "SUBMITTED", {5})
+    fake.write_text("#!/bin/sh\nexit 0\n")
+    assert slurm.cancel_submitted_jobs() == ([5], None)
+
+
 def test_sbatch_arguments_sbatch_refuses_are_one_line_before_anything_is_made(slurm_cluster, tmp_path):
     """A partition that does not exist: nipype's failed sbatch call was an IndexError (status 1) after the output
     folder was made; now sbatch is asked first (``--test-only``, no job submitted)."""
