@@ -395,7 +395,7 @@ class Run:
 
     def process(self, todo):
         """Build and run the graph for ``todo``; returns (T1w, one-line message) for each image that failed."""
-        from . import execution
+        from . import execution, outputs
         from .multiproc import UNRECORDED
         from .workflows.base import init_bids_skullstrip_wf
 
@@ -408,8 +408,9 @@ class Run:
                                      border_mm=config.border_mm, save_probseg=config.save_probseg,
                                      omp_nthreads=self.omp_nthreads(len(todo), plugin_args.get("n_procs")),
                                      run_id=self.run_id)
-        # an image redone keeps its earlier outputs, and is finished, until its sink begins (which un-marks it): a
-        # run stopped early left every image of an --overwrite or a change of settings to redo (red-team 10b)
+        # an image redone keeps its earlier outputs, and is finished, until its sink begins (which un-marks it) or
+        # the run ends without redoing it: a run stopped early left every image of an --overwrite or a change of
+        # settings to redo (red-team 10b)
         log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), self.plugin,
                  config.work_dir)
         started = time.time()
@@ -430,6 +431,8 @@ class Run:
             progress.join()
         log.info("workflow finished in %.0f s", time.time() - started)
         failed = [t for t in todo if not self.finished_here(t)]
+        for t1w in failed:  # earlier outputs of an image this run failed to redo are not finished: a rerun redoes it
+            outputs.unmark_finished(config.output_dir, t1w)
         stopped_early = config.stop_on_first_crash and bool(failed)
         return [(t, execution.failure_of(t, config.work_dir, since=started - 1, stopped_early=stopped_early,
                                          stopped_by=stopped_by)) for t in failed]

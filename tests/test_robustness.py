@@ -1006,6 +1006,21 @@ def test_an_overwrite_stopped_before_an_image_is_rewritten_leaves_it_finished(sm
     assert metrics.read_bytes() == before
     res = app(small_dataset, out, "group")
     assert res.returncode == 0 and "1 processed" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    # a redo that fails before the image's writing: its earlier outputs are not finished either (red-team 11: they
+    # were, so the group level said "processed" and a plain rerun "already finished", forgetting the failure)
+    res = app_patched("""
+        from bids_skullstrip import strip
+        def failing(*args, **kwargs):
+            raise RuntimeError("a fault in the networks")
+        strip.skullstrip_file = failing
+        """, small_dataset, out, "participant", "--skip-bids-validation", "-w", tmp_path / "fresh", "--overwrite",
+                      "--plugin", "Linear", tmp_path=tmp_path, timeout=300)  # a fresh work directory: no cached node
+    assert res.returncode == 1 and "a fault in the networks" in res.stdout + res.stderr, res.stdout + res.stderr
+    assert not metrics.exists()
+    res = app(small_dataset, out, "group")
+    assert "0 processed (0 flagged by QC), 1 failed" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    res = app(small_dataset, out, "participant", "--skip-bids-validation", "-w", work)
+    assert res.returncode == 0 and "1 processed in this run" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 @pytest.mark.parametrize("signum, to_group, status", [
