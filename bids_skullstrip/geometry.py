@@ -201,10 +201,10 @@ def _resample(volume, vox, output_shape, *, mode, sigma=(0.0, 0.0, 0.0), smoothe
         return np.ascontiguousarray(out, dtype=np.float32)
     volume = np.asarray(volume, dtype=np.float32)
     if max(sigma) > 0:
-        cached = (smoothed or {}).get(tuple(sigma))
-        volume = cached if cached is not None else ndi.gaussian_filter(volume, sigma, mode="nearest")
-        if smoothed is not None:
-            smoothed[tuple(sigma)] = volume
+        cache = {} if smoothed is None else smoothed
+        if tuple(sigma) not in cache:
+            cache[tuple(sigma)] = ndi.gaussian_filter(volume, sigma, mode="nearest")
+        volume = cache[tuple(sigma)]
     if mode != "box":
         return ndi.affine_transform(volume, matrix, vox[:3, 3], output_shape=output_shape, order=1, mode=mode,
                                     cval=0.0, prefilter=False)

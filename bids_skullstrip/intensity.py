@@ -16,13 +16,18 @@ import numpy as np
 BACKGROUND_OFFSET_FRACTION = 0.05
 
 
+def sampled(data):
+    """(about 5e4 voxels of ``data``: every ``step``-th along each axis, ``step``): enough for its percentiles."""
+    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
+    return data[::step, ::step, ::step], step
+
+
 def background_offset(data):
     """The intensity of a background that is not about 0 (an air plateau on the faces of the field of view, farther
     from 0 than ``BACKGROUND_OFFSET_FRACTION`` of the 98th percentile of the positive voxels), else 0; from about
     5e4 voxels."""
-    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
-    sample = data[::step, ::step, ::step]
-    faces = np.concatenate([np.take(sample, i, axis=a).ravel() for a in range(3) for i in (0, -1)])
+    sample, _ = sampled(data)
+    faces = np.concatenate([face.ravel() for face in field_of_view_faces(sample)])
     p10, level, p40 = (float(v) for v in np.percentile(faces, [10, 25, 40]))
     positive = sample[sample > 0]
     if level == 0 or not positive.size:  # most heads: air at 0
@@ -119,8 +124,7 @@ def _air(data):
     apart = _lag_difference(faces, 3)
     if apart > NOISE_WHITENESS * neighbours and _lag_difference(faces, 6) > NOISE_WHITENESS * apart:
         return 0.0, 0.0, 1.0
-    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
-    sample = data[::step, ::step, ::step]
+    sample, _ = sampled(data)
     positive = sample[sample > 0]
     if not positive.size:  # noise on the faces only (red-team 10a: an IndexError)
         return 0.0, 0.0, 1.0

@@ -14,7 +14,7 @@ from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
 
 from .. import geometry
-from ..intensity import as_the_networks_read_it, field_of_view_faces
+from ..intensity import as_the_networks_read_it, field_of_view_faces, sampled
 from ..postproc import check_border, check_threshold, clean_mask, largest_component, with_border
 from .card import ModelCard
 from .inference import BrainNetworks, load_networks, predict_probability
@@ -182,8 +182,7 @@ def _above_constant_background(data):
 def _above_faint_background(data, voxel_mm):
     """The one brain-sized component of the voxels above a faint background (noise or a resampling's ringing,
     ``STRIPPED_FLOOR``), with nothing above it farther away, else None."""
-    step = max(1, int(round((data.size / 5e4) ** (1 / 3))))
-    sample = data[::step, ::step, ::step]
+    sample, step = sampled(data)
     positive = sample[sample > 0]
     if min(data.shape) < 2 * STRIPPED_HALO_VOXELS or not positive.size:
         return None
