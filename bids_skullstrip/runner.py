@@ -34,6 +34,10 @@ _STOPPING = threading.Lock()
 # A second signal while the first one's stop is under way (a double Ctrl-C, `kill` sent twice) raised in the middle
 # of that stop: the run ended with a traceback, or with status 0 and not a word (red-team 10b). It is ignored now.
 _SIGNALLED = threading.Event()
+# What a stop does once the workers are gone: remove the temporary files of the images the run holds (a worker
+# stopped while it wrote one left it in the output folder until the next run). Set once they are claimed, when what
+# it calls is imported: the stop imports nothing.
+_TIDY_ON_STOP = []
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
 
@@ -92,6 +96,9 @@ def stop_now(name):
         while True:
             time.sleep(60)
     stop_workers()
+    for tidy in _TIDY_ON_STOP:
+        with contextlib.suppress(Exception):
+            tidy()
     # the SLURM plugin's module, if the run got as far as importing it: importing it here, where the signal may
     # have cut an import short (nipype's, in the first second), failed with a traceback (red-team 11)
     slurm = sys.modules.get(f"{__package__}.slurm")
@@ -201,14 +208,16 @@ class Run:
         locks = outputs.locks_of(output_dir, config.work_dir)
         todo, busy = self.claim(todo, locks)
         self.remove_temporaries_of_claimed(todo, locks[0])
+        _TIDY_ON_STOP.append(lambda: self.remove_temporaries_of_claimed(todo, locks[0]))
         try:
             if todo:
                 failures += self.process(todo)
                 # a worker killed while it wrote an image left its temporary file; no one writes them now
                 self.remove_temporaries_of_claimed(todo, locks[0])
         finally:
-            for lock in locks:
-                lock.release()
+            if not _SIGNALLED.is_set():  # a stop holds them while it stops the workers and removes their temporaries
+                for lock in locks:
+                    lock.release()
 
         failed, left_to_others = {t for t, _ in failures}, {t for t, _ in busy}
         # what is written after the images (failure records, methods text, reports) may meet a full disk too: said
@@ -298,11 +307,12 @@ class Run:
             log.info("removed %d temporary file(s) an interrupted writer left of the images it was writing", removed)
 
     def reports_only(self, images):
-        """Rewrite the reports of the participants with images processed (or failed) in the output folder. One
-        none of whose images was run gets no report (it would only say that nothing was found): a warning while
-        others have reports (a long run still going on), an error (2) when none has."""
+        """Rewrite the reports of the participants with images processed (or failed) in the output folder, or with
+        a report there (whose images a stopped redo un-marked: it showed them as processed). One none of whose
+        images was run gets no report (it would only say that nothing was found): a warning while others have
+        reports (a long run still going on), an error (2) when none has."""
         from . import outputs
-        from .reports.participant import write_participant_report
+        from .reports.participant import participant_report_path, write_participant_report
 
         output_dir = self.config.output_dir
         check_writable((output_dir, "output folder"))
@@ -311,8 +321,9 @@ class Run:
         written, unrun = [], []
         for subject in sorted({t.subject for t in images}):
             errors = [m for t, m in failures if t.subject == subject]
-            if errors or any(outputs.derivative_path(output_dir, t, "metrics").is_file()
-                             for t in images if t.subject == subject):
+            finished = any(outputs.derivative_path(output_dir, t, "metrics").is_file()
+                           for t in images if t.subject == subject)
+            if errors or finished or participant_report_path(output_dir, subject).is_file():
                 written.append(write_participant_report(output_dir, subject, errors=errors))
                 log.info("report: %s", written[-1])
             else:

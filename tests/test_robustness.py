@@ -738,6 +738,30 @@ def test_a_temporary_a_killed_worker_left_during_the_run_is_gone_when_it_ends(sm
     assert "removed 1 temporary file(s) an interrupted writer left of the images it was writing" in res.stdout
 
 
+def test_a_stop_removes_the_temporaries_its_stopped_workers_were_writing(small_dataset, tmp_path):
+    """A run stopped (Ctrl-C, a scheduler's SIGTERM) while a worker wrote an image's output left the temporary file
+    in the output folder until the next run, which may never come. The stop removes them once the workers are gone;
+    here one is there as the signal arrives."""
+    out = tmp_path / "out"
+    res = app_patched("""
+        from bids_skullstrip import runner
+        from bids_skullstrip.nifti import tmp_sibling
+        from bids_skullstrip.outputs import derivative_path
+        process = runner.Run.process
+        def processing(self, todo):
+            tmp = tmp_sibling(derivative_path(self.config.output_dir, todo[0], "mask"))
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            tmp.write_bytes(b"half")
+            os.kill(os.getpid(), signal.SIGTERM)
+            return process(self, todo)
+        runner.Run.process = processing
+        """, small_dataset, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w", tmp_path=tmp_path,
+                      timeout=120)
+    assert res.returncode == 143, res.stdout[-2000:] + res.stderr[-2000:]
+    assert not list(out.rglob(".tmp-*")), list(out.rglob(".tmp-*"))
+    assert "bids_skullstrip: interrupted (SIGTERM)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
 def test_the_group_level_says_which_images_of_the_dataset_its_report_lacks(small_dataset, tmp_path):
     """After a run stopped half-way, `group` wrote a report of the finished images only and said nothing of the
     others: it counts what it reports on, and names how many of the dataset's images have neither outputs nor a
@@ -1590,6 +1614,15 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert res.returncode == 0, res.stderr
     assert "the worker process was killed by signal 9" in (out / "sub-01.html").read_text()
     assert not (out / "sub-01" / "anat").exists()
+    # a report whose image a stopped redo un-marked (its metrics JSON gone, its other outputs there) showed it as
+    # processed; rewritten, it says what is there now
+    res = app(small_dataset, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w")
+    assert res.returncode == 0 and '<section id="' in (out / "sub-01.html").read_text(), res.stderr
+    outputs.unmark_finished(out, image)
+    res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
+    assert res.returncode == 0, res.stderr
+    report = (out / "sub-01.html").read_text()
+    assert "No processed images were found for this participant." in report and '<section id="' not in report
 
 
 def test_run_logs_work_dir_size_node_local_warning_and_clean_workdir(small_dataset, tmp_path):

@@ -81,6 +81,10 @@ def run_about(records=()):
                            + (f", container {container}" if container else "")}
 
 
+def participant_report_path(output_dir, participant_label):
+    return Path(output_dir) / f"sub-{strip_prefix(participant_label, 'sub-')}.html"
+
+
 def write_participant_report(output_dir, participant_label, *, errors=()):
     """Write ``<output_dir>/sub-<label>.html`` from the metrics JSON files and figures; return its path.
 
@@ -107,6 +111,6 @@ def write_participant_report(output_dir, participant_label, *, errors=()):
         other_figures=others,
         generated=datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
     )
-    return atomic_write_text(output_dir / f"sub-{label}.html", html)
+    return atomic_write_text(participant_report_path(output_dir, label), html)
 
 
