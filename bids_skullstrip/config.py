@@ -41,13 +41,13 @@ def resolve_contrasts(values):
     if not values:
         return DEFAULT_CONTRASTS
     known = {c.lower(): c for c in CONTRASTS}
-    if any(str(v).lower() == "all" for v in values):
-        return CONTRASTS
-    unknown = [str(v) for v in values if str(v).lower() not in known]
+    unknown = [str(v) for v in values if str(v).lower() not in known and str(v).lower() != "all"]
     if unknown:
         renamed = [DEPRECATED_SUFFIXES[v] for v in unknown if v in DEPRECATED_SUFFIXES]
         raise UsageError(f"--contrasts {' '.join(unknown)}: unknown contrast (one of {', '.join(CONTRASTS)} or all)"
                          + (f"; BIDS's name for it is {', '.join(renamed)}" if renamed else ""))
+    if any(str(v).lower() == "all" for v in values):
+        return CONTRASTS
     wanted = {known[str(v).lower()] for v in values}
     return tuple(c for c in CONTRASTS if c in wanted)
 

@@ -32,7 +32,7 @@ ANAT_QUERY = {"datatype": "anat", "extension": [".nii", ".nii.gz"]}
 def check_suffix(suffix):
     """``suffix`` if the app strips images of it, else a ValueError naming the ones it strips."""
     if suffix not in CONTRASTS:
-        raise ValueError(f"contrast {suffix}: unknown (one of {', '.join(CONTRASTS)})")
+        raise ValueError(f"contrast {suffix or repr(suffix)}: unknown (one of {', '.join(CONTRASTS)})")
     return suffix
 
 
@@ -41,7 +41,7 @@ def contrast_of(path, given=None):
     with (``sub-01_FLAIR.nii.gz``, ``flair.nii``, ``t2_flair.nii``: FLAIR; the common ``T1``, ``T2``, ``PD`` and
     ``T2star`` too), else T1w. Known suffixes are matched in any case.
     (A split of the name, not pybids: importing it would cost ``skullstrip`` half a second per file.)"""
-    if given:
+    if given is not None:  # an empty one too: it is refused, not taken for none (red-team 12)
         return KNOWN_NAMES.get(given.lower(), given)
     return KNOWN_NAMES.get(_last_word(path), "T1w")
 
@@ -301,8 +301,14 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
         log.warning("%s: %s", bids_dir, line)
     without = [s for s in wanted if participant_labels and not any(image.subject == s for image in found)]
     if without:  # asked for by label: a participant the selection leaves empty is said, not dropped in silence
-        log.warning("%s: participant(s) %s: no %s image%s; not processed", bids_dir, ", ".join(without),
-                    "/".join(contrasts), " matches the filters" if bids_filters else "")
+        sessions = f" in session(s) {', '.join(selection['session'])}" if "session" in selection else ""
+        log.warning("%s: participant(s) %s: no %s image%s%s; not processed%s", bids_dir, ", ".join(without),
+                    "/".join(contrasts), sessions, " matches the filters" if bids_filters else "",
+                    _what_else_is_there(layout, contrasts, {**selection, "subject": without}))
+    absent = [c for c in contrasts if c not in emptied and not any(image.suffix == c for image in found)]
+    if absent and set(contrasts) != set(CONTRASTS):  # asked for by name (``all`` takes whatever there is)
+        log.warning("%s: no %s image for participant(s) %s: %s not processed", bids_dir, "/".join(absent),
+                    ", ".join(wanted), "that contrast is" if len(absent) == 1 else "those contrasts are")
     for suffix in emptied:
         log.warning("%s: no %s image matches the filter file's %r selection %s for participant(s) %s", bids_dir,
                     suffix, suffix.lower(), json.dumps((bids_filters or {})[suffix], default=str), ", ".join(wanted))
@@ -338,7 +344,8 @@ def _skipped_names(layout, contrasts, selection):
     line per kind: a suffix in another case (``_flair``: BIDS and pybids do not take it for FLAIR), a deprecated
     suffix (``_PD`` for PDw), and, with every contrast chosen, the suffixes the app does not strip."""
     wanted = {c.lower(): c for c in contrasts}
-    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection)))
+    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection))
+                     if not NOT_MAGNITUDE.search(f.filename))
     lines = []
     odd = sorted((s, n) for s, n in counts.items() if s and s not in CONTRASTS and s.lower() in wanted)
     if odd:
@@ -360,7 +367,8 @@ def _what_else_is_there(layout, contrasts, selection):
     """The hint for a selection that found nothing: the other contrasts the participants do have (a dataset of
     FLAIR and T2w run with the default ``--contrasts T1w``), else their MP2RAGE-family images, which are not
     stripped."""
-    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection)))
+    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection))
+                     if not NOT_MAGNITUDE.search(f.filename))
     present = [s for s in CONTRASTS if s not in contrasts and counts.get(s)]
     if present:
         listed = ", ".join(f"{counts[s]} {s}" for s in present)
@@ -470,8 +478,17 @@ def _first_error(text):
 def validate_dataset(bids_dir, *, reads=None):
     """Run the BIDS validator as fMRIPrep does, scoped to what the run reads (``reads``: the selected images'
     relpaths; None: everything). Returns (error messages, number of errors ignored because they concern
-    files the run does not read: other participants, other modalities, stray top-level files)."""
+    files the run does not read (other participants, other modalities, stray top-level files) or the content of
+    an image it reads, which it judges itself (``_read_by_run``))."""
     errors = [i for i in validator_issues(bids_dir) if i.get("severity") == "error"]
     kept = [i for i in errors if reads is None or _read_by_run(i, reads)]
-    return ([f"{i.get('code')}: {i.get('location') or ''} {i.get('issueMessage') or ''}".strip() for i in kept],
-            len(errors) - len(kept))
+    return [_issue_text(i) for i in kept], len(errors) - len(kept)
+
+
+def _issue_text(issue):
+    """A validator issue in one line: its code, the key or value it is about (``subCode``), where, and the first
+    line of its message (some carry the specification's whole field description)."""
+    sub = f" ({issue['subCode']})" if issue.get("subCode") else ""
+    message = " ".join((issue.get("issueMessage") or "").strip().split("\n", 1)[0].split())
+    message = message if len(message) <= 160 else message[:157] + "..."
+    return f"{issue.get('code')}{sub}: {issue.get('location') or ''} {message}".strip()

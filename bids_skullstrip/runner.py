@@ -118,6 +118,19 @@ def stop_now(name):
     os._exit(128 + signal.Signals[name].value)
 
 
+def participant_errors(output_dir, failures=()):
+    """{participant: error messages} of every image failed in ``output_dir`` (recorded by earlier runs, of every
+    contrast) and of ``failures``, this run's (image, message), whether or not their records could be written."""
+    from . import outputs
+
+    errors, seen = {}, set()
+    for image, message in [*failures, *outputs.recorded_failures(output_dir)]:
+        if image.name not in seen:
+            seen.add(image.name)
+            errors.setdefault(image.subject, []).append(message)
+    return errors
+
+
 def select_images(config):
     """The images of the selection, after the BIDS validator has judged the files the run reads."""
     from .discovery import (DiscoveryError, ValidatorFailed, collect_images, load_bids_filters, missing_content,
@@ -138,7 +151,8 @@ def select_images(config):
                         "is still checked as it is read (--skip-bids-validation skips the validator)", exc)
             return t1ws
         if ignored:
-            log.info("BIDS validator: %d error(s) in files this run does not read were ignored", ignored)
+            log.info("BIDS validator: %d error(s) ignored: in files this run does not read, or of an image's content, "
+                     "which the run reads and judges itself", ignored)
         if errors:
             raise DiscoveryError(f"{config.bids_dir}: the BIDS validator found {len(errors)} error(s) in what this "
                                  f"run reads, first: {errors[0]} (fix them or pass --skip-bids-validation)")
@@ -190,9 +204,9 @@ class Run:
                                         contrasts=config.contrasts)
             log.info("methods text: %s", ", ".join(map(str, written)))
             return OK
+        if config.reports_only:  # from the output folder alone, of every contrast in it
+            return self.reports_only()
         t1ws = select_images(config)
-        if config.reports_only:
-            return self.reports_only(t1ws)
         self.check_memory(t1ws)
         self.work_dir_made = not config.work_dir.exists()
         check_writable((output_dir, "output folder"), (config.work_dir, "work directory"),
@@ -228,16 +242,16 @@ class Run:
             for t1w in t1ws:
                 if t1w not in failed | left_to_others:  # those are the other run's to record
                     outputs.clear_failure(output_dir, t1w)
+            self.forget_failures_of_removed_images({t.subject for t in t1ws})
         failed |= left_to_others  # and their reports' errors and flags too
         with self.written_or_said("the methods text (logs/CITATION.md)"):
             write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
                               contrasts=config.contrasts)
 
-        reports = {}
+        reports, errors = {}, participant_errors(output_dir, failures)
         for subject in sorted({t.subject for t in t1ws}):
-            errors = [f for t, f in failures if t.subject == subject]
             with self.written_or_said(f"the report of sub-{subject}"):
-                reports[subject] = write_participant_report(output_dir, subject, errors=errors)
+                reports[subject] = write_participant_report(output_dir, subject, errors=errors.get(subject, []))
                 log.info("report: %s", reports[subject])
         flagged = [(t, flags) for t in t1ws if t not in failed and (flags := outputs.qc_flags(output_dir, t))]
         left = f", {len(busy)} left to another run processing them" if busy else ""
@@ -306,25 +320,24 @@ class Run:
         if removed:
             log.info("removed %d temporary file(s) an interrupted writer left of the images it was writing", removed)
 
-    def reports_only(self, images):
-        """Rewrite the reports of the participants with images processed (or failed) in the output folder, or with
-        a report there (whose images a stopped redo un-marked: it showed them as processed). One none of whose
-        images was run gets no report (it would only say that nothing was found): a warning while others have
-        reports (a long run still going on), an error (2) when none has."""
-        from . import outputs
-        from .reports.participant import participant_report_path, write_participant_report
+    def reports_only(self):
+        """Rewrite the reports of the participants (of ``--participant-label``, or all) with images processed or
+        failed in the output folder, of every contrast, or with a report there (whose images a stopped redo
+        un-marked: it showed them as processed). A label with none of these gets no report (it would only say that
+        nothing was found): a warning while others have reports (a long run still going on), an error (2) when
+        none has."""
+        from .discovery import strip_prefix
+        from .reports.participant import participant_report_path, reported_participants, write_participant_report
 
         output_dir = self.config.output_dir
         check_writable((output_dir, "output folder"))
-        selected = {t.name for t in images}
-        failures = [(t, m) for t, m in outputs.recorded_failures(output_dir) if t.name in selected]
+        errors = participant_errors(output_dir)
+        present = reported_participants(output_dir) | set(errors)
+        labels = sorted({strip_prefix(p, "sub-") for p in self.config.participant_label} or present)
         written, unrun = [], []
-        for subject in sorted({t.subject for t in images}):
-            errors = [m for t, m in failures if t.subject == subject]
-            finished = any(outputs.derivative_path(output_dir, t, "metrics").is_file()
-                           for t in images if t.subject == subject)
-            if errors or finished or participant_report_path(output_dir, subject).is_file():
-                written.append(write_participant_report(output_dir, subject, errors=errors))
+        for subject in labels:
+            if subject in present or participant_report_path(output_dir, subject).is_file():
+                written.append(write_participant_report(output_dir, subject, errors=errors.get(subject, [])))
                 log.info("report: %s", written[-1])
             else:
                 unrun.append(subject)
@@ -332,7 +345,20 @@ class Run:
             (log.warning if written else log.error)(
                 "%s: no report for participant(s) %s: none of their images was processed into this folder; run the "
                 "participant level without --reports-only first", output_dir, " ".join(unrun))
+        elif not written:
+            log.error("%s: no report written: no image was processed into this folder; run the participant level "
+                      "without --reports-only first", output_dir)
         return OK if written else USAGE
+
+    def forget_failures_of_removed_images(self, subjects):
+        """The failure records of ``subjects``' images that are no longer in the dataset (removed, renamed): gone,
+        so that their reports and the group level count the dataset as it is."""
+        from . import outputs
+
+        for image, _ in outputs.recorded_failures(self.config.output_dir):
+            if image.subject in subjects and not os.path.lexists(self.config.bids_dir / image.relpath):
+                outputs.clear_failure(self.config.output_dir, image)
+                log.info("forgot the failure of %s: it is no longer in the dataset", image.relpath)
 
     def plan(self, t1ws):
         """(the images to process, (image, message) for those that cannot be): finished images are skipped
@@ -564,6 +590,7 @@ class Run:
         if ignored:
             log.warning("warning: the group level uses only --participant-label of the selection options: %s "
                         "ignored (it reports every image the participant level made)", ", ".join(ignored))
+        images = self.dataset_images()
         try:
             paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
         except OSError as exc:  # a full disk, a quota: one line (was: "error: OSError: ..." naming no file)
@@ -571,25 +598,46 @@ class Run:
                       " ".join(str(exc).split()))
             return FAILED
         log.info("group report: %s", ", ".join(str(p) for p in paths))
-        self.say_unreported(sorted({p.stem.removeprefix("group_") for p in paths}))
+        if images is not None:
+            self.say_out_of_step(images, sorted({p.stem.removeprefix("group_") for p in paths}))
         return OK
 
-    def say_unreported(self, suffixes):
-        """One line per contrast reported on whose images of the dataset are not all in its report (a run
-        stopped half-way, or still going on): how many, and the first."""
-        from . import outputs
-        from .discovery import collect_images
+    def dataset_images(self):
+        """The images of every contrast in the dataset (of ``--participant-label``), or None where it cannot be
+        read (moved, changed: the report stands on the outputs alone)."""
+        from .discovery import CONTRASTS, collect_images
 
+        level = log.level
+        log.setLevel(logging.ERROR)  # what discovery says of the dataset is the participant level's to say
         try:
-            images = collect_images(self.config.bids_dir, contrasts=suffixes,
-                                    participant_labels=self.config.participant_label or None)
-        except Exception:  # noqa: BLE001 - the dataset moved or changed: the report stands on the outputs alone
-            return
-        failed = {t.name for t, _ in outputs.recorded_failures(self.config.output_dir)}
+            return collect_images(self.config.bids_dir, contrasts=CONTRASTS,
+                                  participant_labels=self.config.participant_label or None)
+        except Exception:  # noqa: BLE001
+            return None
+        finally:
+            log.setLevel(level)
+
+    def say_out_of_step(self, images, suffixes):
+        """One line per contrast reported on whose images of the dataset are not all in its report (a run
+        stopped half-way, or still going on), and one per contrast whose report holds images the dataset no longer
+        has (removed or renamed since they were processed): how many, and the first."""
+        from . import outputs
+        from .discovery import strip_prefix
+
+        output_dir = self.config.output_dir
+        failed = {t.name: t for t, _ in outputs.recorded_failures(output_dir)}
+        processed = (outputs.source_of(p) for p in outputs.find_outputs(output_dir, "metrics"))
+        reported = {**failed, **{t.name: t for t in processed}}
+        labels = {strip_prefix(p, "sub-") for p in self.config.participant_label}
+        present = {t.name for t in images}
         for suffix in suffixes:
-            missing = [t for t in images if t.suffix == suffix and t.name not in failed
-                       and not outputs.derivative_path(self.config.output_dir, t, "metrics").is_file()]
+            missing = [t for t in images if t.suffix == suffix and t.name not in reported]
             if missing:
                 log.warning("group_%s: %d %s image(s) of the dataset are not in it: not processed (yet), or left out "
                             "by the participant level's selection; first: %s", suffix, len(missing), suffix,
                             missing[0].relpath)
+            gone = sorted(name for name, t in reported.items() if t.suffix == suffix and name not in present
+                          and (not labels or t.subject in labels))
+            if gone:
+                log.warning("group_%s: %d image(s) in it are no longer in the dataset (removed or renamed since the "
+                            "participant level ran them); first: %s", suffix, len(gone), gone[0])

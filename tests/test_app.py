@@ -475,6 +475,31 @@ def test_images_a_contrast_would_want_but_does_not_strip_are_named(tmp_path, cap
         collect_images(bids, contrasts=("PDw",))
     with pytest.raises(UsageError, match="--contrasts PD: unknown contrast .*; BIDS's name for it is PDw"):
         resolve_contrasts(["PD"])
+    with pytest.raises(UsageError, match="--contrasts T3w: unknown contrast"):  # not hidden by "all" (red-team 12)
+        resolve_contrasts(["all", "T3w"])
+
+
+def test_a_selection_that_leaves_a_contrast_or_a_participant_empty_says_why(tmp_path, caplog):
+    """A contrast asked for by name with no image in the dataset was dropped in silence; a participant without an
+    image in the sessions asked for was said to have no image at all, and one with images of another contrast got
+    no hint of them; a phase image was counted among them (red-team 12)."""
+    from bids_skullstrip.discovery import collect_images
+
+    bids = tmp_path / "bids"
+    for name in ("sub-01/ses-2/anat/sub-01_ses-2_T1w", "sub-02/ses-1/anat/sub-02_ses-1_T1w",
+                 "sub-03/anat/sub-03_echo-1_part-mag_T2starw", "sub-03/anat/sub-03_echo-1_part-phase_T2starw"):
+        (bids / f"{name}.nii.gz").parent.mkdir(parents=True, exist_ok=True)
+        (bids / f"{name}.nii.gz").write_bytes(b"")  # pybids reads names only
+    (bids / "dataset_description.json").write_text(json.dumps({"Name": "names", "BIDSVersion": "1.10.0"}))
+    with caplog.at_level("WARNING", logger="bids_skullstrip"):
+        assert len(collect_images(bids, contrasts=("T1w", "PDw"))) == 2
+        assert len(collect_images(bids, contrasts=("T1w", "T2w", "FLAIR", "PDw", "T2starw"))) == 3  # all: no word
+        assert len(collect_images(bids, participant_labels=["01", "02"], session_labels=["1"])) == 1
+        assert len(collect_images(bids, participant_labels=["02", "03"])) == 1
+    assert caplog.text.count("no PDw image for participant(s) 01, 02, 03: that contrast is not processed") == 1
+    assert "participant(s) 01: no T1w image in session(s) 1; not processed" in caplog.text
+    assert ("participant(s) 03: no T1w image; not processed (it has 1 T2starw image(s): strip them with --contrasts "
+            "T2starw or all)") in caplog.text
 
 
 @needs(CONTRASTS_DATA, "../shared/data/contrasts")

@@ -423,7 +423,7 @@ def test_the_validator_gate_is_scoped_to_what_the_run_reads(tmp_path):
     assert len(res.stderr.strip().splitlines()) == 1, res.stderr
     only_01 = app(bids, tmp_path / "out", "participant", "--participant-label", "01", "-w", tmp_path / "w")
     assert only_01.returncode == 0, only_01.stdout[-2000:] + only_01.stderr[-2000:]
-    assert "error(s) in files this run does not read were ignored" in only_01.stdout
+    assert "error(s) ignored: in files this run does not read" in only_01.stdout
     assert (tmp_path / "out" / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").is_file()
 
 
@@ -443,6 +443,19 @@ def test_what_the_run_reads_from_the_top_level():
                 {"location": "/dataset_description.json", "code": "JSON_SCHEMA_VALIDATION_ERROR"}]
     assert all(_read_by_run(i, reads) for i in read)
     assert not any(_read_by_run(i, reads) for i in not_read)
+
+
+def test_a_validator_issue_is_said_in_one_line_naming_its_key():
+    """SIDECAR_KEY_REQUIRED came as nine lines of the specification's field description, without the missing key
+    (red-team 12)."""
+    from bids_skullstrip.discovery import _issue_text
+
+    issue = {"code": "SIDECAR_KEY_REQUIRED", "subCode": "EchoTime", "location": "/sub-01/anat/sub-01_T2starw.nii.gz",
+             "issueMessage": "Field description: The echo time (TE) for the acquisition, specified in seconds.\n"
+                             "Corresponds to [DICOM Tag 0018, 0081]\n`Echo Time`\n" + "more text " * 40}
+    assert _issue_text(issue) == ("SIDECAR_KEY_REQUIRED (EchoTime): /sub-01/anat/sub-01_T2starw.nii.gz Field "
+                                  "description: The echo time (TE) for the acquisition, specified in seconds.")
+    assert _issue_text({"code": "JSON_INVALID", "location": "/x.json", "issueMessage": "word " * 100}).endswith("...")
 
 
 # ------------------------------------------------------------------------------- QC flags on the console
@@ -1471,6 +1484,7 @@ def test_outputs_are_all_written_or_none(there_before, tmp_path, monkeypatch):
     ((), "nothing to write"),
     (("-m", "MASK", "--threshold", "1.5"), "between 0 and 1"),
     (("-m", "MASK", "--contrast", "bold"), "--contrast bold: unknown (one of T1w, T2w, FLAIR, PDw, T2starw)"),
+    (("-m", "MASK", "--contrast", ""), "--contrast '': unknown (one of T1w, T2w, FLAIR, PDw, T2starw)"),
     (("-m", "MASK", "--border", "inf"), "--border inf: must be between -20 and 20 mm"),  # was a traceback
     (("-m", "MASK", "--border", "nan"), "--border nan: must be between -20 and 20 mm"),
     (("-m", "MASK", "--border", "-500"), "--border -500.0: must be between -20 and 20 mm"),  # was an empty mask
@@ -1599,11 +1613,16 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert "The T1w images were skull-stripped by" in text and "; the FLAIR and T2w images by" in text
     thresholds = f"thresholded at {t1w.threshold:g} (T1w) and {other.threshold:g} (FLAIR and T2w)"
     assert other.sha256 in text and thresholds in text
+    # one threshold given for every contrast: said once (it read "0.55 (T1w) and 0.55 (FLAIR and T2w)")
+    res = app(small_dataset, tmp_path / "out3", "participant", "--boilerplate-only", "--skip-bids-validation",
+              "--contrasts", "T1w", "FLAIR", "T2w", "--threshold", "0.55")
+    text = (tmp_path / "out3" / "logs" / "CITATION.md").read_text()
+    assert res.returncode == 0 and "thresholded at 0.55, reduced" in text, text
     # --reports-only before any image was run: no report that would only say nothing was found, but one line (2)
     res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
     text = res.stdout + res.stderr
     assert res.returncode == 2 and not (out / "sub-01.html").exists() and not (out / "sub-01").exists(), text
-    assert f"{out}: no report for participant(s) 01: none of their images was processed" in text, text
+    assert f"{out}: no report written: no image was processed into this folder" in text, text
     # an image whose last run failed has a report: its error
     from bids_skullstrip import outputs
     from bids_skullstrip.discovery import StructuralInput
@@ -1623,6 +1642,54 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert res.returncode == 0, res.stderr
     report = (out / "sub-01.html").read_text()
     assert "No processed images were found for this participant." in report and '<section id="' not in report
+
+
+def test_reports_keep_every_contrasts_failures_and_forget_images_no_longer_in_the_dataset(tmp_path):
+    """A participant's report held the failures of the run that wrote it only: a rerun with fewer --contrasts (or
+    --reports-only, which followed --contrasts) dropped another contrast's failure that the group level still
+    counted, and a participant with no image of the default contrast kept its old report (red-team 12). A failure
+    of an image removed from the dataset since was counted on, and shown, for good."""
+    bids = tmp_path / "bids"
+    make_dataset(bids, {"01": copy_head})
+    t2w = bids / "sub-01" / "anat" / "sub-01_T2w.nii.gz"
+    nifti(np.random.default_rng(0).random((30, 30, 30, 3), dtype=np.float32) * 100)(t2w)  # 4D: fails
+    (bids / "sub-02" / "anat").mkdir(parents=True)
+    copy_head(bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz")
+    out, common = tmp_path / "out", ["--skip-bids-validation", "-w", tmp_path / "w"]
+    res = app(bids, out, "participant", "--contrasts", "all", *common)
+    assert res.returncode == 1 and "sub-01_T2w.nii.gz" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr
+    assert "4D" in (out / "sub-01.html").read_text()
+    res = app(bids, out, "group")  # every T2w failed: no measures, and no empty table of what they mean
+    assert res.returncode == 0 and "What the measures mean" in (out / "group_T1w.html").read_text(), res.stderr
+    assert "What the measures mean" not in (out / "group_T2w.html").read_text()
+    res = app(bids, out, "group", "--participant-label", "02")  # the other contrasts' reports: said to be older
+    assert ("group_T1w, group_T2w: not rewritten (participant(s) 02 have no such image): as an earlier group run "
+            "wrote them") in res.stdout + res.stderr, res.stdout + res.stderr
+    res = app(bids, out, "participant", "--participant-label", "01", *common)  # T1w only: the T2w not run
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "4D" in (out / "sub-01.html").read_text()
+    (out / "sub-02.html").unlink()
+    res = app(bids, out, "participant", "--reports-only", "--skip-bids-validation")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "4D" in (out / "sub-01.html").read_text() and "sub-02_FLAIR" in (out / "sub-02.html").read_text()
+    t2w.unlink()
+    res = app(bids, out, "participant", "--participant-label", "01", *common)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "forgot the failure of sub-01/anat/sub-01_T2w.nii.gz: it is no longer in the dataset" in res.stdout
+    assert "4D" not in (out / "sub-01.html").read_text()
+    flair = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
+    flair.rename(flair.with_name("sub-02_T2w.nii.gz"))  # renamed: its FLAIR outputs stay
+    res = app(bids, out, "group")
+    assert res.returncode == 0 and not (out / "group_T2w.tsv").exists(), res.stdout[-2000:] + res.stderr[-2000:]
+    assert ("group_FLAIR: 1 image(s) in it are no longer in the dataset (removed or renamed since the participant "
+            "level ran them); first: sub-02_FLAIR") in res.stdout, res.stdout
+    # the same image twice (.nii beside .nii.gz): the participant level fails it; so does the group level now (it
+    # counted its earlier outputs as processed, 0 failed)
+    shutil.copyfile(SMALL_HEAD, bids / "sub-01" / "anat" / "sub-01_T1w.nii")
+    res = app(bids, out, "participant", "--participant-label", "01", *common)
+    assert res.returncode == 1 and "there twice" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr[-2000:]
+    res = app(bids, out, "group")
+    assert "group_T1w: 1 image(s): 0 processed (0 flagged by QC), 1 failed" in res.stdout, res.stdout
 
 
 def test_run_logs_work_dir_size_node_local_warning_and_clean_workdir(small_dataset, tmp_path):

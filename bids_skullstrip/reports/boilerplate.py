@@ -121,7 +121,7 @@ def methods_markdown(*, threshold, border_mm, recorded=None, contrasts=("T1w",))
                     + "".join(f"; the {_suffixes(m)} images by {_model_text(s)}" for s, m in others) + ".")
     per_suffix = Counter(suffix for suffix, _ in {(suffix, t) for suffix, t, _, _ in groups})
     thresholds = ("the thresholds listed below" if max(per_suffix.values()) > 1 else  # a contrast's images differ
-                  f"{next(iter(thresholded))[1]:g}" if len(thresholded) == 1 else
+                  f"{next(iter(thresholded))[1]:g}" if len({t for _, t in thresholded}) == 1 else  # one, if equal
                   _listed([f"{t:g} ({_suffixes(suffixes)})" for (_, t), suffixes in thresholded.items()]))
     borders = {b for _, _, b, _ in groups}
     border = _border(next(iter(borders))) if len(borders) == 1 else ", then grown or shrunk by the border listed below"

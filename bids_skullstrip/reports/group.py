@@ -34,10 +34,12 @@ log = logging.getLogger("bids_skullstrip")
 
 def _failed_records(output_dir, processed):
     """Rows for the images whose last participant run failed (``outputs.record_failure``): failed, not flagged
-    (a flag judges a mask, and there is none)."""
+    (a flag judges a mask, and there is none). One with earlier outputs (``processed``, its rows) is failed too, as
+    the participant level said (the image is there twice now, its content is missing): that row, with its error."""
     rows = []
     for image, error in outputs.recorded_failures(output_dir):
         if image.name in processed:
+            processed[image.name].update(_status="failed", _error=error, flags=[], notes=[])
             continue
         rows.append({"bids_name": image.stem, "_name": image.name, "_suffix": image.suffix, "_image": image,
                      "_participant": image.subject, "_session": image.session, "_status": "failed",
@@ -55,7 +57,7 @@ def _records(output_dir, participants=None):
     records = [load_record(p, output_dir) for p in outputs.find_outputs(output_dir, "metrics")]
     for r in records:
         r["_status"] = "processed"
-    records += _failed_records(output_dir, {r["_name"] for r in records})
+    records += _failed_records(output_dir, {r["_name"]: r for r in records})
     if participants:
         unknown = sorted(set(participants) - {r["_participant"] for r in records})
         if unknown and len(unknown) < len(participants):  # as the participant level: not a report short of them
@@ -232,6 +234,10 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
     if wanted:
         log.warning("the group reports hold participant(s) %s only (--participant-label): the others' images are "
                     "not in them; run the group level without it for the whole dataset", ", ".join(sorted(wanted)))
+        earlier = [f"group_{c}" for c in CONTRASTS if c not in found and (output_dir / f"group_{c}.html").is_file()]
+        if earlier:  # of contrasts these participants have no image of: not theirs, left as an earlier run wrote them
+            log.warning("%s: not rewritten (participant(s) %s have no such image): as an earlier group run wrote them",
+                        ", ".join(earlier), ", ".join(sorted(wanted)))
     else:  # the whole folder: a contrast whose outputs are all gone keeps no report of them
         for suffix in (c for c in CONTRASTS if c not in found):
             stale = [p for p in (output_dir / f"group_{suffix}.tsv", output_dir / f"group_{suffix}.html",

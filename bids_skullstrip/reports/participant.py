@@ -81,6 +81,13 @@ def run_about(records=()):
                            + (f", container {container}" if container else "")}
 
 
+def reported_participants(output_dir):
+    """The labels of the participants with a report or an image's outputs in ``output_dir``."""
+    output_dir = Path(output_dir)
+    labels = {p.name[len("sub-"):-len(".html")] for p in output_dir.glob("sub-*.html")}
+    return labels | {outputs.source_of(p).subject for p in outputs.find_outputs(output_dir, "metrics")}
+
+
 def participant_report_path(output_dir, participant_label):
     return Path(output_dir) / f"sub-{strip_prefix(participant_label, 'sub-')}.html"
 
