@@ -114,6 +114,12 @@ SCALED_HINT = "a brain-shaped mask larger than brains are: are the voxel sizes i
 EXPLAINED_BY_TOO_LARGE = {("extent_ratio", "low"), ("sphericity", "low"), ("outside_brainlike_fraction", "high"),
                           ("outside_brainlike_max", "high"), ("brain_volume_ml", "high"),
                           ("extent_major_mm", "high")}
+# A brain the field of view cuts (the ``fov_edge_fraction`` note: a slab, a stack stopping short of the vertex) is
+# flatter than a whole brain, and so is its good mask: the extent ratio of 72 good masks of FLAIR, T2w and T1w
+# images cut at the vertex or below, or slabs of 11-80 mm, was 0.28-0.57 (red-team 13: 65 false alarms). There it is
+# a note. A failed mask of such an image keeps its other flags (volume, length, the networks' views, the edge).
+EXPLAINED_BY_FOV_CUT = {("extent_ratio", "low")}
+FOV_CUT_HINT = "flatter than a brain: the image's field of view cuts it"
 
 # What each measure means (shown in the reports next to the value).
 MEASURE_HELP = {
@@ -467,7 +473,8 @@ def flag_image(measures, contrast="T1w"):
     if vox is not None and vox == 0:
         return ["empty brain mask"]
     limits = limits_for(contrast)
-    outside = _outside(measures, limits)
+    outside = {key: found for key, found in _outside(measures, limits).items()
+               if (key, found[1]) not in _explained_by_fov_cut(measures)}
     too_large = any(outside.get(key, (None, None))[1] == side for key, side in TOO_LARGE)
     brain_shaped = all(_as_float(measures.get(key)) >= low for key, low in BRAIN_SHAPED.items())
     large_hint = SCALED_HINT if brain_shaped else TOO_LARGE_HINT
@@ -476,12 +483,23 @@ def flag_image(measures, contrast="T1w"):
             for key, (v, side) in outside.items()]
 
 
+def _explained_by_fov_cut(measures):
+    """The (measure, side) findings that a brain cut by the field of view explains, where it is cut."""
+    cut = _as_float(measures.get("fov_edge_fraction")) > NOTE_LIMITS["fov_edge_fraction"][1]
+    return EXPLAINED_BY_FOV_CUT if cut else set()
+
+
 def note_image(measures, contrast="T1w"):
     """Absolute rules that describe the image (``NOTE_LIMITS``) -> list of notes: unusual, not failed (a measure
-    that a flag's rule judges as well is noted only while no flag is raised on it)."""
-    flagged = _outside(measures or {}, limits_for(contrast))
-    return [_finding(key, v, side, NOTE_LIMITS, NOTE_HINTS.get((key, side)))
-            for key, (v, side) in _outside(measures or {}, NOTE_LIMITS).items() if key not in flagged]
+    that a flag's rule judges as well is noted only while no flag is raised on it), and the findings a field of
+    view that cuts the brain explains."""
+    measures, limits = measures or {}, limits_for(contrast)
+    flagged = _outside(measures, limits)
+    notes = [_finding(key, v, side, NOTE_LIMITS, NOTE_HINTS.get((key, side)))
+             for key, (v, side) in _outside(measures, NOTE_LIMITS).items() if key not in flagged]
+    cut = _explained_by_fov_cut(measures)
+    return notes + [_finding(key, v, side, limits, FOV_CUT_HINT) for key, (v, side) in flagged.items()
+                    if (key, side) in cut]
 
 
 def robust_z(values, min_scale=0.0):
@@ -533,14 +551,25 @@ def flag_group(rows, contrast="T1w"):
     are at least GROUP_MIN_IMAGES images. ``contrast``: the images' BIDS suffix (a group is one contrast).
     """
     rows = list(rows)
-    return [flag_image(r, contrast) + z for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES))]
+    return [flag_image(r, contrast) + [t for t in z if t not in _cut_outliers(r, z)]
+            for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES))]
+
+
+def _cut_outliers(measures, texts):
+    """Of an image's group-outlier ``texts``, those that a field of view cutting its brain explains (a note)."""
+    explained = [(f"{key.replace('_', ' ')} ", "(z = -" if side == "low" else "(z = +")
+                 for key, side in _explained_by_fov_cut(measures)]
+    return [t for t in texts if any(t.startswith(name) and sign in t for name, sign in explained)]
 
 
 def note_group(rows, contrast="T1w"):
     """Notes for a group: each row's absolute notes plus the group outliers of the measures that describe the
-    image (GROUP_NOTE_MEASURES): "this image is unusual", not "this mask failed"."""
+    image (GROUP_NOTE_MEASURES): "this image is unusual", not "this mask failed"; and the group outliers a field of
+    view cutting the brain explains."""
     rows = list(rows)
-    return [note_image(r, contrast) + z for r, z in zip(rows, _group_outliers(rows, GROUP_NOTE_MEASURES))]
+    return [note_image(r, contrast) + z + _cut_outliers(r, flagging)
+            for r, z, flagging in zip(rows, _group_outliers(rows, GROUP_NOTE_MEASURES),
+                                      _group_outliers(rows, GROUP_MEASURES))]
 
 
 def _as_float(v):

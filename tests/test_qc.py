@@ -256,6 +256,37 @@ def test_a_noisy_image_gets_a_note_and_its_good_mask_no_flag():
 
 
 @needs_heads
+@pytest.mark.parametrize("cut_mm", [55, "slab"])
+def test_a_brain_the_field_of_view_cuts_deeply_is_a_note_not_a_flag(head, cut_mm):
+    """A stack that stops 55 mm below the top of the brain, or a 50 mm slab through its middle: the good mask is as
+    flat as the brain in view, and the extent ratio flagged it "part of the brain cut off?" (red-team 13: 65 of 72
+    good masks flagged were such). Where the field of view cuts the brain, that is a note; a mask cut short in a
+    whole image is still flagged (``test_cut_mask_is_flagged``)."""
+    name, t1, mask, vox, affine = head
+    ax, sign = axis_of(affine, "S")
+    idx = np.nonzero(mask.any(axis=tuple(a for a in range(3) if a != ax)))[0]
+    keep = [slice(None)] * 3
+    if cut_mm == "slab":
+        middle, half = (idx[0] + idx[-1]) // 2, int(round(25 / vox[ax]))
+        keep[ax] = slice(middle - half, middle + half)
+    else:
+        n = int(round(cut_mm / vox[ax]))
+        keep[ax] = slice(0, idx[-1] + 1 - n) if sign > 0 else slice(idx[0] + n, None)
+    keep = tuple(keep)
+    m = measures(t1[keep], mask[keep], vox)
+    assert m["extent_ratio"] < qc.LIMITS["extent_ratio"][0], f"{name}: {m}"
+    assert not fired(qc.flag_image(m), "extent_ratio"), f"{name}: {qc.flag_image(m)}"
+    assert any(n.startswith("shortest / longest mask extent") and n.endswith(qc.FOV_CUT_HINT)
+               for n in qc.note_image(m)), qc.note_image(m)
+    rows = [measures(t1, mask, vox)] * qc.GROUP_MIN_IMAGES + [m]  # nor a group outlier of whole brains: a note
+    assert not any(f.startswith("extent ratio") for f in qc.flag_group(rows)[-1]), qc.flag_group(rows)[-1]
+    assert any(n.startswith("extent ratio") and "(z = -" in n for n in qc.note_group(rows)[-1])
+    # an extent ratio too high for a brain is not what a cut explains (red-team 14)
+    rows = [{**r, "extent_ratio": 0.70 + 0.005 * i} for i, r in enumerate(rows[:-1])] + [{**m, "extent_ratio": 0.98}]
+    assert any(f.startswith("extent ratio 0.98 is a group outlier") for f in qc.flag_group(rows)[-1])
+
+
+@needs_heads
 def test_fov_edge_and_extra_components():
     t1, mask, vox, affine = load("niivue-t1-2mm")
     assert measures(t1, mask, vox)["fov_edge_fraction"] == 0
