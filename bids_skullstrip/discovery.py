@@ -294,25 +294,30 @@ def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=
         names = "/".join(contrasts)
         pattern = contrasts[0] if len(contrasts) == 1 else "{" + ",".join(contrasts) + "}"
         raise DiscoveryError(f"{bids_dir}: no {names} images (sub-*/[ses-*/]anat/*_{pattern}.nii[.gz]) for "
-                             f"participant(s) {', '.join(wanted)}" + (" with the given filters" if bids_filters else "")
+                             f"participant(s) {', '.join(wanted)}{_in_sessions(selection)}"
+                             + (" with the given filters" if bids_filters else "")
                              + (f" ({'; '.join(skipped)})" if skipped
                                 else _what_else_is_there(layout, contrasts, selection)))
     for line in skipped:
         log.warning("%s: %s", bids_dir, line)
     without = [s for s in wanted if participant_labels and not any(image.subject == s for image in found)]
     if without:  # asked for by label: a participant the selection leaves empty is said, not dropped in silence
-        sessions = f" in session(s) {', '.join(selection['session'])}" if "session" in selection else ""
         log.warning("%s: participant(s) %s: no %s image%s%s; not processed%s", bids_dir, ", ".join(without),
-                    "/".join(contrasts), sessions, " matches the filters" if bids_filters else "",
+                    "/".join(contrasts), _in_sessions(selection), " matches the filters" if bids_filters else "",
                     _what_else_is_there(layout, contrasts, {**selection, "subject": without}))
     absent = [c for c in contrasts if c not in emptied and not any(image.suffix == c for image in found)]
     if absent and set(contrasts) != set(CONTRASTS):  # asked for by name (``all`` takes whatever there is)
-        log.warning("%s: no %s image for participant(s) %s: %s not processed", bids_dir, "/".join(absent),
-                    ", ".join(wanted), "that contrast is" if len(absent) == 1 else "those contrasts are")
+        log.warning("%s: no %s image for participant(s) %s%s: %s not processed", bids_dir, "/".join(absent),
+                    ", ".join(wanted), _in_sessions(selection),
+                    "that contrast is" if len(absent) == 1 else "those contrasts are")
     for suffix in emptied:
         log.warning("%s: no %s image matches the filter file's %r selection %s for participant(s) %s", bids_dir,
                     suffix, suffix.lower(), json.dumps((bids_filters or {})[suffix], default=str), ", ".join(wanted))
     return found
+
+
+def _in_sessions(selection):
+    return f" in session(s) {', '.join(selection['session'])}" if "session" in selection else ""
 
 
 def _listed(paths, at_most=3):

@@ -288,15 +288,18 @@ def record_failure(output_dir, image, message):
 
 
 def recorded_failures(output_dir):
-    """[(StructuralInput, error)] of the images whose last run failed."""
+    """[(StructuralInput, error)] of the images whose last run failed. The image's ``path`` is its ``source``
+    relative to the dataset, as recorded. A record not named as its image's (``failure_path``: 0.1.0's
+    ``<stem>.json``, which no success removes) or not an image's is skipped."""
     from .discovery import StructuralInput
 
     found = []
     for path in sorted((Path(output_dir) / FAILURES_DIR).glob("*.json")):
         try:
             record = json.loads(path.read_text())
-            relpath = str(record["source"]).removeprefix("bids:raw:")
-            found.append((StructuralInput.from_path(relpath), str(record["error"])))
+            image = StructuralInput.from_path(str(record["source"]).removeprefix("bids:raw:"))
+            if path.name == failure_path(output_dir, image).name:
+                found.append((image, str(record["error"])))
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             continue
     return found

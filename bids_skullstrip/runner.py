@@ -96,9 +96,6 @@ def stop_now(name):
         while True:
             time.sleep(60)
     stop_workers()
-    for tidy in _TIDY_ON_STOP:
-        with contextlib.suppress(Exception):
-            tidy()
     # the SLURM plugin's module, if the run got as far as importing it: importing it here, where the signal may
     # have cut an import short (nipype's, in the first second), failed with a traceback (red-team 11)
     slurm = sys.modules.get(f"{__package__}.slurm")
@@ -108,6 +105,9 @@ def stop_now(name):
                     "scancel %s", failed, " ".join(map(str, jobs)))
     elif jobs:
         log.info("cancelled the run's SLURM jobs: %s", " ".join(map(str, jobs)))
+    for tidy in _TIDY_ON_STOP:
+        with contextlib.suppress(Exception):
+            tidy()
     message = (f"interrupted ({name}): the images finished so far are kept and no output was left half-written; "
                "rerun the same command to resume")
     for handler in log.handlers:  # the run's log file; the console gets the message once, on stderr
@@ -222,7 +222,7 @@ class Run:
         locks = outputs.locks_of(output_dir, config.work_dir)
         todo, busy = self.claim(todo, locks)
         self.remove_temporaries_of_claimed(todo, locks[0])
-        _TIDY_ON_STOP.append(lambda: self.remove_temporaries_of_claimed(todo, locks[0]))
+        _TIDY_ON_STOP.append(lambda: self.tidy_after_stop(todo, locks))
         try:
             if todo:
                 failures += self.process(todo)
@@ -242,7 +242,8 @@ class Run:
             for t1w in t1ws:
                 if t1w not in failed | left_to_others:  # those are the other run's to record
                     outputs.clear_failure(output_dir, t1w)
-            self.forget_failures_of_removed_images({t.subject for t in t1ws})
+            self.forget_failures_of_removed_images(
+                {t.subject for t in t1ws} if config.participant_label else None, {t.name for t, _ in failures})
         failed |= left_to_others  # and their reports' errors and flags too
         with self.written_or_said("the methods text (logs/CITATION.md)"):
             write_boilerplate(output_dir, threshold=config.threshold, border_mm=config.border_mm,  # of what they hold
@@ -320,6 +321,28 @@ class Run:
         if removed:
             log.info("removed %d temporary file(s) an interrupted writer left of the images it was writing", removed)
 
+    def say_ignored(self, who):
+        """One warning naming the options given that ``who`` (the group level, --reports-only: both report every
+        image the participant level made, from the output folder) does not use."""
+        config = self.config
+        ignored = [option for option, given in (
+            ("--session-label", config.session_label), ("--contrasts", config.contrasts != ("T1w",)),
+            ("--threshold", config.threshold is not None), ("--border", config.border_mm),
+            ("--save-probseg", config.save_probseg), ("--bids-filter-file", config.bids_filter_file),
+            ("--overwrite", config.overwrite),
+            ("--reports-only", config.reports_only and config.analysis_level == "group"),
+            ("--boilerplate-only", config.boilerplate_only)) if given]
+        if ignored:
+            log.warning("warning: %s uses only --participant-label of the selection options: %s ignored (it reports "
+                        "every image the participant level made)", who, ", ".join(ignored))
+
+    def tidy_after_stop(self, todo, locks):
+        """Once a stop has stopped the workers: the temporary files they were writing removed, then the images'
+        locks released (their files gone, as a run that ends leaves them)."""
+        self.remove_temporaries_of_claimed(todo, locks[0])
+        for lock in locks:
+            lock.release()
+
     def reports_only(self):
         """Rewrite the reports of the participants (of ``--participant-label``, or all) with images processed or
         failed in the output folder, of every contrast, or with a report there (whose images a stopped redo
@@ -331,9 +354,13 @@ class Run:
 
         output_dir = self.config.output_dir
         check_writable((output_dir, "output folder"))
+        self.say_ignored("--reports-only")
         errors = participant_errors(output_dir)
         present = reported_participants(output_dir) | set(errors)
         labels = sorted({strip_prefix(p, "sub-") for p in self.config.participant_label} or present)
+        if any(not label.strip() for label in labels):
+            raise UsageError(f"an empty participant label was given (the output folder has "
+                             f"{', '.join(sorted(present)) or 'none'})")
         written, unrun = [], []
         for subject in labels:
             if subject in present or participant_report_path(output_dir, subject).is_file():
@@ -343,22 +370,25 @@ class Run:
                 unrun.append(subject)
         if unrun:
             (log.warning if written else log.error)(
-                "%s: no report for participant(s) %s: none of their images was processed into this folder; run the "
-                "participant level without --reports-only first", output_dir, " ".join(unrun))
+                "%s: no report for participant(s) %s: none of their images was processed into this folder (it has %s); "
+                "run the participant level without --reports-only first", output_dir, " ".join(unrun),
+                ", ".join(sorted(present)) or "none")
         elif not written:
             log.error("%s: no report written: no image was processed into this folder; run the participant level "
                       "without --reports-only first", output_dir)
         return OK if written else USAGE
 
-    def forget_failures_of_removed_images(self, subjects):
-        """The failure records of ``subjects``' images that are no longer in the dataset (removed, renamed): gone,
-        so that their reports and the group level count the dataset as it is."""
+    def forget_failures_of_removed_images(self, subjects, failed_now):
+        """The failure records of images no longer in the dataset (removed, renamed), of ``subjects`` (None: of
+        every participant): gone, so that their reports and the group level count the dataset as it is. Not those
+        of ``failed_now``, the images this run failed (a file a stale pybids database still lists)."""
         from . import outputs
 
         for image, _ in outputs.recorded_failures(self.config.output_dir):
-            if image.subject in subjects and not os.path.lexists(self.config.bids_dir / image.relpath):
+            if (subjects is None or image.subject in subjects) and image.name not in failed_now \
+                    and not os.path.lexists(self.config.bids_dir / image.path):
                 outputs.clear_failure(self.config.output_dir, image)
-                log.info("forgot the failure of %s: it is no longer in the dataset", image.relpath)
+                log.info("forgot the failure of %s: it is no longer in the dataset", image.path.as_posix())
 
     def plan(self, t1ws):
         """(the images to process, (image, message) for those that cannot be): finished images are skipped
@@ -580,16 +610,7 @@ class Run:
             raise UsageError(f"{self.config.output_dir}: output folder not found; run the participant level first")
         check_writable((self.config.output_dir, "output folder"))  # the group tables and reports go there
         self.remove_stale_temporaries()
-        config = self.config
-        ignored = [option for option, given in (
-            ("--session-label", config.session_label), ("--contrasts", config.contrasts != ("T1w",)),
-            ("--threshold", config.threshold is not None), ("--border", config.border_mm),
-            ("--save-probseg", config.save_probseg), ("--bids-filter-file", config.bids_filter_file),
-            ("--overwrite", config.overwrite), ("--reports-only", config.reports_only),
-            ("--boilerplate-only", config.boilerplate_only)) if given]
-        if ignored:
-            log.warning("warning: the group level uses only --participant-label of the selection options: %s "
-                        "ignored (it reports every image the participant level made)", ", ".join(ignored))
+        self.say_ignored("the group level")
         images = self.dataset_images()
         try:
             paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
@@ -603,15 +624,14 @@ class Run:
         return OK
 
     def dataset_images(self):
-        """The images of every contrast in the dataset (of ``--participant-label``), or None where it cannot be
-        read (moved, changed: the report stands on the outputs alone)."""
+        """The images of every contrast and participant in the dataset (a label it no longer has is one whose
+        images are all gone), or None where it cannot be read (the report stands on the outputs alone)."""
         from .discovery import CONTRASTS, collect_images
 
         level = log.level
         log.setLevel(logging.ERROR)  # what discovery says of the dataset is the participant level's to say
         try:
-            return collect_images(self.config.bids_dir, contrasts=CONTRASTS,
-                                  participant_labels=self.config.participant_label or None)
+            return collect_images(self.config.bids_dir, contrasts=CONTRASTS)
         except Exception:  # noqa: BLE001
             return None
         finally:
@@ -630,6 +650,7 @@ class Run:
         reported = {**failed, **{t.name: t for t in processed}}
         labels = {strip_prefix(p, "sub-") for p in self.config.participant_label}
         present = {t.name for t in images}
+        images = [t for t in images if not labels or t.subject in labels]
         for suffix in suffixes:
             missing = [t for t in images if t.suffix == suffix and t.name not in reported]
             if missing:

@@ -496,8 +496,10 @@ def test_a_selection_that_leaves_a_contrast_or_a_participant_empty_says_why(tmp_
         assert len(collect_images(bids, contrasts=("T1w", "T2w", "FLAIR", "PDw", "T2starw"))) == 3  # all: no word
         assert len(collect_images(bids, participant_labels=["01", "02"], session_labels=["1"])) == 1
         assert len(collect_images(bids, participant_labels=["02", "03"])) == 1
+        assert len(collect_images(bids, contrasts=("T1w", "FLAIR"), session_labels=["2"])) == 1
     assert caplog.text.count("no PDw image for participant(s) 01, 02, 03: that contrast is not processed") == 1
     assert "participant(s) 01: no T1w image in session(s) 1; not processed" in caplog.text
+    assert "no FLAIR image for participant(s) 01, 02, 03 in session(s) 2: that contrast is not processed" in caplog.text
     assert ("participant(s) 03: no T1w image; not processed (it has 1 T2starw image(s): strip them with --contrasts "
             "T2starw or all)") in caplog.text
 

@@ -505,3 +505,28 @@ def test_about_this_run_names_each_contrasts_networks_once_with_every_threshold_
     assert lines == [f"T1w: net a (sha256 {'a' * 12}, thresholds 0.55, 0.7: they differ between images, each "
                      "image's settings name its own)",
                      f"FLAIR, T2w: net b (sha256 {'b' * 12}, threshold 0.6)"], lines
+
+
+def test_failure_records_that_are_not_an_images_are_skipped(tmp_path):
+    """A failure record 0.1.0 named ``<stem>.json`` (no success removes it: the image failed for good, red-team 14)
+    or whose source is not an image's name (it stopped every run with "ValueError: substring not found") is not
+    read as a failure."""
+    from bids_skullstrip import outputs
+
+    failed = tmp_path / outputs.FAILURES_DIR
+    failed.mkdir(parents=True)
+    records = {"sub-01.json": "sub-01/anat/sub-01_T1w.nii.gz", "weird.json": "sub-01/anat/sub-01.nii.gz",
+               "sub-02_T1w.json": "sub-02/anat/sub-02_T1w.nii.gz"}
+    for name, source in records.items():
+        (failed / name).write_text(json.dumps({"source": f"bids:raw:{source}", "error": f"{name} failed"}))
+    assert [(image.name, error) for image, error in outputs.recorded_failures(tmp_path)] == [
+        ("sub-02_T1w", "sub-02_T1w.json failed")]
+
+
+def test_reported_participants_are_those_of_reports_and_outputs_named_so(tmp_path):
+    from bids_skullstrip.reports.participant import reported_participants
+
+    for name in ("sub-01.html", "sub-01_old.html", "sub-.html", "sub-a b.html"):
+        (tmp_path / name).write_text("")
+    (tmp_path / "sub-dir.html").mkdir()
+    assert reported_participants(tmp_path) == {"01"}

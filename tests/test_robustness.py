@@ -773,6 +773,8 @@ def test_a_stop_removes_the_temporaries_its_stopped_workers_were_writing(small_d
     assert res.returncode == 143, res.stdout[-2000:] + res.stderr[-2000:]
     assert not list(out.rglob(".tmp-*")), list(out.rglob(".tmp-*"))
     assert "bids_skullstrip: interrupted (SIGTERM)" in res.stderr and "Traceback" not in res.stderr, res.stderr
+    # and the images' locks released then, their files gone, as a run that ends leaves them (red-team 14)
+    assert not list((out / "logs" / "locks").glob("*.lock")) and not (tmp_path / "w" / ".locks").exists()
 
 
 def test_the_group_level_says_which_images_of_the_dataset_its_report_lacks(small_dataset, tmp_path):
@@ -1638,10 +1640,18 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     res = app(small_dataset, out, "participant", "--skip-bids-validation", "-w", tmp_path / "w")
     assert res.returncode == 0 and '<section id="' in (out / "sub-01.html").read_text(), res.stderr
     outputs.unmark_finished(out, image)
-    res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation")
+    (out / "sub-01_old.html").write_text("a user's copy")  # not a report of this app's (red-team 14)
+    (out / "sub-dir.html").mkdir()
+    res = app(small_dataset, out, "participant", "--reports-only", "--skip-bids-validation", "--contrasts", "FLAIR")
     assert res.returncode == 0, res.stderr
     report = (out / "sub-01.html").read_text()
     assert "No processed images were found for this participant." in report and '<section id="' not in report
+    assert (out / "sub-01_old.html").read_text() == "a user's copy" and (out / "sub-dir.html").is_dir()
+    assert "--reports-only uses only --participant-label of the selection options: --contrasts ignored" in \
+        res.stdout + res.stderr, res.stdout + res.stderr
+    res = app(small_dataset, out, "participant", "--reports-only", "--participant-label", "sub-")
+    assert res.returncode == 2 and res.stderr.strip().splitlines() == [
+        "bids_skullstrip: error: an empty participant label was given (the output folder has 01)"], res.stderr
 
 
 def test_reports_keep_every_contrasts_failures_and_forget_images_no_longer_in_the_dataset(tmp_path):
@@ -1677,10 +1687,25 @@ def test_reports_keep_every_contrasts_failures_and_forget_images_no_longer_in_th
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "forgot the failure of sub-01/anat/sub-01_T2w.nii.gz: it is no longer in the dataset" in res.stdout
     assert "4D" not in (out / "sub-01.html").read_text()
+    # a failure of an image in a folder its name does not say (ses-1/ without ses- in the name) is kept: it is
+    # there (red-team 14: its path was rebuilt from its name, and the run forgot the failure it had just recorded)
+    odd = bids / "sub-01" / "ses-1" / "anat" / "sub-01_FLAIR.nii.gz"
+    odd.parent.mkdir(parents=True)
+    nifti(np.random.default_rng(0).random((30, 30, 30, 3), dtype=np.float32) * 100)(odd)  # 4D: fails
+    res = app(bids, out, "participant", "--participant-label", "01", "--contrasts", "FLAIR", *common)
+    assert res.returncode == 1 and "forgot" not in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
+    assert "4D" in (out / "sub-01.html").read_text()
+    shutil.rmtree(odd.parents[1])
+    res = app(bids, out, "participant", "--participant-label", "01", *common)
+    assert "forgot the failure of sub-01/ses-1/anat/sub-01_FLAIR.nii.gz: it is no longer in the dataset" in res.stdout
     flair = bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz"
     flair.rename(flair.with_name("sub-02_T2w.nii.gz"))  # renamed: its FLAIR outputs stay
     res = app(bids, out, "group")
     assert res.returncode == 0 and not (out / "group_T2w.tsv").exists(), res.stdout[-2000:] + res.stderr[-2000:]
+    assert ("group_FLAIR: 1 image(s) in it are no longer in the dataset (removed or renamed since the participant "
+            "level ran them); first: sub-02_FLAIR") in res.stdout, res.stdout
+    shutil.rmtree(bids / "sub-02")  # the participant removed: said with its label too (the dataset lacks it)
+    res = app(bids, out, "group", "--participant-label", "02")
     assert ("group_FLAIR: 1 image(s) in it are no longer in the dataset (removed or renamed since the participant "
             "level ran them); first: sub-02_FLAIR") in res.stdout, res.stdout
     # the same image twice (.nii beside .nii.gz): the participant level fails it; so does the group level now (it

@@ -4,6 +4,7 @@ measures + flags)."""
 import datetime
 import os
 import platform
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -84,7 +85,8 @@ def run_about(records=()):
 def reported_participants(output_dir):
     """The labels of the participants with a report or an image's outputs in ``output_dir``."""
     output_dir = Path(output_dir)
-    labels = {p.name[len("sub-"):-len(".html")] for p in output_dir.glob("sub-*.html")}
+    labels = {m.group(1) for p in output_dir.glob("sub-*.html")
+              if p.is_file() and (m := re.fullmatch(r"sub-([a-zA-Z0-9]+)\.html", p.name))}
     return labels | {outputs.source_of(p).subject for p in outputs.find_outputs(output_dir, "metrics")}
 
 
