@@ -477,17 +477,20 @@ def test_an_earlier_output_folder_learns_to_ignore_every_contrasts_group_table(t
 
 
 def test_group_table_names_each_images_entities(tmp_path):
-    """Multi-echo and multi-part images of one contrast differed only by bids_name in the TSV (0.2.0)."""
+    """Multi-echo and multi-part images of one contrast differed only by bids_name in the TSV (0.2.0); chunks did,
+    and joined, the tables of two contrasts did not say which row was whose (red-team 12)."""
     for name in ("sub-01_echo-1_part-mag_T2starw.nii.gz", "sub-01_echo-2_part-mag_T2starw.nii.gz",
-                 "sub-01_inv-2_run-1_T1w.nii.gz"):
+                 "sub-01_inv-2_run-1_T1w.nii.gz", "sub-01_chunk-2_T1w.nii.gz"):
         _metrics(tmp_path, name)
     write_group_report(tmp_path, thumbnails=False)
     with (tmp_path / "group_T2starw.tsv").open() as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     assert [(r["echo_id"], r["part_id"]) for r in rows] == [("1", "mag"), ("2", "mag")]
     with (tmp_path / "group_T1w.tsv").open() as fh:
-        [row] = list(csv.DictReader(fh, delimiter="\t"))
-    assert (row["inv_id"], row["run_id"], row["echo_id"]) == ("2", "1", "n/a")
+        chunk, row = sorted(csv.DictReader(fh, delimiter="\t"), key=lambda r: r["bids_name"])
+    assert (row["inv_id"], row["run_id"], row["echo_id"], row["suffix"]) == ("2", "1", "n/a", "T1w")
+    assert (chunk["chunk_id"], chunk["inv_id"]) == ("2", "n/a")
+    assert {r["suffix"] for r in rows} == {"T2starw"}
 
 
 def test_about_this_run_names_each_contrasts_networks_once_with_every_threshold_used():

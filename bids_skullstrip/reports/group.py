@@ -100,7 +100,8 @@ def mixed_settings(records):
 
 
 ENTITY_COLUMNS = (("acquisition", "acq_id"), ("ceagent", "ce_id"), ("reconstruction", "rec_id"), ("run", "run_id"),
-                  ("echo", "echo_id"), ("inv", "inv_id"), ("part", "part_id"))
+                  ("echo", "echo_id"), ("inv", "inv_id"), ("part", "part_id"), ("chunk", "chunk_id"),
+                  ("suffix", "suffix"))  # the suffix too: the tables of every contrast can be joined
 
 
 def _measure_keys(records):
