@@ -613,7 +613,8 @@ class Run:
         self.say_ignored("the group level")
         images = self.dataset_images()
         try:
-            paths = write_group_report(self.config.output_dir, participants=self.config.participant_label)
+            paths = write_group_report(self.config.output_dir, participants=self.config.participant_label,
+                                       dataset=None if images is None else {t.name for t in images})
         except OSError as exc:  # a full disk, a quota: one line (was: "error: OSError: ..." naming no file)
             log.error("error: the group report could not be written in %s: %s", self.config.output_dir,
                       " ".join(str(exc).split()))

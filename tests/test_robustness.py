@@ -1668,7 +1668,8 @@ def test_reports_keep_every_contrasts_failures_and_forget_images_no_longer_in_th
     out, common = tmp_path / "out", ["--skip-bids-validation", "-w", tmp_path / "w"]
     res = app(bids, out, "participant", "--contrasts", "all", *common)
     assert res.returncode == 1 and "sub-01_T2w.nii.gz" in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr
-    assert "4D" in (out / "sub-01.html").read_text()
+    report = (out / "sub-01.html").read_text()
+    assert "4D" in report and '<a href="#errors">1 failed</a>' in report, report
     res = app(bids, out, "group")  # every T2w failed: no measures, and no empty table of what they mean
     assert res.returncode == 0 and "What the measures mean" in (out / "group_T1w.html").read_text(), res.stderr
     assert "What the measures mean" not in (out / "group_T2w.html").read_text()
@@ -1704,6 +1705,7 @@ def test_reports_keep_every_contrasts_failures_and_forget_images_no_longer_in_th
     assert res.returncode == 0 and not (out / "group_T2w.tsv").exists(), res.stdout[-2000:] + res.stderr[-2000:]
     assert ("group_FLAIR: 1 image(s) in it are no longer in the dataset (removed or renamed since the participant "
             "level ran them); first: sub-02_FLAIR") in res.stdout, res.stdout
+    assert "no longer in the dataset: removed or renamed" in (out / "group_FLAIR.tsv").read_text()  # the row too
     shutil.rmtree(bids / "sub-02")  # the participant removed: said with its label too (the dataset lacks it)
     res = app(bids, out, "group", "--participant-label", "02")
     assert ("group_FLAIR: 1 image(s) in it are no longer in the dataset (removed or renamed since the participant "

@@ -217,10 +217,14 @@ def _thumbnail(r, output_dir, fig_dir):
     return out
 
 
-def write_group_report(output_dir, *, participants=None, thumbnails=True):
+GONE_NOTE = "no longer in the dataset: removed or renamed since the participant level ran it"
+
+
+def write_group_report(output_dir, *, participants=None, thumbnails=True, dataset=None):
     """Write ``group_<suffix>.tsv`` and ``group_<suffix>.html`` in ``output_dir`` for every contrast that has
     images there (of ``participants`` only, labels with or without ``sub-``, where given); return their paths,
-    (tsv, html) per contrast in turn. Settings that differ between the images are logged as a warning.
+    (tsv, html) per contrast in turn. Settings that differ between the images are logged as a warning. ``dataset``:
+    the names of the images the dataset has, where known: a row of another gets a note (``GONE_NOTE``).
 
     Raises ReportError when no per-image metrics JSON exists.
     """
@@ -230,6 +234,9 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True):
     wanted = {strip_prefix(p, "sub-") for p in participants or ()}
     written = []
     found = _records(output_dir, wanted)
+    for r in (r for records in found.values() for r in records):
+        if dataset is not None and r["_name"] not in dataset and GONE_NOTE not in r["notes"]:
+            r["notes"].append(GONE_NOTE)
     for suffix, records in found.items():
         written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails, selection=sorted(wanted))
     if wanted:
