@@ -349,8 +349,7 @@ def _skipped_names(layout, contrasts, selection):
     line per kind: a suffix in another case (``_flair``: BIDS and pybids do not take it for FLAIR), a deprecated
     suffix (``_PD`` for PDw), and, with every contrast chosen, the suffixes the app does not strip."""
     wanted = {c.lower(): c for c in contrasts}
-    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection))
-                     if not NOT_MAGNITUDE.search(f.filename))
+    counts = Counter(f.entities.get("suffix") for f in layout.get(**dict(ANAT_QUERY, **selection)))
     lines = []
     odd = sorted((s, n) for s, n in counts.items() if s and s not in CONTRASTS and s.lower() in wanted)
     if odd:

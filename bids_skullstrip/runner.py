@@ -34,9 +34,9 @@ _STOPPING = threading.Lock()
 # A second signal while the first one's stop is under way (a double Ctrl-C, `kill` sent twice) raised in the middle
 # of that stop: the run ended with a traceback, or with status 0 and not a word (red-team 10b). It is ignored now.
 _SIGNALLED = threading.Event()
-# What a stop does once the workers are gone: remove the temporary files of the images the run holds (a worker
-# stopped while it wrote one left it in the output folder until the next run). Set once they are claimed, when what
-# it calls is imported: the stop imports nothing.
+# What a stop does once the workers are gone (``Run.tidy_after_stop``): remove the temporary files of the images the
+# run holds (a worker stopped while it wrote one left it in the output folder until the next run), then release
+# their locks. Set once they are claimed, when what it calls is imported: the stop imports nothing.
 _TIDY_ON_STOP = []
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
