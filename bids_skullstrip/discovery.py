@@ -435,9 +435,11 @@ def _read_by_run(issue, reads):
     if location == "dataset_description.json":
         return issue.get("code") != "JSON_SCHEMA_VALIDATION_ERROR"
     stems = {r[: r.rindex(".nii")] for r in reads}  # e.g. sub-01/anat/sub-01_FLAIR
-    if not location.startswith("sub-"):
-        suffixes = {stem.rsplit("_", 1)[-1] for stem in stems}
-        return "/" not in location and location.endswith(".json") and location[:-5].rsplit("_", 1)[-1] in suffixes
+    folder, _, name = location.rpartition("/")
+    if location.endswith(".json") and not folder.endswith("anat"):
+        # a sidecar at the top, subject or session level: inherited by the images of its suffix below it
+        return any(stem.startswith(f"{folder}/" if folder else "") and stem.rsplit("_", 1)[-1] ==
+                   name[:-5].rsplit("_", 1)[-1] for stem in stems)
     return location.split(".", 1)[0] in stems
 
 

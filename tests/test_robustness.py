@@ -433,9 +433,12 @@ def test_what_the_run_reads_from_the_top_level():
     reads = ["sub-01/anat/sub-01_acq-mp_T1w.nii.gz"]
     read = [{"location": "/sub-01/anat/sub-01_acq-mp_T1w.json", "code": "JSON_INVALID"},
             {"location": "/acq-mp_T1w.json", "code": "JSON_INVALID"},  # inherited by the selected T1w
+            {"location": "/sub-01/sub-01_T1w.json", "code": "JSON_INVALID"},  # so is the subject level's
             {"location": "/dataset_description.json", "code": "JSON_INVALID"},
             {"location": "", "code": "SOMETHING_OF_THE_DATASET"}]
     not_read = [{"location": "/sub-02/anat/sub-02_T1w.json", "code": "JSON_INVALID"},
+                {"location": "/sub-02/sub-02_T1w.json", "code": "JSON_INVALID"},  # another participant's
+                {"location": "/sub-01/sub-01_T2w.json", "code": "JSON_INVALID"},  # another contrast's
                 {"location": "/task-rest_bold.json", "code": "JSON_INVALID"},
                 {"location": "/annex-uuid", "code": "NOT_INCLUDED"},
                 # an image's content: the app reads it itself and fails that image alone
