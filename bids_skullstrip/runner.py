@@ -353,6 +353,8 @@ class Run:
         from .reports.participant import participant_report_path, reported_participants, write_participant_report
 
         output_dir = self.config.output_dir
+        if not output_dir.is_dir():  # not made, empty, by a run that reports on it
+            raise UsageError(f"{output_dir}: output folder not found; run the participant level first")
         check_writable((output_dir, "output folder"))
         self.say_ignored("--reports-only")
         errors = participant_errors(output_dir)

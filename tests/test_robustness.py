@@ -1635,6 +1635,9 @@ def test_boilerplate_only_and_reports_only(small_dataset, tmp_path):
     assert (out / "sub-01_old.html").read_text() == "a user's copy" and (out / "sub-dir.html").is_dir()
     assert "--reports-only uses only --participant-label of the selection options: --contrasts ignored" in \
         res.stdout + res.stderr, res.stdout + res.stderr
+    res = app(small_dataset, tmp_path / "nowhere", "participant", "--reports-only")  # was made, empty (red-team 14)
+    assert res.returncode == 2 and not (tmp_path / "nowhere").exists() and res.stderr.strip().splitlines() == [
+        f"bids_skullstrip: error: {tmp_path / 'nowhere'}: output folder not found; run the participant level first"]
     res = app(small_dataset, out, "participant", "--reports-only", "--participant-label", "sub-")
     assert res.returncode == 2 and res.stderr.strip().splitlines() == [
         "bids_skullstrip: error: an empty participant label was given (the output folder has 01)"], res.stderr
