@@ -245,7 +245,6 @@ class ImageLocks:
         with contextlib.suppress(OSError):  # the last lock of any run: no empty folder left behind
             self.folder.rmdir()
 
-
     def others(self):
         """Who holds the locks of this folder that this object does not: the runs busy with images there."""
         import fcntl

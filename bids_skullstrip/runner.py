@@ -616,14 +616,12 @@ class Run:
         images = self.dataset_images()
         try:
             paths = write_group_report(self.config.output_dir, participants=self.config.participant_label,
-                                       dataset=None if images is None else {t.name for t in images})
+                                       dataset=images)
         except OSError as exc:  # a full disk, a quota: one line (was: "error: OSError: ..." naming no file)
             log.error("error: the group report could not be written in %s: %s", self.config.output_dir,
                       " ".join(str(exc).split()))
             return FAILED
         log.info("group report: %s", ", ".join(str(p) for p in paths))
-        if images is not None:
-            self.say_out_of_step(images, sorted({p.stem.removeprefix("group_") for p in paths}))
         return OK
 
     def dataset_images(self):
@@ -639,29 +637,3 @@ class Run:
             return None
         finally:
             log.setLevel(level)
-
-    def say_out_of_step(self, images, suffixes):
-        """One line per contrast reported on whose images of the dataset are not all in its report (a run
-        stopped half-way, or still going on), and one per contrast whose report holds images the dataset no longer
-        has (removed or renamed since they were processed): how many, and the first."""
-        from . import outputs
-        from .discovery import strip_prefix
-
-        output_dir = self.config.output_dir
-        failed = {t.name: t for t, _ in outputs.recorded_failures(output_dir)}
-        processed = (outputs.source_of(p) for p in outputs.find_outputs(output_dir, "metrics"))
-        reported = {**failed, **{t.name: t for t in processed}}
-        labels = {strip_prefix(p, "sub-") for p in self.config.participant_label}
-        present = {t.name for t in images}
-        images = [t for t in images if not labels or t.subject in labels]
-        for suffix in suffixes:
-            missing = [t for t in images if t.suffix == suffix and t.name not in reported]
-            if missing:
-                log.warning("group_%s: %d %s image(s) of the dataset are not in it: not processed (yet), or left out "
-                            "by the participant level's selection; first: %s", suffix, len(missing), suffix,
-                            missing[0].relpath)
-            gone = sorted(name for name, t in reported.items() if t.suffix == suffix and name not in present
-                          and (not labels or t.subject in labels))
-            if gone:
-                log.warning("group_%s: %d image(s) in it are no longer in the dataset (removed or renamed since the "
-                            "participant level ran them); first: %s", suffix, len(gone), gone[0])

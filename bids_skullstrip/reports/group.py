@@ -224,7 +224,8 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
     """Write ``group_<suffix>.tsv`` and ``group_<suffix>.html`` in ``output_dir`` for every contrast that has
     images there (of ``participants`` only, labels with or without ``sub-``, where given); return their paths,
     (tsv, html) per contrast in turn. Settings that differ between the images are logged as a warning. ``dataset``:
-    the names of the images the dataset has, where known: a row of another gets a note (``GONE_NOTE``).
+    the images the dataset has (``discovery.StructuralInput``), where known: a row of another gets a note
+    (``GONE_NOTE``), and each contrast's report says what it lacks of the dataset and holds that it no longer has.
 
     Raises ReportError when no per-image metrics JSON exists.
     """
@@ -234,11 +235,14 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
     wanted = {strip_prefix(p, "sub-") for p in participants or ()}
     written = []
     found = _records(output_dir, wanted)
+    names = None if dataset is None else {t.name for t in dataset}
     for r in (r for records in found.values() for r in records):
-        if dataset is not None and r["_name"] not in dataset and GONE_NOTE not in r["notes"]:
+        if names is not None and r["_name"] not in names and GONE_NOTE not in r["notes"]:
             r["notes"].append(GONE_NOTE)
     for suffix, records in found.items():
         written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails, selection=sorted(wanted))
+        if dataset is not None:
+            _say_out_of_step(suffix, records, [t for t in dataset if not wanted or t.subject in wanted])
     if wanted:
         log.warning("the group reports hold participant(s) %s only (--participant-label): the others' images are "
                     "not in them; run the group level without it for the whole dataset", ", ".join(sorted(wanted)))
@@ -256,6 +260,21 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
                 log.warning("removed the group report of %s (%s): no %s outputs are left", suffix,
                             ", ".join(p.name for p in stale), suffix)
     return written
+
+
+def _say_out_of_step(suffix, records, dataset):
+    """One line if the report of ``suffix`` lacks images of the dataset (a run stopped half-way, or still going on),
+    one if it holds images the dataset no longer has (removed or renamed since they were processed): how many, and
+    the first."""
+    reported = {r["_name"] for r in records}
+    missing = [t for t in dataset if t.suffix == suffix and t.name not in reported]
+    if missing:
+        log.warning("group_%s: %d %s image(s) of the dataset are not in it: not processed (yet), or left out by the "
+                    "participant level's selection; first: %s", suffix, len(missing), suffix, missing[0].relpath)
+    gone = sorted(r["_name"] for r in records if GONE_NOTE in r["notes"])
+    if gone:
+        log.warning("group_%s: %d image(s) in it are no longer in the dataset (removed or renamed since the "
+                    "participant level ran them); first: %s", suffix, len(gone), gone[0])
 
 
 def _write_contrast(output_dir, suffix, records, *, thumbnails, selection=()):
