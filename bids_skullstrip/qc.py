@@ -572,8 +572,11 @@ def flag_group(rows, contrast="T1w"):
     are at least GROUP_MIN_IMAGES images. ``contrast``: the images' BIDS suffix (a group is one contrast).
     """
     rows = list(rows)
-    return [flag_image(r, contrast) + [t for t in z if t not in _cut_outliers(r, z)]
-            for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES))]
+    flags = []
+    for r, z in zip(rows, _group_outliers(rows, GROUP_MEASURES)):
+        explained = _cut_outliers(r, z)
+        flags.append(flag_image(r, contrast) + [t for t in z if t not in explained])
+    return flags
 
 
 def _cut_outliers(measures, texts):
