@@ -170,7 +170,15 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
 
     def _submit(self, taskid):
         node, updatehash = self._nodes[taskid]
-        future = self.pool.submit(_run_node, node, updatehash, taskid)
+        try:
+            future = self.pool.submit(_run_node, node, updatehash, taskid)
+        except BrokenProcessPool:
+            # a worker died between two jobs (an idle worker holds its loaded networks: the OOM killer's choice as
+            # much as a busy one), so the pool refuses new work; nipype's loop let that end the run, failing every
+            # image not yet finished with no word why (red-team 15). Nothing the dead worker held is lost: the jobs
+            # in flight are run again by _get_result, this one goes to the new pool
+            self._replace_broken_pool()
+            future = self.pool.submit(_run_node, node, updatehash, taskid)
         future.add_done_callback(self._async_callback)
         self._task_obj[taskid] = future
         self._pool_of[taskid] = self._pools

@@ -491,7 +491,11 @@ class Run:
         try:
             wf.run(plugin=execution.plugin(self.plugin, plugin_args), plugin_args=plugin_args)
         except RuntimeError as exc:
-            log.debug("nipype: %s", exc)
+            if config.stop_on_first_crash:  # nipype's way of stopping there: the failed image's crash file says why
+                log.debug("nipype: %s", exc)
+            else:  # nipype's loop itself failed: the images not done fail saying so, not "without a crash file"
+                stopped_by = f"an error of nipype's scheduler ({' '.join(str(exc).split())[:200] or type(exc).__name__})"
+                log.error("the workflow stopped: %s", stopped_by)
         except OSError as exc:  # nipype's own files (a full or vanished work directory): the images not done fail
             stopped_by = " ".join(str(exc).split())
             log.error("the workflow stopped: %s (work directory %s)", stopped_by, config.work_dir)
