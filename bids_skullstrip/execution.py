@@ -307,16 +307,17 @@ def failure_of(t1w, work_dir, since, *, stopped_early=False, stopped_by=None):
     return message if str(t1w.path) in message else f"{t1w.relpath}: {message}"
 
 
-# What running out of address space looks like from inside a node: numpy's and C++'s allocation errors, a shared
-# library that cannot be mapped, OpenVINO returning an empty output
-OUT_OF_ADDRESS_SPACE = ("Unable to allocate", "Failed to allocate", "MemoryError", "bad_alloc",
-                        "failed to map segment", "cannot reshape array of size 0", "Cannot allocate memory")
+# What running out of address space looks like from inside a node: numpy's and C++'s allocation errors (and the
+# network's output that could not be allocated, OpenVINO's "can't alloc"), a shared library that cannot be mapped, a
+# thread that cannot start
+OUT_OF_ADDRESS_SPACE = ("Unable to allocate", "Failed to allocate", "MemoryError", "bad_alloc", "can't alloc",
+                        "failed to map segment", "Cannot allocate memory", "Resource temporarily unavailable")
 
 
 # A worker maps far more address space than it uses (1.4 GB at its peak for a 1 mm head in `skullstrip`; the
 # app's workers load ANTs and nipype too)
 ADDRESS_SPACE_NEED_GB = 4.0
-ADDRESS_SPACE_ADVICE = (f"a worker maps more than it uses; raise it to at least {ADDRESS_SPACE_NEED_GB:g} GB or "
+ADDRESS_SPACE_ADVICE = (f"a process maps more than it uses; raise it to at least {ADDRESS_SPACE_NEED_GB:g} GB or "
                         "remove it")
 
 

@@ -2015,6 +2015,73 @@ def test_an_address_space_limit_is_named_when_an_image_runs_out_of_it(small_data
     assert "warning: the address space of each process is limited to 1.2 GB (`ulimit -v`)" in res.stdout  # before
 
 
+def test_a_network_output_that_cannot_be_allocated_is_said_as_out_of_memory():
+    """Under `ulimit -v`, OpenVINO returned its last, smaller output buffer without an error when a larger input's
+    could not be allocated: the image failed with "cannot reshape array of size 614400 into shape (1,80,104,80,1)",
+    which no one reads as out of memory (red-team 15)."""
+    script = textwrap.dedent("""
+        import resource, numpy as np, psutil
+        from bids_skullstrip.execution import OUT_OF_ADDRESS_SPACE
+        from bids_skullstrip.model.inference import WEIGHTS_DIR, OnnxNetwork
+        net = OnnxNetwork(str(WEIGHTS_DIR / "unet.onnx"), 1)
+        net(np.zeros((1, 80, 96, 80, 1), np.float32))
+        resource.setrlimit(resource.RLIMIT_AS, (psutil.Process().memory_info().vms + 50 * 2**20,
+                                                resource.RLIM_INFINITY))
+        try:
+            out = net(np.zeros((1, 96, 128, 96, 1), np.float32))
+            print("returned", out.shape)
+        except Exception as exc:
+            message = f"{type(exc).__name__}: {exc}"
+            print("raised", any(s in message for s in OUT_OF_ADDRESS_SPACE), message)
+        """)
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert res.stdout.startswith("raised True"), res.stdout + res.stderr[-2000:]
+
+
+@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
+def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum, status, small_dataset, tmp_path):
+    """SIGTERM or SIGHUP while `skullstrip` wrote its mask killed it without a word and left a 0-byte `.tmp-*` beside
+    the outputs, which no later call removed; Ctrl-C printed a KeyboardInterrupt traceback (red-team 15). Here the
+    signal arrives once the mask's temporary file is written, before it is renamed."""
+    script = tmp_path / "patched_skullstrip.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, nibabel
+        save = nibabel.save
+        def saving(img, path):
+            save(img, path)
+            os.kill(os.getpid(), {int(signum)})
+        nibabel.save = saving
+        from bids_skullstrip.cli import single_file
+        single_file.run()
+        """))
+    out = tmp_path / "out"
+    out.mkdir()
+    res = subprocess.run([sys.executable, str(script), "-i", small_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
+                          "-m", out / "mask.nii.gz"], capture_output=True, text=True, timeout=300)
+    assert res.returncode == status, res.stderr[-3000:]
+    assert res.stderr.strip() == (f"skullstrip: interrupted ({signal.Signals(signum).name}): the outputs written so "
+                                  "far are complete, no other was left half-written"), res.stderr[-3000:]
+    assert not list(out.iterdir()), list(out.iterdir())
+
+
+def test_skullstrip_out_of_address_space_is_one_line(small_dataset, tmp_path):
+    """`skullstrip` under `prlimit --as=1000000000` printed OpenVINO's 40-line traceback ending "[CPU]
+    ConvolutionBackpropData node ... can't alloc", the limit named nowhere (red-team 15)."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (1000 * 10**6, resource.getrlimit(resource.RLIMIT_AS)[1]))
+
+    image = small_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    res = subprocess.run([*_exe("skullstrip", "bids_skullstrip.cli.single_file"), "-i", str(image), "-m",
+                          str(tmp_path / "mask.nii.gz")], capture_output=True, text=True, timeout=300,
+                         preexec_fn=limit)
+    assert res.returncode == 1, res.stderr[-3000:]
+    [line] = res.stderr.strip().splitlines()
+    assert line.startswith(f"skullstrip: error: {image}: ") and "out of memory under an address-space limit" in line
+    assert not list(tmp_path.glob("*mask*")), list(tmp_path.iterdir())
+
+
 def test_a_full_output_folder_still_says_what_became_of_each_image(small_dataset, tmpfs, tmp_path):
     """A quota already used up: the failure records could not be written either, and their OSError ended the run
     with one line naming no file and no image."""

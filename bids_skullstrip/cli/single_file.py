@@ -5,6 +5,7 @@
 """
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ def build_parser():
                                 epilog="Exit status: 0 done (QC flags, if any, printed as warnings); 1 an error "
                                        "(one line, nothing written); 2 a usage error (nothing to write, a threshold "
                                        "outside 0-1, an unknown --contrast; nothing read or written); 3 with "
-                                       "--fail-on-flag when QC flagged the mask (the outputs are written).",
+                                       "--fail-on-flag when QC flagged the mask (the outputs are written); 130, 143, 129 stopped by "
+                                       "Ctrl-C, SIGTERM, SIGHUP (one line; the outputs written so far are complete, "
+                                       "no other is left half-written).",
                                 formatter_class=_HelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path,
                    help="structural image: T1w, T2w, FLAIR, PDw, ... (NIfTI, any orientation)")
@@ -93,6 +96,12 @@ def main(argv=None):
         qc_s = time.perf_counter() - t
     except (ValueError, OSError) as exc:
         return _fail(exc, EXIT_ERROR)
+    except (MemoryError, RuntimeError) as exc:  # out of memory, in numpy or in OpenVINO's native code (`ulimit -v`)
+        from ..execution import with_address_space_hint
+
+        said = [line for line in str(exc).splitlines() if line.strip()]  # OpenVINO's last line says what failed
+        return _fail(with_address_space_hint(f"{opts.input}: {type(exc).__name__}: "
+                                             f"{said[-1] if said else 'no message'}"), EXIT_ERROR)
     if opts.verbose:
         stages = ", ".join(f"{k} {v:.2f} s" for k, v in result.timings.items())
         print(f"core {result.core_s:.2f} s ({stages}); QC {qc_s:.2f} s; total {time.perf_counter() - t_start:.2f} s; "
@@ -112,9 +121,24 @@ def main(argv=None):
     return EXIT_FLAGGED if flags and opts.fail_on_flag else 0
 
 
+def _stop(signum, frame):
+    raise KeyboardInterrupt(signum)
+
+
 def run():
-    """Console entry point."""
-    sys.exit(main())
+    """Console entry point. SIGTERM and SIGHUP (a scheduler's stop, a closed terminal) stop it as Ctrl-C does: the
+    interrupt unwinds the output being written, whose temporary file goes with it (they left a 0-byte
+    ``.tmp-*`` beside the outputs, and Ctrl-C a traceback: red-team 15)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _stop)
+    try:
+        status = main()
+    except KeyboardInterrupt as exc:
+        signum = exc.args[0] if exc.args else signal.SIGINT
+        print(f"skullstrip: interrupted ({signal.Signals(signum).name}): the outputs written so far are complete, "
+              "no other was left half-written", file=sys.stderr)
+        status = 128 + signum
+    sys.exit(status)
 
 
 if __name__ == "__main__":

@@ -147,7 +147,10 @@ class OnnxNetwork:
         request = getattr(self._requests, "request", None)
         if request is None:  # one per thread: the compiled model's own request serves one call at a time ("busy")
             request = self._requests.request = self.network.create_infer_request()
-        return request.infer([x.reshape(1, 1, *x.shape[1:4])])[0].reshape(x.shape)
+        out = request.infer([x.reshape(1, 1, *x.shape[1:4])])[0]
+        if out.size != x.size:  # a larger output that cannot be allocated (`ulimit -v`): the last one, no error
+            raise MemoryError(f"Unable to allocate the network's output of {x.size} values (it returned {out.size})")
+        return out.reshape(x.shape)
 
 
 def _checked_onnx(folder, entry):
