@@ -16,6 +16,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from .execution import die_with_parent
+
 # The structural (non-parametric anat) suffixes the app strips; ``--contrasts all`` means every one of them.
 # A contrast-enhanced T1w is a T1w with a ``ce-`` entity, not a suffix of its own.
 CONTRASTS = ("T1w", "T2w", "FLAIR", "PDw", "T2starw")
@@ -453,8 +455,10 @@ def validator_issues(bids_dir):
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         try:
+            # dies with the run even when the run is SIGKILLed (it ran on to the end, re-parented: red-team 15)
             proc = subprocess.run([exe, "--format", "json", "--outfile", str(report), str(bids_dir)],
-                                  capture_output=True, text=True, errors="replace", timeout=VALIDATOR_TIMEOUT_S)
+                                  capture_output=True, text=True, errors="replace", timeout=VALIDATOR_TIMEOUT_S,
+                                  preexec_fn=die_with_parent)
         except subprocess.TimeoutExpired:
             raise ValidatorFailed(f"it did not finish in {VALIDATOR_TIMEOUT_S // 60} minutes") from None
         try:

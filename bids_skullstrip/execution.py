@@ -321,6 +321,18 @@ ADDRESS_SPACE_ADVICE = (f"a process maps more than it uses; raise it to at least
                         "remove it")
 
 
+def die_with_parent():
+    """Linux: this process gets SIGKILL when the one that started it dies, even when that one is SIGKILLed (what is
+    started from it afterwards, with exec too). Elsewhere nothing."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def address_space_limit_gb():
     """This process's address-space limit (``ulimit -v``, ``prlimit --as``), GB; None where there is none. The
     memory budget of the run (the machine, the cgroup) does not see it."""

@@ -18,7 +18,6 @@ Workers ignore SIGINT (the main process stops them: ``runner.stop_workers``) and
 """
 
 import contextlib
-import ctypes
 import faulthandler
 import logging
 import os
@@ -32,6 +31,8 @@ from traceback import format_exception
 
 import psutil
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
+
+from .execution import die_with_parent
 
 log = logging.getLogger("nipype.workflow")
 
@@ -50,10 +51,7 @@ def _init_worker(cwd, started):
     # nipype turns Python's fault handler on: a worker dying in native code printed 40 lines of stack and module
     # names to the console (red-team 10b), above the one line the run says of it
     faulthandler.disable()
-    try:  # Linux: die with the main process, even when it is SIGKILLed
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+    die_with_parent()
 
 
 def _run_node(node, updatehash, taskid):

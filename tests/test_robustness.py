@@ -4,6 +4,7 @@ Every bad case must give a one-line error naming the file and the problem, a non
 traceback, no partial output and an untouched input; one bad image must not stop the others.
 """
 
+import contextlib
 import datetime
 import gzip
 import json
@@ -1064,6 +1065,29 @@ def test_ctrl_c_sighup_and_sigkill_stop_every_worker(signum, to_group, status, t
     assert proc.returncode == status, stderr
     if signum != signal.SIGKILL:
         assert f"interrupted ({signal.Signals(signum).name})" in stderr and "Traceback" not in stderr, stderr[-3000:]
+    _assert_nothing_left(proc.pid)
+
+
+def test_sigkill_while_the_validator_runs_leaves_no_validator(small_dataset, tmp_path):
+    """The main process SIGKILLed while the BIDS validator ran: the validator (deno) was re-parented to PID 1 and
+    ran on to the end (red-team 15). It now dies with the run, as the workers do. A validator that takes a minute
+    (a large dataset's) stands in for it here: the real one takes 0.2 s on this dataset."""
+    slow = tmp_path / "bin" / "bids-validator-deno"
+    slow.parent.mkdir()
+    slow.write_text("#!/bin/sh\nexec sleep 60\n")
+    slow.chmod(0o755)
+    proc = _start([small_dataset, tmp_path / "out", "participant", "-w", tmp_path / "work"],
+                  env={**os.environ, "PATH": f"{slow.parent}{os.pathsep}{os.environ['PATH']}"})
+    deadline, validator = time.monotonic() + 120, None
+    while validator is None and time.monotonic() < deadline and proc.poll() is None:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                if child.name() == "sleep":
+                    validator = child
+        time.sleep(0.01)
+    assert validator is not None, f"no validator seen: {proc.poll()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
     _assert_nothing_left(proc.pid)
 
 
