@@ -38,6 +38,9 @@ _SIGNALLED = threading.Event()
 # run holds (a worker stopped while it wrote one left it in the output folder until the next run), then release
 # their locks. Set once they are claimed, when what it calls is imported: the stop imports nothing.
 _TIDY_ON_STOP = []
+# How the stop message says to resume: "the same command" redoes with --overwrite the images this run already
+# redid (red-team 15); set once the run knows its options
+_RESUME_ADVICE = ["rerun the same command to resume"]
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
 
@@ -109,7 +112,7 @@ def stop_now(name):
         with contextlib.suppress(Exception):
             tidy()
     message = (f"interrupted ({name}): the images finished so far are kept and no output was left half-written; "
-               "rerun the same command to resume")
+               f"{_RESUME_ADVICE[-1]}")
     for handler in log.handlers:  # the run's log file; the console gets the message once, on stderr
         handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None))
     print(f"bids_skullstrip: {message}", file=sys.stderr)
@@ -223,6 +226,10 @@ class Run:
         todo, busy = self.claim(todo, locks)
         self.remove_temporaries_of_claimed(todo, locks[0])
         _TIDY_ON_STOP.append(lambda: self.tidy_after_stop(todo, locks))
+        if config.overwrite:
+            _RESUME_ADVICE.append("rerun to resume: without --overwrite a rerun skips every image with complete "
+                                  "outputs of these settings (this run's and earlier ones), with it every image is "
+                                  "redone again")
         try:
             if todo:
                 failures += self.process(todo)
@@ -426,6 +433,13 @@ class Run:
         for t1w, changed in stale.items():
             log.info("  redoing %s: its outputs were made with other settings (%s)", t1w.relpath,
                      ", ".join(f"{k} {old} -> {new}" for k, (old, new) in changed.items()))
+        # the sink removes it with the image's other outputs: a map the new mask is not made from (red-team 15)
+        dropped = [t for t in todo if not config.save_probseg
+                   and outputs.derivative_path(config.output_dir, t, "probseg").is_file()]
+        if dropped:
+            log.info("  the probability map of %d redone image(s) (%s) is removed: not asked for (--save-probseg), "
+                     "it would disagree with the new mask", len(dropped), ", ".join(t.relpath for t in dropped[:3])
+                     + (", ..." if len(dropped) > 3 else ""))
         return todo, failures
 
     def omp_nthreads(self, n_images, workers):

@@ -548,8 +548,12 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     assert int((np.asanyarray(nib.load(mask).dataobj) > 0).sum()) > volume
     probseg = anat / "sub-01_label-brain_probseg.nii.gz"
     assert probseg.is_file() and probseg.with_name("sub-01_label-brain_probseg.json").is_file()
-    # redone without --save-probseg: the earlier probability map goes (0.2.0 kept it beside the new mask)
-    assert app(*args, "--overwrite").returncode == 0
+    # redone without --save-probseg: the earlier probability map goes (0.2.0 kept it beside the new mask), saying so
+    # (red-team 15: silently)
+    res = app(*args, "--overwrite")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert ("the probability map of 1 redone image(s) (sub-01/anat/sub-01_T1w.nii.gz) is removed: not asked for "
+            "(--save-probseg), it would disagree with the new mask") in res.stdout, res.stdout[-3000:]
     assert not probseg.exists() and not probseg.with_name("sub-01_label-brain_probseg.json").exists()
 
 
@@ -906,6 +910,23 @@ def test_sigterm_to_the_main_process_stops_every_worker_keeps_finished_images_an
     assert f"{rest} processed in this run, {len(finished)} already finished" in res.stdout, res.stdout
     for label in LABELS6:
         _assert_outputs_complete(out, label)
+
+
+def test_a_stopped_overwrite_run_says_what_a_rerun_redoes(small_dataset, tmp_path):
+    """A run with --overwrite stopped half-way advised "rerun the same command to resume", which redid the images
+    that run had already redone (red-team 15)."""
+    res = app_patched("""
+        from bids_skullstrip import runner
+        process = runner.Run.process
+        def processing(self, todo):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return process(self, todo)
+        runner.Run.process = processing
+        """, small_dataset, tmp_path / "out", "participant", "--skip-bids-validation", "--overwrite", "-w",
+        tmp_path / "work", tmp_path=tmp_path, timeout=300)
+    assert res.returncode == 143, res.stderr[-3000:]
+    assert ("rerun to resume: without --overwrite a rerun skips every image with complete outputs of these settings "
+            "(this run's and earlier ones), with it every image is redone again") in res.stderr, res.stderr[-3000:]
 
 
 def test_a_stop_signal_whose_exception_is_dropped_still_stops_the_run(tmp_path):
