@@ -304,7 +304,8 @@ def failure_of(t1w, work_dir, since, *, stopped_early=False, stopped_by=None):
     if not crashes:
         return f"{t1w.relpath}: processing failed without a crash file (see {Path(work_dir) / 'nipype.log'})"
     message = with_address_space_hint(crash_message(crashes[0]))
-    return message if str(t1w.path) in message else f"{t1w.relpath}: {message}"
+    # named by its place in the dataset, as every other failure line (the image's reader names its absolute path)
+    return message.replace(str(t1w.path), t1w.relpath) if str(t1w.path) in message else f"{t1w.relpath}: {message}"
 
 
 # What running out of address space looks like from inside a node: numpy's and C++'s allocation errors (and the
