@@ -640,6 +640,13 @@ class Run:
                       " ".join(str(exc).split()))
             return FAILED
         log.info("group report: %s", ", ".join(str(p) for p in paths))
+        from .outputs import LOCKS_DIR, ImageLocks
+
+        busy = ImageLocks(self.config.output_dir / LOCKS_DIR).others()
+        if busy:  # the participant level is still running: its images are "not processed (yet)" (red-team 15)
+            log.warning("warning: another run is processing %d image(s) in %s (%s): the group report shows them as "
+                        "they were before it; run the group level again once it ends", len(busy),
+                        self.config.output_dir, ", ".join(sorted(set(busy))))
         return OK
 
     def dataset_images(self):

@@ -877,6 +877,9 @@ def test_images_finish_one_after_another_while_both_workers_stay_busy(tmp_path):
     assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
     assert started_at_first is not None and started_at_first <= 4, started_at_first
     assert group.returncode == 0, group.stdout[-2000:] + group.stderr[-2000:]
+    # and says that another run is still at work on the others (red-team 15: only "not processed (yet)")
+    assert re.search(r"warning: another run is processing \d image\(s\) in .*: the group report shows them as they "
+                     r"were before it", group.stdout + group.stderr), group.stdout[-2000:] + group.stderr[-2000:]
     with (out / "group_T1w.tsv").open() as fh:
         assert 1 <= len(fh.read().strip().splitlines()) - 1 < len(labels)  # a row per finished image
     counts = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("progress: ")]
