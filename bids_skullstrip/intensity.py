@@ -49,7 +49,7 @@ def background_offset(data):
 # not rougher). The noisy voxels connected to the faces are then set to 0 before the networks (the outputs keep the
 # input as it is). A strong receive field (7 T) raises the 99th percentile: air of noise at a third of the brain's
 # median was below that level (0.14-0.20), taken for a noisy image's and smoothed, its fog stayed, and the masks
-# were drawn into it (red-team 16: Dice 0.00-0.91, 7 of 96 images). Air down to FAINT_NOISY_BACKGROUND_LEVEL is
+# were drawn into it (red-team 16: Dice 0.00-0.91, 7 of 112 images). Air down to FAINT_NOISY_BACKGROUND_LEVEL is
 # zeroed too where it is rougher than the brain by FAINT_NOISY_BACKGROUND_CONTRAST (those images: 3.3-9.8 times;
 # noise added to the air of real heads, which the networks cope with unzeroed and lost up to 0.024 of Dice zeroed
 # patchily: 1.3-2.9 times; Rician noise over a whole image 0.9).

@@ -297,7 +297,7 @@ def test_faint_noisy_air_of_a_biased_head_is_set_to_0_too(axis, sign, level):
     """A 7 T-like MP2RAGE image: a strong receive field (x e^+-1 across the field of view) and air of noise about a
     third of the brain's median: the field raises the 99th percentile, so the air was below the noisy-background
     level (0.2 of it) and was taken for a noisy image's, smoothed; its fog stayed and the mask was drawn in the air
-    (red-team 16: Dice 0.00, 0.00 and 0.47 here; 7 of 96 such images below 0.93). Air fainter than that, down to 0.1,
+    (red-team 16: Dice 0.00, 0.00 and 0.47 here; 7 of 112 such images below 0.93). Air fainter than that, down to 0.1,
     is zeroed too where it is far rougher than the tissue (3 times: Rician noise over a whole image makes air as
     rough as tissue, 0.9 times; noise added to the air of a real head 1.3-2.9 times, which the networks cope with)."""
     img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
