@@ -13,6 +13,7 @@ import tempfile
 import threading
 import time
 import uuid
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict
 from pathlib import Path
 
@@ -504,12 +505,12 @@ class Run:
         stopped_by = None
         try:
             wf.run(plugin=execution.plugin(self.plugin, plugin_args), plugin_args=plugin_args)
-        except RuntimeError as exc:
-            if config.stop_on_first_crash:  # nipype's way of stopping there: the failed image's crash file says why
-                log.debug("nipype: %s", exc)
-            else:  # nipype's loop itself failed: the images not done fail saying so, not "without a crash file"
-                stopped_by = f"an error of nipype's scheduler ({' '.join(str(exc).split())[:200] or type(exc).__name__})"
-                log.error("the workflow stopped: %s", stopped_by)
+        except BrokenProcessPool as exc:  # MultiProc's pool lost beyond repair: the images not done fail saying so,
+            # not "without a crash file" (red-team 15)
+            stopped_by = f"a broken process pool ({' '.join(str(exc).split())[:200] or 'no message'})"
+            log.error("the workflow stopped: %s", stopped_by)
+        except RuntimeError as exc:  # nipype re-raises the first failed node's error: its crash file says why
+            log.debug("nipype: %s", exc)
         except OSError as exc:  # nipype's own files (a full or vanished work directory): the images not done fail
             stopped_by = " ".join(str(exc).split())
             log.error("the workflow stopped: %s (work directory %s)", stopped_by, config.work_dir)
