@@ -34,9 +34,9 @@ def build_parser():
                                 epilog="Exit status: 0 done (QC flags, if any, printed as warnings); 1 an error "
                                        "(one line, nothing written); 2 a usage error (nothing to write, a threshold "
                                        "outside 0-1, an unknown --contrast; nothing read or written); 3 with "
-                                       "--fail-on-flag when QC flagged the mask (the outputs are written); 130, 143, 129 stopped by "
-                                       "Ctrl-C, SIGTERM, SIGHUP (one line; the outputs written so far are complete, "
-                                       "no other is left half-written).",
+                                       "--fail-on-flag when QC flagged the mask (the outputs are written); 130, "
+                                       "143, 129 stopped by Ctrl-C, SIGTERM, SIGHUP (one line; the outputs written "
+                                       "so far are complete, no other is left half-written).",
                                 formatter_class=_HelpFormatter)
     p.add_argument("-i", "--input", required=True, type=Path,
                    help="structural image: T1w, T2w, FLAIR, PDw, ... (NIfTI, any orientation)")
