@@ -438,9 +438,9 @@ class Run:
         dropped = [t for t in todo if not config.save_probseg
                    and outputs.derivative_path(config.output_dir, t, "probseg").is_file()]
         if dropped:
-            log.info("  the probability map of %d redone image(s) (%s) is removed: not asked for (--save-probseg), "
-                     "it would disagree with the new mask", len(dropped), ", ".join(t.relpath for t in dropped[:3])
-                     + (", ..." if len(dropped) > 3 else ""))
+            log.info("  the probability map of %d image(s) to redo (%s) goes once each is redone: not asked for "
+                     "(--save-probseg), it would disagree with the new mask", len(dropped),
+                     ", ".join(t.relpath for t in dropped[:3]) + (", ..." if len(dropped) > 3 else ""))
         return todo, failures
 
     def omp_nthreads(self, n_images, workers):
@@ -645,8 +645,8 @@ class Run:
 
         busy = ImageLocks(self.config.output_dir / LOCKS_DIR).others()
         if busy:  # the participant level is still running: its images are "not processed (yet)" (red-team 15)
-            log.warning("warning: another run is processing %d image(s) in %s (%s): the group report shows them as "
-                        "they were before it; run the group level again once it ends", len(busy),
+            log.warning("warning: another run is at work in %s (%s): the group report shows the images it has not "
+                        "finished as they were before it; run the group level again once it ends",
                         self.config.output_dir, ", ".join(sorted(set(busy))))
         return OK
 

@@ -554,8 +554,8 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     # (red-team 15: silently)
     res = app(*args, "--overwrite")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
-    assert ("the probability map of 1 redone image(s) (sub-01/anat/sub-01_T1w.nii.gz) is removed: not asked for "
-            "(--save-probseg), it would disagree with the new mask") in res.stdout, res.stdout[-3000:]
+    assert ("the probability map of 1 image(s) to redo (sub-01/anat/sub-01_T1w.nii.gz) goes once each is redone: "
+            "not asked for (--save-probseg), it would disagree with the new mask") in res.stdout, res.stdout[-3000:]
     assert not probseg.exists() and not probseg.with_name("sub-01_label-brain_probseg.json").exists()
 
 
@@ -878,8 +878,9 @@ def test_images_finish_one_after_another_while_both_workers_stay_busy(tmp_path):
     assert started_at_first is not None and started_at_first <= 4, started_at_first
     assert group.returncode == 0, group.stdout[-2000:] + group.stderr[-2000:]
     # and says that another run is still at work on the others (red-team 15: only "not processed (yet)")
-    assert re.search(r"warning: another run is processing \d image\(s\) in .*: the group report shows them as they "
-                     r"were before it", group.stdout + group.stderr), group.stdout[-2000:] + group.stderr[-2000:]
+    assert re.search(r"warning: another run is at work in .* \(pid \d+ on .*\): the group report shows the images "
+                     r"it has not finished as they were before it", group.stdout + group.stderr), \
+        group.stdout[-2000:] + group.stderr[-2000:]
     with (out / "group_T1w.tsv").open() as fh:
         assert 1 <= len(fh.read().strip().splitlines()) - 1 < len(labels)  # a row per finished image
     counts = [int(line.split()[1]) for line in stdout.splitlines() if line.startswith("progress: ")]
@@ -2089,18 +2090,26 @@ def test_a_network_output_that_cannot_be_allocated_is_said_as_out_of_memory():
     assert res.stdout.startswith("raised True"), res.stdout + res.stderr[-2000:]
 
 
-@pytest.mark.parametrize("signum, status", [(signal.SIGTERM, 143), (signal.SIGHUP, 129), (signal.SIGINT, 130)])
-def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum, status, small_dataset, tmp_path):
+@pytest.mark.parametrize("signum, status, second", [(signal.SIGTERM, 143, None), (signal.SIGHUP, 129, None),
+                                                     (signal.SIGINT, 130, None), (signal.SIGTERM, 143, signal.SIGHUP)])
+def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum, status, second, small_dataset,
+                                                                           tmp_path):
     """SIGTERM or SIGHUP while `skullstrip` wrote its mask killed it without a word and left a 0-byte `.tmp-*` beside
     the outputs, which no later call removed; Ctrl-C printed a KeyboardInterrupt traceback (red-team 15). Here the
-    signal arrives once the mask's temporary file is written, before it is renamed."""
+    signal arrives once the mask's temporary file is written, before it is renamed; a second, other signal while the
+    first one unwinds printed a 50-line traceback and the second's status (red-team 17)."""
     script = tmp_path / "patched_skullstrip.py"
     script.write_text(textwrap.dedent(f"""
-        import os, nibabel
+        import os, time, nibabel
         save = nibabel.save
         def saving(img, path):
             save(img, path)
-            os.kill(os.getpid(), {int(signum)})
+            try:
+                os.kill(os.getpid(), {int(signum)})
+                time.sleep(5)
+            finally:  # while the first one unwinds
+                if {int(second or 0)}:
+                    os.kill(os.getpid(), {int(second or 0)})
         nibabel.save = saving
         from bids_skullstrip.cli import single_file
         single_file.run()

@@ -96,7 +96,8 @@ def main(argv=None):
         qc_s = time.perf_counter() - t
     except (ValueError, OSError) as exc:
         return _fail(exc, EXIT_ERROR)
-    except (MemoryError, RuntimeError) as exc:  # out of memory, in numpy or in OpenVINO's native code (`ulimit -v`)
+    except (MemoryError, RuntimeError, ImportError) as exc:  # out of memory: numpy, OpenVINO's native code, a
+        # library that cannot be mapped (`ulimit -v`)
         from ..execution import with_address_space_hint
 
         said = [line for line in str(exc).splitlines() if line.strip()]  # OpenVINO's last line says what failed
@@ -121,7 +122,12 @@ def main(argv=None):
     return EXIT_FLAGGED if flags and opts.fail_on_flag else 0
 
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
 def _stop(signum, frame):
+    for other in _STOP_SIGNALS:  # a second signal would interrupt the first one's unwinding (red-team 17)
+        signal.signal(other, signal.SIG_IGN)
     raise KeyboardInterrupt(signum)
 
 
@@ -129,8 +135,9 @@ def run():
     """Console entry point. SIGTERM and SIGHUP (a scheduler's stop, a closed terminal) stop it as Ctrl-C does: the
     interrupt unwinds the output being written, whose temporary file goes with it (they left a 0-byte
     ``.tmp-*`` beside the outputs, and Ctrl-C a traceback: red-team 15)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, _stop)
+    for signum in _STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # started in the background: Ctrl-C is not ours
+            signal.signal(signum, _stop)
     try:
         status = main()
     except KeyboardInterrupt as exc:
