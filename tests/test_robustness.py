@@ -2090,6 +2090,13 @@ def test_a_network_output_that_cannot_be_allocated_is_said_as_out_of_memory():
     assert res.stdout.startswith("raised True"), res.stdout + res.stderr[-2000:]
 
 
+def _as_in_a_terminal():
+    """Ctrl-C and SIGHUP as a terminal's foreground job has them: tests started in the background or under nohup
+    (CI) ignore both, and so does what they start (`skullstrip` keeps a signal it was started ignoring)."""
+    for signum in (signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("signum, status, second", [(signal.SIGTERM, 143, None), (signal.SIGHUP, 129, None),
                                                      (signal.SIGINT, 130, None), (signal.SIGTERM, 143, signal.SIGHUP)])
 def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum, status, second, small_dataset,
@@ -2118,7 +2125,7 @@ def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum
     out.mkdir()
     res = subprocess.run([sys.executable, str(script), "-i", small_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
                           "-m", out / "mask.nii.gz"], capture_output=True, text=True, timeout=300,
-                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as in a terminal (_start)
+                         preexec_fn=_as_in_a_terminal)
     assert res.returncode == status, res.stderr[-3000:]
     assert res.stderr.strip() == (f"skullstrip: interrupted ({signal.Signals(signum).name}): the outputs written so "
                                   "far are complete, no other was left half-written"), res.stderr[-3000:]
