@@ -41,7 +41,7 @@ _SIGNALLED = threading.Event()
 _TIDY_ON_STOP = []
 # How the stop message says to resume: "the same command" redoes with --overwrite the images this run already
 # redid (red-team 15); set once the run knows its options
-_RESUME_ADVICE = ["rerun the same command to resume"]
+_RESUME_ADVICE = "rerun the same command to resume"
 SCHEDULER_JOB_VARIABLES = ("SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID", "JOB_ID")  # SLURM, PBS/Torque, LSF, SGE
 NODE_LOCAL = ("/tmp", "/var/tmp", "/dev/shm")
 
@@ -113,7 +113,7 @@ def stop_now(name):
         with contextlib.suppress(Exception):
             tidy()
     message = (f"interrupted ({name}): the images finished so far are kept and no output was left half-written; "
-               f"{_RESUME_ADVICE[-1]}")
+               f"{_RESUME_ADVICE}")
     for handler in log.handlers:  # the run's log file; the console gets the message once, on stderr
         handler.handle(log.makeRecord(log.name, logging.WARNING, __file__, 0, message, None, None))
     print(f"bids_skullstrip: {message}", file=sys.stderr)
@@ -228,9 +228,9 @@ class Run:
         self.remove_temporaries_of_claimed(todo, locks[0])
         _TIDY_ON_STOP.append(lambda: self.tidy_after_stop(todo, locks))
         if config.overwrite:
-            _RESUME_ADVICE.append("rerun to resume: without --overwrite a rerun skips every image with complete "
-                                  "outputs of these settings (this run's and earlier ones), with it every image is "
-                                  "redone again")
+            global _RESUME_ADVICE
+            _RESUME_ADVICE = ("rerun to resume: without --overwrite a rerun skips every image with complete outputs of "
+                              "these settings (this run's and earlier ones), with it every image is redone again")
         try:
             if todo:
                 failures += self.process(todo)
