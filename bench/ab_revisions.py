@@ -6,18 +6,22 @@ Each revision is checked out into a temporary git worktree and run with ``PYTHON
 this venv (same TensorFlow, numpy, scipy). Measurements alternate between the two revisions so that
 machine load hits both alike. Printed: per head, the warm core time (``Skullstripper.mask``, best of N in
 one process per revision) and the ``skullstrip -i HEAD -m MASK`` process wall time (median of N), with
-the after/before ratios.
+the after/before ratios. With ``--participants N``, also the BIDS app's participant level on a dataset of N heads
+(``--n-cpus 2``, N4, QC and reports included; fresh output and work folders each time), median of N runs.
 """
 
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from run_benchmark import DATASET_HEADS, build_bids
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -65,6 +69,15 @@ def run_cli(tree, head, out):
     return time.perf_counter() - t
 
 
+def run_participants(tree, bids, out):
+    env = dict(os.environ, PYTHONPATH=str(tree), TF_CPP_MIN_LOG_LEVEL="3")
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bids_skullstrip.cli.run", str(bids), str(out / "out"), "participant",
+                    "--n-cpus", "2", "--skip-bids-validation", "-w", str(out / "work")],
+                   env=env, cwd=tree, capture_output=True, check=True)
+    return time.perf_counter() - t
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("before")
@@ -72,6 +85,7 @@ def main(argv=None):
     p.add_argument("--data", type=Path, default=DEFAULT_DATA)
     p.add_argument("--heads", nargs="+", default=DEFAULT_HEADS)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--participants", type=int, default=0, help="also the participant level on this many heads")
     args = p.parse_args(argv)
     heads = [str(args.data / "heads" / h / "T1w.nii.gz") for h in args.heads]
     with tempfile.TemporaryDirectory(prefix="ab_revisions_") as tmp:
@@ -83,9 +97,16 @@ def main(argv=None):
         try:
             core = {label: {} for label in trees}
             cli = {label: [] for label in trees}
+            app = {label: [] for label in trees}
+            if args.participants:
+                bids = build_bids(Path(tmp) / "bids", [args.data / "heads" / h / "T1w.nii.gz" for h in DATASET_HEADS],
+                                  args.participants)
             for i in range(args.repeats):
                 for label, tree in trees.items():
                     cli[label].append(run_cli(tree, heads[0], Path(tmp) / f"{label}_{i}.nii.gz"))
+                    if args.participants:
+                        app[label].append(run_participants(tree, bids, Path(tmp) / f"{label}_app_{i}"))
+                        shutil.rmtree(Path(tmp) / f"{label}_app_{i}")
             for label, tree in trees.items():
                 core[label] = run_core(tree, heads, args.repeats)
         finally:
@@ -101,6 +122,10 @@ def main(argv=None):
     print(f"| core, median over the heads | {b:.2f} | {a:.2f} | {a / b:.2f} |")
     b, a = statistics.median(cli["before"]), statistics.median(cli["after"])
     print(f"| `skullstrip` CLI wall, {args.heads[0]} (median of {args.repeats}) | {b:.2f} | {a:.2f} | {a / b:.2f} |")
+    if args.participants:
+        b, a = statistics.median(app["before"]), statistics.median(app["after"])
+        print(f"| participant level, {args.participants} heads, --n-cpus 2 (median of {args.repeats}) | {b:.2f} | "
+              f"{a:.2f} | {a / b:.2f} |")
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -30,6 +31,7 @@ from pathlib import Path
 from traceback import format_exception
 
 import psutil
+from nipype.pipeline.plugins import base as nipype_plugin_base
 from nipype.pipeline.plugins.multiproc import MultiProcPlugin, process_initializer, run_node
 
 from .execution import die_with_parent
@@ -114,6 +116,8 @@ def image_of(node):
 class ImageFirstMultiProcPlugin(MultiProcPlugin):
     """``MultiProc`` that finishes images one after another and survives the loss of a worker."""
 
+    poll_s = 0.2  # the longest the scheduling loop sleeps when no job ends
+
     def __init__(self, plugin_args=None):
         super().__init__(plugin_args=plugin_args)
         self.pool.shutdown()  # nipype's pool has not started a process yet: ours replaces it
@@ -126,6 +130,7 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
         self._exitcodes_pool = {}  # pid: the broken pool it belonged to
         self._image_rank = {}  # image: order in which its first job started
         self._pools = 0
+        self._job_ended = threading.Event()  # set by each job's callback: wakes the scheduling loop
         self._new_pool()
 
     def _report_crash(self, node, result=None):
@@ -149,9 +154,23 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
         self._pools += 1
 
     def run(self, graph, config, updatehash=False):
-        # results arrive through callbacks: a short poll lets a short node's successor start at once
-        config = {**config, "execution": {**config["execution"], "poll_sleep_duration": 0.2}}
-        return super().run(graph, config, updatehash=updatehash)
+        # nipype's loop looks at its jobs, then sleeps a fixed poll: a job that ended waited for the sleep to end
+        # before its successor started (0.1-0.3 s at each of an image's four steps; the two workers of a 10-head
+        # run were idle a fifth of it). Here the job's callback ends the sleep; the poll only bounds how late a
+        # lost worker is seen
+        config = {**config, "execution": {**config["execution"], "poll_sleep_duration": self.poll_s}}
+        nipype_sleep = nipype_plugin_base.sleep
+        nipype_plugin_base.sleep = self._sleep_until_a_job_ends
+        try:
+            return super().run(graph, config, updatehash=updatehash)
+        finally:
+            nipype_plugin_base.sleep = nipype_sleep
+
+    def _sleep_until_a_job_ends(self, seconds):
+        if self.proc_done.all() and not self.proc_pending.any():  # nipype's loop sleeps once more at its end
+            return
+        if self._job_ended.wait(seconds):
+            self._job_ended.clear()
 
     def _sort_jobs(self, jobids, scheduler=None):
         unstarted = len(self._image_rank)
@@ -184,6 +203,7 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
     def _async_callback(self, future):
         if future.exception() is None:  # failures are handled in _get_result, without nipype's traceback
             super()._async_callback(future)
+        self._job_ended.set()
 
     def _task_finished_cb(self, jobid, cached=False):
         super()._task_finished_cb(jobid, cached=cached)

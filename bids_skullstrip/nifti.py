@@ -20,6 +20,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 
 # The largest |intensity| an image may have: float32 holds up to 3.4e38 (a float64 image beyond was read as
 # infinite) and underflows below 1e-38 (read as constant), the resampling's sums overflowed near 1e38 (RuntimeWarnings
@@ -387,10 +388,21 @@ def atomic_file(path):
             tmp.unlink()
 
 
+def save(img, path):
+    """``nib.save`` of a single-file NIfTI image, gzip-compressed by ISA-L where ``path`` ends in .gz: the bytes
+    inside are nibabel's, the compression ten times faster than zlib's at nibabel's level (a float32 1 mm head:
+    0.04 s against 0.45 s, the file 0.5 % larger), which was a quarter of the sink's time per image."""
+    if not str(path).endswith(".gz"):
+        nib.save(img, str(path))
+        return
+    with igzip.open(str(path), "wb", compresslevel=1) as stream:
+        img.to_file_map(img.make_file_map({"image": stream}))
+
+
 def atomic_save(img, path):
     """Write the image ``img`` to ``path`` atomically (``atomic_file``)."""
     with atomic_file(path) as tmp:
-        nib.save(img, str(tmp))
+        save(img, tmp)
     return Path(path)
 
 

@@ -17,7 +17,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 
-from .nifti import atomic_file, geometry_warnings, like, load_image
+from .nifti import atomic_file, geometry_warnings, like, load_image, save
 from .postproc import check_border, check_threshold
 
 OUTPUT_KINDS = ("mask", "brain", "probseg")
@@ -180,7 +180,7 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
         # once every one is complete (a full disk leaves the files that were there as they were)
         with contextlib.ExitStack() as renames:
             for kind, path in outputs.items():
-                nib.save(images[kind](), str(renames.enter_context(atomic_file(path))))
+                save(images[kind](), renames.enter_context(atomic_file(path)))
     except OSError as exc:
         raise OSError(exc.errno, f"{path}: {exc.strerror or exc}") from None
     timings["write"] = time.perf_counter() - t

@@ -1192,6 +1192,29 @@ def test_a_worker_killed_between_two_jobs_fails_nothing(tmp_path, caplog):
         plugin.pool.shutdown(wait=True)
 
 
+def test_a_job_that_ends_wakes_the_scheduler(tmp_path, monkeypatch):
+    """nipype's loop slept a fixed poll between its looks at the jobs, so each step of an image waited for it
+    before the next one started (the workers of a 10-head run idle a fifth of the time). A job's end wakes the
+    loop: with a poll of a minute, a chain of three quick nodes still takes seconds, not minutes."""
+    from nipype import Function, Node, Workflow
+
+    from bids_skullstrip.multiproc import ImageFirstMultiProcPlugin
+
+    def add_one(x):
+        return x + 1
+
+    monkeypatch.setattr(ImageFirstMultiProcPlugin, "poll_s", 60.0)
+    wf = Workflow(name="chain", base_dir=str(tmp_path))
+    nodes = [Node(Function(function=add_one, input_names=["x"], output_names=["x"]), name=f"step{i}")
+             for i in range(3)]
+    nodes[0].inputs.x = 1
+    for before, after in zip(nodes, nodes[1:]):
+        wf.connect(before, "x", after, "x")
+    t = time.monotonic()
+    wf.run(plugin=ImageFirstMultiProcPlugin(plugin_args={"n_procs": 2}))
+    assert time.monotonic() - t < 45, "the loop slept its whole poll after a job ended"
+
+
 def test_a_pool_broken_beyond_repair_is_named_in_each_failure(small_dataset, tmp_path):
     """A BrokenProcessPool that ends nipype's loop (one at submit did, red-team 15) was logged at debug level only:
     every image not done failed "without a crash file", and no file said why."""
