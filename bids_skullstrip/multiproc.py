@@ -19,6 +19,7 @@ Workers ignore SIGINT (the main process stops them: ``runner.stop_workers``) and
 
 import contextlib
 import faulthandler
+import gc
 import logging
 import os
 import shutil
@@ -161,9 +162,14 @@ class ImageFirstMultiProcPlugin(MultiProcPlugin):
         config = {**config, "execution": {**config["execution"], "poll_sleep_duration": self.poll_s}}
         nipype_sleep = nipype_plugin_base.sleep
         nipype_plugin_base.sleep = self._sleep_until_a_job_ends
+        # nipype collects garbage before each submit: 47 ms each over the objects of the graph, pybids and the
+        # plan, 2.4 s of CPU in a 10-head run taken from the workers' two cores. What is alive now is not
+        # garbage: frozen, the collections look at the run's new objects only
+        gc.freeze()
         try:
             return super().run(graph, config, updatehash=updatehash)
         finally:
+            gc.unfreeze()
             nipype_plugin_base.sleep = nipype_sleep
 
     def _sleep_until_a_job_ends(self, seconds):
