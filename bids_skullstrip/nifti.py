@@ -395,7 +395,10 @@ def save(img, path):
     if not str(path).endswith(".gz"):
         nib.save(img, str(path))
         return
-    with igzip.open(str(path), "wb", compresslevel=1) as stream:
+    # the gzip header as nibabel writes it, without the (temporary) file's name and time, which the BIDS
+    # validator warns about
+    with open(path, "wb") as raw, igzip.IGzipFile(filename="", mode="wb", fileobj=raw, compresslevel=1,
+                                                   mtime=0) as stream:
         img.to_file_map(img.make_file_map({"image": stream}))
 
 

@@ -418,6 +418,8 @@ def test_outputs_hold_the_bytes_nibabel_writes(case, dtype, tmp_path):
     io.save(img, ours)
     nib.save(img, str(theirs))
     assert gzip.decompress(ours.read_bytes()) == gzip.decompress(theirs.read_bytes())
+    flags, mtime = ours.read_bytes()[3], ours.read_bytes()[4:8]
+    assert flags == 0 and mtime == b"\0\0\0\0", "a file name or time in the gzip header: the BIDS validator warns"
     io.save(img, tmp_path / "plain.nii")
     assert (tmp_path / "plain.nii").read_bytes() == gzip.decompress(theirs.read_bytes())
 
