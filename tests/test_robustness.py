@@ -1574,7 +1574,7 @@ def test_outputs_are_all_written_or_none(there_before, tmp_path, monkeypatch):
     beside the old brain image, on a full disk)."""
     import bids_skullstrip.strip as strip
 
-    calls, save = [], nib.save
+    calls, save = [], strip.save
 
     def second_write_fails(image, path):
         calls.append(path)
@@ -1586,7 +1586,7 @@ def test_outputs_are_all_written_or_none(there_before, tmp_path, monkeypatch):
     if there_before:
         mask.write_text("old mask")
         brain.write_text("old brain")
-    monkeypatch.setattr(strip.nib, "save", second_write_fails)
+    monkeypatch.setattr(strip, "save", second_write_fails)
     with pytest.raises(OSError, match=f"{brain}: No space left on device"):
         strip.skullstrip_file(SMALL_HEAD, mask=mask, brain=brain)
     assert len(calls) == 2
@@ -2130,8 +2130,9 @@ def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum
     first one unwinds printed a 50-line traceback and the second's status (red-team 17)."""
     script = tmp_path / "patched_skullstrip.py"
     script.write_text(textwrap.dedent(f"""
-        import os, time, nibabel
-        save = nibabel.save
+        import os, time
+        from bids_skullstrip import nifti
+        save = nifti.save
         def saving(img, path):
             save(img, path)
             try:
@@ -2140,7 +2141,7 @@ def test_skullstrip_stopped_while_writing_says_so_and_leaves_no_temporary(signum
             finally:  # while the first one unwinds
                 if {int(second or 0)}:
                     os.kill(os.getpid(), {int(second or 0)})
-        nibabel.save = saving
+        nifti.save = saving
         from bids_skullstrip.cli import single_file
         single_file.run()
         """))
