@@ -149,6 +149,9 @@ def _air(data):
 HEAVY_NOISE_LEVEL = 0.17
 HEAVY_NOISE_AT_MOST = 0.45  # air as bright as most of the image (0.59: a volume of noise without a head) is left
 HEAVY_NOISE_SMOOTHING_MM = 2.0
+# Wider, for the images the networks are unsure of once smoothed (``predictor.NOISY_CHECK``): 5 mm slices under noise
+# of 25 % leave 2 mm too little to average across slices
+WIDER_NOISE_SMOOTHING_MM = 3.0
 
 
 def heavy_noise(data, air=None):
@@ -226,17 +229,18 @@ def inside_frame(data):
     return tuple(slice(a, b) for a, b in zip(start, stop)), values
 
 
-def as_the_networks_read_it(data, voxel_mm):
+def as_the_networks_read_it(data, voxel_mm, *, noise_smoothing_mm=HEAVY_NOISE_SMOOTHING_MM):
     """(volume, warnings): ``data`` (float32, 3D; voxel sizes ``voxel_mm``) as the networks and the QC's intensity
     measures read it: a frame of padding set to 0 (``inside_frame``), and inside it an MP2RAGE image's noisy air set
-    to 0 (``noisy_background``), a very noisy image smoothed (``heavy_noise``), a background that is not about 0
-    taken off (``background_offset``); each said in a warning. The outputs keep the input as it is."""
+    to 0 (``noisy_background``), a very noisy image smoothed (``heavy_noise``; a Gaussian of ``noise_smoothing_mm``),
+    a background that is not about 0 taken off (``background_offset``); each said in a warning. The outputs keep the
+    input as it is."""
     box, frame = inside_frame(data)
     if frame and frame <= {float(np.median(np.concatenate([f.ravel() for f in field_of_view_faces(data[box])])))}:
         frame = set()  # the air inside is that value too (air of 0, or a constant): the image's own air, no padding
     if not frame:
-        return _inside_read(data, voxel_mm)
-    inside, warnings = _inside_read(data[box], voxel_mm)
+        return _inside_read(data, voxel_mm, noise_smoothing_mm)
+    inside, warnings = _inside_read(data[box], voxel_mm, noise_smoothing_mm)
     if frame != {0.0}:
         said = ", ".join(f"{v:.6g}" for v in sorted(frame))
         warnings.insert(0, f"the image has a frame of padding (outer planes of one value: {said}): the networks "
@@ -246,7 +250,7 @@ def as_the_networks_read_it(data, voxel_mm):
     return read, warnings
 
 
-def _inside_read(data, voxel_mm):
+def _inside_read(data, voxel_mm, noise_smoothing_mm):
     """``as_the_networks_read_it`` of a volume without a frame."""
     from scipy import ndimage as ndi
 
@@ -260,9 +264,9 @@ def _inside_read(data, voxel_mm):
         air = _air(data)  # the air is 0 now
     noise = heavy_noise(data, air)
     if noise is not None:
-        data = ndi.gaussian_filter(data, HEAVY_NOISE_SMOOTHING_MM / np.asarray(voxel_mm, float)).astype(np.float32)
+        data = ndi.gaussian_filter(data, noise_smoothing_mm / np.asarray(voxel_mm, float)).astype(np.float32)
         warnings.append(f"the image is very noisy (its air at {100 * noise:.0f} % of the brightest tissue): it was "
-                        f"smoothed (Gaussian, {HEAVY_NOISE_SMOOTHING_MM:g} mm) before the networks")
+                        f"smoothed (Gaussian, {noise_smoothing_mm:g} mm) before the networks")
     offset = background_offset(data)
     if offset:
         data = data - np.float32(offset)
