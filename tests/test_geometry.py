@@ -417,8 +417,9 @@ def test_outputs_hold_the_bytes_nibabel_writes(case, dtype, tmp_path):
     ours, theirs = tmp_path / "ours.nii.gz", tmp_path / "theirs.nii.gz"
     io.save(img, ours)
     nib.save(img, str(theirs))
-    assert gzip.decompress(ours.read_bytes()) == gzip.decompress(theirs.read_bytes())
-    flags, mtime = ours.read_bytes()[3], ours.read_bytes()[4:8]
+    written = ours.read_bytes()
+    assert gzip.decompress(written) == gzip.decompress(theirs.read_bytes())
+    flags, mtime = written[3], written[4:8]
     assert flags == 0 and mtime == b"\0\0\0\0", "a file name or time in the gzip header: the BIDS validator warns"
     io.save(img, tmp_path / "plain.nii")
     assert (tmp_path / "plain.nii").read_bytes() == gzip.decompress(theirs.read_bytes())
