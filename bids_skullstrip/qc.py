@@ -20,7 +20,7 @@ from scipy import ndimage as ndi
 from scipy.stats import median_abs_deviation
 
 from .geometry import voxel_box
-from .intensity import as_the_networks_read_it
+from .intensity import HEAVY_NOISE_SMOOTHING_MM, as_the_networks_read_it
 
 TARGET_MM = 2.0  # analysis grid spacing (integer-stride subsampling towards this)
 RIM_MM = 4.0  # width of the inner / outer boundary rims and of the shells of the edge profile
@@ -206,13 +206,15 @@ def _axis_medians(m):
     return out
 
 
-def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None, read=None):
+def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None, read=None,
+                noise_smoothing_mm=HEAVY_NOISE_SMOOTHING_MM):
     """Reference-free QC measures of one brain mask (dict of floats; NaN where undefined).
 
     ``t1w`` (float), ``probability`` (float [0, 1]) and ``mask`` (uint8/bool) are 3D arrays on the same
     native grid; ``voxel_mm`` the voxel sizes in millimetres; ``view_disagreement`` the predictor's
     (``Prediction.view_disagreement``), where known; ``read``: ``t1w`` as the networks read it
-    (``intensity.as_the_networks_read_it``, ``Prediction.read``), where known. See docs/qc.md for what each
+    (``intensity.as_the_networks_read_it``, ``Prediction.read``), where known, else read here with the networks'
+    ``noise_smoothing_mm`` (``Prediction.noise_smoothing_mm``). See docs/qc.md for what each
     measure means.
     """
     voxel_mm = np.asarray(voxel_mm, dtype=float)[:3]
@@ -249,7 +251,8 @@ def qc_measures(t1w, probability, mask, voxel_mm, *, view_disagreement=None, rea
         return out
     p = np.asarray(probability[box], dtype=np.float32)
     if read is None:
-        read = as_the_networks_read_it(np.asarray(t1w, dtype=np.float32), voxel_mm)[0]
+        read = as_the_networks_read_it(np.asarray(t1w, dtype=np.float32), voxel_mm,
+                                       noise_smoothing_mm=noise_smoothing_mm)[0]
     img = read[box]
     vox_ml = float(np.prod(vox)) / 1000.0
 

@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 
+from .intensity import HEAVY_NOISE_SMOOTHING_MM
 from .nifti import atomic_file, geometry_warnings, like, load_image, save
 from .postproc import check_border, check_threshold
 
@@ -40,6 +41,7 @@ class FileResult:
     view_disagreement: float | None = None  # of the networks' two views (a QC measure; None: one view, or none run)
     mask_before_border: np.ndarray | None = None  # with a border: the mask before it, which QC judges
     read: np.ndarray | None = None  # the volume as the networks read it: QC reads it so, without reading it again
+    noise_smoothing_mm: float = HEAVY_NOISE_SMOOTHING_MM  # how a very noisy volume was read (another image of it, too)
 
     @property
     def volume_ml(self):
@@ -188,4 +190,5 @@ def skullstrip_file(in_file, *, mask=None, brain=None, probseg=None, weights=Non
                       threshold=stripper.threshold if threshold is None else float(threshold),
                       border_mm=float(border_mm), contrast=contrast, warnings=list(dict.fromkeys(doubts)),
                       timings=timings, core_s=core_s, written=outputs, view_disagreement=result.view_disagreement,
-                      mask_before_border=result.mask_before_border, read=result.read)
+                      mask_before_border=result.mask_before_border, read=result.read,
+                      noise_smoothing_mm=result.noise_smoothing_mm)

@@ -18,6 +18,7 @@ from bids_skullstrip import geometry
 from bids_skullstrip.metrics import compare_masks
 from bids_skullstrip.model.inference import BrainNetworks
 from bids_skullstrip.model.predictor import Skullstripper, View, default_views, locate_brain
+from bids_skullstrip.qc import qc_measures
 from nibabel.affines import voxel_sizes
 
 HEADS = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "heads"
@@ -430,6 +431,11 @@ def test_a_noisy_thick_slice_image_the_networks_are_unsure_of_is_smoothed_wider(
         assert compare_masks(result.mask, ref, new)["dice"] >= 0.96, (fraction, result.warnings)
         assert any(f"it was smoothed (Gaussian, {width}) before the networks" in w for w in result.warnings), \
             (fraction, result.warnings)
+        # the app's QC node reads the image itself: with the width the networks used, as they read it
+        assert result.noise_smoothing_mm == float(width.split()[0])
+        np.testing.assert_equal(
+            qc_measures(noisy, result.probability, result.mask, new, noise_smoothing_mm=result.noise_smoothing_mm),
+            qc_measures(noisy, result.probability, result.mask, new, read=result.read))
 
 
 @needs(OFFSET_HEAD, "the shared heads")

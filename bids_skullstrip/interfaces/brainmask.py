@@ -26,6 +26,8 @@ class _SkullStripOutputSpec(TraitedSpec):
     warnings = traits.List(traits.Str, desc="doubts about the input and the result, each naming the file")
     runtime_s = traits.Dict(desc="seconds per stage")
     model_measures = traits.Dict(desc="QC measures of the networks' own (view_disagreement), for QCMetrics")
+    noise_smoothing_mm = traits.Float(desc="the Gaussian a very noisy image was smoothed by before the networks: "
+                                           "QCMetrics reads the image so")
 
 
 class SkullStrip(SimpleInterface):
@@ -57,5 +59,6 @@ class SkullStrip(SimpleInterface):
                       "voxel_size_mm": [round(float(v), 4) for v in voxel_sizes(img.affine)],
                       "orientation": "".join(nib.aff2axcodes(img.affine))},
             warnings=result.warnings, runtime_s=result.timings,
-            model_measures={} if result.view_disagreement is None else {"view_disagreement": result.view_disagreement})
+            model_measures={} if result.view_disagreement is None else {"view_disagreement": result.view_disagreement},
+            noise_smoothing_mm=result.noise_smoothing_mm)
         return runtime

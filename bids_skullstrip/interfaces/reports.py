@@ -8,6 +8,7 @@ from nibabel.affines import voxel_sizes
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec, isdefined, traits
 
 from .. import __version__
+from ..intensity import HEAVY_NOISE_SMOOTHING_MM
 
 
 class _QCMetricsInputSpec(BaseInterfaceInputSpec):
@@ -20,6 +21,8 @@ class _QCMetricsInputSpec(BaseInterfaceInputSpec):
                                     "ones), recorded by checksum")
     contrast = traits.Str("T1w", usedefault=True, desc="the image's BIDS suffix (its QC limits)")
     model_measures = traits.Dict(desc="the SkullStrip node's own QC measures (view_disagreement)")
+    noise_smoothing_mm = traits.Float(HEAVY_NOISE_SMOOTHING_MM, usedefault=True,
+                                      desc="the SkullStrip node's: how a very noisy image was read")
 
 
 class _QCMetricsOutputSpec(TraitedSpec):
@@ -44,7 +47,8 @@ class QCMetrics(SimpleInterface):
         judged = mask if not isdefined(self.inputs.in_qc_mask) else np.asarray(
             nib.load(self.inputs.in_qc_mask).dataobj, dtype=np.uint8)
         measures = qc.qc_measures(t1w, prob, judged, voxel_sizes(img.affine),
-                                  view_disagreement=(self.inputs.model_measures or {}).get("view_disagreement"))
+                                  view_disagreement=(self.inputs.model_measures or {}).get("view_disagreement"),
+                                  noise_smoothing_mm=self.inputs.noise_smoothing_mm)
         card = ModelCard.load(self.inputs.weights or None)
         self._results["qc"] = dict(
             brain_volume_ml=float(np.count_nonzero(mask)) * float(np.prod(voxel_sizes(img.affine))) / 1000.0,

@@ -119,6 +119,7 @@ class Prediction:
     # voxels in one view's brain (p >= 0.5) and not in another's, over those in any view's (None: one view)
     view_disagreement: float | None = None
     read: np.ndarray | None = None  # the volume as the networks read it (``as_the_networks_read_it``), for QC
+    noise_smoothing_mm: float = HEAVY_NOISE_SMOOTHING_MM  # the width a very noisy volume was read with
 
 
 @dataclass
@@ -131,6 +132,7 @@ class SkullstripResult:
     # with a border: the mask before it (uint8), which QC judges (the border is the user's choice, not the networks')
     mask_before_border: np.ndarray | None = None
     read: np.ndarray | None = None  # the volume as the networks read it, for QC (``Prediction.read``)
+    noise_smoothing_mm: float = HEAVY_NOISE_SMOOTHING_MM  # ``Prediction.noise_smoothing_mm``: QC reads the image so
 
 
 def _summed_timings(prediction, others):
@@ -291,6 +293,7 @@ class Skullstripper:
         raw, affine, warnings = checked_volume(data, affine)
         shape = tuple(int(s) for s in raw.shape)
         data, said = as_the_networks_read_it(raw, voxel_sizes(affine))
+        width = HEAVY_NOISE_SMOOTHING_MM
         smoothed = {}  # shared by every pass over ``data`` (``geometry.RasVolume.of``)
         prediction = self._predict(data, affine, shape, [*warnings, *said], smoothed)
         if self.card is not None and (prediction.view_disagreement or 0.0) > NOISY_CHECK:  # not stand-ins
@@ -301,7 +304,7 @@ class Skullstripper:
                 other = self._predict(wider, affine, shape, [*warnings, *said_wider], smoothed_wider)
                 prediction, kept = self._less_noisy(prediction, other)
                 if kept:
-                    data, smoothed = wider, smoothed_wider
+                    data, smoothed, width = wider, smoothed_wider, WIDER_NOISE_SMOOTHING_MM
         if self.card is not None and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:
             prediction = self._upright(data, affine, shape, prediction)
         if self.card is not None and (prediction.view_disagreement or 0.0) > TILT_CHECK:
@@ -309,8 +312,9 @@ class Skullstripper:
         region = stripped_region(data, voxel_sizes(affine))
         if region is not None and is_skull_stripped(region, prediction.probability):
             return Prediction(region.astype(np.float32), tuple(slice(0, s) for s in shape), prediction.timings,
-                              warnings=[*warnings, STRIPPED], stripped_input=True, read=data)
-        return replace(prediction, read=data)
+                              warnings=[*warnings, STRIPPED], stripped_input=True, read=data,
+                              noise_smoothing_mm=width)
+        return replace(prediction, read=data, noise_smoothing_mm=width)
 
     @staticmethod
     def _less_noisy(prediction, other):
@@ -455,4 +459,5 @@ class Skullstripper:
         timings["post_native"] = time.perf_counter() - t
         timings["postprocess"] = timings.get("post_model_grid", 0.0) + timings["post_native"]
         return SkullstripResult(mask, prediction.probability, timings, list(prediction.warnings),
-                                prediction.view_disagreement, before_border, prediction.read)
+                                prediction.view_disagreement, before_border, prediction.read,
+                                prediction.noise_smoothing_mm)
