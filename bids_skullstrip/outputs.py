@@ -156,7 +156,8 @@ def source_of(output_file):
 
 def find_outputs(output_dir, kind, participant=None, suffix=None):
     """The output files of ``kind`` (a key of ``OUTPUTS``) in ``output_dir``, sorted: pybids' query of the
-    output dataset by the entities ``OUTPUTS`` gives them; only those of ``suffix`` images where given."""
+    output dataset by the entities ``OUTPUTS`` gives them; only those of ``suffix`` images where given, and of
+    ``participant`` (a label, or several) where given."""
     import re
 
     from bids import BIDSLayout, BIDSLayoutIndexer
@@ -176,8 +177,11 @@ def find_outputs(output_dir, kind, participant=None, suffix=None):
     # the whole output dataset each time
     ignore = [re.compile(r"/\.")]  # hidden: a temporary file of a write in progress (pybids' own default)
     if participant is not None:
-        ignore.append(re.compile(r"^/(?!sub-" + re.escape(str(participant)) + r"(/|$))"))
-        query["subject"] = str(participant)
+        labels = [str(participant)] if isinstance(participant, str) else [str(p) for p in participant]
+        if not labels:
+            return []
+        ignore.append(re.compile(r"^/(?!sub-(?:" + "|".join(map(re.escape, labels)) + r")(/|$))"))
+        query["subject"] = labels
     layout = BIDSLayout(output_dir, validate=False, config=["bids", "derivatives"], is_derivative=True,
                         indexer=BIDSLayoutIndexer(validate=False, index_metadata=False, ignore=ignore))
     return sorted(Path(f) for f in layout.get(return_type="file", **query))

@@ -199,7 +199,7 @@ class Run:
     def participant(self):
         from . import outputs
         from .reports.boilerplate import write_boilerplate
-        from .reports.participant import write_participant_report
+        from .reports.participant import metrics_by_participant, write_participant_report
 
         config, output_dir = self.config, self.config.output_dir
         if config.boilerplate_only:
@@ -258,9 +258,12 @@ class Run:
                               contrasts=config.contrasts)
 
         reports, errors = {}, participant_errors(output_dir, failures)
-        for subject in sorted({t.subject for t in t1ws}):
+        subjects = sorted({t.subject for t in t1ws})
+        metrics = metrics_by_participant(output_dir, subjects)
+        for subject in subjects:
             with self.written_or_said(f"the report of sub-{subject}"):
-                reports[subject] = write_participant_report(output_dir, subject, errors=errors.get(subject, []))
+                reports[subject] = write_participant_report(output_dir, subject, errors=errors.get(subject, []),
+                                                            metrics=metrics[subject])
                 log.info("report: %s", reports[subject])
         flagged = [(t, flags) for t in t1ws if t not in failed and (flags := outputs.qc_flags(output_dir, t))]
         left = f", {len(busy)} left to another run processing them" if busy else ""
@@ -358,7 +361,8 @@ class Run:
         nothing was found): a warning while others have reports (a long run still going on), an error (2) when
         none has."""
         from .discovery import strip_prefix
-        from .reports.participant import participant_report_path, reported_participants, write_participant_report
+        from .reports.participant import (metrics_by_participant, participant_report_path, reported_participants,
+                                          write_participant_report)
 
         output_dir = self.config.output_dir
         if not output_dir.is_dir():  # not made, empty, by a run that reports on it
@@ -372,9 +376,11 @@ class Run:
             raise UsageError(f"an empty participant label was given (the output folder has "
                              f"{', '.join(sorted(present)) or 'none'})")
         written, unrun = [], []
+        metrics = metrics_by_participant(output_dir, labels)
         for subject in labels:
             if subject in present or participant_report_path(output_dir, subject).is_file():
-                written.append(write_participant_report(output_dir, subject, errors=errors.get(subject, [])))
+                written.append(write_participant_report(output_dir, subject, errors=errors.get(subject, []),
+                                                        metrics=metrics[subject]))
                 log.info("report: %s", written[-1])
             else:
                 unrun.append(subject)

@@ -296,6 +296,13 @@ def test_outputs_of_one_participant_are_found_in_its_folder_only(tmp_path):
     (tmp_path / "sub-01" / "anat" / ".tmp-1-ab-sub-01_desc-brain_metrics.json").write_text("")  # a write in progress
     assert [p.name for p in find_outputs(tmp_path, "metrics", participant="01")] == ["sub-01_desc-brain_metrics.json"]
     assert len(find_outputs(tmp_path, "metrics")) == 3
+    # several participants' reports from one query of the folder
+    from bids_skullstrip.reports.participant import metrics_by_participant
+
+    found = metrics_by_participant(tmp_path, ["01", "02", "03"])
+    assert {label: [p.name for p in paths] for label, paths in found.items()} == {
+        "01": ["sub-01_desc-brain_metrics.json"], "02": ["sub-02_desc-brain_metrics.json"], "03": []}
+    assert find_outputs(tmp_path, "metrics", participant=[]) == []
 
 
 def test_output_names_of_every_contrast_come_from_one_spec(tmp_path):

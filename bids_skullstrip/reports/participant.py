@@ -34,10 +34,22 @@ def _out_keys(measures, contrast):
     return keys
 
 
-def participant_records(output_dir, label):
+def metrics_by_participant(output_dir, labels):
+    """{label: its images' metrics JSON files} for each of ``labels``, from one query of the output dataset (one
+    query per participant indexed the folder again each time: 0.1-0.2 s a participant)."""
+    found = {label: [] for label in labels}
+    for path in outputs.find_outputs(output_dir, "metrics", participant=list(found)):
+        found.setdefault(outputs.source_of(path).subject, []).append(path)
+    return found
+
+
+def participant_records(output_dir, label, metrics=None):
+    """The records of participant ``label``'s images, from its ``metrics`` files (default: found here)."""
     output_dir = Path(output_dir)
     records = []
-    for path in outputs.find_outputs(output_dir, "metrics", participant=label):
+    if metrics is None:
+        metrics = outputs.find_outputs(output_dir, "metrics", participant=label)
+    for path in metrics:
         r = load_record(path, output_dir)
         r["_anchor"] = slug(r["_name"])
         r["_limits"] = qcmod.limits_for(r["_suffix"])
@@ -94,15 +106,16 @@ def participant_report_path(output_dir, participant_label):
     return Path(output_dir) / f"sub-{strip_prefix(participant_label, 'sub-')}.html"
 
 
-def write_participant_report(output_dir, participant_label, *, errors=()):
+def write_participant_report(output_dir, participant_label, *, errors=(), metrics=None):
     """Write ``<output_dir>/sub-<label>.html`` from the metrics JSON files and figures; return its path.
 
-    ``errors`` are participant-level error messages (e.g. a crashed node) shown at the top. Missing or broken
-    metrics files do not stop the report: they are reported in it.
+    ``errors`` are participant-level error messages (e.g. a crashed node) shown at the top; ``metrics`` the
+    participant's metrics files where already found (``metrics_by_participant``). Missing or broken metrics files
+    do not stop the report: they are reported in it.
     """
     output_dir = Path(output_dir)
     label = strip_prefix(participant_label, "sub-")
-    records = participant_records(output_dir, label)
+    records = participant_records(output_dir, label, metrics)
     shown = {f.name for r in records for f in (r["_figure"], r["_brain_figure"]) if f}
     fig_dir = output_dir / f"sub-{label}" / "figures"
     others = []
