@@ -103,6 +103,10 @@ def brain_image(img, data, mask):
     # nibabel moves the header's scaling onto the data proxy when it loads a file (the header then says none)
     slope, inter = getattr(img.dataobj, "slope", 1.0), getattr(img.dataobj, "inter", 0.0)
     if dtype.kind in "iu" and slope == 1.0 and inter == 0.0:
+        if dtype.itemsize > 2 and float(np.abs(data).max(initial=0.0)) >= 2 ** 24:
+            # beyond the integers float32 holds exactly (an int32 image of values up to 2e9 came back changed by
+            # up to 64 in every voxel): the stored integers, read again
+            return like(img, np.where(mask > 0, np.asanyarray(img.dataobj).reshape(data.shape), 0), dtype)
         return like(img, np.where(mask > 0, np.rint(data), 0), dtype)
     return like(img, data * mask, np.float32)
 
