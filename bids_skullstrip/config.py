@@ -61,9 +61,41 @@ def check_folders(bids_dir, output_dir):
     if output_dir.is_relative_to(bids_dir) and not output_dir.is_relative_to(bids_dir / "derivatives"):
         raise UsageError(f"{output_dir}: the output folder is inside the input dataset; use a folder outside "
                          f"it or under {bids_dir / 'derivatives'}")
+    if output_dir == bids_dir / "derivatives":  # every pipeline's folder goes inside it
+        raise UsageError(f"{output_dir}: the output folder is the dataset's derivatives folder itself; use a folder "
+                         f"of its own under it, e.g. {output_dir / 'bids_skullstrip'}")
     if bids_dir.is_relative_to(output_dir):
         raise UsageError(f"{output_dir}: the output folder contains the input dataset")
+    other = other_dataset(output_dir)
+    if other:
+        raise UsageError(f"{output_dir}: the output folder is {other}, whose files this run would replace or mix "
+                         f"with its own; use a folder of its own (e.g. {bids_dir / 'derivatives' / 'bids_skullstrip'})")
     return bids_dir, output_dir
+
+
+def other_dataset(folder):
+    """What ``folder`` holds where it is a dataset that bids_skullstrip did not make (its dataset_description.json
+    does not name bids_skullstrip in GeneratedBy: a raw dataset, another pipeline's derivatives), else None. An
+    output folder of fMRIPrep has masks and preprocessed T1w images under this app's names (red-team 18: written
+    over, and taken for this app's own earlier outputs)."""
+    import json
+
+    described = folder / "dataset_description.json"
+    if not described.is_file():
+        return None
+    try:
+        description = json.loads(described.read_text(encoding="utf-8-sig"))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        return f"a dataset whose dataset_description.json does not read ({' '.join(str(exc).split())[:120]})"
+    if not isinstance(description, dict):
+        return "a dataset whose dataset_description.json is not a JSON object"
+    generated = description.get("GeneratedBy")
+    names = [str(g.get("Name")) for g in generated if isinstance(g, dict)] if isinstance(generated, list) else []
+    if "bids_skullstrip" in names:
+        return None
+    if str(description.get("DatasetType", "raw")).lower() != "derivative":
+        return f"a raw BIDS dataset ({description.get('Name', 'no Name')!s:.60})"
+    return f"the derivatives of {', '.join(names) or 'another pipeline'}"
 
 
 def check_writable(*folders):
@@ -132,8 +164,11 @@ class RunConfig:
         work_dir = Path(opts.work_dir or default_work_dir(output_dir)).resolve()
         if work_dir.is_relative_to(bids_dir):  # the input is only read (as fMRIPrep: no work folder inside it)
             raise UsageError(f"{work_dir}: the work directory is inside the input dataset; use a folder outside it")
-        if work_dir == output_dir.resolve():  # nipype's folders among the derivatives, "remove it" meaning the outputs
+        if work_dir == output_dir:  # nipype's folders among the derivatives, "remove it" meaning the outputs
             raise UsageError(f"{work_dir}: the work directory is the output folder; use another folder (-w)")
+        if work_dir.is_relative_to(output_dir):  # nipype's files make the derivatives fail the BIDS validator
+            raise UsageError(f"{work_dir}: the work directory is inside the output folder, which would then hold "
+                             "nipype's files among the derivatives; use a folder outside it (-w)")
         if opts.n_cpus < 1:
             raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
         if opts.omp_nthreads is not None and opts.omp_nthreads < 0:

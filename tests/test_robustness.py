@@ -210,6 +210,14 @@ def small_dataset(tmp_path):
     ("inside", 2, "inside the input dataset"),
     ("work_inside", 2, "the work directory is inside the input dataset; use a folder outside it"),
     ("work_is_output", 2, "the work directory is the output folder; use another folder (-w)"),  # taken (red-team 10b)
+    # taken, and the derivatives failed the validator (NOT_INCLUDED; red-team 18)
+    ("work_inside_output", 2, "the work directory is inside the output folder, which would then hold nipype's files"),
+    ("output_is_derivatives", 2, "the output folder is the dataset's derivatives folder itself; use a folder of its "
+                                 "own under it"),  # written straight into derivatives/ (red-team 18)
+    # fMRIPrep's mask and preprocessed T1w were replaced, and taken for this app's own earlier outputs (red-team 18)
+    ("output_of_another_pipeline", 2, "the output folder is the derivatives of fMRIPrep, whose files this run would "
+                                      "replace or mix with its own"),
+    ("output_a_raw_dataset", 2, "the output folder is a raw BIDS dataset (other), whose files this run would"),
     ("border_inf", 2, "--border inf: must be between -20 and 20 mm"),  # every image failed, the outputs made
     ("plugin_args_list", 2, '--plugin-args ["-p ci"]: plugin arguments are a JSON object'),  # a ValueError, 1
     # a ValueError or a TypeError (1), some once the output folder was made (red-team 10b)
@@ -255,6 +263,18 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         extra += ["-w", bids / "work"]
     elif case == "work_is_output":
         extra += ["-w", out]
+    elif case == "work_inside_output":
+        extra += ["-w", out / "work"]
+    elif case == "output_is_derivatives":
+        out = bids / "derivatives"
+    elif case in ("output_of_another_pipeline", "output_a_raw_dataset"):
+        (out / "sub-01" / "anat").mkdir(parents=True)
+        (out / "dataset_description.json").write_text(json.dumps(
+            {"Name": "other", "BIDSVersion": "1.10.0", "DatasetType": "derivative",
+             "GeneratedBy": [{"Name": "fMRIPrep", "Version": "23.2.0"}]} if case == "output_of_another_pipeline"
+            else {"Name": "other", "BIDSVersion": "1.10.0"}))
+        (out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz").write_bytes(b"theirs")
+        theirs = snapshot(out)
     elif case == "border_inf":
         extra += ["--border", "inf"]
     elif case == "plugin_args_list":
@@ -319,7 +339,9 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
     if case not in ("same_dir", "inside", "no_description", "empty", "derivative_dataset", "unit1_only",
                     "flair_only") and not case.startswith("description_"):
         assert snapshot(small_dataset) == before
-    if case != "same_dir":
+    if case in ("output_of_another_pipeline", "output_a_raw_dataset"):
+        assert snapshot(out) == theirs
+    elif case != "same_dir":
         assert not (out / "sub-01").exists()
     if case in ("unknown_plugin", "border_inf") or case.startswith(("mem_", "omp_", "plugin_args_")):
         assert not out.exists()
