@@ -18,6 +18,7 @@ last, so its presence marks an image as finished (``is_finished``).
 """
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -322,13 +323,47 @@ def missing_kind(output_dir, image, *, save_probseg=False):
                 None)
 
 
+def source_identity(image):
+    """The raw file of ``image`` (links followed) as its metrics JSON records it: size, modification time, sha256."""
+    stat = os.stat(image.path)
+    return {"size_bytes": stat.st_size, "modified_ns": stat.st_mtime_ns, "sha256": _sha256(image.path)}
+
+
+def _sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def replaced_source(output_dir, image):
+    """Why the finished outputs of ``image`` were made from another file, or None: the raw file's size or time
+    differs from the one its metrics JSON records and so do its bytes (re-converted, defaced, another dataset's
+    image of the same name: red-team 18, kept as finished with the old head's mask). A copy of the same bytes is
+    the same image; outputs of a version that recorded no source file are not judged."""
+    recorded = read_metrics(output_dir, image).get("source_file")
+    try:
+        stat = os.stat(image.path)
+        if not isinstance(recorded, dict) or (recorded.get("size_bytes"), recorded.get("modified_ns")) == (
+                stat.st_size, stat.st_mtime_ns) or recorded.get("sha256") == _sha256(image.path):
+            return None
+    except OSError:  # the raw image itself is judged when it is read
+        return None
+    return "the raw image is not the file its outputs were made from (changed or replaced since: another sha256)"
+
+
 def damaged(output_dir, image, *, save_probseg=False):
-    """Why the finished outputs of ``image`` cannot be trusted, or None: a metrics file or sidecar that is not a
-    JSON object, a NIfTI whose header does not read or whose grid is not the raw image's (outputs damaged or
-    replaced after the run; the files are written atomically, so a run itself leaves none of these). Reads the
-    headers and the JSON only: a NIfTI cut short after its header is not seen."""
+    """Why the finished outputs of ``image`` cannot be trusted, or None: made from another raw file
+    (``replaced_source``), a metrics file or sidecar that is not a JSON object, a NIfTI whose header does not read or
+    whose grid is not the raw image's (outputs damaged or replaced after the run; the files are written atomically,
+    so a run itself leaves none of these). Reads the headers and the JSON only: a NIfTI cut short after its header
+    is not seen."""
     import nibabel as nib
 
+    replaced = replaced_source(output_dir, image)
+    if replaced:
+        return replaced
     try:
         shape = nib.load(str(image.path)).shape[:3]
     except Exception:  # the raw image itself is judged when it is read

@@ -423,10 +423,10 @@ class Run:
                   if (problem := outputs.damaged(config.output_dir, t, save_probseg=config.save_probseg))}
         stale = {t: changed for t in done if t not in broken and (changed := outputs.changed_settings(
             config.output_dir, t, outputs.run_settings(t, threshold=config.threshold, border_mm=config.border_mm)))}
-        # begun before (its mask is there) and not finished: a run stopped half-way, an output deleted, or one asked
-        # for now (--save-probseg)
+        # begun before (an output of it is there) and not finished: a run stopped half-way, an output deleted (the
+        # mask too: red-team 18), or one asked for now (--save-probseg)
         begun = {t: missing for t in t1ws if t not in absent and t not in done
-                 and outputs.derivative_path(config.output_dir, t, "mask").is_file()
+                 and any(outputs.derivative_path(config.output_dir, t, kind).is_file() for kind in outputs.OUTPUTS)
                  and (missing := outputs.missing_kind(config.output_dir, t, save_probseg=config.save_probseg))}
         todo = [t for t in t1ws if t not in absent and (t not in done or t in stale or t in broken)]
         finished = len(done) - len(stale) - len(broken)

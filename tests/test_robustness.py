@@ -409,7 +409,15 @@ def test_a_rerun_redoes_an_image_whose_outputs_were_damaged_and_says_why(small_d
         (lambda: (anat / "sub-01_desc-brain_metrics.json").write_text("[]"),
          "sub-01_desc-brain_metrics.json is missing or not a JSON object"),  # was a 400-character settings line
         (lambda: (anat / "sub-01_desc-brain_T1w.nii.gz").unlink(), "its brain output is missing"),
+        (lambda: mask.unlink(), "its mask output is missing"),  # redone without a word (red-team 18)
+        # the raw image replaced by another of its shape (re-converted, defaced): its old outputs were kept as
+        # finished (red-team 18)
+        (lambda: nib.save(nib.Nifti1Image(np.flip(np.asanyarray(nib.load(str(raw)).dataobj), 0), raw_img.affine,
+                                          raw_img.header), str(raw)),
+         "the raw image is not the file its outputs were made from (changed or replaced since: another sha256)"),
     ]
+    raw = small_dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    raw_img = nib.load(str(raw))
     for damage, said in damages:
         damage()
         res = app(*args)
@@ -418,6 +426,10 @@ def test_a_rerun_redoes_an_image_whose_outputs_were_damaged_and_says_why(small_d
         assert "1 processed in this run" in res.stdout
         _assert_outputs_complete(out, "01")
         assert nib.load(str(mask)).shape == nib.load(str(SMALL_HEAD)).shape
+    # the same bytes with another time (a copy of the dataset) are the same image
+    os.utime(raw, ns=(raw.stat().st_atime_ns, raw.stat().st_mtime_ns + 10**9))
+    res = app(*args)
+    assert res.returncode == 0 and "1 already finished" in res.stdout, res.stdout[-2000:] + res.stderr[-2000:]
 
 
 def test_an_empty_image_fails_alone_with_the_validator_on(tmp_path):

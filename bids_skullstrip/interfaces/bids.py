@@ -89,7 +89,8 @@ class DerivativesSink(SimpleInterface):
             written.append(str(figure))
 
         dest = outputs.derivative_path(out_dir, image, "metrics")
-        metrics = {"source": image.source_uri, "bids_name": image.stem, "suffix": image.suffix, **self.inputs.geometry,
+        metrics = {"source": image.source_uri, "source_file": outputs.source_identity(image), "bids_name": image.stem,
+                   "suffix": image.suffix, **self.inputs.geometry,
                    "warnings": list(self.inputs.warnings),
                    "runtime_s": {**self.inputs.runtime_s, **self.inputs.n4_runtime_s}, **self.inputs.qc,
                    "outputs": [Path(p).relative_to(out_dir).as_posix() for p in written],
