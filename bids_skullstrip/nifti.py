@@ -142,6 +142,13 @@ def load_image(path):
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         hint = _CONVERT_HINTS.get(type(img).__name__, "convert it to a single .nii or .nii.gz file first")
         raise InputError(f"{path}: not a NIfTI image but {type(img).__name__}; {hint}")
+    hdr = img.header
+    if hdr["magic"].item() == hdr.single_magic and int(hdr["vox_offset"]) < hdr.single_vox_offset:
+        # nibabel reads the voxels of a vox_offset of 0 from the file's first byte, the header's: a head shifted by
+        # 176 voxels came out, its mask 16 mm off (red-team 18); 1-351 it refuses
+        raise InputError(f"{path}: not a readable NIfTI image (vox_offset {int(hdr['vox_offset'])}: the voxels of a "
+                         f"single-file NIfTI start at byte {hdr.single_vox_offset} or later; where they start is not "
+                         "known)")
     qform_orients = isinstance(img.header, nib.Nifti1Header) and int(img.header["sform_code"]) == 0
     for msg in dict.fromkeys(fixes):
         if QFAC_FIX not in msg:

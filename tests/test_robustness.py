@@ -1354,6 +1354,20 @@ def test_the_brain_of_a_scaled_integer_image_keeps_its_intensities(slope, inter,
     assert np.allclose(nib.load(tmp_path / "brain.nii.gz").get_fdata(), data * mask)
 
 
+@pytest.mark.parametrize("offset, expected", [
+    (0, "vox_offset 0: the voxels of a single-file NIfTI start at byte 352 or later"),  # read from byte 0 (red-team 18)
+    (348, "vox offset 348 too low for single file nifti1")])
+def test_a_single_file_nifti_whose_voxels_would_start_in_its_header_is_refused(offset, expected, tmp_path):
+    from bids_skullstrip.nifti import InputError
+
+    head = nib.load(SMALL_HEAD)
+    raw = bytearray(nib.Nifti1Image(np.asanyarray(head.dataobj), head.affine, head.header).to_bytes())
+    np.ndarray((), dtype=nib.nifti1.header_dtype, buffer=raw)["vox_offset"] = offset
+    (tmp_path / "offset.nii").write_bytes(bytes(raw))
+    with pytest.raises(InputError, match=re.escape(expected)):
+        load_image(tmp_path / "offset.nii")
+
+
 @pytest.mark.parametrize("dtype", [np.int32, np.uint32, np.int64])
 def test_the_brain_of_a_wide_integer_image_keeps_its_integers_exactly(dtype, tmp_path):
     """Integers beyond float32's exact ones (2**24; red-team 18: an int32 image of values up to 2e9 came back with
