@@ -79,6 +79,14 @@ def _nibabel_messages():
         logger.setLevel(saved_level)
 
 
+def load_header(path):
+    """``nib.load`` of a raw image whose header alone is wanted (its grid, to write outputs on or size a job), without
+    nibabel's header fix-up lines on the console: ``load_image`` says them once, naming the file (the app printed
+    each of them six times, naming nothing: red-team 18)."""
+    with _nibabel_messages():
+        return nib.load(str(path))
+
+
 # nibabel reads a qfac (pixdim[0]) of 0 as 1, as the NIfTI standard says, and logs it at INFO. It is named when the
 # qform is what orients the image (no sform): with a qfac that should have been -1 the head is read upside down.
 QFAC_FIX = "(qfac) should be 1 (default) or -1"
@@ -142,13 +150,12 @@ def load_image(path):
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         hint = _CONVERT_HINTS.get(type(img).__name__, "convert it to a single .nii or .nii.gz file first")
         raise InputError(f"{path}: not a NIfTI image but {type(img).__name__}; {hint}")
-    hdr = img.header
-    if hdr["magic"].item() == hdr.single_magic and int(hdr["vox_offset"]) < hdr.single_vox_offset:
+    hdr, offset = img.header, getattr(img.dataobj, "offset", None)  # the loaded header's vox_offset is reset to 0
+    if hdr["magic"].item() == hdr.single_magic and offset is not None and offset < hdr.single_vox_offset:
         # nibabel reads the voxels of a vox_offset of 0 from the file's first byte, the header's: a head shifted by
         # 176 voxels came out, its mask 16 mm off (red-team 18); 1-351 it refuses
-        raise InputError(f"{path}: not a readable NIfTI image (vox_offset {int(hdr['vox_offset'])}: the voxels of a "
-                         f"single-file NIfTI start at byte {hdr.single_vox_offset} or later; where they start is not "
-                         "known)")
+        raise InputError(f"{path}: not a readable NIfTI image (vox_offset {offset}: the voxels of a single-file NIfTI "
+                         f"start at byte {hdr.single_vox_offset} or later; where they start is not known)")
     qform_orients = isinstance(img.header, nib.Nifti1Header) and int(img.header["sform_code"]) == 0
     for msg in dict.fromkeys(fixes):
         if QFAC_FIX not in msg:

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
-from .nifti import atomic_write_text, tmp_sibling
+from .nifti import atomic_write_text, load_header, tmp_sibling
 
 CODE_URL = "https://github.com/bids-skullstrip/bids-skullstrip"
 BIDS_VERSION = "1.10.0"
@@ -365,7 +365,7 @@ def damaged(output_dir, image, *, save_probseg=False):
     if replaced:
         return replaced
     try:
-        shape = nib.load(str(image.path)).shape[:3]
+        shape = load_header(image.path).shape[:3]
     except Exception:  # the raw image itself is judged when it is read
         return None
     for kind in required_kinds(save_probseg):

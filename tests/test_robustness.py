@@ -105,6 +105,21 @@ def twins(path):
     nib.save(nib.load(SMALL_HEAD), path.with_suffix(""))
 
 
+def with_raw_header(**fields):
+    """The head with header fields set in its bytes as written (nibabel would fix or refuse them)."""
+    def write(path):
+        head = nib.load(SMALL_HEAD)
+        raw = bytearray(nib.Nifti1Image(np.asanyarray(head.dataobj), head.affine, head.header).to_bytes())
+        header = np.ndarray((), dtype=nib.nifti1.header_dtype, buffer=raw)
+        for name, value in fields.items():
+            if name == "pixdim1":
+                header["pixdim"][1] = value
+            else:
+                header[name] = value
+        path.write_bytes(gzip.compress(bytes(raw)))
+    return write
+
+
 def snapshot(folder):
     return {p: (p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*") if p.is_file()}
 
@@ -130,6 +145,8 @@ def mixed_run(tmp_path_factory):
         "08": twins,
         "09": folder_and_a_t2w,  # a folder named as the T1w image: pybids skipped it in silence
         "10": Path.mkdir,  # the same, the participant's only entry: pybids does not see the participant at all
+        "11": with_raw_header(pixdim1=-1.0, qform_code=99),  # fixed by nibabel: processed, said once by name
+        "12": with_raw_header(vox_offset=0),  # read from its header's first byte, a mask 16 mm off (red-team 18)
     })
     before = snapshot(root / "bids")
     out = root / "out"
@@ -147,6 +164,7 @@ EXPECTED_PROBLEM = {
     "08": "the image is there twice, as sub-08_T1w.nii.gz and sub-08_T1w.nii: remove one",
     "09": "a folder named as an image, not an image file",
     "10": "a folder named as an image, not an image file",
+    "12": "not a readable NIfTI image (vox_offset 0: the voxels of a single-file NIfTI start at byte 352 or later",
 }
 
 
@@ -160,7 +178,18 @@ def test_bad_images_fail_alone_with_one_line_each(mixed_run):
         assert lines, f"no one-line error for sub-{label} ({problem!r}) in:\n{text[-3000:]}"
         # by its place in the dataset, as the others (red-team 15: some gave the absolute path)
         assert all(str(mixed_run["bids"]) not in line for line in lines), lines
-    assert f"{len(EXPECTED_PROBLEM)} of 10 image(s) failed" in text
+    assert f"{len(EXPECTED_PROBLEM)} of 12 image(s) failed" in text
+
+
+def test_header_fields_nibabel_fixes_are_said_once_by_the_file_s_name(mixed_run):
+    """nibabel's own lines (``pixdim[1,2,3] should be positive...``) reached the console six times per image, naming
+    no file (red-team 18): now only the app's warning, which names it."""
+    text = mixed_run["res"].stdout + mixed_run["res"].stderr
+    for fix in ("pixdim[1,2,3] should be positive", "qform_code 99 not valid"):
+        lines = [line for line in text.splitlines() if fix in line]
+        assert len(lines) == 1 and "sub-11/anat/sub-11_T1w.nii.gz: invalid header field fixed on load" in lines[0], \
+            text[-3000:]
+    assert (mixed_run["out"] / "sub-11" / "anat" / "sub-11_desc-brain_mask.nii.gz").is_file()
 
 
 def test_good_image_finished_bad_ones_left_no_output(mixed_run):
@@ -189,8 +218,9 @@ def test_group_report_keeps_the_failed_images_and_joins_participants_tsv(mixed_r
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     with (mixed_run["out"] / "group_T1w.tsv").open() as fh:
         rows = {r["participant_id"]: r for r in csv.DictReader(fh, delimiter="\t")}
-    assert set(rows) == {f"sub-{i:02d}" for i in range(1, 11)}
+    assert set(rows) == {f"sub-{i:02d}" for i in range(1, 13)}
     assert rows["sub-01"]["status"] == "processed" and rows["sub-01"]["session_id"] == "n/a"
+    assert rows["sub-11"]["status"] == "processed"
     for label, problem in EXPECTED_PROBLEM.items():
         row = rows[f"sub-{label}"]
         assert row["status"] == "failed" and problem in row["error"] and row["n_flags"] == "0", row
@@ -1356,7 +1386,8 @@ def test_the_brain_of_a_scaled_integer_image_keeps_its_intensities(slope, inter,
 
 @pytest.mark.parametrize("offset, expected", [
     (0, "vox_offset 0: the voxels of a single-file NIfTI start at byte 352 or later"),  # read from byte 0 (red-team 18)
-    (348, "vox offset 348 too low for single file nifti1")])
+    (348, "vox offset 348 too low for single file nifti1"),
+    (352, None)])  # where every writer puts them (nibabel's loaded header says 0)
 def test_a_single_file_nifti_whose_voxels_would_start_in_its_header_is_refused(offset, expected, tmp_path):
     from bids_skullstrip.nifti import InputError
 
@@ -1364,6 +1395,9 @@ def test_a_single_file_nifti_whose_voxels_would_start_in_its_header_is_refused(o
     raw = bytearray(nib.Nifti1Image(np.asanyarray(head.dataobj), head.affine, head.header).to_bytes())
     np.ndarray((), dtype=nib.nifti1.header_dtype, buffer=raw)["vox_offset"] = offset
     (tmp_path / "offset.nii").write_bytes(bytes(raw))
+    if expected is None:
+        assert np.array_equal(load_image(tmp_path / "offset.nii")[1], np.asanyarray(head.dataobj))
+        return
     with pytest.raises(InputError, match=re.escape(expected)):
         load_image(tmp_path / "offset.nii")
 

@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 
 from .. import outputs
 from ..discovery import StructuralInput
-from ..nifti import atomic_file, atomic_save, atomic_write_text, like
+from ..nifti import atomic_file, atomic_save, atomic_write_text, like, load_header
 
 
 class _DerivativesSinkInputSpec(BaseInterfaceInputSpec):
@@ -63,7 +63,7 @@ class DerivativesSink(SimpleInterface):
     def _run_interface(self, runtime):
         image = StructuralInput.from_path(self.inputs.source_file, self.inputs.bids_dir)
         out_dir = Path(self.inputs.output_dir)
-        reference = nib.load(self.inputs.source_file)
+        reference = load_header(self.inputs.source_file)
         outputs.unmark_finished(out_dir, image)
         # an output an earlier run wrote and this one does not (a probseg, made with --save-probseg): it would
         # contradict the new mask

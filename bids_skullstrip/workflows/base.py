@@ -9,7 +9,6 @@ import re
 from itertools import groupby
 from pathlib import Path
 
-import nibabel as nib
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
@@ -18,6 +17,7 @@ from ..interfaces.reports import MaskMosaic, QCMetrics
 from ..interfaces.brainmask import SkullStrip
 from ..interfaces.n4 import N4BiasFieldCorrection
 from ..model.card import ModelCard
+from ..nifti import load_header
 
 # Memory of each node: a fixed part + bytes per native voxel, from the peaks bench/node_memory.py measured
 # (2 mm, 1 mm, 0.7 mm, 512x512x200; docs/hpc.md) with TensorFlow, rounded up: OpenVINO's are 0.4-0.5 GB lower,
@@ -44,7 +44,7 @@ def node_name(text):
 
 def _voxels(path):
     try:
-        shape = nib.load(str(path)).shape
+        shape = load_header(path).shape
     except Exception:  # unreadable: the skullstrip node will report it; size the nodes for a 1 mm head
         return 256**3
     return math.prod(int(s) for s in shape[:3])
