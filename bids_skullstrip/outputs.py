@@ -79,17 +79,32 @@ BIDSIGNORE = ["*.html", "figures", "*_metrics.json", "group_*.tsv", "logs"]
 
 
 def _tail(kind, suffix, extension=None):
-    """What follows the source's entities in the name of output ``kind`` of a ``suffix`` image."""
+    """What follows the source's entities in the name of output ``kind`` of a ``suffix`` image (``space-`` aside)."""
     spec = OUTPUTS[kind]
-    entities = list(spec.entities)
-    if spec.suffix is not None and suffix != REFERENCE_SUFFIX:
-        entities.insert(0, ("space", suffix))
-    return "".join(f"_{k}-{v}" for k, v in entities) + f"_{spec.suffix or suffix}" + (extension or spec.extension)
+    return "".join(f"_{k}-{v}" for k, v in spec.entities) + f"_{spec.suffix or suffix}" + (extension or spec.extension)
+
+
+def _space(kind, suffix):
+    """The ``space-`` entity of output ``kind`` of a ``suffix`` image: the image it lies on, where the kind's suffix
+    does not say it ("" for the T1w)."""
+    return f"_space-{suffix}" if OUTPUTS[kind].suffix is not None and suffix != REFERENCE_SUFFIX else ""
+
+
+# a source's entities that BIDS orders after space- (an anatomical image may be in chunks): space- goes before them
+# (a chunk-1 FLAIR's mask was sub-01_chunk-1_space-FLAIR_..., a validator error: red-team 18)
+_AFTER_SPACE = re.compile(r"_(?:split|recording|chunk)-[a-zA-Z0-9]+")
+
+
+def output_name(stem, kind, suffix, extension=None):
+    """The file name of output ``kind`` of the raw image named ``stem`` (its name without suffix and extension)."""
+    after = _AFTER_SPACE.search(stem)
+    cut = after.start() if after else len(stem)
+    return stem[:cut] + _space(kind, suffix) + stem[cut:] + _tail(kind, suffix, extension)
 
 
 def derivative_path(output_dir, image, kind):
     """``<out>/sub-X/[ses-Y/]anat/<name>`` of output ``kind`` of the raw image ``image`` (a StructuralInput)."""
-    return Path(output_dir) / image.anat_dir / (image.stem + _tail(kind, image.suffix))
+    return Path(output_dir) / image.anat_dir / output_name(image.stem, kind, image.suffix)
 
 
 NAME_MAX = 255  # bytes of one file name on every file system the app writes to
@@ -119,8 +134,8 @@ def not_writable(output_dir, image):
 
 def figure_path(output_dir, image, kind="mask"):
     """``<out>/sub-X/figures/<name>.svg``: the reportlet named as output ``kind`` (one of ``FIGURES``)."""
-    return Path(output_dir) / f"sub-{image.subject}" / "figures" / (image.stem + _tail(kind, image.suffix,
-                                                                                         FIGURE_EXTENSION))
+    return Path(output_dir) / f"sub-{image.subject}" / "figures" / output_name(image.stem, kind, image.suffix,
+                                                                               FIGURE_EXTENSION)
 
 
 def image_files(output_dir, image):
@@ -148,10 +163,14 @@ def source_of(output_file):
         suffix = entities.get("suffix") if spec.suffix is None else entities.get("space", REFERENCE_SUFFIX)
         if suffix not in CONTRASTS:
             continue
+        space = _space(kind, suffix)
         for extension in (spec.extension, FIGURE_EXTENSION, ".json"):
             tail = _tail(kind, suffix, extension)
-            if name.endswith(tail) and name.startswith("sub-") and len(name) > len(tail):
-                return StructuralInput.from_path(f"{name[: -len(tail)]}_{suffix}.nii.gz")
+            stem = name[: -len(tail)]
+            if name.endswith(tail) and name.startswith("sub-") and stem and (not space or space in stem):
+                stem = stem.replace(space, "", 1)
+                if output_name(stem, kind, suffix, extension) == name:
+                    return StructuralInput.from_path(f"{stem}_{suffix}.nii.gz")
     raise ValueError(f"{output_file}: not a bids_skullstrip output name")
 
 

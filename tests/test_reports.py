@@ -310,7 +310,8 @@ def test_output_names_of_every_contrast_come_from_one_spec(tmp_path):
     from bids_skullstrip.discovery import StructuralInput
 
     sources = [f"sub-01_ses-1_{rest}.nii.gz" for rest in
-               ("T1w", "ce-gadolinium_T1w", "acq-2d_run-1_T1w", "T2w", "FLAIR", "rec-norm_PDw", "T2starw")]
+               ("T1w", "ce-gadolinium_T1w", "acq-2d_run-1_T1w", "T2w", "FLAIR", "rec-norm_PDw", "T2starw",
+                "chunk-1_FLAIR", "run-2_chunk-2_T1w")]
     images = [StructuralInput.from_path(name) for name in sources]
     # the T1w's names are the ones users rely on, unchanged
     t1w = {kind: outputs.derivative_path("", images[0], kind).as_posix() for kind in outputs.OUTPUTS}
@@ -326,6 +327,10 @@ def test_output_names_of_every_contrast_come_from_one_spec(tmp_path):
     assert outputs.sidecar("brain", flair)["Sources"] == [
         "bids::sub-01/ses-1/anat/sub-01_ses-1_desc-preproc_FLAIR.nii.gz",
         "bids::sub-01/ses-1/anat/sub-01_ses-1_space-FLAIR_desc-brain_mask.nii.gz"]
+    # BIDS orders space- before chunk- (it came after: a validator error, red-team 18)
+    assert outputs.derivative_path("", images[7], "probseg").name == \
+        "sub-01_ses-1_space-FLAIR_chunk-1_label-brain_probseg.nii.gz"
+    assert outputs.derivative_path("", images[8], "mask").name == "sub-01_ses-1_run-2_chunk-2_desc-brain_mask.nii.gz"
     # no two images share a name; every name (sidecars and figures too) leads back to its image
     names = {}
     for image in images:
