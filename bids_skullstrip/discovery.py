@@ -129,6 +129,17 @@ def strip_prefix(label, prefix):
 FIXED_ENTITIES = ("suffix", "datatype", "extension")
 
 
+def _filter_entities():
+    """{name: True} for the entities a filter may set (pybids' names: ``acquisition``), and {short: name} for the
+    names in file names (``acq``), which a filter does not take."""
+    from bids.layout.models import Config
+
+    known = Config.load("bids").entities
+    short = {m.group(1): name for name, entity in known.items()
+             if (m := re.search(r"([A-Za-z]+)-\(", entity.pattern or "")) and m.group(1) != name}
+    return {**{name: True for name in known}, **short}
+
+
 def load_bids_filters(path):
     """fMRIPrep-style filter file, one key per contrast: ``{"t1w": {"acquisition": "mprage"}, "flair": {...}}``;
     returns {suffix: filters} for the keys it has (a key is the suffix, in any case). As in fMRIPrep, ``null``
@@ -156,6 +167,7 @@ def load_bids_filters(path):
             "%s: filters for %s ignored: not a structural contrast bids_skullstrip strips (keys: %s)", path,
             ", ".join(map(repr, other)), ", ".join(c.lower() for c in CONTRASTS))
     special = {None: Query.NONE, "*": Query.ANY}
+    entities = _filter_entities()
     selected = {}
     for contrast in CONTRASTS:
         if contrast.lower() not in by_key:
@@ -165,6 +177,11 @@ def load_bids_filters(path):
         if fixed:
             raise DiscoveryError(f"{path}: the filter {key!r} sets {fixed[0]!r}; the key chooses the contrast "
                                  "(and --contrasts which keys apply): leave it out")
+        unknown = [k for k in filters[key] if entities.get(k) is not True]
+        if unknown:  # pybids' own error named the dataset, and advice (invalid_filters) no option follows
+            long = entities.get(unknown[0]) if isinstance(entities.get(unknown[0]), str) else None
+            raise DiscoveryError(f"{path}: the filter {key!r} sets {unknown[0]!r}, not a BIDS entity pybids knows"
+                                 + (f"; its name in a filter is {long!r}" if long else ""))
         selected[contrast] = {k: special.get(v, v) if not isinstance(v, (list, dict)) else v
                               for k, v in filters[key].items()}
     return selected

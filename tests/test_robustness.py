@@ -269,6 +269,9 @@ def small_dataset(tmp_path):
     ("empty", 2, "no participants"),
     ("bad_filter", 2, "cannot read the BIDS filter file"),
     ("filter_matches_nothing", 2, "no T1w images"),
+    # pybids' message named the dataset and advised invalid_filters='allow', which no option sets (red-team 18)
+    ("filter_short_entity", 2, "f.json: the filter 't1w' sets 'acq', not a BIDS entity pybids knows; its name in a "
+                               "filter is 'acquisition'"),
     ("derivative_dataset", 2, "a BIDS-Derivatives dataset"),
     ("unit1_only", 2, "UNIT1/MP2RAGE/T1map image(s); bids_skullstrip processes T1w"),
     ("flair_only", 2, "no T1w images (sub-*/[ses-*/]anat/*_T1w.nii[.gz]) for participant(s) 01 (it has 1 FLAIR "
@@ -339,6 +342,9 @@ def test_usage_errors(case, expected_rc, expected, small_dataset, tmp_path):
         shutil.rmtree(bids / "sub-01")
     elif case == "bad_filter":
         (tmp_path / "f.json").write_text("{not json")
+        extra += ["--bids-filter-file", tmp_path / "f.json"]
+    elif case == "filter_short_entity":
+        (tmp_path / "f.json").write_text(json.dumps({"t1w": {"acq": "mprage"}}))
         extra += ["--bids-filter-file", tmp_path / "f.json"]
     elif case == "filter_matches_nothing":
         (tmp_path / "f.json").write_text(json.dumps({"t1w": {"acquisition": "nosuchacq"}}))
