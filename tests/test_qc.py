@@ -284,6 +284,16 @@ def test_a_brain_the_field_of_view_cuts_deeply_is_a_note_not_a_flag(head, cut_mm
     # an extent ratio too high for a brain is not what a cut explains (red-team 14)
     rows = [{**r, "extent_ratio": 0.70 + 0.005 * i} for i, r in enumerate(rows[:-1])] + [{**m, "extent_ratio": 0.98}]
     assert any(f.startswith("extent ratio 0.98 is a group outlier") for f in qc.flag_group(rows)[-1])
+    # nor is a mask flat across another axis: the left half of the brain dropped under a cut at the vertex was a
+    # note blaming the field of view (red-team 18, Dice 0.65)
+    if cut_mm == 55:
+        lr = axis_of(affine, "R")[0]
+        half = mask[keep].copy()
+        cols = np.nonzero(half.any(axis=tuple(a for a in range(3) if a != lr)))[0]
+        half[(slice(None),) * lr + (slice(None, (cols[0] + cols[-1]) // 2),)] = False
+        h = measures(t1[keep], half, vox)
+        assert h["fov_cut_alignment"] < qc.FOV_CUT_ALIGNED <= m["fov_cut_alignment"], (h, m)
+        assert fired(qc.flag_image(h), "extent_ratio"), f"{name}: {qc.flag_image(h)}"
 
 
 @needs_heads
