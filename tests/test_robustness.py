@@ -429,6 +429,22 @@ def test_an_image_whose_output_names_would_be_too_long_fails_alone(small_dataset
     assert (tmp_path / "out" / "sub-01.html").is_file()
 
 
+def test_two_images_of_one_file_name_in_two_folders_fail_in_one_line_each(small_dataset, tmp_path):
+    """A misplaced copy (``sub-01/ses-1/anat/sub-01_T1w.nii.gz``, only --skip-bids-validation lets it through) shares
+    the lock, figures and records of its name: the second image was "left to another run", the run itself, on
+    every rerun (red-team 18)."""
+    misplaced = small_dataset / "sub-01" / "ses-1" / "anat" / "sub-01_T1w.nii.gz"
+    misplaced.parent.mkdir(parents=True)
+    copy_head(misplaced)
+    res = app(small_dataset, tmp_path / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation")
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    assert_one_line_errors(res)
+    for image, other in (("sub-01/anat", "sub-01/ses-1/anat"), ("sub-01/ses-1/anat", "sub-01/anat")):
+        assert (f"  {image}/sub-01_T1w.nii.gz: {other}/sub-01_T1w.nii.gz has the same file name in another folder"
+                in res.stdout), res.stdout[-2000:]
+    assert "another run" not in res.stdout + res.stderr
+
+
 def test_a_rerun_redoes_an_image_whose_outputs_were_damaged_and_says_why(small_dataset, tmp_path):
     """A mask replaced by another image, a sidecar deleted or broken, an output deleted: the rerun said "1 already
     finished" and kept the damaged files (a deleted NIfTI was redone, but without a word)."""
