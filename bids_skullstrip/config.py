@@ -1,6 +1,7 @@
 """What one run of the BIDS App is asked to do: the command line, checked and resolved once."""
 
 import hashlib
+import json
 import math
 import tempfile
 from dataclasses import dataclass
@@ -78,8 +79,6 @@ def other_dataset(folder):
     does not name bids_skullstrip in GeneratedBy: a raw dataset, another pipeline's derivatives), else None. An
     output folder of fMRIPrep has masks and preprocessed T1w images under this app's names (red-team 18: written
     over, and taken for this app's own earlier outputs)."""
-    import json
-
     described = folder / "dataset_description.json"
     if not described.is_file():
         return None
