@@ -367,8 +367,13 @@ def _edge_measures(img, sd, m, vox, lo, hi, at_view_edge=None):
     del pos, d, ax
     vals = img[band].astype(np.float64)
     key = sector * n_sh + shell
-    sums = np.bincount(key, weights=vals, minlength=6 * n_sh).reshape(6, n_sh)
-    counts = np.bincount(key, minlength=6 * n_sh).reshape(6, n_sh).astype(float)
+    # Voxels brighter than the brain's brightest tissue (``hi``) are neither brain nor its dark surround: enhancing
+    # dura and vessels of a post-contrast image, fat. Left in, a bright ring just outside the brain made its outer
+    # edge the profile's peak (+6 mm on good masks of painted post-gadolinium heads: red-team 18) and hid the
+    # cortex -> CSF edge behind it.
+    in_profile = vals <= hi
+    sums = np.bincount(key[in_profile], weights=vals[in_profile], minlength=6 * n_sh).reshape(6, n_sh)
+    counts = np.bincount(key[in_profile], minlength=6 * n_sh).reshape(6, n_sh).astype(float)
     out = {}
     profile = _edge_profile(sums.sum(axis=0), counts.sum(axis=0), j_lo, half)
     out["edge_contrast"], out["edge_offset_mm"] = _edge_peak(profile)

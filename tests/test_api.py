@@ -227,8 +227,8 @@ def test_skullstrip_runs_the_qc_and_fail_on_flag_exits_3(tmp_path, noise):
     assert any("noise relative to brain intensity" in line for line in notes), res.stderr
     assert not any("noise relative" in line for line in qc_lines), res.stderr
     assert nib.load(tmp_path / "m.nii.gz").shape == (160, 192, 160)  # the outputs are written all the same
-    # without --fail-on-flag the same flags are warnings and the status is 0
-    assert _skullstrip("-i", noise, "-m", tmp_path / "m.nii.gz", "--threads", "2").returncode == 0
+    # without --fail-on-flag flags are warnings and the status is 0: test_skullstrip_takes_the_weights (this
+    # image is seen turned 11 ways, 45 s a run)
 
 
 def test_skullstrip_takes_the_weights(tmp_path, tiny_weights):

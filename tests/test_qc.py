@@ -73,6 +73,31 @@ def test_good_mask_gives_no_flags(head):
     assert 0.66 < m["extent_ratio"] < 0.8 and m["noise_ratio"] < 0.08 and m["dark_fraction"] < 0.12
 
 
+def with_enhancing_ring(t1, mask, vox):
+    """A post-gadolinium-like head: a patchy ring 1-4 mm outside the brain (enhancing dura, vessels) at 1.1-1.5 times
+    its white matter, on about half of that shell."""
+    rng = np.random.default_rng(500)
+    outside = ndi.distance_transform_edt(~mask, sampling=vox)
+    white = float(np.percentile(t1[ndi.distance_transform_edt(mask, sampling=vox) > 8], 75))
+    patch = ndi.gaussian_filter(rng.random(t1.shape).astype(np.float32), 4.0 / vox)
+    patch = (patch - patch.min()) / np.ptp(patch)
+    ring = (outside > 1) & (outside <= 4) & (patch > 0.45)
+    return np.where(ring, np.maximum(t1, white * (1.1 + 0.4 * patch)), t1).astype(np.float32)
+
+
+@needs_heads
+def test_an_enhancing_ring_outside_a_good_mask_is_not_taken_for_brain_left_outside(head):
+    """The ring's outer edge against the dark skull was the edge profile's peak: +4.6 to +7 mm, "brain left
+    outside", on good masks of painted post-gadolinium heads (red-team 18). Voxels brighter than the brain are left
+    out of the profile: the cortex's edge is found, and a mask eroded 5 mm is still caught."""
+    name, t1, mask, vox, _ = head
+    painted = with_enhancing_ring(t1, mask, vox)
+    m = measures(painted, mask, vox)
+    assert qc.flag_image(m) == [] and -3.5 < m["edge_offset_mm"] < -0.5, f"{name}: {m}"
+    eroded = measures(painted, ndi.distance_transform_edt(mask, sampling=vox) > 5.0, vox)
+    assert eroded["edge_offset_mm"] > qc.LIMITS["edge_offset_mm"][1], f"{name} eroded: {eroded}"
+
+
 @needs_heads
 @pytest.mark.parametrize("code, mm", [("A", 15), ("S", -12), ("R", 10)])
 def test_shifted_mask_is_flagged(head, group_of_good, code, mm):
