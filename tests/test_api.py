@@ -387,6 +387,7 @@ def test_the_group_report_explains_each_measure_in_itself(tmp_path):
         path = outputs.derivative_path(out, image, "metrics")
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"bids_name": image.name, "qc": measures, "flags": []}))
+        outputs.derivative_path(out, image, "mask").touch()  # a finished image has its mask
     (report,) = [p for p in write_group_report(out, thumbnails=False) if str(p).endswith(".html")]
     text = re.sub(r'title="[^"]*"', "", html.unescape(Path(report).read_text()))  # tooltips do not count
     for key in ("dark_fraction", "noise_ratio", "edge_offset_mm"):

@@ -365,6 +365,7 @@ def _metrics(out, name, *, threshold=0.55, qc_measures=None):
     path.write_text(json.dumps({"source": image.source_uri, "qc": measures, "flags": flags,
                                 "settings": {"threshold": threshold, "border_mm": 0.0, "model_sha256": "ab" * 32,
                                              "software_version": "0.1.0"}}))
+    outputs.derivative_path(out, image, "mask").touch()  # a finished image has its mask
     return image
 
 

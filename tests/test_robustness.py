@@ -877,6 +877,19 @@ def test_the_group_level_says_which_images_of_the_dataset_its_report_lacks(small
     assert "group_T1w: 1 image(s): 1 processed (0 flagged by QC), 0 failed" in res.stdout, res.stdout
     assert ("group_T1w: 1 T1w image(s) of the dataset are not in it: not processed (yet), or left out by the "
             "participant level's selection; first: sub-02/anat/sub-02_T1w.nii.gz") in res.stdout, res.stdout
+    # a contrast of which none is processed (here: not asked for) is named too: it was left out in silence
+    copy_head(small_dataset / "sub-02" / "anat" / "sub-02_PDw.nii.gz")
+    # an image whose mask is gone (a partial copy of the folder) is no finished image: its metrics alone made it one
+    mask = out / "sub-01" / "anat" / "sub-01_desc-brain_mask.nii.gz"
+    mask.unlink()
+    res = app(small_dataset, out, "group")
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+    assert ("group_PDw: none: none of the dataset's 1 PDw image(s) is in the output folder (not processed yet, or not "
+            "asked for: the participant level's --contrasts); first: sub-02/anat/sub-02_PDw.nii.gz") in res.stdout
+    assert "group_T1w: 1 image(s): 1 processed (1 flagged by QC), 0 failed" in res.stdout, res.stdout
+    assert (f"group_T1w: {mask.name}: the mask is missing (deleted, or not copied with the other outputs?): a rerun "
+            "of the participant level redoes the image (flagged)") in res.stdout + res.stderr, res.stdout + res.stderr
+    assert "the mask is missing" in (out / "group_T1w.tsv").read_text() + (out / "group_T1w.html").read_text()
 
 
 def _start(args, **kw):

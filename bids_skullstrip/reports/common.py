@@ -61,6 +61,10 @@ def load_record(path, output_dir):
     except (OSError, ValueError) as exc:
         error = f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]})"
         rec = {}
+    mask = outputs.derivative_path(output_dir, image, "mask")
+    if error is None and not mask.is_file():  # its metrics alone made it a finished image (red-team 18)
+        error = (f"{mask.name}: the mask is missing (deleted, or not copied with the other outputs?): a rerun of the "
+                 "participant level redoes the image")
     rec["bids_name"] = image.stem  # the file's name says which image it is, whatever its content says
     rec["_name"], rec["_suffix"] = image.name, image.suffix
     rec["_participant"], rec["_session"] = image.subject, image.session

@@ -74,8 +74,8 @@ def _records(output_dir, participants=None):
         processed = [r for r in records if r["_suffix"] == suffix and r["_status"] == "processed"]
         rows = [r["qc"] for r in processed]
         for r, flags, notes in zip(processed, qcmod.flag_group(rows, suffix), qcmod.note_group(rows, suffix)):
-            if not r["qc"] and r["_error"]:
-                flags = [r["_error"]]
+            if r["_error"]:  # an unreadable metrics file (no measures), a missing mask
+                flags = [r["_error"], *(flags if r["qc"] else [])]
             # recomputed flags (current rules + group outliers) first, then any other stored flag: not one of a rule
             # on the measures, which the current rules of the image's contrast judge again
             r["flags"] = flags + [f for f in r["flags"] if f not in flags and not f.startswith(RULE_TEXTS)]
@@ -243,6 +243,10 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
         written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails, selection=sorted(wanted))
         if dataset is not None:
             _say_out_of_step(suffix, records, [t for t in dataset if not wanted or t.subject in wanted])
+    for suffix, images in _contrasts_without_outputs(dataset, found, wanted).items():
+        log.info("group_%s: none: none of the dataset's %d %s image(s) is in the output folder (not processed yet, or "
+                 "not asked for: the participant level's --contrasts); first: %s", suffix, len(images), suffix,
+                 images[0].relpath)
     if wanted:
         log.warning("the group reports hold participant(s) %s only (--participant-label): the others' images are "
                     "not in them; run the group level without it for the whole dataset", ", ".join(sorted(wanted)))
@@ -260,6 +264,16 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
                 log.warning("removed the group report of %s (%s): no %s outputs are left", suffix,
                             ", ".join(p.name for p in stale), suffix)
     return written
+
+
+def _contrasts_without_outputs(dataset, found, wanted):
+    """{suffix: its images} of the contrasts of ``dataset`` (of participants ``wanted``, all where empty) that have no
+    report in ``found``: a contrast of none was left out in silence (red-team 18)."""
+    absent = {}
+    for image in dataset or ():
+        if image.suffix not in found and (not wanted or image.subject in wanted):
+            absent.setdefault(image.suffix, []).append(image)
+    return dict(sorted(absent.items()))
 
 
 def _say_out_of_step(suffix, records, dataset):
@@ -293,7 +307,8 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails, selection=()):
         r["_report_url"] = f"{report}#{anchor}" if (output_dir / report).is_file() else None
     for r in records:
         if r["_status"] == "processed" and r["_error"]:
-            log.warning("%s: %s (flagged; rerun the participant level with --overwrite for it)", name, r["_error"])
+            log.warning("%s: %s (flagged%s)", name, r["_error"],
+                        "" if "rerun" in r["_error"] else "; rerun the participant level with --overwrite for it")
     mixed = mixed_settings(records)
     for key, counts in mixed.items():
         log.warning("%s: the %s images were not all processed with the same %s: %s", name, suffix, key,
