@@ -59,7 +59,8 @@ def load_record(path, output_dir):
         if not isinstance(rec, dict):
             raise ValueError("not a JSON object")
     except (OSError, ValueError) as exc:
-        error = f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]})"
+        error = (f"{path.name}: unreadable metrics file ({str(exc).splitlines()[0][:150]}): rerun the participant "
+                 "level with --overwrite for it")
         rec = {}
     mask = outputs.derivative_path(output_dir, image, "mask")
     if error is None and not mask.is_file():  # its metrics alone made it a finished image (red-team 18)

@@ -236,14 +236,15 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
     written = []
     found = _records(output_dir, wanted)
     names = None if dataset is None else {t.name for t in dataset}
+    selected = [t for t in dataset or () if not wanted or t.subject in wanted]  # the dataset's images reported on
     for r in (r for records in found.values() for r in records):
         if names is not None and r["_name"] not in names and GONE_NOTE not in r["notes"]:
             r["notes"].append(GONE_NOTE)
     for suffix, records in found.items():
         written += _write_contrast(output_dir, suffix, records, thumbnails=thumbnails, selection=sorted(wanted))
         if dataset is not None:
-            _say_out_of_step(suffix, records, [t for t in dataset if not wanted or t.subject in wanted])
-    for suffix, images in _contrasts_without_outputs(dataset, found, wanted).items():
+            _say_out_of_step(suffix, records, selected)
+    for suffix, images in _contrasts_without_outputs(selected, found).items():
         log.info("group_%s: none: none of the dataset's %d %s image(s) is in the output folder (not processed yet, or "
                  "not asked for: the participant level's --contrasts); first: %s", suffix, len(images), suffix,
                  images[0].relpath)
@@ -266,12 +267,12 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
     return written
 
 
-def _contrasts_without_outputs(dataset, found, wanted):
-    """{suffix: its images} of the contrasts of ``dataset`` (of participants ``wanted``, all where empty) that have no
-    report in ``found``: a contrast of none was left out in silence (red-team 18)."""
+def _contrasts_without_outputs(images, found):
+    """{suffix: its images} of the contrasts of ``images`` that have no report in ``found``: a contrast of none was
+    left out in silence (red-team 18)."""
     absent = {}
-    for image in dataset or ():
-        if image.suffix not in found and (not wanted or image.subject in wanted):
+    for image in images:
+        if image.suffix not in found:
             absent.setdefault(image.suffix, []).append(image)
     return dict(sorted(absent.items()))
 
@@ -307,8 +308,7 @@ def _write_contrast(output_dir, suffix, records, *, thumbnails, selection=()):
         r["_report_url"] = f"{report}#{anchor}" if (output_dir / report).is_file() else None
     for r in records:
         if r["_status"] == "processed" and r["_error"]:
-            log.warning("%s: %s (flagged%s)", name, r["_error"],
-                        "" if "rerun" in r["_error"] else "; rerun the participant level with --overwrite for it")
+            log.warning("%s: %s (flagged)", name, r["_error"])
     mixed = mixed_settings(records)
     for key, counts in mixed.items():
         log.warning("%s: the %s images were not all processed with the same %s: %s", name, suffix, key,
