@@ -68,8 +68,9 @@ TILT_HELPS = 0.85
 # A head rolled about its front-back axis (lying on its side, or a header with the left-right and superior-inferior
 # axes swapped) is not pitched: at 90 degrees masks of 150-1230 ml too much, Dice 0.69-0.95 (red-team 18). Where the
 # views still disagree above TILT_CHECK after the pitch check, the head is also seen turned by each of TURNS,
-# and the same test as for a pitch picks it. So is a head pitched a quarter turn (a header with the front-back and
-# superior-inferior axes swapped), which the pitch check's 30-45 degrees do not reach.
+# and the same test as for a pitch picks it; the first turn whose views agree as on a usual head ends the search. So
+# is a head pitched a quarter turn (a header with the front-back and superior-inferior axes swapped), which the pitch
+# check's 30-45 degrees do not reach.
 # (axis of the world the head is turned about: 0 left-right, 1 front-back; degrees)
 TURNS = ((1, -90.0), (1, 90.0), (1, -45.0), (1, 45.0), (0, -90.0), (0, 90.0))
 # A very noisy image is smoothed before the networks (``intensity.heavy_noise``, 2 mm). In 5 mm slices under noise of
@@ -403,6 +404,10 @@ class Skullstripper:
             turned = self._predict(data, _pitched(affine, centre, degrees, about), shape, [], smoothed)
             tried.append((np.inf if turned.view_disagreement is None else turned.view_disagreement, about, degrees,
                           turned))
+            # Views that agree as well as on a head that starts no search at all: no other turn can do better by
+            # enough to matter (red-team 18's turned heads: 2.2 % on the right turn, 5.2-15 % on every other)
+            if tried[-1][0] <= min(UPSIDE_DOWN_CHECK, TILT_RATIO * prediction.view_disagreement):
+                break
         disagreement, about, degrees, best = min(tried, key=lambda t: t[0])
         timings = _summed_timings(prediction, [t[-1] for t in tried])
         if disagreement > UPSIDE_DOWN_AGREED or disagreement >= TILT_RATIO * prediction.view_disagreement:
