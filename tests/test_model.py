@@ -3,6 +3,7 @@ centred on it. Stand-in networks check the plumbing; the bundled networks are ch
 heads (neck, face and shoulders in view) that the training set does not contain."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,7 @@ from _ci import needs
 from bids_skullstrip import geometry
 from bids_skullstrip.metrics import compare_masks, dice
 from bids_skullstrip.model.inference import BrainNetworks
-from bids_skullstrip.model.predictor import Skullstripper, View, default_views, locate_brain
+from bids_skullstrip.model.predictor import Skullstripper, View, default_views, locate_brain, neighbour_correlation
 from bids_skullstrip.qc import qc_measures
 from nibabel.affines import voxel_sizes
 
@@ -519,6 +520,29 @@ def test_a_field_of_view_the_size_of_no_head_is_not_seen_turned():
     passes = counting_passes(stripper)
     result = stripper.probability(np.asarray(head.dataobj, np.float32), head.affine @ np.diag([10, 10, 10, 1]))
     assert len(passes) == 1 and result.view_disagreement > 0.04
+
+
+@needs(OFFSET_HEAD, "the shared heads")
+def test_noise_without_a_head_is_said_and_not_seen_turned():
+    """A head-sized volume of pure noise: the views disagree on the "brain" the networks draw in it, and it was read
+    smoothed wider and seen turned 10 ways (11 passes, 45 s a run) before QC flagged it. Its voxels are uncorrelated
+    (a real image's: 0.86 or more; one drowned in noise still 0.28): said, and one pass. A noisy real head is still
+    looked at every way."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([1.2, 1.2, 1.2, 1.0])
+    stripper = Skullstripper()
+    passes = counting_passes(stripper)
+    result = stripper.probability(rng.normal(100, 30, (160, 192, 160)).astype(np.float32), affine)
+    assert len(passes) == 1 and passes[0].view_disagreement > 0.05
+    said = [w for w in result.warnings if "uncorrelated" in w]
+    assert len(said) == 1 and re.fullmatch(r"neighbouring voxels are uncorrelated \(-?0\.0\d; real images 0\.86 or "
+                                           r"more\): the image looks like noise without a head; its mask means nothing",
+                                           said[0]), result.warnings
+    head = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
+    data = np.asarray(head.dataobj, np.float32)
+    sigma = 0.25 * np.percentile(data, 99)
+    noisy = np.hypot(data + rng.normal(0, sigma, data.shape), rng.normal(0, sigma, data.shape))
+    assert 0.2 < neighbour_correlation(noisy) < neighbour_correlation(data)
 
 
 @needs(HEADS / "nichart-demo-subj1", "the shared heads")

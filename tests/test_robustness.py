@@ -583,8 +583,11 @@ def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
     assert str(out / "sub-02.html") in flagged[0]
     assert "progress: 2 of 2 image(s) finished" in text, text
     warned = [line for line in text.splitlines() if "  warning: " in line]
-    assert warned == ["  warning: sub-01/anat/sub-01_T1w.nii.gz: neither qform nor sform is set: orientation "
-                      "is a guess from the voxel sizes"], warned
+    assert len(warned) == 2 and warned[0] == ("  warning: sub-01/anat/sub-01_T1w.nii.gz: neither qform nor sform is "
+                                              "set: orientation is a guess from the voxel sizes"), warned
+    assert re.fullmatch(r"  warning: sub-02/anat/sub-02_T1w.nii.gz: neighbouring voxels are uncorrelated \(-?0\.0\d; "
+                        r"real images 0\.86 or more\): the image looks like noise without a head; its mask means "
+                        r"nothing", warned[1]), warned
     again = app(*args, "--fail-on-flag")  # the finished images are not redone; their flags still count
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr
