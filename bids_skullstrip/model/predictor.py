@@ -84,11 +84,11 @@ TURNS = ((1, -90.0), (1, 90.0), (1, -45.0), (1, 45.0), (0, -90.0), (0, 90.0))
 NOISY_CHECK = 0.05
 NOISY_RATIO = 0.6
 # A volume of noise without a head (a broken conversion, a wrong file) has no structure: its neighbouring voxels are
-# uncorrelated (lag-1 autocorrelation 0.00), where the 69 real images of ../shared/data are correlated 0.86 or more,
+# uncorrelated (lag-1 autocorrelation 0.00), where the 65 real images of ../shared/data are correlated 0.86 or more,
 # and 0.28 or more drowned in Rician noise of 25 % of their 99th percentile. Below STRUCTURELESS it is said, and it is
 # neither read smoothed wider nor seen turned: no way of looking at noise finds a head in it (it took 11 passes).
 STRUCTURELESS = 0.1
-STRUCTURELESS_LINES = 4  # every 4th line along the two other axes: 1/16 of the voxels, about 10 ms a head
+STRUCTURELESS_LINES = 4  # every 4th line along the two other axes: 1/16 of the voxels, 4-18 ms a head
 LOCATOR_THRESHOLD = 0.5  # the locator's brain: p >= this, largest component (its box is all that is used)
 # The segmenter's main brain blob (p >= this, largest component, 2 voxels of rim) is all that goes back to
 # the finer native grid; a fixed level, so that the probability map is the same whatever the threshold.
