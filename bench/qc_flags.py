@@ -9,7 +9,9 @@ measures (``bids_skullstrip.qc.qc_measures``) of
 * masks broken on purpose: shifted 10 / 20 mm (along R, A or S, the direction and sign rotating over the
   heads), eroded / dilated 5 / 8 mm, the top third cut off, flipped A-P and S-I (the mask of a wrongly
   oriented image), the mask of another head (the next head in sorted order of another subject, mostly of the
-  same study, moved so that the two masks' centroids coincide: right place, wrong brain);
+  same study, moved so that the two masks' centroids coincide: right place, wrong brain), a leak into the neck
+  (the head's tissue in a column of 25 mm radius below the brainstem, 60 mm down: what the networks shipped
+  before the two-stage model did; only where the field of view shows enough neck for it to add 30 ml or more);
 * the good mask on the image with heavy Rician noise (sigma = 0.3 x brain median): not a failure (the networks'
   masks of such images are good), so a flag there is a false alarm and the noise gets a note;
 * probability-map failures a model can produce (synthetic): a 30 ml blob of p > 0.5 outside the brain, a
@@ -69,6 +71,7 @@ CONDITIONS = {
     "noise_heavy": ("image", False),  # a good mask of a noisy image: a note (qc.NOTE_LIMITS), not a failure
     "prob_extra_blob": ("probability", True),
     "prob_blurred": ("probability", True),
+    "add_neck": ("mask", True),  # last: each condition's seed is its place here
 }
 
 
@@ -158,8 +161,29 @@ def other_head_mask(mask, affine, other_mask, other_affine):
     return out > 0
 
 
+NECK_RADIUS_MM, NECK_LENGTH_MM, NECK_MIN_ML = 25.0, 60.0, 30.0
+
+
+def neck_leak(t1, mask, affine):
+    """``mask`` run on into the neck: the voxels of head tissue (the image smoothed by 1 voxel above a fifth of the
+    brain's median) in a column of NECK_RADIUS_MM about the axis through the mask's lowest 10 mm, from 5 mm above
+    its lowest point to NECK_LENGTH_MM below it; None where that adds less than NECK_MIN_ML (the field of view ends
+    at the brainstem). Red-team 18's leak (F2), which every QC measure missed."""
+    grid = np.ogrid[tuple(slice(0, n) for n in mask.shape)]
+    r, a, s = (sum(row[j] * g for j, g in enumerate(grid)) + row[3] for row in affine[:3])
+    s_low = float(s[mask].min())
+    low = mask & (s < s_low + 10)
+    column = np.hypot(r - r[low].mean(), a - a[low].mean()) < NECK_RADIUS_MM
+    head = ndi.gaussian_filter(t1, 1.0) > 0.2 * float(np.median(t1[mask]))
+    neck = head & column & (s < s_low + 5) & (s > s_low - NECK_LENGTH_MM)
+    labels, _ = ndi.label(mask | neck)
+    out = labels == labels[tuple(np.argwhere(mask)[0])]
+    return out if np.count_nonzero(out & ~mask) * float(np.prod(voxel_sizes(affine))) / 1000 >= NECK_MIN_ML else None
+
+
 def corrupt(name, t1, mask, vox, affine, i, rng, other=None):
-    """(t1, probability, mask) of one condition; ``other`` = (mask, affine) of another head."""
+    """(t1, probability, mask) of one condition, None where it does not apply to this image; ``other`` = (mask,
+    affine) of another head."""
     m = mask
     if name == "good":
         return t1, proxy_probability(m, vox), m
@@ -187,6 +211,10 @@ def corrupt(name, t1, mask, vox, affine, i, rng, other=None):
         m = np.flip(mask, axis=ax).copy()
     elif name == "other_head":
         m = other_head_mask(mask, affine, *other)
+    elif name == "add_neck":
+        m = neck_leak(t1, mask, affine)
+        if m is None:
+            return None
     elif name == "noise_heavy":
         return add_noise(t1, mask, rng), proxy_probability(mask, vox), mask
     elif name == "prob_extra_blob":
@@ -289,7 +317,11 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
         info = {"head": head, "contrast": everyone[head], "split": split_of.get(head, "contrasts" if contrasts else "?")}
         for name in want:
             rng = np.random.default_rng([i, list(CONDITIONS).index(name)])
-            t, p, m = corrupt(name, shown, mask, vox, img.affine, i, rng, other=other)
+            made = corrupt(name, shown, mask, vox, img.affine, i, rng, other=other)
+            if made is None:
+                results[f"{head}|{name}"] = {**info, "condition": name, "not_applicable": True}
+                continue
+            t, p, m = made
             t0 = time.perf_counter()
             meas = qc.qc_measures(t, p, m.astype(np.uint8), vox)
             dt = time.perf_counter() - t0
@@ -313,7 +345,7 @@ def run(heads, use_model, cache, verbose=True, model_cache=None, contrasts=False
                     print(f"{head:18s} {name:16s} dice {d:.3f}  flags: {flags}", flush=True)
         if cache:
             atomic_write_text(cache, json.dumps(results))
-    return {k: r for k, r in results.items() if r["head"] in heads}
+    return {k: r for k, r in results.items() if r["head"] in heads and not r.get("not_applicable")}
 
 
 MODEL_FAIL_DICE = 0.90
