@@ -210,11 +210,12 @@ def test_a_mask_leaking_into_the_neck_is_flagged_by_its_tail(name, cut_top_mm):
     assert good["tail_fraction"] < qc.LIMITS["tail_fraction"][1] / 2 and qc.flag_image(good) == [], good
     ax, sign = axis_of(affine, "S")
     across = [a for a in range(3) if a != ax]
-    height = np.indices(mask.shape)[ax] * vox[ax] * sign  # mm upwards
+    grid = np.indices(mask.shape, sparse=True)
+    height = np.broadcast_to(grid[ax] * vox[ax] * sign, mask.shape)  # mm upwards
     lowest = float(height[mask].min())
     base = mask & (height < lowest + 10)
     centre = [np.argwhere(base)[:, a].mean() for a in across]
-    radius = np.sqrt(sum(((np.indices(mask.shape)[a] - c) * vox[a]) ** 2 for a, c in zip(across, centre)))
+    radius = np.sqrt(sum(((grid[a] - c) * vox[a]) ** 2 for a, c in zip(across, centre)))
     tissue = ndi.gaussian_filter(t1, 1.0) > 0.2 * float(np.median(t1[mask]))
     leaked = mask | (tissue & (radius < 25) & (height < lowest + 5) & (height > lowest - 60))
     labels, _ = ndi.label(leaked)
