@@ -447,14 +447,14 @@ def test_each_contrast_is_judged_and_shown_by_its_own_limits(tmp_path):
     path = outputs.derivative_path(tmp_path, older, "metrics")
     path.write_text(json.dumps({**json.loads(path.read_text()), "flags": qc.flag_image(rim, "T1w")}))
     write_group_report(tmp_path, thumbnails=False)
-    for suffix, flags, shown in (("T1w", ["2"], "-6.0 to 0.5 mm"), ("T2w", ["0", "0"], "-6.0 to 2.0 mm")):
+    for suffix, flags, shown in (("T1w", ["2"], "-6.0 to 0.5 mm"), ("T2w", ["0", "0"], "-3.0 to 2.0 mm")):
         with (tmp_path / f"group_{suffix}.tsv").open() as fh:
             rows = list(csv.DictReader(fh, delimiter="\t"))
         assert [r["n_flags"] for r in rows] == flags, (suffix, [r["flags"] for r in rows])
         assert shown in (tmp_path / f"group_{suffix}.html").read_text()
     page = htmlmod.unescape(write_participant_report(tmp_path, "01").read_text())
     # the T1w: its table's range and its flag's; the T2w: its table's range, no flag
-    assert page.count("-6.0 to 0.5 mm") == 2 and page.count("-6.0 to 2.0 mm") == 1
+    assert page.count("-6.0 to 0.5 mm") == 2 and page.count("-3.0 to 2.0 mm") == 1
 
 
 def test_group_axes_read_plainly_when_values_cluster(tmp_path):
