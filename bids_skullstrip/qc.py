@@ -59,9 +59,9 @@ LIMITS = {
 # the cortex is the CSF's outer one (the edge profile's peak, 0.5-1.5 mm beyond a good mask on 3D T2w images; a
 # T1w's cortex -> dark CSF edge lies 2 mm inside it). For these contrasts the three rules that read that rim accept
 # what good masks show (docs/qc.md, "Bright CSF": 3D T2w/PD paintings of the held-out heads, and the real T2w images
-# of ../shared/data/contrasts, whose eroded and shifted masks are still caught). The same 2 mm make a mask grown
-# into the skull read less far inside than a T1w's does: a PD mask 5 mm too large read -3.6 to -4.6 mm, inside the
-# T1w's -6.0, where no good mask of these contrasts read below -1.7 mm.
+# of ../shared/data/contrasts, whose eroded and shifted masks are still caught). The same rim makes a mask grown
+# into the skull read less far inside than a T1w's does: T2w and PD masks 5 mm too large read -3.3 to -5.1 mm,
+# inside the T1w's -6.0, where no good mask of these contrasts read below -1.7 mm (docs/qc.md, "The lower end").
 BRIGHT_CSF_CONTRASTS = ("T2w", "PDw", "T2starw")
 BRIGHT_CSF_LIMITS = {
     "edge_offset_mm": (-3.0, 2.0, "mm", LIMITS["edge_offset_mm"][3]),
