@@ -636,9 +636,12 @@ def test_a_good_mask_of_a_3d_t2w_image_is_not_flagged_for_its_bright_csf_and_an_
 def test_the_bright_csf_limits_are_the_t2w_pd_and_t2star_ones_and_the_reports_show_them():
     assert qc.limits_for("T1w") is qc.LIMITS and qc.limits_for("FLAIR") is qc.LIMITS  # dark CSF
     for contrast in ("T2w", "PDw", "T2starw"):
-        assert qc.limits_for(contrast)["edge_offset_mm"][1] > qc.LIMITS["edge_offset_mm"][1]
+        low, high = qc.limits_for(contrast)["edge_offset_mm"][:2]
+        assert high > qc.LIMITS["edge_offset_mm"][1] and low > qc.LIMITS["edge_offset_mm"][0]  # the rim moves both
+        assert qc.flag_image(dict(brain_voxels=1e6, edge_offset_mm=-4.5), contrast)  # grown 5 mm into the skull
     rim = dict(brain_voxels=1e6, edge_offset_mm=1.2, outside_brainlike_fraction=0.55)
     assert len(qc.flag_image(rim)) == 2 and qc.flag_image(rim, "PDw") == []
+    assert qc.flag_image(dict(brain_voxels=1e6, edge_offset_mm=-4.5)) == []  # within the T1w limits
     assert qc.accepted_range("edge_offset_mm", qc.limits_for("T2w")) == "-3.0 to 2.0 mm"
     assert [qc.flag_image(rim, "T2w")] == qc.flag_group([rim], "T2w")
 
