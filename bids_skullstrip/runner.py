@@ -509,16 +509,16 @@ class Run:
         execution.configure_nipype(config.work_dir, verbose=config.verbose,
                                    stop_on_first_crash=config.stop_on_first_crash)
         plugin_args = self.plugin_args_for(todo)
+        omp_nthreads = self.omp_nthreads(len(todo), plugin_args.get("n_procs"))
         wf = init_bids_skullstrip_wf(inputs=todo, output_dir=config.output_dir, bids_dir=config.bids_dir,
                                      work_dir=config.work_dir, threshold=config.threshold,
                                      border_mm=config.border_mm, save_probseg=config.save_probseg,
-                                     omp_nthreads=self.omp_nthreads(len(todo), plugin_args.get("n_procs")),
-                                     run_id=self.run_id)
+                                     omp_nthreads=omp_nthreads, run_id=self.run_id)
         # an image redone keeps its earlier outputs, and is finished, until its sink begins (which un-marks it) or
         # the run ends without redoing it: a run stopped early left every image of an --overwrite or a change of
         # settings to redo (red-team 10b)
-        log.info("running %d image(s) with nipype's %s plugin (work directory %s)", len(todo), self.plugin,
-                 config.work_dir)
+        log.info("running %d image(s) with nipype's %s plugin, %d thread(s) per image (work directory %s)", len(todo),
+                 self.plugin, omp_nthreads, config.work_dir)
         started = time.time()
         UNRECORDED.clear()
         stop = threading.Event()
@@ -578,8 +578,9 @@ class Run:
                     for key, value in asdict(self.config).items()}
         # the networks of each contrast asked for, and (without --threshold) their calibrated thresholds
         cards = {contrast: ModelCard.bundled_for(contrast) for contrast in self.config.contrasts}
-        if self.config.threshold is None:
-            resolved["threshold"] = {contrast: card.threshold for contrast, card in cards.items()}
+        # per contrast either way, so that a run with --threshold and one without read alike
+        resolved["threshold"] = {contrast: card.threshold if self.config.threshold is None else self.config.threshold
+                                 for contrast, card in cards.items()}
         resolved.update(version=__version__, run_id=self.run_id, command=sys.argv, plugin=self.plugin,
                         plugin_args=self.plugin_args, model_sha256={c: card.sha256 for c, card in cards.items()})
         atomic_write_text(logs / f"run-{self.run_id}_config.json", json.dumps(resolved, indent=2, default=str) + "\n")
@@ -670,6 +671,16 @@ class Run:
             log.warning("warning: another run is at work in %s (%s): the group report shows the images it has not "
                         "finished as they were before it; run the group level again once it ends",
                         self.config.output_dir, ", ".join(sorted(set(busy))))
+        if self.config.fail_on_flag:  # was accepted here and ignored: exit 0 over a flagged image
+            from .reports.group import flagged_images
+
+            flagged = flagged_images(self.config.output_dir, self.config.participant_label)
+            for name, flags in flagged:
+                log.warning("  flagged by QC: %s: %s", name, "; ".join(flags))
+            if flagged:
+                log.error("%d image(s) flagged by QC in the group report (--fail-on-flag): exit status 3",
+                          len(flagged))
+                return FLAGGED
         return OK
 
     def dataset_images(self):

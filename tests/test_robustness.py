@@ -592,6 +592,14 @@ def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr
     assert "  warning: " not in again.stdout + again.stderr  # said by the run that made the outputs
+    # the group level: its report's flags (it accepted --fail-on-flag and exited 0 over them)
+    group = app(bids, out, "group", "--fail-on-flag")
+    text = group.stdout + group.stderr
+    assert group.returncode == 3, text[-3000:]
+    flagged = [line for line in text.splitlines() if "flagged by QC: " in line]
+    assert len(flagged) == 1 and "sub-02_T1w" in flagged[0] and "brain volume" in flagged[0], text
+    assert "1 image(s) flagged by QC in the group report (--fail-on-flag): exit status 3" in text, text
+    assert app(bids, out, "group", "--fail-on-flag", "--participant-label", "01").returncode == 0
 
 
 def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_it(tmp_path):
@@ -615,6 +623,9 @@ def test_rerun_with_other_settings_redoes_the_image_and_the_same_settings_skip_i
     res = app(*args, "--threshold", "0.3", "--border", "3")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "redoing sub-01/anat/sub-01_T1w.nii.gz" in res.stdout and "border_mm 0.0 -> 3.0" in res.stdout, res.stdout
+    assert "MultiProc plugin, 2 thread(s) per image" in res.stdout, res.stdout  # one image alone: --n-cpus
+    # the threshold is recorded per contrast with --threshold too (it was a bare number then, a dict without)
+    assert json.loads(sorted((out / "logs").glob("run-*_config.json"))[-1].read_text())["threshold"] == {"T1w": 0.3}
     assert json.loads((anat / "sub-01_desc-brain_mask.json").read_text())["Threshold"] == 0.3
     assert json.loads(metrics.read_text())["settings"]["border_mm"] == 3.0
     assert "grown by 3 mm" in (out / "logs" / "CITATION.md").read_text()

@@ -48,8 +48,9 @@ def build_parser():
                    help="grow (>0) or shrink (<0) the mask by this distance in mm (at most 20)")
     g.add_argument("--save-probseg", action="store_true", help="also write the brain probability map")
     g.add_argument("--fail-on-flag", action="store_true",
-                   help="exit with status 3 when QC flags an image (and none failed); by default flagged "
-                        "images are listed and the status is 0")
+                   help="exit with status 3 when QC flags an image (and none failed; at the group level, when "
+                        "the group report flags one, its group rule included); by default flagged images are "
+                        "listed and the status is 0")
     g = p.add_argument_group("execution")
     g.add_argument("--n-cpus", "--nprocs", "--n_cpus", "--nthreads", dest="n_cpus", type=int,
                    default=available_cpus(), help="CPUs the run may use (MultiProc); default: those this process may "

@@ -86,6 +86,16 @@ def _records(output_dir, participants=None):
     return by_suffix
 
 
+def flagged_images(output_dir, participants=None):
+    """[(image name, its flags)] of the processed images that the group reports of ``output_dir`` flag (the group
+    rule included), of ``participants`` only where given: what ``--fail-on-flag`` fails on at the group level."""
+    from ..discovery import strip_prefix
+
+    wanted = {strip_prefix(p, "sub-") for p in participants or ()}
+    return [(r["_name"], r["flags"]) for records in _records(output_dir, wanted).values() for r in records
+            if r["_status"] == "processed" and r["flags"]]
+
+
 def _setting(r, key):
     settings = r.get("settings")
     return settings.get(key) if isinstance(settings, dict) else None
