@@ -4,6 +4,7 @@ import hashlib
 import json
 import math
 import tempfile
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,8 +46,11 @@ def resolve_contrasts(values):
     unknown = [str(v) for v in values if str(v).lower() not in known and str(v).lower() != "all"]
     if unknown:
         renamed = [DEPRECATED_SUFFIXES[v] for v in unknown if v in DEPRECATED_SUFFIXES]
+        enhanced = any(v.lower().startswith("ce-") for v in unknown)  # "ce-gadolinium_T1w" (red-team 19)
         raise UsageError(f"--contrasts {' '.join(unknown)}: unknown contrast (one of {', '.join(CONTRASTS)} or all)"
-                         + (f"; BIDS's name for it is {', '.join(renamed)}" if renamed else ""))
+                         + (f"; BIDS's name for it is {', '.join(renamed)}" if renamed else "")
+                         + ("; a contrast-enhanced T1w is a T1w: --contrasts T1w strips it, and a --bids-filter-file "
+                            '{"t1w": {"ceagent": "gadolinium"}} strips it alone' if enhanced else ""))
     if any(str(v).lower() == "all" for v in values):
         return CONTRASTS
     wanted = {known[str(v).lower()] for v in values}
@@ -71,7 +75,24 @@ def check_folders(bids_dir, output_dir):
     if other:
         raise UsageError(f"{output_dir}: the output folder is {other}, whose files this run would replace or mix "
                          f"with its own; use a folder of its own (e.g. {bids_dir / 'derivatives' / 'bids_skullstrip'})")
+    from .discovery import same_folder
+
+    raw = linked_raw_dataset(output_dir)
+    if raw is not None and raw.is_dir() and not same_folder(raw, bids_dir):  # red-team 19: mixed in silence
+        raise UsageError(f"{output_dir}: the output folder holds the outputs of another raw dataset, {raw} (its "
+                         f"dataset_description.json's DatasetLinks.raw); use a folder of its own for {bids_dir}")
     return bids_dir, output_dir
+
+
+def linked_raw_dataset(folder):
+    """The raw dataset the outputs in ``folder`` were made from (``DatasetLinks.raw`` of its
+    dataset_description.json, a ``file:`` URI), or None where it names none."""
+    try:
+        description = json.loads((folder / "dataset_description.json").read_text(encoding="utf-8-sig"))
+        uri = urllib.parse.urlparse(description["DatasetLinks"]["raw"])
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError):
+        return None
+    return Path(urllib.parse.unquote(uri.path)) if uri.scheme == "file" and uri.path else None
 
 
 def other_dataset(folder):
@@ -168,6 +189,13 @@ class RunConfig:
         if work_dir.is_relative_to(output_dir):  # nipype's files make the derivatives fail the BIDS validator
             raise UsageError(f"{work_dir}: the work directory is inside the output folder, which would then hold "
                              "nipype's files among the derivatives; use a folder outside it (-w)")
+        database_dir = opts.bids_database_dir and Path(opts.bids_database_dir).resolve()
+        if database_dir and database_dir.is_relative_to(bids_dir):  # pybids wrote its index into the input
+            raise UsageError(f"{database_dir}: the --bids-database-dir is inside the input dataset; use a folder "
+                             "outside it")
+        if database_dir and database_dir.is_relative_to(output_dir):  # the derivatives then fail the validator
+            raise UsageError(f"{database_dir}: the --bids-database-dir is inside the output folder, which would then "
+                             "hold pybids' index among the derivatives; use a folder outside it")
         if opts.n_cpus < 1:
             raise UsageError(f"--n-cpus {opts.n_cpus}: must be at least 1")
         if opts.omp_nthreads is not None and opts.omp_nthreads < 0:
@@ -175,6 +203,8 @@ class RunConfig:
         for option, value, unit in (("--mem-gb", opts.mem_gb, "GB"), ("--mem", opts.mem_mb, "MB")):
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise UsageError(f"{option} {value:g}: must be a positive number of {unit}")
+        if opts.mem_gb is not None and opts.mem_mb is not None:  # the MB were dropped in silence (red-team 19)
+            raise UsageError(f"--mem-gb {opts.mem_gb:g} and --mem {opts.mem_mb:g}: give the memory once")
         mem_gb = opts.mem_gb or (opts.mem_mb / 1024.0 if opts.mem_mb else None)
         return cls(bids_dir=bids_dir, output_dir=output_dir, analysis_level=opts.analysis_level,
                    work_dir=work_dir,
@@ -182,7 +212,7 @@ class RunConfig:
                    save_probseg=opts.save_probseg, contrasts=resolve_contrasts(opts.contrasts),
                    participant_label=tuple(opts.participant_label or ()),
                    session_label=tuple(opts.session_label or ()), bids_filter_file=opts.bids_filter_file,
-                   skip_bids_validation=opts.skip_bids_validation, bids_database_dir=opts.bids_database_dir,
+                   skip_bids_validation=opts.skip_bids_validation, bids_database_dir=database_dir,
                    n_cpus=opts.n_cpus, omp_nthreads=opts.omp_nthreads, mem_gb=mem_gb, plugin=opts.plugin,
                    plugin_args=opts.plugin_args, plugin_file=opts.plugin_file, overwrite=opts.overwrite,
                    clean_workdir=opts.clean_workdir,

@@ -4,11 +4,13 @@ handling, the BIDS validator.
 Every problem is a ``DiscoveryError`` with a one-line message naming the dataset and the problem.
 """
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -246,6 +248,11 @@ def _layout(bids_dir, database_dir=None):
         # names would not be valid BIDS, and their masks exist already.
         raise DiscoveryError(f"{bids_dir}: a BIDS-Derivatives dataset (DatasetType \"derivative\"); "
                              "bids_skullstrip processes the raw images: give it the raw dataset")
+    if database_dir is not None:
+        indexed = _indexed_dataset(Path(database_dir))
+        if indexed is not None and not same_folder(indexed, bids_dir):  # pybids: a ValueError later, status 1
+            raise DiscoveryError(f"{database_dir}: the pybids database of another dataset ({indexed}); give "
+                                 f"{bids_dir} a --bids-database-dir of its own, or delete this one to index it again")
     try:
         # The query needs file names only: without the sidecars' metadata, indexing is faster and a broken
         # sidecar of an image that is not selected cannot stop the run (the validator judges the selected).
@@ -255,6 +262,28 @@ def _layout(bids_dir, database_dir=None):
         return BIDSLayout(str(bids_dir), **options)
     except Exception as exc:  # pybids raises many types for broken datasets
         raise DiscoveryError(f"{bids_dir}: pybids cannot index the dataset ({' '.join(str(exc).split())[:200]})") from None
+
+
+def _indexed_dataset(database_dir):
+    """The dataset folder a pybids database (``--bids-database-dir``) indexes, or None (none there yet, or not
+    one pybids wrote: pybids says what is wrong with it)."""
+    database = database_dir / "layout_index.sqlite"
+    if not database.is_file():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{database.resolve().as_uri()}?mode=ro", uri=True)) as connection:
+            row = connection.execute("SELECT root FROM layout_info").fetchone()
+    except sqlite3.Error:
+        return None
+    return Path(row[0]) if row and row[0] else None
+
+
+def same_folder(a, b):
+    """Whether ``a`` and ``b`` are one folder (links, bind mounts); False where either is gone."""
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False
 
 
 def collect_images(bids_dir, *, contrasts=DEFAULT_CONTRASTS, participant_labels=None, session_labels=None,
@@ -430,6 +459,18 @@ def twin_of(image):
     if os.path.lexists(image.path.with_name(other)):
         return f"{image.relpath}: the image is there twice, as {name} and {other}: remove one"
     return None
+
+
+def misplaced(image):
+    """Why ``image`` cannot be processed because its folder is not the one its name says
+    (``sub-01/anat/sub-01_ses-1_T1w.nii.gz``, ``sub-01/ses-1/anat/sub-01_T1w.nii.gz``; only
+    ``--skip-bids-validation`` lets it through), or None. Its outputs mirror its folder, while the reports, the group
+    level and reruns find them by their names: a good mask was "missing", and every rerun left it so (red-team 19)."""
+    where = StructuralInput.from_path(image.path).anat_dir
+    if where == image.anat_dir:
+        return None
+    return (f"{image.relpath}: its name puts it in {where.as_posix()}/, not in {image.anat_dir.as_posix()}/: move "
+            "it there or rename it")
 
 
 # Validator issues about an image's own content: the app reads every image itself and fails an unreadable one on

@@ -225,6 +225,7 @@ class Run:
         self.work_dir_made = not config.work_dir.exists()
         check_writable((output_dir, "output folder"), (config.work_dir, "work directory"),
                        (output_dir / "logs", "output folder's logs folder"))  # an earlier run's, by another user?
+        self.warn_if_made_from_a_dataset_not_here()
         outputs.init_output_dir(output_dir, config.bids_dir)
         self.write_log_and_config()
         self.remove_stale_temporaries()
@@ -420,7 +421,7 @@ class Run:
         """(the images to process, (image, message) for those that cannot be): finished images are skipped
         unless their outputs were made with other settings (or ``--overwrite``)."""
         from . import outputs
-        from .discovery import missing_content, twin_of
+        from .discovery import misplaced, missing_content, twin_of
 
         config = self.config
         # the same file name in two folders (one misplaced: only --skip-bids-validation lets it through) shares the
@@ -430,7 +431,7 @@ class Run:
         for t in t1ws:
             named.setdefault(t.name, []).append(t)
         failures = [(t, problem) for t in t1ws
-                    if (problem := missing_content(t) or twin_of(t) or _namesake_of(t, named[t.name])
+                    if (problem := missing_content(t) or twin_of(t) or misplaced(t) or _namesake_of(t, named[t.name])
                         or outputs.name_too_long(t) or outputs.not_writable(config.output_dir, t))]
         absent = {t for t, _ in failures}
         done = [t for t in t1ws if t not in absent and not config.overwrite
@@ -587,6 +588,18 @@ class Run:
         handler = logging.FileHandler(logs / f"run-{self.run_id}.log")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
         log.addHandler(handler)
+
+    def warn_if_made_from_a_dataset_not_here(self):
+        """The outputs there were made from a raw dataset this machine does not have (a container's /bids, or one
+        moved since): the same dataset or another, which ``config.check_folders`` refuses where it is here."""
+        from .config import linked_raw_dataset
+
+        raw = linked_raw_dataset(self.config.output_dir)
+        if raw is not None and not raw.exists():
+            log.warning("warning: %s: its outputs are of %s (DatasetLinks.raw of its dataset_description.json), "
+                        "which is not on this machine (a container's /bids, or a dataset moved since?); if %s is "
+                        "another dataset, use an output folder of its own", self.config.output_dir, raw,
+                        self.config.bids_dir)
 
     def remove_stale_temporaries(self):
         from .nifti import remove_stale_temporaries

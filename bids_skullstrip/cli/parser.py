@@ -26,11 +26,11 @@ def build_parser():
     p.add_argument("analysis_level", choices=["participant", "group"])
     p.add_argument("--version", action="version", version=f"bids_skullstrip {__version__}")
     g = p.add_argument_group("selecting images")
-    g.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+    g.add_argument("--participant-label", "--participant_label", nargs="+", action="extend", metavar="LABEL",
                    help="participants to process (with or without sub-); default: all")
-    g.add_argument("--session-label", "--session_label", nargs="+", metavar="LABEL",
+    g.add_argument("--session-label", "--session_label", nargs="+", action="extend", metavar="LABEL",
                    help="sessions (with or without ses-); default: all")
-    g.add_argument("--contrasts", nargs="+", metavar="SUFFIX", default=None,
+    g.add_argument("--contrasts", nargs="+", action="extend", metavar="SUFFIX", default=None,
                    help="the structural images to skull-strip, by BIDS suffix: T1w, T2w, FLAIR, PDw, T2starw, or all "
                         "(a contrast-enhanced T1w is a T1w with a ce- entity); default: T1w")
     g.add_argument("--bids-filter-file", type=Path, metavar="FILE",
