@@ -174,16 +174,6 @@ def node_local(folder):
     return any(Path(folder).is_relative_to(p) for p in local)
 
 
-def _namesake_of(image, same_name):
-    """Why ``image`` cannot be processed because another image of the run has its file name (``same_name``: the
-    images of that name) in another folder, or None."""
-    others = [t.relpath for t in same_name if t is not image]
-    if not others:
-        return None
-    return (f"{image.relpath}: {others[0]} has the same file name in another folder, and both would get the same "
-            "outputs, figures and records: move or rename the misplaced one")
-
-
 class Run:
     """One run: the configuration, resolved once (plugin, its arguments) and written to ``<out>/logs/``."""
 
@@ -424,15 +414,12 @@ class Run:
         from .discovery import misplaced, missing_content, twin_of
 
         config = self.config
-        # the same file name in two folders (one misplaced: only --skip-bids-validation lets it through) shares the
-        # lock, figures and failure record of its name: the second was "left to another run", the run itself
+        # misplaced: also the one of two images of one file name in two folders that is not where its name says,
+        # which shared the lock, figures and failure record of that name: "left to another run", the run itself
         # (red-team 18)
-        named = {}
-        for t in t1ws:
-            named.setdefault(t.name, []).append(t)
         failures = [(t, problem) for t in t1ws
-                    if (problem := missing_content(t) or twin_of(t) or misplaced(t) or _namesake_of(t, named[t.name])
-                        or outputs.name_too_long(t) or outputs.not_writable(config.output_dir, t))]
+                    if (problem := missing_content(t) or twin_of(t) or misplaced(t) or outputs.name_too_long(t)
+                        or outputs.not_writable(config.output_dir, t))]
         absent = {t for t, _ in failures}
         done = [t for t in t1ws if t not in absent and not config.overwrite
                 and outputs.is_finished(config.output_dir, t, save_probseg=config.save_probseg)]
