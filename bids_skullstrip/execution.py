@@ -5,6 +5,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path, PurePosixPath
 
 from .config import UsageError
@@ -273,9 +274,19 @@ def crash_message(crash_file):
         f"unknown error (its crash file {crash_file} holds no traceback)"
 
 
+# nipype's worker reads a node's result file while it handles the node's error: where the error kept that file from
+# being written (a full work directory), the FileNotFoundError naming it is the traceback's last line
+CHAINED = "During handling of the above exception, another exception occurred:"
+NO_RESULT_FILE = re.compile(r"FileNotFoundError: .*result_[\w-]+\.pklz$")
+
+
 def traceback_message(text):
-    """The last line of a node's traceback as nipype reports it, without the exception's type ("" if none)."""
-    lines = [line.strip() for line in text.split(NIPYPE_NO_RESULT_NOTE)[0].splitlines() if line.strip()]
+    """The last line of a node's traceback as nipype reports it, without the exception's type ("" if none); the
+    error nipype was handling when it found no result file, where that is how the traceback ends."""
+    parts = text.split(NIPYPE_NO_RESULT_NOTE)[0].split(CHAINED)
+    while len(parts) > 1 and NO_RESULT_FILE.search(parts[-1].strip()):
+        parts.pop()
+    lines = [line.strip() for line in parts[-1].splitlines() if line.strip()]
     tb = [line for line in lines if not line.startswith(("Node", "Working directory", "Node inputs"))]
     message = tb[-1] if tb else ""
     for marker in ("InputError: ", "Error: ", "Exception: "):

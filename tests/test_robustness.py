@@ -2291,6 +2291,42 @@ def test_a_work_directory_that_fills_up_fails_each_image_in_one_line(tmpfs, tmp_
     assert (tmp_path / "out" / "sub-01.html").is_file()  # the reports still say what became of each image
 
 
+def _result_file_not_written():
+    try:
+        raise OSError(28, "No space left on device")  # writing the node's result file
+    except OSError:
+        raise FileNotFoundError("/w 1/n4/result_n4.pklz")  # nipype's run_node reads it: load_resultfile
+
+
+def test_the_error_that_kept_a_result_file_from_being_written_is_the_one_said():
+    """nipype's worker reads the node's result file while it handles the node's error: on a full work directory the
+    line was the file's path alone (CI, 2026-12-07: `sub-01/anat/sub-01_T1w.nii.gz: /w/.../n4/result_n4.pklz`)."""
+    import traceback
+    from concurrent.futures import ProcessPoolExecutor
+
+    from bids_skullstrip.execution import traceback_message
+
+    with ProcessPoolExecutor(1) as pool:  # as the app's workers report it: the worker's traceback as the cause
+        remote = pool.submit(_result_file_not_written).exception()
+    try:
+        _result_file_not_written()
+    except OSError as local:
+        for exc in (remote, local):
+            text = "".join(traceback.format_exception(exc))
+            assert traceback_message(text) == "[Errno 28] No space left on device", text
+    try:  # the same error alone, or another final one, is said as before
+        raise FileNotFoundError("/w/n4/result_n4.pklz")
+    except OSError as exc:
+        assert traceback_message("".join(traceback.format_exception(exc))) == "/w/n4/result_n4.pklz"
+    try:
+        try:
+            raise OSError(28, "No space left on device")
+        except OSError:
+            raise ValueError("cannot reshape array")
+    except ValueError as exc:
+        assert traceback_message("".join(traceback.format_exception(exc))) == "cannot reshape array"
+
+
 def test_an_address_space_limit_is_named_when_an_image_runs_out_of_it(small_dataset, tmp_path):
     """`ulimit -v 1200000` (HPC login shells set such limits): the image failed with "Failed to allocate 85196800
     bytes" or "cannot reshape array of size 0" (OpenVINO's empty output), the limit named nowhere."""
