@@ -89,11 +89,15 @@ def _records(output_dir, participants=None):
 def flagged_images(output_dir, participants=None):
     """[(image name, its flags)] of the processed images that the group reports of ``output_dir`` flag (the group
     rule included), of ``participants`` only where given: what ``--fail-on-flag`` fails on at the group level."""
+    return [(r["_name"], r["flags"]) for records in _records(output_dir, _labels(participants)).values()
+            for r in records if r["_status"] == "processed" and r["flags"]]
+
+
+def _labels(participants):
+    """``--participant-label``'s labels without ``sub-`` (empty: every participant)."""
     from ..discovery import strip_prefix
 
-    wanted = {strip_prefix(p, "sub-") for p in participants or ()}
-    return [(r["_name"], r["flags"]) for records in _records(output_dir, wanted).values() for r in records
-            if r["_status"] == "processed" and r["flags"]]
+    return {strip_prefix(p, "sub-") for p in participants or ()}
 
 
 def _setting(r, key):
@@ -239,10 +243,10 @@ def write_group_report(output_dir, *, participants=None, thumbnails=True, datase
 
     Raises ReportError when no per-image metrics JSON exists.
     """
-    from ..discovery import CONTRASTS, strip_prefix
+    from ..discovery import CONTRASTS
 
     output_dir = Path(output_dir)
-    wanted = {strip_prefix(p, "sub-") for p in participants or ()}
+    wanted = _labels(participants)
     written = []
     found = _records(output_dir, wanted)
     names = None if dataset is None else {t.name for t in dataset}
