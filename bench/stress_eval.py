@@ -10,6 +10,7 @@ numbers, not a test.
     python bench/stress_eval.py --changes paint-T2w paint-FLAIR paint-PDw     # T1w heads as 2D T2w/FLAIR/PDw
     python bench/stress_eval.py --changes paint-T2w-skull paint-PDw-skull     # ... with a dark skull
     python bench/stress_eval.py --changes paint-T2w-3d paint-FLAIR-3d paint-PDw-3d   # ... as 3D images, dark skull
+    python bench/stress_eval.py --changes flip-AP LPS-as-RAS flip-SI flip-LR          # headers that lie, ~15 min
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
@@ -18,8 +19,10 @@ slice is full of brain, as clinical axial stacks planned to the vertex are), enh
 T1w), and a tumour-like mass at the cortex (bright, dark, or a dark core in a bright rim; 22 mm in radius,
 centred 12 mm under the brain's surface, inside the brain only: the reference stays the same, and the share of
 the mass each mask keeps is printed), and the head painted as a 2D T2w, FLAIR or PDw image from its tissue label
-map (stripped by those contrasts' networks: the only PDw measurement ../shared/data allows). The row ``none`` is
-the same heads as they are; each other row also gives the largest drop of one head's Dice from its ``none`` value.
+map (stripped by those contrasts' networks: the only PDw measurement ../shared/data allows), and headers that lie
+about an axis's sign (the voxels flipped, the affine kept; a left-right flip cannot be seen and is the control). The
+row ``none`` is the same heads as they are; each other row also gives the largest drop of one head's Dice from its
+``none`` value.
 
 Heads are stripped as the app strips them (``ModelCard.bundled_for`` their contrast), so
 ``--splits contrasts`` measures the any-contrast networks on FLAIR and T2w (scored inside each ``fov``).
@@ -141,6 +144,16 @@ MASS_RADIUS_MM = 22.0
 MASS_DEPTH_MM = 12.0
 
 
+def header_flip(*codes):
+    """The header lies about axes: the voxels are mirrored along the voxel axes closest to world ``codes`` while
+    the affine stays (a converter that got their signs wrong; R and A both: DICOM's LPS written as RAS); the silver
+    mask is mirrored with them."""
+    def change(data, affine, mask, rng):
+        axes = tuple(world_axis(affine, code)[0] for code in codes)
+        return np.ascontiguousarray(np.flip(data, axes)), affine, np.ascontiguousarray(np.flip(mask, axes))
+    return change
+
+
 def mass_region(affine, mask, rng):
     """Where ``mass`` puts its mass: a ball of ``MASS_RADIUS_MM`` around a point ``MASS_DEPTH_MM`` under the
     surface of ``mask``, inside ``mask`` (the same for the same ``rng`` state), and every voxel's distance (mm)
@@ -220,6 +233,10 @@ CHANGES = {
     "mass-dark": mass("dark"),
     "mass-ring": mass("ring"),
     "gadolinium": gadolinium(1.4),
+    "flip-LR": header_flip("R"),
+    "flip-AP": header_flip("A"),
+    "flip-SI": header_flip("S"),
+    "LPS-as-RAS": header_flip("R", "A"),
     **{name: painted(c, thickness_mm=None if name.endswith("-3d") else 4.0,
                      skull_mm=SKULL_MM if name.endswith(("-skull", "-3d")) else None) for name, c in PAINTED.items()},
 }

@@ -440,35 +440,79 @@ def test_a_noisy_thick_slice_image_the_networks_are_unsure_of_is_smoothed_wider(
 
 
 @needs(OFFSET_HEAD, "the shared heads")
-def test_a_head_upside_down_in_its_header_is_stripped_turned_over_with_a_warning():
-    """The same head with its voxels turned over along the superior-inferior axis, the header unchanged (a flipped
-    header): the networks' two views disagree (6.6 % of the brain, 2.3 % upright), so it is run turned over too,
-    and the mask is the upright head's mask turned over (0.2.0: Dice 0.86 against it, no warning, no flag)."""
+@pytest.mark.parametrize("code, head", [("S", "upside down"), ("A", "facing backwards")])
+def test_a_head_with_a_flipped_axis_in_its_header_is_stripped_flipped_back_with_a_warning(code, head):
+    """The same head with its voxels flipped along the superior-inferior (or front-back) axis, the header unchanged
+    (a flipped header): the networks' two views disagree (6.6 % of the brain upside down, 3.3 % facing backwards,
+    2.3 % as it is), so it is run flipped back too, and the mask is the head's own mask flipped (0.2.0: Dice 0.86
+    upside down, no warning, no flag; 0.3.0 facing backwards: 0.971, no warning)."""
     img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
     data = np.asarray(img.dataobj, np.float32)
-    axis = int(np.argmax(np.abs(img.affine[2, :3])))
+    axis = int(np.argmax(np.abs(img.affine["RAS".index(code), :3])))
     stripper = Skullstripper()
     upright = stripper.mask(data, img.affine)
-    turned = stripper.mask(np.ascontiguousarray(np.flip(data, axis)), img.affine)
+    flipped = stripper.mask(np.ascontiguousarray(np.flip(data, axis)), img.affine)
     assert not upright.warnings
-    assert np.array_equal(turned.mask, np.flip(upright.mask, axis))
-    assert len(turned.warnings) == 1 and "the head is upside down in this image's header" in turned.warnings[0]
-    # drowned in noise, the views disagree either way (a third of the brain as it is, an eighth turned over): no
-    # claim about the header
+    assert np.array_equal(flipped.mask, np.flip(upright.mask, axis))
+    assert len(flipped.warnings) == 1 and f"the head is {head} in this image's header" in flipped.warnings[0]
+
+
+@needs(HEADS / "nichart-demo-subj1", "the shared heads")
+def test_a_head_stored_lps_without_qform_or_sform_is_stripped_facing_forwards():
+    """An image stored L-P-S (as DICOM converters and ITK write them: 25 of the 52 shared T1w heads) whose header
+    lost its qform and sform: nibabel's fallback affine says L-A-S, so the head faces backwards in world space and
+    its mask was Dice 0.77 against the head's own, without a flag. Flipped front to back, it is the brain's."""
+    img = nib.load(str(HEADS / "nichart-demo-subj1" / "T1w.nii.gz"))
+    assert nib.aff2axcodes(img.affine) == ("L", "P", "S")
+    data = np.asarray(img.dataobj, np.float32)
+    header = img.header.copy()
+    header.set_qform(None, code=0)
+    header.set_sform(None, code=0)
+    guessed = header.get_best_affine()  # what nibabel reads a file without either code with
+    assert nib.aff2axcodes(guessed) == ("L", "A", "S")
+    ref = np.asarray(nib.load(str(HEADS / "nichart-demo-subj1" / "mask_silver.nii.gz")).dataobj) > 0
+    result = Skullstripper().mask(data, guessed)
+    assert compare_masks(result.mask, ref, voxel_sizes(img.affine))["dice"] >= 0.965
+    assert len(result.warnings) == 1 and "the head is facing backwards in this image's header" in result.warnings[0]
+
+
+@needs(OFFSET_HEAD, "the shared heads")
+def test_a_head_whose_header_swaps_its_front_back_and_superior_inferior_axes_is_read_with_them_swapped_back():
+    """The head's front-back and superior-inferior voxel axes swapped, the header unchanged (a coronal stack called
+    axial): a mirror of the head, not a turn. Seen pitched a quarter turn its mask was Dice 0.971; read with the axes
+    swapped back (a half turn about a diagonal, up to the left-right mirror), it is the head's own."""
+    img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
+    front, up = (int(np.argmax(np.abs(img.affine[row, :3]))) for row in (1, 2))
+    order = [0, 1, 2]
+    order[front], order[up] = up, front
+    data = np.ascontiguousarray(np.transpose(np.asarray(img.dataobj, np.float32), order))
+    ref = np.transpose(np.asarray(nib.load(str(OFFSET_HEAD / "mask_silver.nii.gz")).dataobj) > 0, order)
+    result = Skullstripper().mask(data, img.affine)
+    assert compare_masks(result.mask, ref, voxel_sizes(img.affine))["dice"] >= 0.98
+    assert len(result.warnings) == 1 and "agree far better with the image's axes read as" in result.warnings[0] \
+        and "are the header's axes swapped?" in result.warnings[0], result.warnings
+
+
+@needs(OFFSET_HEAD, "the shared heads")
+def test_a_head_drowned_in_noise_is_not_said_to_have_a_flipped_header():
+    """Drowned in noise, the views disagree either way (a third of the brain as it is, an eighth turned over): no
+    claim about the header."""
+    img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
+    data = np.asarray(img.dataobj, np.float32)
     rng = np.random.default_rng(0)
     sigma = 0.2 * np.percentile(data, 99)
     noisy = np.hypot(data + rng.normal(0, sigma, data.shape), rng.normal(0, sigma, data.shape)).astype(np.float32)
-    assert not any("upside down" in w for w in stripper.probability(noisy, img.affine).warnings)
+    assert not any("in this image's header" in w for w in Skullstripper().probability(noisy, img.affine).warnings)
 
 
 @needs(OFFSET_HEAD, "the shared heads")
 def test_passes_tried_and_not_used_count_in_the_timings():
     """Views that disagree (here: said to, 5 % on the first pass, 4.5 % on every other) make the head run turned
-    over, pitched both ways and turned by each of ``TURNS``; none agrees better, so the first pass is used, but the
-    others' time was spent all the same: the stage timings said the first pass's only."""
+    over and front to back, pitched both ways and turned by each of ``TURNS`` and ``AXIS_TURNS``; none agrees better, so the first pass
+    is used, but the others' time was spent all the same: the stage timings said the first pass's only."""
     from dataclasses import replace
 
-    from bids_skullstrip.model.predictor import TURNS
+    from bids_skullstrip.model.predictor import AXIS_TURNS, HEADER_FLIPS, TURNS
 
     img = nib.load(str(OFFSET_HEAD / "T1w.nii.gz"))
     stripper, passes = Skullstripper(), []
@@ -480,7 +524,8 @@ def test_passes_tried_and_not_used_count_in_the_timings():
 
     stripper._predict = disagreeing
     result = stripper.probability(np.asarray(img.dataobj, np.float32), img.affine)
-    assert len(passes) == 4 + len(TURNS) and result.view_disagreement == 0.05 and not result.warnings
+    assert len(passes) == 1 + len(HEADER_FLIPS) + 2 + len(TURNS) + len(AXIS_TURNS)
+    assert result.view_disagreement == 0.05 and not result.warnings
     for stage in ("locate", "inference", "to_native"):
         assert result.timings[stage] == pytest.approx(sum(p.timings[stage] for p in passes))
 
@@ -568,12 +613,16 @@ def test_a_head_pitched_far_from_the_usual_is_seen_turned_back(name, degrees):
 @needs(HEADS / "nichart-demo-subj1", "the shared heads")
 @pytest.mark.parametrize("about, degrees, how", [(1, 90.0, "rolled 90 degrees about its front-back axis"),
                                                  (1, -45.0, "rolled 45 degrees about its front-back axis"),
-                                                 (0, 90.0, "pitched 90 degrees about its left-right axis")])
+                                                 (0, 90.0, "pitched 90 degrees about its left-right axis"),
+                                                 (2, 90.0, "turned 90 degrees about its superior-inferior axis"),
+                                                 (0, 180.0, "pitched 180 degrees about its left-right axis")])
 def test_a_head_on_its_side_or_facing_up_is_seen_turned_back(about, degrees, how):
     """The elderly head with the neck in view, its header rolled a quarter turn (lying on its side; a header with
     swapped left-right and superior-inferior axes), rolled 45 degrees, or pitched a quarter turn: masks of 2570,
-    1921 and 2538 ml where the brain is 1498 (Dice 0.717, 0.857, 0.714; red-team 18). Seen turned back, the mask is
-    the brain's."""
+    1921 and 2538 ml where the brain is 1498 (Dice 0.717, 0.857, 0.714; red-team 18); turned a quarter turn to face
+    left (a header with swapped left-right and front-back axes): Dice 0.969, the warning saying it was rolled 45
+    degrees; turned over facing backwards (a header with the front-back and superior-inferior axes both flipped):
+    Dice 0.426, 2037 ml, no warning. Seen turned back, the mask is the brain's."""
     from bids_skullstrip.model.predictor import _pitched
 
     img = nib.load(str(HEADS / "nichart-demo-subj1" / "T1w.nii.gz"))

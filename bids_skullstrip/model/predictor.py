@@ -6,9 +6,11 @@ and a brain mask on the same grid out.
     result = stripper.mask(data, affine, threshold=0.5, border_mm=1.0, prediction=prediction)
 """
 
+import itertools
 import time
 from dataclasses import dataclass, field, replace
 
+import nibabel as nib
 import numpy as np
 from nibabel.affines import voxel_sizes
 from scipy import ndimage as ndi
@@ -46,10 +48,17 @@ STRIPPED_NOISE_MARGIN = 1.5  # 3.9 sigma of Gaussian noise
 # the same image upright. Above UPSIDE_DOWN_CHECK the image is also run turned over, and where the views agree
 # UPSIDE_DOWN_RATIO times better so, and as well as on an upright head (UPSIDE_DOWN_AGREED: pure noise agrees
 # better one way by chance, but not that well), the brain is upside down in the header: the mask is made on the
-# image turned over (0.2.0 gave such heads masks of Dice 0.57-0.91, mostly unflagged).
+# image turned over (0.2.0 gave such heads masks of Dice 0.57-0.91, mostly unflagged). A header whose front-back
+# axis is flipped (alone, or with the left-right one: DICOM's LPS written as RAS, a 180-degree turn) shows a head
+# facing backwards, and the same test holds: on the 27 held-out T1w heads the views disagree on 2.7-10.5 % of such a
+# head's brain and on 1.8-3.5 % turned front to back (at most 0.77 times; the same heads upright: 1.34-4.7 times
+# more turned), where the masks were Dice 0.77-0.97 without a flag. So each of these header flips is tried.
 UPSIDE_DOWN_CHECK = 0.025
 UPSIDE_DOWN_RATIO = 0.85
 UPSIDE_DOWN_AGREED = 0.045
+# (world axis whose voxel axis is flipped, what the warning says of the head, of the header, how it was turned)
+HEADER_FLIPS = (("S", "upside down", "superior-inferior", "turned over"),
+                ("A", "facing backwards", "front-back", "turned front to back"))
 # A head pitched far from how heads lie in a scanner (chin to chest, an elderly patient's kyphosis: 25-40 degrees)
 # shows the networks an unfamiliar head: an elderly head with the neck in view got masks into the face and orbits
 # (Dice 0.74-0.90), and the views disagree (4.3-12 %). Above TILT_CHECK (the 65 real images: at most 3.9 %) the head
@@ -70,9 +79,14 @@ TILT_HELPS = 0.85
 # views still disagree above TILT_CHECK after the pitch check, the head is also seen turned by each of TURNS,
 # and the same test as for a pitch picks it; the first turn whose views agree as on a usual head ends the search. So
 # is a head pitched a quarter turn (a header with the front-back and superior-inferior axes swapped), which the pitch
-# check's 30-45 degrees do not reach.
-# (axis of the world the head is turned about: 0 left-right, 1 front-back; degrees)
-TURNS = ((1, -90.0), (1, 90.0), (1, -45.0), (1, 45.0), (0, -90.0), (0, 90.0))
+# check's 30-45 degrees do not reach, one turned a quarter turn about its superior-inferior axis (facing left or
+# right: a header with the left-right and front-back axes swapped) and one turned over and facing backwards.
+TURNS = ((1, -90.0), (1, 90.0), (1, -45.0), (1, 45.0), (0, -90.0), (0, 90.0), (2, -90.0), (2, 90.0), (0, 180.0))
+# A header whose front-back and superior-inferior axes are swapped (a coronal stack called axial; an image stored
+# L-S-A whose header lost its qform and sform) is not a turn but a mirror: seen pitched a quarter turn, 0.971 and
+# 0.966 on two such heads, 0.985 and 0.966 seen as a mirror of it (a half turn about a diagonal, up to the left-right
+# mirror the networks cannot see). After TURNS every other way a cube can lie on its faces is tried (AXIS_TURNS), in
+# the same search.
 # A very noisy image is smoothed before the networks (``intensity.heavy_noise``, 2 mm). In 5 mm slices under noise of
 # 25 % of the 99th percentile that is too little: 2 of 8 held-out heads got masks of 2-3.7 times the brain (Dice
 # 0.42, 0.65; flagged) and their views disagreed on 15 and 53 % of it, the 6 others' on 2.4-3.2 %. Where the views of
@@ -135,6 +149,17 @@ class Prediction:
     view_disagreement: float | None = None
     read: np.ndarray | None = None  # the volume as the networks read it (``as_the_networks_read_it``), for QC
     noise_smoothing_mm: float = HEAVY_NOISE_SMOOTHING_MM  # the width a very noisy volume was read with
+    seen_as: str | None = None  # of ``warnings``, the one on how the head was seen (flipped back, pitched, turned)
+
+    def seen_otherwise(self, other, timings, said, probability=None, block=None):
+        """``other`` (a pass on the head flipped back, pitched or turned; ``probability`` and ``block`` where they
+        are not its own) in place of this prediction, ``said`` telling how: a sentence of an earlier search that
+        ``other`` replaces goes with it (a pitched head flipped front to back agrees better, but better still
+        pitched back as it is)."""
+        kept = [w for w in self.warnings if w != self.seen_as]
+        return Prediction(other.probability if probability is None else probability,
+                          other.block if probability is None else block, timings, [*kept, *other.warnings, said],
+                          view_disagreement=other.view_disagreement, seen_as=said)
 
 
 @dataclass
@@ -260,14 +285,40 @@ def is_skull_stripped(region, probability):
 
 
 def _pitched(affine, centre, degrees, about=0):
-    """``affine`` turned by ``degrees`` about the world's left-right axis (``about`` 0; 1: the front-back axis)
-    through ``centre`` (mm): the same voxels, seen as a head pitched nose up (> 0) or down (or rolled)."""
+    """``affine`` turned by ``degrees`` about the world's left-right axis (``about`` 0; 1: the front-back axis, 2: the
+    superior-inferior one) through ``centre`` (mm): the same voxels, seen as a head pitched nose up (> 0) or down (or
+    rolled, or turned to face left or right)."""
     t = np.deg2rad(degrees)
-    turn, plane = np.eye(4), [a for a in range(3) if a != about]
+    turn, plane = np.eye(3), [a for a in range(3) if a != about]
     turn[np.ix_(plane, plane)] = [[np.cos(t), -np.sin(t)], [np.sin(t), np.cos(t)]]
-    move = np.eye(4)
+    return _turned(affine, centre, turn)
+
+
+def _turned(affine, centre, turn):
+    """``affine`` turned by the 3x3 rotation ``turn`` (world) about ``centre`` (mm)."""
+    rotation, move = np.eye(4), np.eye(4)
+    rotation[:3, :3] = turn
     move[:3, 3] = centre
-    return move @ turn @ np.linalg.inv(move) @ affine
+    return move @ rotation @ np.linalg.inv(move) @ affine
+
+
+def _axis_turns():
+    """The turns of a cube onto itself (3x3 signed permutations of determinant 1) that neither ``TURNS`` nor
+    ``HEADER_FLIPS`` (each a half turn with the left-right mirror) make: the other ways a header can swap and flip
+    its axes, up to the left-right mirror."""
+    made = [np.eye(3), np.diag([-1.0, 1.0, -1.0]), np.diag([-1.0, -1.0, 1.0]),
+            *(_pitched(np.eye(4), np.zeros(3), degrees, about)[:3, :3] for about, degrees in TURNS)]
+    turns = []
+    for order in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            turn = np.zeros((3, 3))
+            turn[range(3), order] = signs
+            if np.linalg.det(turn) > 0 and not any(np.allclose(turn, m) for m in made):
+                turns.append(turn)
+    return tuple(turns)
+
+
+AXIS_TURNS = _axis_turns()
 
 
 def locate_brain(data, affine, locator):
@@ -356,7 +407,7 @@ class Skullstripper:
         extent = float(np.max(np.asarray(shape) * voxel_sizes(affine)))
         searching = looking and HEAD_FOV_MM[0] <= extent <= HEAD_FOV_MM[1]
         if searching and (prediction.view_disagreement or 0.0) > UPSIDE_DOWN_CHECK:
-            prediction = self._upright(data, affine, shape, prediction)
+            prediction = self._flipped_back(data, affine, shape, prediction)
         if searching and (prediction.view_disagreement or 0.0) > TILT_CHECK:
             prediction = self._less_pitched(data, affine, shape, prediction, smoothed)
         if searching and (prediction.view_disagreement or 0.0) > TILT_CHECK:
@@ -378,23 +429,26 @@ class Skullstripper:
                 f"mm, on {100 * other.view_disagreement:.1f} % at {WIDER_NOISE_SMOOTHING_MM:g} mm")
         return replace(other, timings=timings, warnings=[*other.warnings, said]), True
 
-    def _upright(self, data, affine, shape, prediction):
-        """``prediction``, or that of ``data`` turned over along its superior-inferior voxel axis where the
-        networks' views agree far better on it (the header's superior-inferior axis is flipped)."""
-        axis = int(np.argmax(np.abs(affine[2, :3])))
-        turned = self._predict(np.ascontiguousarray(np.flip(data, axis)), affine, shape, [])
-        timings = _summed_timings(prediction, [turned])
-        if (turned.view_disagreement is None or turned.view_disagreement > UPSIDE_DOWN_AGREED
-                or turned.view_disagreement >= UPSIDE_DOWN_RATIO * prediction.view_disagreement):
+    def _flipped_back(self, data, affine, shape, prediction):
+        """``prediction``, or that of ``data`` flipped along the voxel axis of one of ``HEADER_FLIPS`` where the
+        networks' views agree far better on it (the header's axis is flipped)."""
+        tried = []
+        for code, head, axis_name, how in HEADER_FLIPS:
+            axis = int(np.argmax(np.abs(affine["RAS".index(code), :3])))
+            flipped = self._predict(np.ascontiguousarray(np.flip(data, axis)), affine, shape, [])
+            tried.append((np.inf if flipped.view_disagreement is None else flipped.view_disagreement, axis, head,
+                          axis_name, how, flipped))
+        disagreement, axis, head, axis_name, how, flipped = min(tried, key=lambda t: t[0])
+        timings = _summed_timings(prediction, [t[-1] for t in tried])
+        if disagreement > UPSIDE_DOWN_AGREED or disagreement >= UPSIDE_DOWN_RATIO * prediction.view_disagreement:
             return replace(prediction, timings=timings)
-        block = None if turned.block is None else tuple(
-            slice(shape[a] - b.stop, shape[a] - b.start) if a == axis else b for a, b in enumerate(turned.block))
-        said = (f"the head is upside down in this image's header (its superior-inferior axis flipped?): the "
-                f"networks' views disagree on {100 * prediction.view_disagreement:.1f} % of the brain as the header "
-                f"has it and on {100 * turned.view_disagreement:.1f} % with the image turned over, on which the mask "
-                "was made; check the header")
-        return Prediction(np.ascontiguousarray(np.flip(turned.probability, axis)), block, timings,
-                          [*prediction.warnings, *turned.warnings, said], view_disagreement=turned.view_disagreement)
+        block = None if flipped.block is None else tuple(
+            slice(shape[a] - b.stop, shape[a] - b.start) if a == axis else b for a, b in enumerate(flipped.block))
+        said = (f"the head is {head} in this image's header (its {axis_name} axis flipped?): the networks' views "
+                f"disagree on {100 * prediction.view_disagreement:.1f} % of the brain as the header has it and on "
+                f"{100 * disagreement:.1f} % with the image {how}, on which the mask was made; check the header")
+        return prediction.seen_otherwise(flipped, timings, said, np.ascontiguousarray(np.flip(flipped.probability,
+                                                                                           axis)), block)
 
     def _less_pitched(self, data, affine, shape, prediction, smoothed=None):
         """``prediction``, or that of the head seen pitched by +-``TILT_DEGREES`` (then, where one way helps some,
@@ -415,38 +469,49 @@ class Skullstripper:
             return replace(prediction, timings=timings)
         said = (f"the networks' views agree far better with the head seen turned {abs(degrees):g} degrees "
                 f"{'nose down' if degrees < 0 else 'nose up'} (they disagree on {100 * disagreement:.1f} % of the "
-                f"brain, against {100 * prediction.view_disagreement:.1f} % as it lies): the mask was made so; is the "
-                "head pitched far from the usual (chin to chest)?")
-        return Prediction(best.probability, best.block, timings, [*prediction.warnings, *best.warnings, said],
-                          view_disagreement=best.view_disagreement)
+                f"brain, against {100 * prediction.view_disagreement:.1f} % without this turn): the mask was made so; "
+                "is the head pitched far from the usual (chin to chest)?")
+        return prediction.seen_otherwise(best, timings, said)
 
     def _less_turned(self, data, affine, shape, prediction, smoothed=None):
         """``prediction``, or that of the head seen turned by one of ``TURNS`` (rolled: lying on its side, or a header
-        whose left-right and superior-inferior axes are swapped; pitched a quarter turn) where the networks' views
-        agree far better on it."""
+        whose left-right and superior-inferior axes are swapped; pitched a quarter turn or turned over; facing left
+        or right), or by one of ``AXIS_TURNS``, where the networks' views agree far better on it."""
         centre = (affine @ np.r_[(np.asarray(shape, float) - 1) / 2, 1.0])[:3]
+        turns = [(_pitched(affine, centre, degrees, about), (about, degrees)) for about, degrees in TURNS]
+        turns += [(_turned(affine, centre, turn), None) for turn in AXIS_TURNS]
         tried = []
-        for about, degrees in TURNS:
-            turned = self._predict(data, _pitched(affine, centre, degrees, about), shape, [], smoothed)
-            tried.append((np.inf if turned.view_disagreement is None else turned.view_disagreement, about, degrees,
-                          turned))
+        for turned_affine, turn in turns:
+            turned = self._predict(data, turned_affine, shape, [], smoothed)
+            tried.append((np.inf if turned.view_disagreement is None else turned.view_disagreement, len(tried),
+                          turned_affine, turn, turned))
             # Views that agree as well as on a head that starts no search at all: no other turn can do better by
             # enough to matter (red-team 18's turned heads: 2.2 % on the right turn, 5.2-15 % on every other)
             if tried[-1][0] <= min(UPSIDE_DOWN_CHECK, TILT_RATIO * prediction.view_disagreement):
                 break
-        disagreement, about, degrees, best = min(tried, key=lambda t: t[0])
+        disagreement, _, turned_affine, turn, best = min(tried, key=lambda t: t[:2])
         timings = _summed_timings(prediction, [t[-1] for t in tried])
         if disagreement > UPSIDE_DOWN_AGREED or disagreement >= TILT_RATIO * prediction.view_disagreement:
             return replace(prediction, timings=timings)
-        how, axis, question = (("rolled", "front-back", "lying on its side, or are the header's left-right and "
-                                "superior-inferior axes swapped") if about else
-                               ("pitched", "left-right", "facing up or down, or are the header's front-back and "
-                                "superior-inferior axes swapped"))
+        against = (f"(they disagree on {100 * disagreement:.1f} % of the brain, against "
+                   f"{100 * prediction.view_disagreement:.1f} % without this turn): the mask was made so")
+        if turn is None:
+            said = (f"the networks' views agree far better with the image's axes read as "
+                    f"{'-'.join(nib.aff2axcodes(turned_affine))}, not {'-'.join(nib.aff2axcodes(affine))} as its "
+                    f"header has them {against}; are the header's axes swapped? (left and right cannot be told apart)")
+            return prediction.seen_otherwise(best, timings, said)
+        about, degrees = turn
+        how, axis, question = {
+            1: ("rolled", "front-back", "lying on its side, or are the header's left-right and superior-inferior axes "
+                "swapped"),
+            0: ("pitched", "left-right", "upside down and facing backwards, or are the header's front-back and "
+                "superior-inferior axes both flipped" if abs(degrees) == 180 else "facing up or down, or are the "
+                "header's front-back and superior-inferior axes swapped"),
+            2: ("turned", "superior-inferior", "facing left or right, or are the header's left-right and front-back "
+                "axes swapped")}[about]
         said = (f"the networks' views agree far better with the head seen {how} {abs(degrees):g} degrees about its "
-                f"{axis} axis (they disagree on {100 * disagreement:.1f} % of the brain, against "
-                f"{100 * prediction.view_disagreement:.1f} % as it lies): the mask was made so; is the head {question}?")
-        return Prediction(best.probability, best.block, timings, [*prediction.warnings, *best.warnings, said],
-                          view_disagreement=best.view_disagreement)
+                f"{axis} axis {against}; is the head {question}?")
+        return prediction.seen_otherwise(best, timings, said)
 
     def _predict(self, data, affine, shape, warnings, smoothed=None):
         networks, timings = self.networks, {}
