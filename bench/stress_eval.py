@@ -11,6 +11,7 @@ numbers, not a test.
     python bench/stress_eval.py --changes paint-T2w-skull paint-PDw-skull     # ... with a dark skull
     python bench/stress_eval.py --changes paint-T2w-3d paint-FLAIR-3d paint-PDw-3d   # ... as 3D images, dark skull
     python bench/stress_eval.py --changes flip-AP LPS-as-RAS flip-SI flip-LR          # headers that lie, ~15 min
+    python bench/stress_eval.py --changes swap-AP-SI                  # ... about which axis is which, ~15 min
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
 acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
@@ -20,7 +21,8 @@ T1w), and a tumour-like mass at the cortex (bright, dark, or a dark core in a br
 centred 12 mm under the brain's surface, inside the brain only: the reference stays the same, and the share of
 the mass each mask keeps is printed), and the head painted as a 2D T2w, FLAIR or PDw image from its tissue label
 map (stripped by those contrasts' networks: the only PDw measurement ../shared/data allows), and headers that lie
-about an axis's sign (the voxels flipped, the affine kept; a left-right flip cannot be seen and is the control). The
+about an axis's sign (the voxels flipped, the affine kept; a left-right flip cannot be seen and is the control) or
+about which axis is which (two voxel axes swapped). The
 row ``none`` is the same heads as they are; each other row also gives the largest drop of one head's Dice from its
 ``none`` value.
 
@@ -154,6 +156,17 @@ def header_flip(*codes):
     return change
 
 
+def header_swap(first, second):
+    """The header lies about which axis is which: the voxel axes closest to world ``first`` and ``second`` are
+    swapped while the affine stays (a coronal stack called axial); the silver mask is swapped with them."""
+    def change(data, affine, mask, rng):
+        order = [0, 1, 2]
+        a, b = world_axis(affine, first)[0], world_axis(affine, second)[0]
+        order[a], order[b] = b, a
+        return np.ascontiguousarray(np.transpose(data, order)), affine, np.ascontiguousarray(np.transpose(mask, order))
+    return change
+
+
 def mass_region(affine, mask, rng):
     """Where ``mass`` puts its mass: a ball of ``MASS_RADIUS_MM`` around a point ``MASS_DEPTH_MM`` under the
     surface of ``mask``, inside ``mask`` (the same for the same ``rng`` state), and every voxel's distance (mm)
@@ -237,6 +250,7 @@ CHANGES = {
     "flip-AP": header_flip("A"),
     "flip-SI": header_flip("S"),
     "LPS-as-RAS": header_flip("R", "A"),
+    "swap-AP-SI": header_swap("A", "S"),
     **{name: painted(c, thickness_mm=None if name.endswith("-3d") else 4.0,
                      skull_mm=SKULL_MM if name.endswith(("-skull", "-3d")) else None) for name, c in PAINTED.items()},
 }
