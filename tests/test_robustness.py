@@ -618,7 +618,7 @@ def noise_volume(path):
 
 
 def head_with_codes_unset(path):
-    """The small head with neither qform nor sform set: stripped as it is, with a warning (nifti.geometry_warnings)."""
+    """The small head with neither qform nor sform set: stripped with a warning (nifti.geometry_warnings)."""
     img = nib.load(SMALL_HEAD)
     img.set_qform(None, code=0)
     img.set_sform(None, code=0)
@@ -641,11 +641,14 @@ def test_flagged_images_are_listed_and_fail_on_flag_sets_status_3(tmp_path):
     assert str(out / "sub-02.html") in flagged[0]
     assert "progress: 2 of 2 image(s) finished" in text, text
     warned = [line for line in text.splitlines() if "  warning: " in line]
-    assert len(warned) == 2 and warned[0] == ("  warning: sub-01/anat/sub-01_T1w.nii.gz: neither qform nor sform is "
+    # the small head is stored L-S-A: read L-A-S without its codes, it is seen with its axes swapped back
+    assert len(warned) == 3 and warned[0] == ("  warning: sub-01/anat/sub-01_T1w.nii.gz: neither qform nor sform is "
                                               "set: orientation is a guess from the voxel sizes"), warned
+    assert warned[1].startswith("  warning: sub-01/anat/sub-01_T1w.nii.gz: the networks' views agree far better with "
+                                "the image's axes read as R-S-A, not L-A-S as its header has them"), warned
     assert re.fullmatch(r"  warning: sub-02/anat/sub-02_T1w.nii.gz: neighbouring voxels are uncorrelated \(-?0\.0\d; "
                         r"real images 0\.86 or more\): the image looks like noise without a head; its mask means "
-                        r"nothing", warned[1]), warned
+                        r"nothing", warned[2]), warned
     again = app(*args, "--fail-on-flag")  # the finished images are not redone; their flags still count
     assert again.returncode == 3, again.stdout[-3000:] + again.stderr[-3000:]
     assert "0 processed in this run, 2 already finished" in again.stdout + again.stderr
@@ -2328,19 +2331,21 @@ def test_the_error_that_kept_a_result_file_from_being_written_is_the_one_said():
 
 
 def test_an_address_space_limit_is_named_when_an_image_runs_out_of_it(small_dataset, tmp_path):
-    """`ulimit -v 1200000` (HPC login shells set such limits): the image failed with "Failed to allocate 85196800
-    bytes" or "cannot reshape array of size 0" (OpenVINO's empty output), the limit named nowhere."""
+    """`ulimit -v 900000` (HPC login shells set such limits): the image failed with "Failed to allocate 85196800
+    bytes" or "cannot reshape array of size 0" (OpenVINO's empty output), the limit named nowhere. How much a
+    process maps depends on the CPU (the runtimes pick their kernels by it): under 1.2 GB the image failed on one
+    machine and was stripped on another, where 0.5-1.0 GB failed it."""
     import resource
 
     def limit():
-        resource.setrlimit(resource.RLIMIT_AS, (1200 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
+        resource.setrlimit(resource.RLIMIT_AS, (900 * 2**20, resource.getrlimit(resource.RLIMIT_AS)[1]))
 
     res = app(small_dataset, tmp_path / "out", "participant", "-w", tmp_path / "work", "--skip-bids-validation",
               preexec_fn=limit)
     assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
     [line] = [line for line in (res.stdout + res.stderr).splitlines() if line.startswith("  sub-01/")]
-    assert "out of memory under an address-space limit of 1.2 GB, `ulimit -v`" in line, line
-    assert "warning: the address space of each process is limited to 1.2 GB (`ulimit -v`)" in res.stdout  # before
+    assert "out of memory under an address-space limit of 0.9 GB, `ulimit -v`" in line, line
+    assert "warning: the address space of each process is limited to 0.9 GB (`ulimit -v`)" in res.stdout  # before
 
 
 def test_a_network_output_that_cannot_be_allocated_is_said_as_out_of_memory():
