@@ -508,8 +508,9 @@ def test_a_head_drowned_in_noise_is_not_said_to_have_a_flipped_header():
 @needs(OFFSET_HEAD, "the shared heads")
 def test_passes_tried_and_not_used_count_in_the_timings():
     """Views that disagree (here: said to, 5 % on the first pass, 4.5 % on every other) make the head run turned
-    over and front to back, pitched both ways and turned by each of ``TURNS`` and ``AXIS_TURNS``; none agrees better, so the first pass
-    is used, but the others' time was spent all the same: the stage timings said the first pass's only."""
+    over and front to back, pitched both ways and turned by each of ``TURNS`` and ``AXIS_TURNS``; none agrees
+    better, so the first pass is used, but the others' time was spent all the same: the stage timings said the first
+    pass's only."""
     from dataclasses import replace
 
     from bids_skullstrip.model.predictor import AXIS_TURNS, HEADER_FLIPS, TURNS
