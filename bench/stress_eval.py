@@ -12,9 +12,11 @@ numbers, not a test.
     python bench/stress_eval.py --changes paint-T2w-3d paint-FLAIR-3d paint-PDw-3d   # ... as 3D images, dark skull
     python bench/stress_eval.py --changes flip-AP LPS-as-RAS flip-SI flip-LR          # headers that lie, ~15 min
     python bench/stress_eval.py --changes swap-AP-SI                  # ... about which axis is which, ~15 min
+    python bench/stress_eval.py --changes thick5mm-coronal thick5mm-sagittal head0.8 head0.7   # ~12 min
 
 The changes (``CHANGES``): coarser and anisotropic voxels (the image averaged over each new voxel as an
-acquisition would, the silver mask resampled linearly and cut at 0.5), contrast curves, a strong smooth bias
+acquisition would, the silver mask resampled linearly and cut at 0.5; thick slices axial, coronal or sagittal),
+a smaller head (a child's size, by the header), contrast curves, a strong smooth bias
 field, Rician noise, a field of view that cuts the top of the head (also as a 2D stack of 4 mm slices whose last
 slice is full of brain, as clinical axial stacks planned to the vertex are), enhancing dura and sinuses (post-contrast
 T1w), and a tumour-like mass at the cortex (bright, dark, or a dark core in a bright rim; 22 mm in radius,
@@ -79,12 +81,26 @@ def regrid(voxel_mm):
     return lambda data, affine, mask, rng: _regridded(data, affine, mask, voxel_mm)
 
 
-def thick_axial(thickness_mm):
-    """In-plane voxels as they are, slices ``thickness_mm`` thick along the axis closest to superior."""
+def thick_axial(thickness_mm, across="S"):
+    """In-plane voxels as they are, slices ``thickness_mm`` thick along the axis closest to world ``across``
+    (superior: an axial stack; anterior: coronal; right: sagittal)."""
     def change(data, affine, mask, rng):
         vox = voxel_sizes(affine).copy()
-        vox[world_axis(affine, "S")[0]] = thickness_mm
+        vox[world_axis(affine, across)[0]] = thickness_mm
         return _regridded(data, affine, mask, vox)
+    return change
+
+
+def smaller_head(factor):
+    """The whole head ``factor`` times its size (the voxels and the mask as they are, the affine's voxel sizes
+    scaled about the brain's centre): a brain of ``factor``³ its volume, as a child's is (0.8: about half, a
+    two-year-old's; 0.7: a third, a newborn's, but with an adult's contrast and folding)."""
+    def change(data, affine, mask, rng):
+        centre = nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0))
+        scaled = affine.copy()
+        scaled[:3, :3] *= factor
+        scaled[:3, 3] = centre + factor * (affine[:3, 3] - centre)
+        return data, scaled, mask
     return change
 
 
@@ -236,6 +252,10 @@ CHANGES = {
     "3mm": regrid((3.0, 3.0, 3.0)),
     "0.94x0.94x1.5mm": regrid((0.94, 0.94, 1.5)),
     "thick5mm": thick_axial(5.0),
+    "thick5mm-coronal": thick_axial(5.0, across="A"),
+    "thick5mm-sagittal": thick_axial(5.0, across="R"),
+    "head0.8": smaller_head(0.8),
+    "head0.7": smaller_head(0.7),
     "gamma0.6": contrast(0.6),
     "gamma1.6": contrast(1.6),
     "bias0.5": bias(0.5),
