@@ -121,6 +121,23 @@ def test_weights_that_are_not_there_are_one_line_naming_the_path(tmp_path):
     assert "\n" not in str(caught.value)
 
 
+def test_a_truncated_weights_file_is_one_line_naming_it(tmp_path):
+    """A copy cut short (a full disk, an interrupted transfer): h5py's message named no file."""
+    import shutil as sh
+
+    from bids_skullstrip import Skullstripper
+    from bids_skullstrip.model.card import WEIGHTS_DIR
+
+    folder = tmp_path / "weights"
+    sh.copytree(WEIGHTS_DIR, folder)
+    (folder / "unet.onnx").unlink()  # no export: the Keras weights themselves are read
+    weights = folder / "unet.weights.h5"
+    weights.write_bytes(weights.read_bytes()[:100_000])
+    with pytest.raises(ModelCardError, match=f"^{weights}: unreadable weights file \\(.*truncated") as caught:
+        Skullstripper(weights=folder).mask(np.ones((20, 20, 20), np.float32), np.eye(4))
+    assert "\n" not in str(caught.value)
+
+
 def test_a_weights_file_named_is_the_one_that_runs_or_one_line(tmp_path, caplog):
     """``weights=<folder>/other.weights.h5`` ran the folder's own network (its ONNX export), and a file that is
     not there was accepted: the bundled weights ran, silently."""

@@ -68,6 +68,8 @@ def _build(architecture, weights):
         raise ModelCardError(f"{weights}: these weights are not of the architecture their model.json describes "
                              f"({', '.join(f'{k} {v}' for k, v in architecture.items())}): use the model.json "
                              "exported with them") from None
+    except OSError as exc:  # h5py's own words for a truncated or foreign file name no file
+        raise ModelCardError(f"{weights}: unreadable weights file ({' '.join(str(exc).split())[:200]})") from None
     for warning in said:
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return network
