@@ -147,12 +147,23 @@ def print_report(results):
             print(f"{r['name']}: rotated 12 deg {r['rotated_12deg_dice']:.4f}, LPI copy {r['lpi_dice']:.4f}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_data_and_weights_arguments(p):
+    """``--data``, ``--weights`` and ``--contrast-weights``, as every model script takes them."""
     p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
     p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them) for every head")
     p.add_argument("--contrast-weights", help="the same for the heads whose contrast is not T1w (default: the "
                                               "bundled any-contrast networks)")
+
+
+def strippers(args, **options):
+    """(the T1w images' ``Skullstripper``, the other contrasts') as the app routes them, or ``--weights`` for both."""
+    return (Skullstripper(args.weights or ModelCard.bundled_for("T1w"), **options),
+            Skullstripper(args.weights or args.contrast_weights or ModelCard.bundled_for("FLAIR"), **options))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_and_weights_arguments(p)
     p.add_argument("--splits", nargs="+", default=list(SPLITS))
     p.add_argument("--stability-heads", nargs="*", default=["nichart-trio-mprage", "xa30-tfl-2mm"])
     p.add_argument("--json", help="write every number here")
@@ -167,8 +178,7 @@ def main(argv=None):
     if args.masks:
         Path(args.masks).mkdir(parents=True, exist_ok=True)
     options = {"views": args.views} if args.views else {}
-    stripper = Skullstripper(args.weights or ModelCard.bundled_for("T1w"), **options)
-    other = Skullstripper(args.weights or args.contrast_weights or ModelCard.bundled_for("FLAIR"), **options)
+    stripper, other = strippers(args, **options)
 
     def mask_of(head, data, affine):
         return (stripper if head.contrast in T1W_SUFFIXES else other).mask(data, affine)

@@ -49,11 +49,10 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bids_skullstrip.metrics import score_heads  # noqa: E402
-from bids_skullstrip.model.card import T1W_SUFFIXES, ModelCard  # noqa: E402
-from bids_skullstrip.model.predictor import Skullstripper  # noqa: E402
+from bids_skullstrip.model.card import T1W_SUFFIXES  # noqa: E402
 from bids_skullstrip.training.augment import ball_distance, enhancing_shell, synthesize_from_labels  # noqa: E402
 from bids_skullstrip.training.data import TISSUES, find_labelled_heads, tissue_labels  # noqa: E402
-from model_eval import summary  # noqa: E402
+from model_eval import add_data_and_weights_arguments, strippers, summary  # noqa: E402
 from qc_flags import world_axis  # noqa: E402
 
 SEED = 20261203
@@ -289,16 +288,12 @@ def mass_kept(heads, masks_dir):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default=str(REPO.parent / "shared" / "data"))
-    p.add_argument("--weights", help="segmenter weights (their locator and model.json beside them) for every head")
-    p.add_argument("--contrast-weights", help="the same for the heads whose contrast is not T1w (default: the "
-                                              "bundled any-contrast networks)")
+    add_data_and_weights_arguments(p)
     p.add_argument("--splits", nargs="+", default=["val", "wild"])
     p.add_argument("--changes", nargs="+", default=list(CHANGES), choices=list(CHANGES))
     p.add_argument("--json", help="write every number here")
     args = p.parse_args(argv)
-    stripper = Skullstripper(args.weights or ModelCard.bundled_for("T1w"))
-    other = Skullstripper(args.weights or args.contrast_weights or ModelCard.bundled_for("FLAIR"))
+    stripper, other = strippers(args)
 
     def networks(contrast):
         return stripper if contrast in T1W_SUFFIXES else other
