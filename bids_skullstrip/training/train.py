@@ -56,9 +56,10 @@ def stages(*, patch_size=(80, 96, 80), base_filters=16, levels=4, voxel_mm=MODEL
                   {"base_filters": base_filters, "levels": levels}, WEIGHTS_FILE.name))
 
 
-# CPUs that multiply bfloat16 in hardware (Intel AMX or AVX512-BF16) train the U-Net in mixed precision: the
-# same 2-core segmenter step in 0.68x the time, measured side by side (bench/training_step.py).
-BFLOAT16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+# CPUs with Intel AMX's bfloat16 tiles train the U-Net in mixed precision: the same 2-core segmenter step in 0.68x
+# the time, measured side by side (bench/training_step.py). AVX512-BF16 alone is not enough: on a Xeon with it and
+# without AMX the same steps took 1.49x as long as in float32 (2026-12-07).
+BFLOAT16_CPU_FLAGS = frozenset({"amx_bf16"})
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
@@ -73,7 +74,7 @@ def cpu_flags():
 
 def training_dtype(precision="auto", flags=None):
     """The Keras dtype policy to train in: ``precision`` "float32", "bfloat16" (mixed: bfloat16 maths, float32
-    weights), or "auto": bfloat16 where the CPU has it in hardware, float32 elsewhere (emulated it is slower)."""
+    weights), or "auto": bfloat16 where the CPU has AMX, float32 elsewhere (slower without it)."""
     if precision == "auto":
         precision = "bfloat16" if BFLOAT16_CPU_FLAGS & (cpu_flags() if flags is None else set(flags)) else "float32"
     return PRECISIONS[precision]
