@@ -5,7 +5,7 @@
     python bench/training_step.py --rounds 2 --steps 5
 
 Mixed bfloat16 pays only where the CPU multiplies bfloat16 in AMX tiles (the flags are printed: a Xeon with
-AVX512-BF16 and no AMX took 1.49x as long as in float32); ``bids_skullstrip-train --precision auto`` chooses it
+AVX512-BF16 and no AMX took 1.58x as long as in float32); ``bids_skullstrip-train --precision auto`` chooses it
 there and float32 elsewhere.
 """
 

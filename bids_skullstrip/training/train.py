@@ -58,7 +58,7 @@ def stages(*, patch_size=(80, 96, 80), base_filters=16, levels=4, voxel_mm=MODEL
 
 # CPUs with Intel AMX's bfloat16 tiles train the U-Net in mixed precision: the same 2-core segmenter step in 0.68x
 # the time, measured side by side (bench/training_step.py). AVX512-BF16 alone is not enough: on a Xeon with it and
-# without AMX the same steps took 1.49x as long as in float32 (2026-12-07).
+# without AMX the segmenter step took 1.58x as long as in float32 (2026-12-07).
 BFLOAT16_CPU_FLAGS = frozenset({"amx_bf16"})
 PRECISIONS = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
