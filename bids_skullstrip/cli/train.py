@@ -83,7 +83,8 @@ def build_parser():
                         "leave-one-source-out run, to be tested on that source")
     p.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
                    help="the arithmetic of training (auto: mixed bfloat16 where the CPU has Intel AMX; float32 "
-                        "elsewhere, AVX512-BF16 alone included: 1.6x faster there); the exported weights are float32 either way")
+                        "elsewhere, where it is faster, AVX512-BF16 without AMX included); the exported weights are "
+                        "float32 either way")
     p.add_argument("--average", nargs="+", type=Path, metavar="H5",
                    help="train nothing: export the weight-space mean of these exports of one lineage (e.g. "
                         "fine-tunes of the bundled weights with other seeds; their locators beside them), its "
