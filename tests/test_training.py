@@ -486,6 +486,47 @@ def test_one_command_runs_the_whole_recipe_and_a_rerun_resumes_it(tmp_path):
     assert RECIPES["t1w"] is RECIPE is _recipe(build_parser().parse_args(["d", "o"]))
 
 
+def test_one_command_makes_both_sets_each_into_the_folder_it_ships_to(tmp_path, capsys):
+    """A recipe of two lineages (``ships``): each marked step's export in out/weights/ and out/weights_any_contrast/
+    (the package's folders), none in final/; the bundled 'all' recipe is both shipped recipes, step for step."""
+    from dataclasses import replace
+
+    from bids_skullstrip.cli.train import _recipe, build_parser, main
+    from bids_skullstrip.training.recipe import ALL_RECIPE, ANY_CONTRAST_RECIPE, RECIPE, Step, check_recipe
+
+    data = tmp_path / "nfbs"
+    _small_head("ds000011-sub-02", data, "nfbs")
+    recipe = [{"name": "t1", "options": {"steps": 1, "locator_steps": 1}, "ships": "weights"},
+              {"name": "any", "options": {"steps": 1, "locator_steps": 1, "labels_prob": 1.0, "seed": 3},
+               "ships": "weights_any_contrast"}]
+    recipe_file = tmp_path / "recipe.json"
+    recipe_file.write_text(json.dumps(recipe))
+    out = tmp_path / "run"
+    assert main([str(data), str(out), "--recipe", str(recipe_file), "--patch-size", "32", "32", "32",
+                 "--precision", "float32"]) == 0
+    assert capsys.readouterr().out.splitlines()[-2:] == [f"weights written to {out / 'weights'}",
+                                                       f"weights written to {out / 'weights_any_contrast'}"]
+    for step, folder in (("t1", "weights"), ("any", "weights_any_contrast")):
+        card = json.loads((out / folder / "model.json").read_text())
+        assert card["sha256"] == json.loads((out / step / "final" / "model.json").read_text())["sha256"]
+        assert [s["name"] for s in card["training"]["recipe"]] == ["t1", "any"]
+        assert (out / folder / card["locator"]["file"]).exists()
+    assert not (out / "final").exists()
+
+    assert _recipe(build_parser().parse_args(["d", "o", "--recipe", "all"])) is ALL_RECIPE
+    check_recipe(ALL_RECIPE)
+    t1w, any_contrast = ALL_RECIPE[:len(RECIPE)], ALL_RECIPE[len(RECIPE):]
+    assert t1w == (*RECIPE[:-1], replace(RECIPE[-1], ships="weights"))
+    renamed = [replace(s, name="any-" + s.name, init=s.init and "any-" + s.init,
+                       average=tuple("any-" + a for a in s.average)) for s in ANY_CONTRAST_RECIPE]
+    assert any_contrast == (*renamed[:-1], replace(renamed[-1], ships="weights_any_contrast"))
+    for bad, problem in (([Step("a", ships="weights"), Step("b", ships="weights")], "each shipped by one step"),
+                         ([Step("a", ships="elsewhere")], "ships 'elsewhere': one of weights"),
+                         ([Step("weights")], "names must be unique and not 'final'")):
+        with pytest.raises(ValueError, match=problem):
+            check_recipe(tuple(bad))
+
+
 def _eval_rows(capsys, argv, csv_path):
     from bids_skullstrip.cli.evaluate import main
 

@@ -1,8 +1,9 @@
 """``bids_skullstrip-train``: make the two networks (locator, then segmenter) on labelled heads.
 
 ``bids_skullstrip-train DATA OUT`` runs the whole recipe that made the bundled T1w networks
-(``training.recipe.RECIPE``; ``--recipe any-contrast`` the any-contrast ones, ``--recipe FILE.json`` another),
-resumable: rerun the same command to continue. Any of ``--fine-tune``, ``--init-weights``, ``--steps`` and the
+(``training.recipe.RECIPE``; ``--recipe any-contrast`` the any-contrast ones, ``--recipe all`` both sets into
+``OUT/weights/`` and ``OUT/weights_any_contrast/``, ``--recipe FILE.json`` another), resumable: rerun the same
+command to continue. Any of ``--fine-tune``, ``--init-weights``, ``--steps`` and the
 other step options runs that one step instead, ``--average`` one mean."""
 
 import argparse
@@ -31,7 +32,9 @@ def build_parser():
                                    "rerunning with the same out_dir resumes")
     p.add_argument("--recipe", metavar="NAME|JSON",
                    help="the steps to run: 't1w' (the bundled T1w networks' recipe, the default), 'any-contrast' "
-                        "(the bundled any-contrast networks') or a JSON list of training.recipe.Step fields")
+                        "(the bundled any-contrast networks'), 'all' (both sets, shipped into OUT/weights and "
+                        "OUT/weights_any_contrast, the package's folders of those names) or a JSON list of "
+                        "training.recipe.Step fields")
     p.add_argument("--val-data", help="held-out labelled heads (default: the 'val' split of DATA if it has one)")
     p.add_argument("--steps", type=int, help="segmenter steps (one step: default 4000)")
     p.add_argument("--locator-steps", type=int,
@@ -176,7 +179,7 @@ def _train(args, out, recipe):
     from ..training import recipe as recipes
 
     try:
-        final = recipes.run_recipe(recipe, train_heads, val_heads, out, brains=find_brains(args.data),
+        shipped = recipes.run_recipe(recipe, train_heads, val_heads, out, brains=find_brains(args.data),
                                    patch_size=tuple(args.patch_size), voxel_mm=args.voxel_mm,
                                    checkpoint_every=args.checkpoint_every, validate_every=args.validate_every,
                                    threads=args.threads, export_only=args.export_only,
@@ -184,8 +187,10 @@ def _train(args, out, recipe):
     except (ValueError, FileNotFoundError) as err:  # a bad recipe, or exports that cannot be averaged
         return _error(str(err))
     stopped = "--export-only" if getattr(args, "export_only", False) else "--until"
-    print(f"weights written to {final.parent}" if final else
-          f"stopped before the end ({stopped}); rerun without {stopped} to continue ({out})")
+    for folder in shipped:
+        print(f"weights written to {folder}")
+    if not shipped:
+        print(f"stopped before the end ({stopped}); rerun without {stopped} to continue ({out})")
     return 0
 
 

@@ -3,16 +3,19 @@
 Each step is a run of ``train.train`` (both networks, from scratch or from an earlier step's export) or the
 weight-space mean of earlier steps' exports (``train.average_exports``), in a folder of its own under the output
 folder. A step whose export is there is done; one that is not resumes from its checkpoints, so rerunning the
-command after a stop continues where it stopped. The last step's export is what ships.
+command after a stop continues where it stopped. The last step's export is what ships (``final/``), or, in a recipe
+that makes both sets of bundled networks, each step marked ``ships`` (into ``weights/`` and
+``weights_any_contrast/``, the package's folders of the same names).
 """
 
 import json
 import logging
 import re
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
+from ..model.card import BUNDLED_DIRS
 from ..model.inference import LOCATOR_FILE_NAME, WEIGHTS_FILE
 from ..nifti import atomic_file, atomic_write_text
 
@@ -26,23 +29,26 @@ class Step:
     """One step of a recipe. ``init``: None (from scratch), ``"bundled"`` (the weights in the package), the name of
     an earlier step or a weights file; ``average``: earlier steps (or weights files) whose mean this step exports
     instead of training, with ``shares``; ``options``: keyword arguments of ``train.train`` (steps, locator_steps,
-    peak_lr, seed, hard_head_fraction, labels_prob, ...)."""
+    peak_lr, seed, hard_head_fraction, labels_prob, ...); ``ships``: the package's weights folder this step's export
+    is copied to, under the output folder (``weights``, ``weights_any_contrast``)."""
     name: str
     init: str = None
     average: tuple = ()
     shares: tuple = None
     options: dict = field(default_factory=dict)
+    ships: str = None
 
     @classmethod
     def from_dict(cls, spec):
         if not isinstance(spec, dict) or not isinstance(spec.get("options", {}), dict):
             raise ValueError(f"recipe step {json.dumps(spec)}: a step is a JSON object with a name (and options as an "
                              "object)")
-        unknown = set(spec) - {"name", "init", "average", "shares", "options"}
+        unknown = set(spec) - {"name", "init", "average", "shares", "options", "ships"}
         if unknown or "name" not in spec:
             raise ValueError(f"recipe step {spec}: needs a name; unknown keys {sorted(unknown)}")
         return cls(spec["name"], spec.get("init"), tuple(spec.get("average", ())),
-                   None if spec.get("shares") is None else tuple(spec["shares"]), dict(spec.get("options", {})))
+                   None if spec.get("shares") is None else tuple(spec["shares"]), dict(spec.get("options", {})),
+                   spec.get("ships"))
 
 
 # The shipped weights' lineage (docs/model_card.md, "Training"): a from-scratch run, a second cycle of the
@@ -68,7 +74,22 @@ ANY_CONTRAST_RECIPE = (
     Step("cycle3", init="mean", options={"steps": 2000, "locator_steps": 0, "peak_lr": 3e-4, "seed": 20261206,
                                          **_PAINTED, "labels_prob": 0.2, "thick_prob": 0.3}),
 )
-RECIPES = {"t1w": RECIPE, "any-contrast": ANY_CONTRAST_RECIPE}
+
+
+def _renamed(recipe, prefix):
+    """``recipe`` with every step name (and every reference to one) prefixed, to share an output folder."""
+    def name(ref):
+        return prefix + ref if any(s.name == ref for s in recipe) else ref
+
+    return tuple(replace(s, name=prefix + s.name, init=s.init and name(s.init), average=tuple(map(name, s.average)))
+                 for s in recipe)
+
+
+# Both sets in one command: the two lineages share no step; each one's last export ships into its folder.
+ALL_RECIPE = (*RECIPE[:-1], replace(RECIPE[-1], ships="weights"),
+              *_renamed(ANY_CONTRAST_RECIPE[:-1], "any-"),
+              replace(_renamed(ANY_CONTRAST_RECIPE, "any-")[-1], ships="weights_any_contrast"))
+RECIPES = {"t1w": RECIPE, "any-contrast": ANY_CONTRAST_RECIPE, "all": ALL_RECIPE}
 
 
 def load_recipe(path):
@@ -116,8 +137,9 @@ def check_recipe(recipe):
     is no folder name, or an option it could not run with."""
     seen = set()
     for step in recipe:
-        if step.name in seen or step.name == "final":
-            raise ValueError(f"recipe step {step.name!r}: names must be unique and not 'final'")
+        if step.name in seen or step.name in ("final", *(d.name for d in BUNDLED_DIRS)):
+            raise ValueError(f"recipe step {step.name!r}: names must be unique and not 'final' nor "
+                             f"{' nor '.join(repr(d.name) for d in BUNDLED_DIRS)}")
         if not isinstance(step.name, str) or not re.fullmatch(r"[A-Za-z0-9][\w.-]*", step.name):
             raise ValueError(f"recipe step {step.name!r}: a name is a folder name (letters, digits, - _ .)")
         check_options(step.options, lambda key, step=step: f"recipe step {step.name!r}: {key}")
@@ -126,6 +148,10 @@ def check_recipe(recipe):
                 raise ValueError(f"recipe step {step.name!r}: {ref!r} is neither an earlier step nor a weights file")
         if step.average and (step.init or step.options):
             raise ValueError(f"recipe step {step.name!r}: an average trains nothing (no init, no options)")
+        if step.ships is not None and step.ships not in {d.name for d in BUNDLED_DIRS} - {s.ships for s in recipe
+                                                                                          if s.name in seen}:
+            raise ValueError(f"recipe step {step.name!r}: ships {step.ships!r}: one of "
+                             f"{', '.join(d.name for d in BUNDLED_DIRS)}, each shipped by one step")
         seen.add(step.name)
 
 
@@ -139,10 +165,11 @@ def estimate_hours(recipe, *, segmenter_s, locator_s, export_s=120.0):
 
 def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
     """Run (or resume) every step of ``recipe`` into ``out_dir/<step>/`` (a step done with the same spec before is
-    skipped; a folder that holds a run of other settings is a ValueError); the last step's export is copied to
-    ``out_dir/final/`` with the recipe recorded in its ``model.json``. ``common``: keyword arguments of
-    ``train.train`` shared by every training step (brains, threads, precision, checkpoint_every, ...). Returns the
-    final segmenter weights file, or None if a step stopped before its end (``until``, ``export_only``)."""
+    skipped; a folder that holds a run of other settings is a ValueError); what ships (the last step's export, in
+    ``out_dir/final/``, or each step marked ``ships``, in ``out_dir/<ships>/``) is copied there with the recipe
+    recorded in its ``model.json``. ``common``: keyword arguments of ``train.train`` shared by every training step
+    (brains, threads, precision, checkpoint_every, ...). Returns the shipped folders, or () if a step stopped
+    before its end (``until``, ``export_only``)."""
     from .train import average_exports, train
 
     check_recipe(recipe)
@@ -154,40 +181,43 @@ def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
         step_export = out_dir / ref / "final" / WEIGHTS_FILE.name
         return step_export if any(s.name == ref for s in recipe) else Path(ref)
 
-    last = None
     for step in recipe:
         folder = out_dir / step.name
         _check_same_run(folder, step, train_heads)
         done = folder / "step.json"  # written when the step's export is complete
         if done.exists() and json.loads(done.read_text()) == _as_json(step):
             log.info("recipe step %s: done before (%s)", step.name, folder / "final")
-            last = folder / "final" / WEIGHTS_FILE.name
             continue
         log.info("recipe step %s: %s", step.name, asdict(step))
         if step.average:
-            last = average_exports([weights_of(r) for r in step.average], train_heads, val_heads, folder,
-                                   shares=step.shares)
+            average_exports([weights_of(r) for r in step.average], train_heads, val_heads, folder,
+                            shares=step.shares)
         else:
             init = weights_of(step.init) if step.init else None
             exported = train(train_heads, val_heads, folder, init_weights=init, **{**common, **step.options})
             if exported.name != "final":
                 log.info("recipe step %s stopped early: %s; rerun to continue", step.name, exported)
-                return None
-            last = exported / WEIGHTS_FILE.name
+                return ()
         atomic_write_text(done, json.dumps(_as_json(step)))
-    final = out_dir / "final"
-    card = json.loads(last.with_name("model.json").read_text())
-    if (final / "model.json").exists() and json.loads((final / "model.json").read_text())["sha256"] == card["sha256"]:
-        return final / WEIGHTS_FILE.name
-    final.mkdir(exist_ok=True)
-    (final / "model.json").unlink(missing_ok=True)  # the card last: a folder without one is not an export yet
-    # the weights and their ONNX exports (what inference runs without TensorFlow), each whole or not there
-    for name in (WEIGHTS_FILE.name, LOCATOR_FILE_NAME, *(p.name for p in last.parent.glob("*.onnx"))):
-        with atomic_file(final / name) as tmp:
-            shutil.copyfile(last.with_name(name), tmp)
+    shipping = [(s, s.ships) for s in recipe if s.ships] or [(recipe[-1], "final")]
+    return tuple(_ship(out_dir / step.name / "final", out_dir / name, recipe) for step, name in shipping)
+
+
+def _ship(export, folder, recipe):
+    """Copy the export in ``export`` to ``folder`` (each file whole or not there, the card last, with ``recipe``
+    recorded in it), unless it is there already."""
+    card = json.loads((export / "model.json").read_text())
+    if (folder / "model.json").exists() and json.loads((folder / "model.json").read_text())["sha256"] == card["sha256"]:
+        return folder
+    folder.mkdir(exist_ok=True)
+    (folder / "model.json").unlink(missing_ok=True)  # a folder without a card is not an export yet
+    # the weights and their ONNX exports (what inference runs without TensorFlow)
+    for name in (WEIGHTS_FILE.name, LOCATOR_FILE_NAME, *(p.name for p in export.glob("*.onnx"))):
+        with atomic_file(folder / name) as tmp:
+            shutil.copyfile(export / name, tmp)
     card["training"] = dict(card["training"], recipe=[_as_json(step) for step in recipe])
-    atomic_write_text(final / "model.json", json.dumps(card, indent=2) + "\n")
-    return final / WEIGHTS_FILE.name
+    atomic_write_text(folder / "model.json", json.dumps(card, indent=2) + "\n")
+    return folder
 
 
 def _as_json(step):
