@@ -488,7 +488,8 @@ def test_one_command_runs_the_whole_recipe_and_a_rerun_resumes_it(tmp_path):
 
 def test_one_command_makes_both_sets_each_into_the_folder_it_ships_to(tmp_path, capsys):
     """A recipe of two lineages (``ships``): each marked step's export in out/weights/ and out/weights_any_contrast/
-    (the package's folders), none in final/; the bundled 'all' recipe is both shipped recipes, step for step."""
+    (the package's folders), the first lineage's step taken as done from an earlier run of it alone; the bundled
+    'all' recipe is both shipped recipes, step for step."""
     from dataclasses import replace
 
     from bids_skullstrip.cli.train import _recipe, build_parser, main
@@ -500,10 +501,16 @@ def test_one_command_makes_both_sets_each_into_the_folder_it_ships_to(tmp_path, 
               {"name": "any", "options": {"steps": 1, "locator_steps": 1, "labels_prob": 1.0, "seed": 3},
                "ships": "weights_any_contrast"}]
     recipe_file = tmp_path / "recipe.json"
-    recipe_file.write_text(json.dumps(recipe))
     out = tmp_path / "run"
-    assert main([str(data), str(out), "--recipe", str(recipe_file), "--patch-size", "32", "32", "32",
-                 "--precision", "float32"]) == 0
+    argv = [str(data), str(out), "--recipe", str(recipe_file), "--patch-size", "32", "32", "32", "--precision",
+            "float32"]
+    # the first lineage alone first: where its export ships does not change the run, so it is done before
+    recipe_file.write_text(json.dumps([{k: v for k, v in recipe[0].items() if k != "ships"}]))
+    assert main(argv) == 0 and (out / "final" / "model.json").exists()
+    (out / "final" / "model.json").unlink()
+    recipe_file.write_text(json.dumps(recipe))
+    assert main(argv) == 0
+    assert (out / "train.log").read_text().count("recipe step t1: done before") == 1
     assert capsys.readouterr().out.splitlines()[-2:] == [f"weights written to {out / 'weights'}",
                                                        f"weights written to {out / 'weights_any_contrast'}"]
     for step, folder in (("t1", "weights"), ("any", "weights_any_contrast")):
@@ -511,7 +518,7 @@ def test_one_command_makes_both_sets_each_into_the_folder_it_ships_to(tmp_path, 
         assert card["sha256"] == json.loads((out / step / "final" / "model.json").read_text())["sha256"]
         assert [s["name"] for s in card["training"]["recipe"]] == ["t1", "any"]
         assert (out / folder / card["locator"]["file"]).exists()
-    assert not (out / "final").exists()
+    assert not (out / "final" / "model.json").exists()
 
     assert _recipe(build_parser().parse_args(["d", "o", "--recipe", "all"])) is ALL_RECIPE
     check_recipe(ALL_RECIPE)

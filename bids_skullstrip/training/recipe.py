@@ -185,7 +185,7 @@ def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
         folder = out_dir / step.name
         _check_same_run(folder, step, train_heads)
         done = folder / "step.json"  # written when the step's export is complete
-        if done.exists() and json.loads(done.read_text()) == _as_json(step):
+        if done.exists() and json.loads(done.read_text()) == _trained(step):
             log.info("recipe step %s: done before (%s)", step.name, folder / "final")
             continue
         log.info("recipe step %s: %s", step.name, asdict(step))
@@ -198,7 +198,7 @@ def run_recipe(recipe, train_heads, val_heads, out_dir, **common):
             if exported.name != "final":
                 log.info("recipe step %s stopped early: %s; rerun to continue", step.name, exported)
                 return ()
-        atomic_write_text(done, json.dumps(_as_json(step)))
+        atomic_write_text(done, json.dumps(_trained(step)))
     shipping = [(s, s.ships) for s in recipe if s.ships] or [(recipe[-1], "final")]
     return tuple(_ship(out_dir / step.name / "final", out_dir / name, recipe) for step, name in shipping)
 
@@ -224,10 +224,15 @@ def _as_json(step):
     return json.loads(json.dumps({k: v for k, v in asdict(step).items() if v not in (None, (), {})}))
 
 
+def _trained(step):
+    """What a step makes, where its export ships aside: a run of the T1w recipe is done before in 'all'."""
+    return {k: v for k, v in _as_json(step).items() if k != "ships"}
+
+
 def _run_of(step, train_heads):
     """What a step's folder holds a run of: the step (without ``until``, where a run may stop and go on) and its
     training heads."""
-    spec = _as_json(step)
+    spec = _trained(step)
     spec["options"] = {k: v for k, v in spec.get("options", {}).items() if k != "until"}
     return {"step": spec, "train_heads": [str(h.image) for h in train_heads]}
 
