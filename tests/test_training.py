@@ -614,7 +614,7 @@ def test_eval_usage_errors_say_what_is_wrong(argv, message, tmp_path, capsys):
     (["{tmp}/nowhere", "{tmp}/out"], "data folder {tmp}/nowhere: folder not found"),
     (["{shared}", "{tmp}/out", "--steps", "-1"], "--steps -1: must be 0 or more"),  # training started
     (["{shared}", "{tmp}/out", "--val-data", "{tmp}/nowhere"], "--val-data {tmp}/nowhere: folder not found"),
-    (["{shared}", "{tmp}/out", "--recipe", "nope"], "--recipe nope: neither t1w nor any-contrast nor a JSON file"),
+    (["{shared}", "{tmp}/out", "--recipe", "nope"], "--recipe nope: neither t1w nor any-contrast nor all nor a JSON file"),
     (["{shared}", "{tmp}/out", "--recipe", "{tmp}/bad.json"], "{tmp}/bad.json: not a JSON recipe"),
     (["{shared}", "{tmp}/out", "--labels-prob", "1.5"], "--labels-prob 1.5: must be between 0 and 1"),
 ])
