@@ -85,10 +85,12 @@ def _renamed(recipe, prefix):
                  for s in recipe)
 
 
+def _shipping(recipe, folder):
+    return (*recipe[:-1], replace(recipe[-1], ships=folder))
+
+
 # Both sets in one command: the two lineages share no step; each one's last export ships into its folder.
-ALL_RECIPE = (*RECIPE[:-1], replace(RECIPE[-1], ships="weights"),
-              *_renamed(ANY_CONTRAST_RECIPE[:-1], "any-"),
-              replace(_renamed(ANY_CONTRAST_RECIPE, "any-")[-1], ships="weights_any_contrast"))
+ALL_RECIPE = (*_shipping(RECIPE, "weights"), *_shipping(_renamed(ANY_CONTRAST_RECIPE, "any-"), "weights_any_contrast"))
 RECIPES = {"t1w": RECIPE, "any-contrast": ANY_CONTRAST_RECIPE, "all": ALL_RECIPE}
 
 
