@@ -241,14 +241,14 @@ def test_frozen_batch_norm_keeps_its_statistics_while_the_rest_learns():
     bn = next(layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization))
     conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv3D))
     model.train_on_batch(x, y)
-    stats, kernel = [np.array(v) for v in bn.non_trainable_weights], np.array(conv.kernel)
+    stats, kernel = [v.numpy() for v in bn.non_trainable_weights], conv.kernel.numpy()
     model.train_on_batch(x, y)
-    assert not np.array_equal(np.array(bn.non_trainable_weights[0]), stats[0])  # moving before the freeze
+    assert not np.array_equal(bn.non_trainable_weights[0].numpy(), stats[0])  # moving before the freeze
     freeze_batch_norm(model, optimizer)
-    stats, kernel = [np.array(v) for v in bn.non_trainable_weights], np.array(conv.kernel)
+    stats, kernel = [v.numpy() for v in bn.non_trainable_weights], conv.kernel.numpy()
     model.train_on_batch(x, y)
-    assert all(np.array_equal(np.array(v), s) for v, s in zip(bn.non_trainable_weights, stats))
-    assert not np.array_equal(np.array(conv.kernel), kernel)
+    assert all(np.array_equal(v.numpy(), s) for v, s in zip(bn.non_trainable_weights, stats))
+    assert not np.array_equal(conv.kernel.numpy(), kernel)
 
 
 def test_weight_average_is_the_mean_of_the_updates_and_survives_a_checkpoint(tmp_path):
