@@ -10,7 +10,7 @@ use, so ``import bids_skullstrip`` stays cheap (no TensorFlow, no nipype).
 
 import importlib
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 _PUBLIC = {
     "Skullstripper": "bids_skullstrip.model.predictor",
